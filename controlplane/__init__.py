@@ -1,0 +1,1 @@
+"""A kvstore-backed control plane for container networking."""

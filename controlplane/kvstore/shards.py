@@ -1,0 +1,133 @@
+"""Sharding: each resource kind maps to one or more etcd clusters; a stable hash picks one.
+
+Like the Kubernetes API server's per-resource etcd overrides, but a kind may also be
+spread over several clusters. With one cluster every kind resolves to the same backend,
+so the common case costs one connection and no extra work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import TracebackType
+
+from controlplane.config import KvstoreConfig
+from controlplane.kvstore.backend import EtcdBackend
+from controlplane.kvstore.types import EventType, KeyValue, WatchEvent
+from controlplane.kvstore.watch import ListWatcher
+
+
+def stable_hash(routing_key: str | bytes) -> int:
+    """A hash that is the same in every process and every Python version."""
+    data = routing_key.encode() if isinstance(routing_key, str) else routing_key
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "big")
+
+
+@dataclass(frozen=True, slots=True)
+class ShardEvent:
+    shard: str
+    """Name of the cluster the event came from."""
+    event: WatchEvent
+
+
+class ShardMap:
+    """The backends of every configured cluster and the kind -> clusters mapping."""
+
+    def __init__(self, config: KvstoreConfig, *, own_connection: bool = False) -> None:
+        self.config = config
+        self.backends: dict[str, EtcdBackend] = {
+            cluster.name: EtcdBackend(cluster, config.client, own_connection=own_connection)
+            for cluster in config.clusters
+        }
+
+    async def connect(self) -> None:
+        for backend in self.backends.values():
+            await backend.connect()
+
+    async def close(self) -> None:
+        for backend in self.backends.values():
+            await backend.close()
+
+    async def __aenter__(self) -> ShardMap:
+        try:
+            await self.connect()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @property
+    def prefix(self) -> str:
+        return self.config.prefix
+
+    def shards(self, kind: str) -> list[EtcdBackend]:
+        """The backends holding ``kind``, in shard order (index = shard number)."""
+        return [self.backends[name] for name in self.config.clusters_for(kind)]
+
+    def shard_index(self, kind: str, routing_key: str | bytes) -> int:
+        count = len(self.config.clusters_for(kind))
+        return 0 if count == 1 else stable_hash(routing_key) % count
+
+    def shard_for(self, kind: str, routing_key: str | bytes) -> EtcdBackend:
+        """The backend that owns ``routing_key`` of ``kind``."""
+        return self.shards(kind)[self.shard_index(kind, routing_key)]
+
+    def all(self) -> list[EtcdBackend]:
+        """Every backend once (heartbeat and health go to each)."""
+        return list(self.backends.values())
+
+    async def list_prefix(self, kind: str, prefix: bytes, page_size: int = 1000) -> list[KeyValue]:
+        """Every key under ``prefix`` on every shard of ``kind``."""
+        results = await asyncio.gather(
+            *(b.list_prefix(prefix, page_size=page_size) for b in self.shards(kind))
+        )
+        return [kv for result in results for kv in result.kvs]
+
+    async def watch(self, kind: str, prefix: bytes) -> AsyncIterator[ShardEvent]:
+        """List-then-watch ``prefix`` on every shard of ``kind``, merged.
+
+        Each shard's events keep their order; a ``LIST_DONE`` with key ``b""`` and the
+        highest list revision follows once every shard has listed (per-shard ``LIST_DONE``
+        events carry the prefix as key).
+        """
+        backends = self.shards(kind)
+        if len(backends) == 1:
+            synced = False
+            async for event in ListWatcher(backends[0], prefix).events():
+                yield ShardEvent(backends[0].name, event)
+                if event.type is EventType.LIST_DONE and not synced:
+                    synced = True
+                    yield ShardEvent("", WatchEvent(EventType.LIST_DONE, b"", b"", event.revision))
+            return
+        queue: asyncio.Queue[ShardEvent] = asyncio.Queue(maxsize=10000)
+
+        async def pump(backend: EtcdBackend) -> None:
+            async for event in ListWatcher(backend, prefix).events():
+                await queue.put(ShardEvent(backend.name, event))
+
+        pending = {b.name for b in backends}
+        top_revision = 0
+        async with asyncio.TaskGroup() as group:
+            tasks = [
+                group.create_task(pump(b), name=f"watch:{b.name}:{prefix!r}") for b in backends
+            ]
+            try:
+                while True:
+                    item = await queue.get()
+                    yield item
+                    if item.event.type is EventType.LIST_DONE and pending:
+                        pending.discard(item.shard)
+                        top_revision = max(top_revision, item.event.revision)
+                        if not pending:
+                            done = WatchEvent(EventType.LIST_DONE, b"", b"", top_revision)
+                            yield ShardEvent("", done)
+            finally:
+                for task in tasks:
+                    task.cancel()

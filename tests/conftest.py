@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from controlplane.kvstore.embedded import EmbeddedEtcd, ServerTLS
+from controlplane.kvstore.testing_tls import TestPKI, make_test_pki
+
+_TASK_GRACE_S = 1.0
+
+
+def _is_grpc_internal(task: asyncio.Task[object]) -> bool:
+    # grpc.aio finishes some call bookkeeping (e.g. _AioCall._handle_status_once_received)
+    # in its own tasks shortly after a channel closes; they are not ours to await.
+    code = getattr(task.get_coro(), "cr_code", None)
+    filename: str = getattr(code, "co_filename", "")
+    return "grpc" in Path(filename).parts
+
+
+def _describe(task: asyncio.Task[object]) -> str:
+    coro = task.get_coro()
+    return f"{task.get_name()} ({getattr(coro, '__qualname__', coro)!r})"
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def _no_leaked_tasks() -> AsyncIterator[None]:
+    """Fail a test that leaves asyncio tasks running after it (and its fixtures) finished."""
+    before = set(asyncio.all_tasks())
+    yield
+    current = asyncio.current_task()
+
+    def leaked() -> list[asyncio.Task[object]]:
+        return [
+            t
+            for t in asyncio.all_tasks()
+            if t is not current and t not in before and not t.done() and not _is_grpc_internal(t)
+        ]
+
+    deadline = time.monotonic() + _TASK_GRACE_S
+    tasks = leaked()
+    while tasks and (remaining := deadline - time.monotonic()) > 0:
+        await asyncio.wait(tasks, timeout=remaining)
+        tasks = leaked()
+    if tasks:
+        names = ", ".join(_describe(t) for t in tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.wait(tasks, timeout=_TASK_GRACE_S)
+        pytest.fail(f"test leaked {len(tasks)} asyncio task(s): {names}")
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> TestPKI:
+    """A CA, a loopback server certificate and a client certificate (CN=root)."""
+    return make_test_pki(tmp_path / "pki")
+
+
+@pytest_asyncio.fixture
+async def etcd1() -> AsyncIterator[EmbeddedEtcd]:
+    async with EmbeddedEtcd(1) as etcd:
+        yield etcd
+
+
+@pytest_asyncio.fixture
+async def etcd3() -> AsyncIterator[EmbeddedEtcd]:
+    async with EmbeddedEtcd(3) as etcd:
+        yield etcd
+
+
+@pytest_asyncio.fixture
+async def etcd_tls(pki: TestPKI) -> AsyncIterator[EmbeddedEtcd]:
+    """One member serving TLS only and requiring client certificates (use `pki`'s)."""
+    tls = ServerTLS(pki.ca_file, pki.server_cert, pki.server_key)
+    async with EmbeddedEtcd(1, tls=tls) as etcd:
+        yield etcd

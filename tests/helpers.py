@@ -1,0 +1,59 @@
+"""Helpers shared by the tests: polling with a deadline, backends for fixture clusters."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from controlplane.config import ClientSettings, EtcdClusterConfig, TLSConfig
+from controlplane.kvstore.backend import EtcdBackend
+from controlplane.kvstore.errors import KvstoreError
+
+T = TypeVar("T")
+
+FAST = ClientSettings(request_timeout=5.0, keepalive_time=5.0, keepalive_timeout=2.0)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T] | T],
+    *,
+    timeout: float = 20.0,
+    interval: float = 0.05,
+    message: str = "condition not met",
+) -> T:
+    """Poll ``check`` until it returns something truthy, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while True:
+        result = check()
+        last = await result if asyncio.iscoroutine(result) else result  # type: ignore[assignment]
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{message} within {timeout}s (last: {last!r})")
+        await asyncio.sleep(interval)
+
+
+def backend_for(
+    endpoints: Sequence[str],
+    *,
+    name: str = "default",
+    tls: TLSConfig | None = None,
+    username: str | None = None,
+    password: str | None = None,
+    settings: ClientSettings = FAST,
+) -> EtcdBackend:
+    cluster = EtcdClusterConfig(name, tuple(endpoints), tls, username, password)
+    return EtcdBackend(cluster, settings, own_connection=True)
+
+
+async def retrying(call: Callable[[], Awaitable[T]], *, attempts: int = 100) -> T:
+    """Repeat an idempotent request while the cluster elects a new leader."""
+    for _ in range(attempts - 1):
+        try:
+            return await call()
+        except KvstoreError:
+            await asyncio.sleep(0.1)
+    return await call()
