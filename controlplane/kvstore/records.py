@@ -1,0 +1,91 @@
+"""Decoding stored records and turning key watches into store events, for every resource.
+
+A key or value that does not decode is logged, counted in ``cp_store_malformed_values_total``
+and skipped; nothing here raises on bad data.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from controlplane import codec
+from controlplane.kvstore.shards import ShardMap
+from controlplane.kvstore.types import EventType, KeyValue
+from controlplane.metrics import StoreMetrics
+from controlplane.model import ModelError
+from controlplane.store_types import EventKind, StoreEvent, Versioned
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+Decoder = Callable[[str, bytes], T]
+"""Builds the domain object from (name, raw value); raises DecodeError or ModelError."""
+
+
+class RecordCodec:
+    """Decodes one resource's records, counting what it has to skip."""
+
+    def __init__(self, resource: str, kind: str, metrics: StoreMetrics) -> None:
+        self.resource = resource
+        self.kind = kind
+        self.metrics = metrics
+
+    def encode(self, payload: Any) -> bytes:
+        return codec.encode(self.kind, payload)
+
+    def payload(self, raw: bytes) -> Any:
+        """The envelope's payload (raises codec.DecodeError)."""
+        return codec.decode(self.kind, raw)
+
+    def skip(self, key: bytes, error: Exception) -> None:
+        self.metrics.malformed.labels(self.resource).inc()
+        log.warning("skipping malformed %s at %r: %s", self.resource, key, error)
+
+    def decode(self, key: bytes, prefix: bytes, raw: bytes, build: Decoder[T]) -> T | None:
+        """``build(name, raw)`` for the key's name under ``prefix``, or None when malformed."""
+        try:
+            name = key[len(prefix) :].decode("utf-8")
+            if not key.startswith(prefix) or not name or "/" in name:
+                raise ValueError("not a well-formed key for this resource")
+            return build(name, raw)
+        except (codec.DecodeError, ModelError, ValueError, UnicodeDecodeError) as exc:
+            self.skip(key, exc)
+            return None
+
+    def decode_all(
+        self, kvs: list[KeyValue], prefix: bytes, build: Decoder[T]
+    ) -> list[Versioned[T]]:
+        out: list[Versioned[T]] = []
+        for kv in kvs:
+            value = self.decode(kv.key, prefix, kv.value, build)
+            if value is not None:
+                out.append(Versioned(value, kv.mod_revision))
+        return out
+
+    async def watch(
+        self, shards: ShardMap, kind: str, prefix: bytes, build: Decoder[T]
+    ) -> AsyncIterator[StoreEvent[T]]:
+        """List-then-watch ``prefix`` on every shard of ``kind`` as store events."""
+        last: dict[bytes, T] = {}
+        async for item in shards.watch(kind, prefix):
+            event = item.event
+            if event.type is EventType.LIST_DONE:
+                if item.shard == "":
+                    yield StoreEvent(EventKind.SYNCED, "", None, event.revision)
+                continue
+            name = event.key[len(prefix) :].decode("utf-8", errors="replace")
+            if event.type is EventType.DELETE:
+                previous = last.pop(event.key, None)
+                yield StoreEvent(EventKind.DELETE, name, previous, event.revision)
+                continue
+            value = self.decode(event.key, prefix, event.value, build)
+            if value is None:
+                # A key that turned malformed is gone as far as readers are concerned.
+                previous = last.pop(event.key, None)
+                if previous is not None:
+                    yield StoreEvent(EventKind.DELETE, name, previous, event.revision)
+                continue
+            last[event.key] = value
+            yield StoreEvent(EventKind.UPSERT, name, value, event.revision)

@@ -1,0 +1,61 @@
+"""Value types the stores return: versioned objects, watch events, GC and IPAM records.
+
+They sit below every store implementation (kvstore, crd) and the interfaces in
+``controlplane.store``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from controlplane.model import IPNetwork, NodeName
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Versioned(Generic[T]):
+    """An object as read from the store, with the version to hand back for compare-and-set."""
+
+    value: T
+    version: int
+
+
+class EventKind(enum.Enum):
+    UPSERT = "upsert"
+    DELETE = "delete"
+    SYNCED = "synced"
+    """Every object that existed when the watch started has been delivered."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreEvent(Generic[T]):
+    kind: EventKind
+    name: str
+    """The object's name within its resource: an identity number, an IP, a node name."""
+    value: T | None
+    """The object for UPSERT; the last known object (or None) for DELETE; None for SYNCED."""
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class GCStats:
+    """What one garbage-collection round did."""
+
+    candidates: int
+    """Identities without references, waiting for their second round."""
+    deleted: int
+    skipped: int
+    """Deletes refused because the identity changed in between (it gained a user)."""
+    duration: float
+
+
+@dataclass(frozen=True, slots=True)
+class CIDRClaim:
+    """One pod CIDR of a pool, given to one node."""
+
+    pool: str
+    cidr: IPNetwork
+    node: NodeName
