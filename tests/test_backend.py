@@ -21,6 +21,7 @@ from controlplane.kvstore.types import (
     absent,
     create_revision_is,
     mod_revision_is,
+    none_under,
     value_is,
     version_is,
 )
@@ -147,3 +148,13 @@ async def test_status_and_members(cluster: EmbeddedEtcd, backend: EtcdBackend) -
     members = await backend.members()
     assert len(members) == len(cluster.client_urls)
     assert await backend.current_revision() >= 1
+
+
+async def test_range_compare_none_under(backend: EtcdBackend) -> None:
+    assert (await backend.txn([none_under(b"rc/")], [])).succeeded
+    await backend.put(b"rc/x/1", b"1")
+    await backend.put(b"rc0", b"outside")
+    assert not (await backend.txn([none_under(b"rc/")], [])).succeeded
+    assert (await backend.txn([none_under(b"rc/y/")], [])).succeeded
+    await backend.delete(b"rc/x/1")
+    assert (await backend.txn([none_under(b"rc/")], [])).succeeded

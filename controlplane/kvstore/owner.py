@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from controlplane.keyedlocks import KeyedLocks
 from controlplane.kvstore.backend import EtcdBackend
-from controlplane.kvstore.errors import KvstoreError
+from controlplane.kvstore.errors import KvstoreError, LeaseLost
 from controlplane.kvstore.session import LeaseManager
 from controlplane.kvstore.types import EventType
 from controlplane.kvstore.watch import ListWatcher
@@ -55,8 +55,12 @@ class KeyOwner:
         )
         self.leases.on_lost(self._lease_lost)
         self._owned: dict[bytes, _Owned] = {}
-        self._locks: dict[bytes, asyncio.Lock] = {}
+        self._lock: KeyedLocks[bytes] = KeyedLocks()
         self._repair_prefixes: list[bytes] = []
+        # Keys to re-create, drained by run(): a lease can be lost while one of its keys is
+        # being written (its lock held), so re-creation never happens inline.
+        self._pending: asyncio.Queue[tuple[bytes, str]] = asyncio.Queue()
+        self._queued: set[bytes] = set()
         self.repaired_total = 0
 
     def repair_under(self, prefix: bytes) -> None:
@@ -78,6 +82,12 @@ class KeyOwner:
             self._owned[key] = entry
             await self._write(key, entry)
 
+    def track(
+        self, key: bytes, value: bytes, *, resource: str, write: WriteFn | None = None
+    ) -> None:
+        """Own ``key``, which the caller has just written with a lease from ``self.leases``."""
+        self._owned[key] = _Owned(value, resource, write)
+
     async def delete(self, key: bytes) -> None:
         """Stop owning ``key`` and delete it."""
         async with self._lock(key):
@@ -93,25 +103,23 @@ class KeyOwner:
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:
             group.create_task(self.leases.run(), name=f"leases:{self.backend.name}")
+            group.create_task(self._drain(), name=f"recreate:{self.backend.name}")
             for prefix in self._repair_prefixes:
                 group.create_task(self._repair(prefix), name=f"repair:{prefix!r}")
 
     async def _write(self, key: bytes, entry: _Owned) -> None:
-        lease = await self.leases.lease_for(key)
-        if entry.write is not None:
-            await entry.write(key, entry.value, lease)
-        else:
-            await self.backend.put(key, entry.value, lease=lease)
-
-    @asynccontextmanager
-    async def _lock(self, key: bytes) -> AsyncIterator[None]:
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        try:
-            async with lock:
-                yield
-        finally:
-            if not lock.locked() and self._locks.get(key) is lock:
-                del self._locks[key]
+        for attempt in range(2):
+            lease = await self.leases.lease_for(key)
+            try:
+                if entry.write is not None:
+                    await entry.write(key, entry.value, lease)
+                else:
+                    await self.backend.put(key, entry.value, lease=lease)
+                return
+            except LeaseLost:
+                if attempt == 1:
+                    raise
+                await self.leases.invalidate(lease)
 
     async def _restore(self, key: bytes, reason: str) -> None:
         async with self._lock(key):
@@ -128,8 +136,15 @@ class KeyOwner:
             self.metrics.repairs.labels(entry.resource, reason).inc()
 
     async def _lease_lost(self, lease_id: int, keys: frozenset[bytes]) -> None:
-        for key in sorted(keys):
-            await self._restore(key, "lease-lost")
+        for key in sorted(keys - self._queued):
+            self._queued.add(key)
+            self._pending.put_nowait((key, "lease-lost"))
+
+    async def _drain(self) -> None:
+        while True:
+            key, reason = await self._pending.get()
+            self._queued.discard(key)
+            await self._restore(key, reason)
 
     async def _repair(self, prefix: bytes) -> None:
         async for event in ListWatcher(self.backend, prefix).events():

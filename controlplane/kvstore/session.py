@@ -51,7 +51,8 @@ class LeaseManager:
         self.backend = backend
         self.ttl = ttl
         self.max_keys_per_lease = max_keys_per_lease
-        self.keepalive_interval = keepalive_interval or max(0.5, ttl / 3)
+        # Renew often, not only at ttl/3: a lost lease is noticed at the next renewal.
+        self.keepalive_interval = keepalive_interval or max(0.5, min(ttl / 3, 5.0))
         self.lost_total = 0
         self.keepalives_total = 0
         self._leases: dict[int, _Lease] = {}
@@ -133,6 +134,10 @@ class LeaseManager:
             raise KvstoreError("lease keepalive stream ended") from exc
         finally:
             call.cancel()
+
+    async def invalidate(self, lease_id: int) -> None:
+        """etcd refused ``lease_id`` on a write: treat it as lost now."""
+        await self._lost(lease_id, "refused by etcd")
 
     async def _expire_overdue(self) -> None:
         now = time.monotonic()

@@ -49,9 +49,11 @@ class Compare:
     target: Literal["value", "version", "create", "mod", "lease"]
     op: CompareOp
     value: bytes | int
+    range_end: bytes = b""
+    """When set, the compare must hold for every key in [key, range_end)."""
 
     def to_pb(self) -> Any:
-        compare = rpc.Compare(key=self.key, result=_RESULTS[self.op])
+        compare = rpc.Compare(key=self.key, result=_RESULTS[self.op], range_end=self.range_end)
         if self.target == "value":
             if not isinstance(self.value, bytes):
                 raise TypeError("a value compare takes bytes")
@@ -90,6 +92,11 @@ def mod_revision_is(key: bytes, revision: int, op: CompareOp = "==") -> Compare:
 def absent(key: bytes) -> Compare:
     """The key does not exist (its create revision is 0)."""
     return Compare(key, "create", "==", 0)
+
+
+def none_under(prefix: bytes) -> Compare:
+    """No key starts with ``prefix`` (etcd compares every key of the range)."""
+    return Compare(prefix, "create", "==", 0, prefix_range_end(prefix))
 
 
 @dataclass(frozen=True, slots=True)
