@@ -9,11 +9,18 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import backend_for
+from helpers import FAST, backend_for
 
 from controlplane import codec
+from controlplane.config import EtcdClusterConfig, KvstoreConfig
 from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.kvstore.heartbeat import Heartbeat
+from controlplane.kvstore.identities import KvIdentityStore
+from controlplane.kvstore.keys import KeyLayout
+from controlplane.kvstore.owner import Owners
+from controlplane.kvstore.shards import ShardMap
+from controlplane.metrics import StoreMetrics
+from controlplane.model import Labels, NodeName
 
 
 async def cpctl(*args: str, timeout: float = 60) -> tuple[int, str, str]:
@@ -237,3 +244,34 @@ async def test_etcd_up_runs_and_stops() -> None:
     assert code == 0, err
     info = json.loads(out.splitlines()[0])
     assert info["endpoints"][0].startswith("http://127.0.0.1:")
+
+
+async def test_identity_list_and_get(etcd1: EmbeddedEtcd) -> None:
+    config = KvstoreConfig((EtcdClusterConfig("default", tuple(etcd1.client_urls)),), client=FAST)
+    async with ShardMap(config) as shards:
+        metrics = StoreMetrics.create()
+        store = KvIdentityStore(shards, KeyLayout(), metrics, Owners(metrics), node=NodeName("n1"))
+        web = await store.acquire(Labels.parse("k8s:app=web"))
+        await shards.backends["default"].put(b"cp/state/identities/v1/id/77", b"junk")
+    ep = endpoints(etcd1)
+    code, out, _ = await cpctl("identity", "list", "--json", *ep)
+    listed = json.loads(out)
+    assert code == 0 and listed["skipped_malformed"] == 1
+    assert listed["identities"] == [
+        {
+            "id": web.id,
+            "labels": ["k8s:app=web"],
+            "reserved": False,
+            "references": ["n1"],
+            "version": listed["identities"][0]["version"],
+        }
+    ]
+    code, out, _ = await cpctl("identity", "list", "--reserved", *ep)
+    assert code == 0 and "reserved:host" in out and "k8s:app=web" in out
+    code, out, _ = await cpctl("identity", "get", str(web.id), *ep)
+    assert code == 0 and "k8s:app=web" in out and "n1" in out
+    code, _, err = await cpctl("identity", "get", "12345", *ep)
+    assert code == 1 and "not found" in err
+    code, _, err = await cpctl("identity", "get", "web", *ep)
+    assert code == 2
+    one_line_error(err)

@@ -22,7 +22,7 @@ from controlplane.cli.common import (
     print_table,
 )
 from controlplane.cli.etcd_cmd import start_embedded
-from controlplane.config import ClientSettings, EtcdClusterConfig, normalize_prefix
+from controlplane.config import ClientSettings, EtcdClusterConfig, KvstoreConfig, normalize_prefix
 from controlplane.kvstore.bench import (
     OPERATIONS,
     BenchError,
@@ -31,6 +31,7 @@ from controlplane.kvstore.bench import (
     run_kvstore_bench,
     utc_stamp,
 )
+from controlplane.kvstore.bench_identities import IdentityBenchParams, run_identity_bench
 from controlplane.kvstore.embedded import EmbeddedEtcd, find_etcd_binary
 
 RESULTS_DIR = Path("bench/results")
@@ -116,6 +117,50 @@ def register(subparsers: Any) -> None:
     )
     add_json_flag(kv)
     kv.set_defaults(run=run_kvstore)
+
+    ids = commands.add_parser(
+        "identities",
+        help="identity allocations/s and references/s next to raw etcd transactions/s",
+        description=(
+            "New identities per second and references to existing identities per second "
+            "through the identity store, side by side with raw etcd transactions of the same "
+            "shape through the same client at the same concurrency, in interleaved rounds."
+        ),
+    )
+    add_kvstore_flags(ids)
+    ids_target = ids.add_argument_group("embedded etcd")
+    ids_target.add_argument(
+        "--embedded",
+        action="store_true",
+        help="start a local etcd for the run and stop it afterwards",
+    )
+    ids_target.add_argument(
+        "--members", type=positive_int, default=1, help="members of the embedded etcd (default 1)"
+    )
+    ids.add_argument(
+        "--allocators",
+        type=concurrency_list,
+        default=(1, 16, 64),
+        metavar="N,N",
+        help="allocator counts, a comma list (default 1,16,64)",
+    )
+    ids.add_argument(
+        "--count", type=positive_int, default=1000, help="identities per measurement (default 1000)"
+    )
+    ids.add_argument(
+        "--labels", type=positive_int, default=4, help="labels per label set (default 4)"
+    )
+    ids.add_argument(
+        "--rounds", type=positive_int, default=3, help="interleaved rounds (default 3)"
+    )
+    ids.add_argument(
+        "--output",
+        type=Path,
+        metavar="FILE",
+        help="write the JSON record here (default bench/results/identities-<UTC>.json)",
+    )
+    add_json_flag(ids)
+    ids.set_defaults(run=run_identities)
 
 
 def concurrency_list(text: str) -> tuple[int, ...]:
@@ -247,3 +292,61 @@ def print_result(result: BenchResult) -> None:
             )
     headers = ["operation", "concurrency", "ours", "bare", "ratio", "round ratios"]
     print_table([*headers, "client CPU us/op ours / bare"], rows)
+
+
+async def run_identities(args: argparse.Namespace) -> int:
+    try:
+        params = IdentityBenchParams(args.allocators, args.count, args.labels, args.rounds)
+    except ValueError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from exc
+    output = args.output or RESULTS_DIR / f"identities-{utc_stamp()}.json"
+    etcd: EmbeddedEtcd | None = None
+    if args.embedded:
+        if args.kvstore_endpoints or args.kvstore_config:
+            raise CommandError(
+                "--embedded excludes --kvstore-endpoints/--kvstore-config", EXIT_USAGE
+            )
+        progress(f"starting an embedded etcd with {args.members} member(s)...")
+        etcd = await start_embedded(args.members)
+        settings = ClientSettings(request_timeout=max(10.0, args.timeout))
+        config = KvstoreConfig(
+            (EtcdClusterConfig("embedded", tuple(etcd.client_urls)),), client=settings
+        )
+    else:
+        config = kvstore_config(args)
+    try:
+        record = await run_identity_bench(config, params, progress)
+    except BenchError as exc:
+        raise CommandError(str(exc)) from exc
+    finally:
+        if etcd is not None:
+            await etcd.stop()
+    record["embedded_members"] = args.members if args.embedded else None
+    write_record(output, record)
+    if args.json:
+        print_json(record)
+    else:
+        print(
+            f"identities on etcd {record['etcd_version']} "
+            f"({args.members if args.embedded else len(config.clusters[0].endpoints)} member(s)), "
+            f"{params.count} per measurement, median of {params.rounds} rounds"
+        )
+        print_table(
+            ["ALLOCATORS", "NEW/S", "RAW TXN/S", "RATIO", "REFS/S", "RAW TXN/S", "RATIO"],
+            [
+                [
+                    r["allocators"],
+                    r["new_per_s"],
+                    r["raw_new_txn_per_s"],
+                    r["new_ratio"],
+                    r["ref_per_s"],
+                    r["raw_ref_txn_per_s"],
+                    r["ref_ratio"],
+                ]
+                for r in record["results"]
+            ],
+        )
+        for note in record["notes"]:
+            print(f"note: {note}")
+    progress(f"wrote {output}")
+    return EXIT_OK

@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from controlplane.cli import bench_cmd, etcd_cmd, kvstore_cmd, up_cmd
+from controlplane.cli import bench_cmd, etcd_cmd, identity_cmd, kvstore_cmd, up_cmd
 from controlplane.cli.common import EXIT_FAIL, EXIT_USAGE, CommandError, Parser
 from controlplane.config import ConfigError
 from controlplane.kvstore.errors import KvstoreError
@@ -24,6 +24,7 @@ def build_parser() -> Parser:
     kvstore_cmd.register(commands)
     etcd_cmd.register(commands)
     up_cmd.register(commands)
+    identity_cmd.register(commands)
     bench_cmd.register(commands)
     return parser
 

@@ -1,9 +1,12 @@
 """Throughput and watch latency of our etcd layer next to bare aetcd, measured in one run.
 
 Both sides talk to the same etcd member of the same cluster, one after the other, in
-interleaved rounds: round 1 runs ours then bare for every measurement, round 2 runs bare
-then ours, and so on. etcd 3.4 changes speed with its history (see BENCHMARKING.md), so
-only a ratio measured this way means anything.
+interleaved rounds: round 1 starts every measurement with ours, round 2 with bare, and so
+on; within a measurement the sides take turns in short slices (A B B A ...). etcd 3.4
+changes speed with its history (see BENCHMARKING.md), and other processes on the machine
+come and go, so only a ratio measured this way means anything. Rates are medians of the
+per-round rates; the client's CPU time per operation is recorded too (steadier than rates
+on a busy machine).
 
 - ours: :class:`EtcdBackend` (with :class:`ListWatcher` for watches).
 - bare: ``aetcd.Client(host, port)`` and its own methods.

@@ -53,7 +53,7 @@ from controlplane.model import (
     reserved_labels,
     shard_identity_ranges,
 )
-from controlplane.store_types import GCStats, StoreEvent, Versioned
+from controlplane.store_types import EventKind, GCStats, StoreEvent, Versioned
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,9 @@ class KvIdentityStore:
                 owner = owners.for_backend(backend)
                 owner.repair_under(layout.identity_value_prefix)
                 self._owners[backend.name] = owner
+        self._hints: dict[str, NumericIdentity] = {}
+        """labels key component -> ID, learned from lists, watches and our own allocations;
+        a right hint makes a reference one round trip, a stale one costs one more."""
         self.changed: list[Callable[[Identity, Identity], None]] = []
         """Called when a reference re-created after a lease loss had to take a new ID."""
 
@@ -171,7 +174,7 @@ class KvIdentityStore:
         component = labels.key_component()
         index_key = self.layout.identity_labels(component)
         value_key = self.layout.identity_value(component, self.node)
-        known: NumericIdentity | None = None
+        known = self._hints.get(component)
         for _ in range(MAX_ATTEMPTS):
             if known is not None:
                 # Reference: the index must still name this ID; rewriting it bumps its mod
@@ -184,6 +187,7 @@ class KvIdentityStore:
                 if result.succeeded:
                     return Identity(known, labels)
                 known = self._index_id(result.results[0].kvs)
+                self._hint(component, known)
                 continue
             candidate = await self._pick_free(shard)
             master_key = self.layout.identity_id(candidate)
@@ -198,13 +202,21 @@ class KvIdentityStore:
             )
             if result.succeeded:
                 shard.used.add(candidate)
+                self._hint(component, candidate)
                 return Identity(candidate, labels)
             known = self._index_id(result.results[0].kvs)
+            self._hint(component, known)
             if result.results[1].kvs:
                 shard.used.add(candidate)
         raise AllocationConflict(
             f"could not allocate an identity for {labels} in {MAX_ATTEMPTS} tries"
         )
+
+    def _hint(self, component: str, ident: NumericIdentity | None) -> None:
+        if ident is None:
+            self._hints.pop(component, None)
+        else:
+            self._hints[component] = ident
 
     def _index_id(self, kvs: Sequence[KeyValue]) -> NumericIdentity | None:
         if not kvs:
@@ -303,10 +315,21 @@ class KvIdentityStore:
     async def list(self) -> list[Versioned[Identity]]:
         prefix = self.layout.identity_id_prefix
         kvs = await self.shards.list_prefix(KIND, prefix)
-        return self.codec.decode_all(kvs, prefix, _identity)
+        identities = self.codec.decode_all(kvs, prefix, _identity)
+        for found in identities:
+            self._hint(found.value.labels.key_component(), found.value.id)
+        return identities
 
-    def watch(self) -> AsyncIterator[StoreEvent[Identity]]:
-        return self.codec.watch(self.shards, KIND, self.layout.identity_id_prefix, _identity)
+    async def watch(self) -> AsyncIterator[StoreEvent[Identity]]:
+        prefix = self.layout.identity_id_prefix
+        async for event in self.codec.watch(self.shards, KIND, prefix, _identity):
+            if event.value is not None:
+                component = event.value.labels.key_component()
+                if event.kind is EventKind.UPSERT:
+                    self._hint(component, event.value.id)
+                elif self._hints.get(component) == event.value.id:
+                    self._hint(component, None)
+            yield event
 
     async def references(self) -> dict[NumericIdentity, builtins.list[NodeName]]:
         """Which nodes reference each identity (for `cpctl identity get`)."""
