@@ -7,7 +7,15 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from controlplane.cli import bench_cmd, etcd_cmd, identity_cmd, kvstore_cmd, up_cmd
+from controlplane.cli import (
+    bench_cmd,
+    etcd_cmd,
+    identity_cmd,
+    ipam_cmd,
+    kvstore_cmd,
+    up_cmd,
+    views_cmd,
+)
 from controlplane.cli.common import EXIT_FAIL, EXIT_USAGE, CommandError, Parser
 from controlplane.config import ConfigError
 from controlplane.kvstore.errors import KvstoreError
@@ -25,6 +33,9 @@ def build_parser() -> Parser:
     etcd_cmd.register(commands)
     up_cmd.register(commands)
     identity_cmd.register(commands)
+    views_cmd.register_endpoint(commands)
+    views_cmd.register_node(commands)
+    ipam_cmd.register(commands)
     bench_cmd.register(commands)
     return parser
 

@@ -147,9 +147,19 @@ class KeyOwner:
             await self._restore(key, reason)
 
     async def _repair(self, prefix: bytes) -> None:
+        present: set[bytes] = set()
         async for event in ListWatcher(self.backend, prefix).events():
+            if event.type is EventType.LIST_DONE:
+                # Owned keys deleted before this (re-)list show up only as absent.
+                for key in sorted(self.owned(prefix).keys() - present):
+                    await self._restore(key, "deleted")
+                continue
+            if event.type is EventType.DELETE:
+                present.discard(event.key)
+            else:
+                present.add(event.key)
             entry = self._owned.get(event.key)
-            if entry is None or event.type is EventType.LIST_DONE:
+            if entry is None:
                 continue
             if event.type is EventType.DELETE:
                 await self._restore(event.key, "deleted")

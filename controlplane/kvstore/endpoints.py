@@ -1,0 +1,216 @@
+"""Endpoints in kvstore mode: ``cp/state/ip/v1/<cluster>/<ip>``, one key per IP.
+
+Each node publishes its own endpoints on the endpoints shard its name hashes to (so one
+node's endpoints share a shard and a lease pool); readers merge every shard. Values are
+``endpoint`` envelopes of :meth:`Endpoint.to_dict`.
+
+Keys are owned through the node's :class:`KeyOwner`: leased, re-created after a lease
+loss, and repaired when someone deletes or overwrites them. The IP key is global, so every
+write is a transaction that succeeds only while the key is absent or already ours (on one
+of our leases, or a record of our node). Another node's record is never overwritten: the
+write raises :class:`IPConflict` and the key is disowned, whether the write came from
+:meth:`KvEndpointStore.upsert` or from a repair. A value that does not decode belongs to
+nobody and is overwritten.
+
+The guard is per etcd cluster: two nodes on different endpoint shards cannot see each
+other's keys, so cross-shard uniqueness rests on IPAM (disjoint per-node CIDRs).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from controlplane import codec
+from controlplane.kvstore.backend import EtcdBackend
+from controlplane.kvstore.errors import KvstoreError
+from controlplane.kvstore.keys import KeyLayout
+from controlplane.kvstore.owner import KeyOwner, Owners
+from controlplane.kvstore.records import RecordCodec
+from controlplane.kvstore.shards import ShardMap
+from controlplane.kvstore.types import (
+    Compare,
+    Delete,
+    Get,
+    KeyValue,
+    Put,
+    absent,
+    mod_revision_is,
+)
+from controlplane.metrics import StoreMetrics
+from controlplane.model import (
+    Endpoint,
+    InvalidRecord,
+    IPAddress,
+    ModelError,
+    NodeName,
+    parse_ip,
+)
+from controlplane.store_types import StoreEvent, Versioned
+
+__all__ = ["ENDPOINT_KIND", "ENDPOINT_RESOURCE", "IPConflict", "KvEndpointStore", "ReadOnlyStore"]
+
+log = logging.getLogger(__name__)
+
+ENDPOINT_KIND = "endpoint"
+"""The envelope kind of endpoint values."""
+ENDPOINT_RESOURCE = "endpoint"
+"""The ``resource`` label of the malformed and repair metrics."""
+
+_MAX_ATTEMPTS = 10
+"""Guarded writes re-read and retry this often while the key keeps changing under them."""
+
+
+class ReadOnlyStore(RuntimeError):
+    """A write method was called on a store built without an owner (a read-only view)."""
+
+
+class IPConflict(KvstoreError):
+    """The IP's key holds another node's endpoint; it was not overwritten.
+
+    A :class:`KvstoreError` so that :class:`KeyOwner`'s repair path logs it and carries on;
+    the key is no longer owned by this node when it is raised.
+    """
+
+    def __init__(self, ip: str, holder: NodeName, node: NodeName, *, endpoint: str) -> None:
+        super().__init__(
+            f"IP {ip} is already published by node {holder!r}; node {node!r} did not overwrite it",
+            endpoint=endpoint,
+        )
+        self.ip = ip
+        self.holder = holder
+        self.node = node
+
+
+class KvEndpointStore:
+    """The kvstore :class:`~controlplane.store.EndpointStore` of one node (or a read-only view).
+
+    Build it before ``owners.run()`` starts (it registers the repair watch). With
+    ``owners=None`` and ``node=None`` it only lists and watches; writes raise
+    :class:`ReadOnlyStore`.
+    """
+
+    def __init__(
+        self,
+        shards: ShardMap,
+        layout: KeyLayout,
+        metrics: StoreMetrics,
+        owners: Owners | None,
+        *,
+        node: NodeName | None,
+        cluster: str = "default",
+    ) -> None:
+        if (owners is None) != (node is None):
+            raise ValueError("KvEndpointStore: pass both owners and node, or neither (read-only)")
+        self.shards = shards
+        self.layout = layout
+        self.node = node
+        self.cluster = cluster
+        self.prefix = layout.ip_prefix(cluster)
+        self.codec = RecordCodec(ENDPOINT_RESOURCE, ENDPOINT_KIND, metrics)
+        self._owner: KeyOwner | None = None
+        self._backend: EtcdBackend | None = None
+        if owners is not None and node is not None:
+            self._backend = shards.shard_for("endpoints", node)
+            self._owner = owners.for_backend(self._backend)
+            self._owner.repair_under(self.prefix)
+
+    # -- writes (this node's endpoints) ----------------------------------------------
+
+    async def upsert(self, endpoint: Endpoint) -> None:
+        """Publish one of this node's endpoints; raises :class:`IPConflict` when the IP's
+        key holds another node's endpoint, ``ValueError`` for another node's endpoint."""
+        owner, node = self._writer("upsert")
+        if endpoint.node != node:
+            raise ValueError(
+                f"endpoint {endpoint.ip} belongs to node {endpoint.node!r}; "
+                f"this store publishes node {node!r} only"
+            )
+        value = self.codec.encode(endpoint.to_dict())
+        await owner.put(self.key(endpoint.ip), value, resource=ENDPOINT_RESOURCE, write=self._put)
+
+    async def remove(self, ip: IPAddress) -> None:
+        """Withdraw this node's endpoint at ``ip``; another node's record is left alone."""
+        owner, node = self._writer("remove")
+        key = self.key(ip)
+        if owner.owns(key):
+            await owner.delete(key)
+            return
+        # Not owned in memory: delete a record of ours left from before a restart.
+        backend = owner.backend
+        current = await backend.get(key)
+        for _ in range(_MAX_ATTEMPTS):
+            if current is None or self._claimant(owner, current) != node:
+                return
+            guard = mod_revision_is(key, current.mod_revision)
+            result = await backend.txn([guard], [Delete(key)], [Get(key)])
+            if result.succeeded:
+                return
+            current = _first(result.results[0].kvs)
+        raise KvstoreError(f"removing {key!r}: the key kept changing", endpoint=backend.name)
+
+    def key(self, ip: IPAddress) -> bytes:
+        return self.layout.ip(self.cluster, str(ip))
+
+    # -- reads (every node's endpoints) ----------------------------------------------
+
+    async def list(self) -> list[Versioned[Endpoint]]:
+        kvs = await self.shards.list_prefix("endpoints", self.prefix)
+        return self.codec.decode_all(kvs, self.prefix, self._build)
+
+    def watch(self) -> AsyncIterator[StoreEvent[Endpoint]]:
+        return self.codec.watch(self.shards, "endpoints", self.prefix, self._build)
+
+    # -- internals -------------------------------------------------------------------
+
+    def _writer(self, what: str) -> tuple[KeyOwner, NodeName]:
+        if self._owner is None or self.node is None:
+            raise ReadOnlyStore(f"cannot {what} endpoints: this endpoint store is read-only")
+        return self._owner, self.node
+
+    def _build(self, name: str, raw: bytes) -> Endpoint:
+        ip = parse_ip(name)
+        if str(ip) != name:
+            raise InvalidRecord(f"endpoint key {name!r} is not in canonical form ({ip})")
+        endpoint = Endpoint.from_dict(self.codec.payload(raw))
+        if endpoint.ip != ip:
+            raise InvalidRecord(f"endpoint at key {name} has ip {endpoint.ip}")
+        return endpoint
+
+    def _claimant(self, owner: KeyOwner, kv: KeyValue) -> NodeName | None:
+        """The node that holds ``kv``: us when it is on one of our leases, else the node
+        its record names; None when the value does not decode (nobody's)."""
+        if kv.lease and kv.lease in owner.leases.leases and self.node is not None:
+            return self.node
+        try:
+            return Endpoint.from_dict(self.codec.payload(kv.value)).node
+        except (codec.DecodeError, ModelError) as exc:
+            log.warning("endpoint key %r holds an undecodable value (%s); taking it", kv.key, exc)
+            return None
+
+    async def _put(self, key: bytes, value: bytes, lease: int) -> None:
+        """KeyOwner's write: put only while the key is absent or ours (else IPConflict)."""
+        owner, node = self._writer("upsert")
+        backend = owner.backend
+        current = await backend.get(key)
+        for _ in range(_MAX_ATTEMPTS):
+            guard: Compare
+            if current is None:
+                guard = absent(key)
+            else:
+                holder = self._claimant(owner, current)
+                if holder is not None and holder != node:
+                    owner.disown(key)
+                    ip = key[len(self.prefix) :].decode("utf-8", errors="replace")
+                    log.warning("IP %s is held by node %r; node %r gives it up", ip, holder, node)
+                    raise IPConflict(ip, holder, node, endpoint=backend.name)
+                guard = mod_revision_is(key, current.mod_revision)
+            result = await backend.txn([guard], [Put(key, value, lease)], [Get(key)])
+            if result.succeeded:
+                return
+            current = _first(result.results[0].kvs)
+        raise KvstoreError(f"writing {key!r}: the key kept changing", endpoint=backend.name)
+
+
+def _first(kvs: tuple[KeyValue, ...]) -> KeyValue | None:
+    return kvs[0] if kvs else None
