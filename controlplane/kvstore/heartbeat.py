@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from controlplane import codec
+from controlplane.kvstore.backend import EtcdBackend
+from controlplane.kvstore.keys import KeyLayout
+from controlplane.kvstore.types import Compare, EventType, Put
+from controlplane.kvstore.watch import ListWatcher
+
+log = logging.getLogger(__name__)
 
 KIND = "heartbeat"
 
@@ -42,3 +51,71 @@ class Heartbeat:
         if not isinstance(seq, int) or not isinstance(writer, str):
             raise codec.DecodeError("heartbeat: seq must be an int and writer a string")
         return cls(float(ts), seq, writer, float(interval))
+
+
+async def write_heartbeat(
+    backend: EtcdBackend, layout: KeyLayout, beat: Heartbeat, fence: Sequence[Compare] = ()
+) -> bool:
+    """Put the heartbeat, guarded by ``fence`` (the leader's key); False when fenced off."""
+    result = await backend.txn(list(fence), [Put(layout.heartbeat, beat.encode())])
+    return result.succeeded
+
+
+class HeartbeatMonitor:
+    """Follows one shard's heartbeat and judges its age by our own monotonic clock.
+
+    No wall clocks are compared: the age is the time since *we* received the last update.
+    Before the first update the age counts from when the monitor started, so a fresh agent
+    gives the operator one full staleness window before it complains.
+    """
+
+    def __init__(
+        self,
+        backend: EtcdBackend,
+        layout: KeyLayout,
+        *,
+        interval: float,
+        clock: Callable[[], float] = time.monotonic,
+        metrics_malformed: Callable[[], None] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.layout = layout
+        self.interval = interval
+        """Expected interval; the writer's own ``interval`` field overrides it once seen."""
+        self.clock = clock
+        self.last: Heartbeat | None = None
+        self.received_at: float | None = None
+        self.started_at = clock()
+        self.updates = 0
+        self.malformed = 0
+        self._on_malformed = metrics_malformed
+
+    @property
+    def threshold(self) -> float:
+        return 2 * (self.last.interval if self.last is not None else self.interval)
+
+    def age(self) -> float:
+        """Seconds since the last update arrived (or since the monitor started)."""
+        return self.clock() - (
+            self.received_at if self.received_at is not None else self.started_at
+        )
+
+    def stale(self) -> bool:
+        return self.age() > self.threshold
+
+    async def run(self) -> None:
+        key = self.layout.heartbeat
+        async for event in ListWatcher(self.backend, key).events():
+            if event.key != key or event.type is not EventType.PUT:
+                continue
+            try:
+                beat = Heartbeat.decode(event.value)
+            except codec.DecodeError as exc:
+                self.malformed += 1
+                if self._on_malformed is not None:
+                    self._on_malformed()
+                log.warning("malformed heartbeat on %s skipped: %s", self.backend.name, exc)
+                continue
+            self.last = beat
+            self.received_at = self.clock()
+            self.updates += 1
