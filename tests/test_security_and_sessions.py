@@ -85,6 +85,10 @@ async def test_password_auth(etcd_auth: EmbeddedEtcd) -> None:
         async with backend_for(urls, username="agent", password="wrong"):
             pass
 
+    async with backend_for(urls, username="agent", password="agentpw") as agent:
+        # The quorum probe reads a key inside the prefix, which every role may read.
+        assert await agent.current_revision() > 0
+
     async with backend_for(urls) as anonymous:
         with pytest.raises(PermissionDenied):
             await anonymous.put(b"cp/y", b"1")

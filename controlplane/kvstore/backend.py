@@ -67,8 +67,12 @@ class EtcdBackend:
         *,
         own_connection: bool = False,
         fail_fast: bool = False,
+        probe_key: bytes = b"cp/.heartbeat",
     ) -> None:
         self.cluster = cluster
+        # Quorum probes read this key: every role of ours may read it (etcd checks the
+        # permission on the key even for a count-only read).
+        self.probe_key = probe_key
         self._wait_for_ready = not fail_fast
         self.settings = settings or ClientSettings()
         self.name = cluster.name
@@ -249,7 +253,8 @@ class EtcdBackend:
 
     async def current_revision(self) -> int:
         """The store's revision, by a linearizable read (so it proves a quorum)."""
-        response = await self.read(self._kv.Range, rpc.RangeRequest(key=b"\0", count_only=True))
+        request = rpc.RangeRequest(key=self.probe_key, count_only=True)
+        response = await self.read(self._kv.Range, request)
         revision: int = response.header.revision
         return revision
 

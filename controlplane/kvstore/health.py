@@ -7,6 +7,7 @@ live one), and each shard gets one linearizable read to prove it has a quorum.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from controlplane import codec
 from controlplane.config import ClientSettings, EtcdClusterConfig
 from controlplane.kvstore.backend import EtcdBackend
-from controlplane.kvstore.errors import KvstoreError
+from controlplane.kvstore.errors import KvstoreError, PermissionDenied
 from controlplane.kvstore.heartbeat import Heartbeat
 from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.shards import ShardMap
@@ -68,6 +69,10 @@ async def endpoint_health(
         started = time.perf_counter()
         status = await backend.status()
         latency = (time.perf_counter() - started) * 1000
+    except PermissionDenied as exc:
+        # It answered, but this user may not read its status (some etcd 3.5 releases
+        # reserve Maintenance.Status for root).
+        return EndpointHealth(endpoint, True, error=f"status not permitted: {exc}")
     except KvstoreError as exc:
         return EndpointHealth(endpoint, False, error=str(exc))
     finally:
@@ -102,7 +107,9 @@ async def shard_health(
     heartbeat: Heartbeat | None = None
     heartbeat_error: str | None = None
     leases: int | None = None
-    quorum_backend = EtcdBackend(backend.cluster, probe, own_connection=True)
+    quorum_backend = EtcdBackend(
+        backend.cluster, probe, own_connection=True, probe_key=layout.heartbeat
+    )
     try:
         await quorum_backend.connect()
         revision = await quorum_backend.current_revision()
@@ -112,7 +119,8 @@ async def shard_health(
                 heartbeat = Heartbeat.decode(kv.value)
             except codec.DecodeError as exc:
                 heartbeat_error = f"malformed heartbeat: {exc}"
-        leases = await quorum_backend.count_leases()
+        with contextlib.suppress(PermissionDenied):  # listing leases may need root
+            leases = await quorum_backend.count_leases()
     except KvstoreError as exc:
         quorum_error = str(exc)
     finally:

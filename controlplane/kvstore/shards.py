@@ -37,8 +37,11 @@ class ShardMap:
 
     def __init__(self, config: KvstoreConfig, *, own_connection: bool = False) -> None:
         self.config = config
+        probe_key = (config.prefix + ".heartbeat").encode()
         self.backends: dict[str, EtcdBackend] = {
-            cluster.name: EtcdBackend(cluster, config.client, own_connection=own_connection)
+            cluster.name: EtcdBackend(
+                cluster, config.client, own_connection=own_connection, probe_key=probe_key
+            )
             for cluster in config.clusters
         }
 

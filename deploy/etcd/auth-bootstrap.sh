@@ -22,6 +22,7 @@
 #   CP_ETCD_OPERATOR_PASSWORD[_FILE]  cp-operator's password   } user does not exist yet;
 #   CP_ETCD_READONLY_PASSWORD[_FILE]  cp-readonly's password   } an existing one is kept
 #   CP_ETCD_WAIT_SECONDS              how long to wait for etcd to answer (default 60)
+#   CP_ETCD_COMMAND_TIMEOUT           seconds one etcdctl command may take (default 20)
 #
 # Each password comes from the variable or from the file the _FILE variable names (leading and
 # trailing whitespace stripped, as the kvstore config's password-file is read). Passwords must
@@ -50,7 +51,9 @@ PREFIX=${CP_KVSTORE_PREFIX:-cp/}
 [[ $PREFIX == */ ]] || PREFIX="$PREFIX/"
 
 WAIT_SECONDS=${CP_ETCD_WAIT_SECONDS:-60}
-[[ $WAIT_SECONDS =~ ^[0-9]+$ ]] || die "CP_ETCD_WAIT_SECONDS must be a whole number of seconds"
+COMMAND_TIMEOUT=${CP_ETCD_COMMAND_TIMEOUT:-20}
+[[ $WAIT_SECONDS =~ ^[0-9]+$ && $COMMAND_TIMEOUT =~ ^[1-9][0-9]*$ ]] ||
+	die "CP_ETCD_WAIT_SECONDS and CP_ETCD_COMMAND_TIMEOUT must be whole numbers of seconds"
 
 ERRFILE=$(mktemp)
 trap 'rm -f "$ERRFILE"' EXIT
@@ -59,9 +62,24 @@ CHANGES=0
 # The last line etcdctl wrote to stderr ("Error: etcdserver: ...").
 last_error() { tail -n 1 "$ERRFILE" 2>/dev/null || true; }
 
+# etcdctl 3.4 sends the user and role requests without a deadline: against a cluster that
+# does not answer they would wait forever. Bound every command (when coreutils is there).
+run_etcdctl() {
+	local rc=0
+	if command -v timeout >/dev/null; then
+		timeout -k 5 "$COMMAND_TIMEOUT" etcdctl "$@" || rc=$?
+	else
+		etcdctl "$@" || rc=$?
+	fi
+	if ((rc == 124 || rc == 137)); then
+		printf 'Error: no answer within %ss\n' "$COMMAND_TIMEOUT" >&2
+	fi
+	return "$rc"
+}
+
 # Run etcdctl; print its stdout; stop the script with etcdctl's error when it fails.
 ctl() {
-	etcdctl "$@" 2>"$ERRFILE" || die "etcdctl $1 ${2:-} failed: $(last_error)"
+	run_etcdctl "$@" 2>"$ERRFILE" || die "etcdctl $1 ${2:-} failed: $(last_error)"
 }
 
 # read_password STEM VAR: set VAR from $STEM_PASSWORD or the file $STEM_PASSWORD_FILE.
@@ -85,24 +103,18 @@ read_password() {
 }
 
 # 0 when auth is enabled, 1 when not; waits up to WAIT_SECONDS for etcd to answer.
+# A read as a user that does not exist tells, the same way with etcdctl and etcd 3.4 and 3.5:
+# with auth off the client ignores "authentication is not enabled" and reads anonymously; with
+# auth on, logging in fails. (`etcdctl auth status` exists only from 3.5, and an anonymous
+# request is not anonymous when the client certificate's CN names an etcd user.)
 auth_enabled() {
-	local out deadline=$((SECONDS + WAIT_SECONDS))
+	local deadline=$((SECONDS + WAIT_SECONDS))
 	while :; do
-		# etcdctl >= 3.5 has `auth status`; 3.4 answers it with the usage of `auth` (exit 0).
-		if out=$(etcdctl auth status 2>/dev/null) && [[ $out == *"Authentication Status:"* ]]; then
-			[[ $out == *"Authentication Status: true"* ]]
-			return
-		fi
-		# Otherwise an anonymous admin request tells: it fails only when auth is on. (With a
-		# client certificate whose CN names an etcd user, etcd takes that user instead.)
-		if etcdctl user list >/dev/null 2>"$ERRFILE"; then
+		if ETCDCTL_USER=cp-auth-bootstrap-probe ETCDCTL_PASSWORD=none \
+			run_etcdctl get --keys-only "${PREFIX}.heartbeat" >/dev/null 2>"$ERRFILE"; then
 			return 1
 		fi
-		case $(last_error) in
-		*"user name is empty"* | *"permission denied"* | *"invalid auth token"* | *"user name not found"*)
-			return 0
-			;;
-		esac
+		case $(last_error) in *"authentication failed"*) return 0 ;; esac
 		((SECONDS < deadline)) || die "etcd at $ETCDCTL_ENDPOINTS does not answer: $(last_error)"
 		sleep 2
 	done
@@ -211,7 +223,7 @@ read_password CP_ETCD_ROOT ROOT_PASSWORD
 if auth_enabled; then
 	AUTH_WAS_ENABLED=true
 	export ETCDCTL_USER=root ETCDCTL_PASSWORD="$ROOT_PASSWORD"
-	etcdctl user get root >/dev/null 2>"$ERRFILE" ||
+	run_etcdctl user get root >/dev/null 2>"$ERRFILE" ||
 		die "auth is enabled but root cannot log in: $(last_error)"
 	log "auth: enabled; authenticated as root"
 else
