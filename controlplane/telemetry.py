@@ -64,7 +64,8 @@ class TelemetryServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+            async with asyncio.timeout(5):
+                request = await reader.readuntil(b"\r\n\r\n")
             method, path = _request_line(request)
             status, content_type, body = self._respond(method, path)
             writer.write(

@@ -1,23 +1,81 @@
-"""cp-agent: the agent daemon's entry point (its control loop is built in a later issue)."""
+"""cp-agent: the node agent daemon (``python -m controlplane.agent.main``).
+
+Exit status: 0 after SIGTERM/SIGINT; 1 on a fatal error; 2 on a bad flag or kvstore
+configuration (one line on stderr); 75 (``EXIT_RESTART``) when ``--restart-mode=exit``
+and the kvstore went unhealthy, for a supervisor to start the agent again.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import signal
 import sys
 from collections.abc import Sequence
 
-from controlplane.flags import Parser, add_kvstore_flags
+from controlplane.agent.agent import Agent, AgentExit
+from controlplane.agent.settings import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    AgentSettings,
+    build_parser,
+    settings_from_args,
+)
+from controlplane.config import ConfigError, KvstoreConfig
+from controlplane.flags import kvstore_config
 
 
-def build_parser() -> Parser:
-    parser = Parser(prog="cp-agent", description="The control plane's agent daemon.")
-    add_kvstore_flags(parser)
-    return parser
+async def serve(settings: AgentSettings, kvstore: KvstoreConfig) -> int:
+    """Run one agent until a signal; returns the exit status."""
+    agent = Agent(settings, kvstore)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.stop)
+    task = asyncio.create_task(agent.run(), name="cp-agent")
+    started = asyncio.create_task(agent.started.wait())
+    await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
+    started.cancel()
+    if agent.started.is_set():
+        metrics = (
+            f"http://{settings.telemetry_host}:{agent.telemetry.port}"
+            if agent.telemetry is not None
+            else "off"
+        )
+        print(
+            f"cp-agent: node {settings.node}, api unix:{settings.api_socket}, metrics {metrics}",
+            flush=True,
+        )
+    try:
+        await task
+    except AgentExit as exc:
+        print(f"cp-agent: {exc}", file=sys.stderr, flush=True)
+        return exc.status
+    except OSError as exc:
+        print(f"cp-agent: {exc}", file=sys.stderr, flush=True)
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    build_parser().parse_args(argv)
-    print("cp-agent: the daemon is not runnable yet; see --help", file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    try:
+        kvstore = kvstore_config(args)
+    except ConfigError as exc:
+        print(f"cp-agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    settings = settings_from_args(args)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("controlplane.kvstore").setLevel(
+        logging.DEBUG if args.verbose else logging.WARNING
+    )
+    try:
+        return asyncio.run(serve(settings, kvstore))
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from controlplane.cli import (
     identity_cmd,
     ipam_cmd,
     kvstore_cmd,
+    status_cmd,
     up_cmd,
     views_cmd,
 )
@@ -36,6 +37,7 @@ def build_parser() -> Parser:
     views_cmd.register_endpoint(commands)
     views_cmd.register_node(commands)
     ipam_cmd.register(commands)
+    status_cmd.register(commands)
     bench_cmd.register(commands)
     return parser
 

@@ -1,29 +1,67 @@
-"""`cpctl up`: a local cluster on an embedded etcd, with a live status view."""
+"""`cpctl up`: a local cluster (embedded etcd, two operators, N agents) with a live status view.
+
+Every daemon is a separate process, as in a real cluster; their logs and the agents' API
+sockets live in a work directory that the command prints. Ctrl-C (or ``--duration``) stops
+everything cleanly.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
+import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-from controlplane.cli.common import EXIT_OK, positive_float, positive_int
+from controlplane import codec
+from controlplane.agent.api import request
+from controlplane.cli.common import CommandError, positive_float, positive_int, print_table
 from controlplane.cli.etcd_cmd import start_embedded
-from controlplane.cli.kvstore_cmd import _print_health
+from controlplane.cli.processes import Daemon, stop_all
 from controlplane.config import ClientSettings, EtcdClusterConfig, KvstoreConfig
+from controlplane.kvstore.embedded import EmbeddedEtcd
+from controlplane.kvstore.endpoints import KvEndpointStore
 from controlplane.kvstore.health import cluster_health
+from controlplane.kvstore.identities import KvIdentityStore
+from controlplane.kvstore.keys import KeyLayout
+from controlplane.kvstore.nodes import KvNodeStore
 from controlplane.kvstore.shards import ShardMap
+from controlplane.metrics import StoreMetrics
+
+DEMO_ENDPOINTS = (  # (namespace, name, labels), spread over the agents round-robin
+    ("shop", "web-1", ["k8s:app=web", "k8s:tier=frontend"]),
+    ("shop", "web-2", ["k8s:app=web", "k8s:tier=frontend"]),
+    ("shop", "db-1", ["k8s:app=db", "k8s:tier=backend"]),
+    ("shop", "cache-1", ["k8s:app=cache", "k8s:tier=backend"]),
+    ("ops", "monitor-1", ["k8s:app=monitor"]),
+)
 
 
 def register(subparsers: Any) -> None:
-    up = subparsers.add_parser("up", help="run a local cluster on an embedded etcd")
+    up = subparsers.add_parser(
+        "up", help="run a local cluster: embedded etcd, 2 operators, N agents, live status"
+    )
     up.add_argument(
         "--etcd-members",
         type=int,
         choices=(1, 3),
         default=1,
         help="members of the embedded etcd (default 1)",
+    )
+    up.add_argument("--agents", type=positive_int, default=3, help="agent processes (default 3)")
+    up.add_argument(
+        "--operators", type=positive_int, default=2, help="operator replicas (default 2)"
+    )
+    up.add_argument(
+        "--heartbeat-interval",
+        type=positive_float,
+        default=5.0,
+        metavar="SECONDS",
+        help="operator heartbeat interval (default 5)",
     )
     up.add_argument(
         "--duration",
@@ -38,33 +76,253 @@ def register(subparsers: Any) -> None:
         metavar="SECONDS",
         help="status refresh interval (default 5)",
     )
-    up.add_argument("--agents", type=positive_int, default=3, help=argparse.SUPPRESS)
+    up.add_argument("--workdir", type=Path, help="logs and sockets here (default: a temp dir)")
+    up.add_argument("--json", action="store_true", help="print each status as one JSON line")
     up.set_defaults(run=run_up)
 
 
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
 async def run_up(args: argparse.Namespace) -> int:
-    print(f"starting an embedded etcd with {args.etcd_members} member(s)...", flush=True)
-    etcd = await start_embedded(args.etcd_members)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cp-up-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    say(f"work directory (logs, sockets): {workdir}")
+    say(
+        "datapath: userspace maps (the kernel eBPF datapath is not part of this build)"
+        + ("" if os.geteuid() == 0 else "; running without root")
+    )
+    say(f"starting an embedded etcd with {args.etcd_members} member(s)...")
+    etcd = await start_embedded(args.etcd_members, workdir / "etcd")
+    daemons: list[Daemon] = []
     try:
-        endpoints = tuple(etcd.client_urls)
-        print(f"etcd endpoints: {','.join(endpoints)}", flush=True)
+        endpoints = ",".join(etcd.client_urls)
+        say(f"etcd endpoints: {endpoints}")
+        daemons = await start_daemons(args, workdir, endpoints)
+        agents = [d for d in daemons if d.module.endswith("agent.main")]
+        await wait_agents_ready(agents, workdir, daemons)
+        await create_demo_endpoints(agents, workdir)
         config = KvstoreConfig(
-            clusters=(EtcdClusterConfig("default", endpoints),),
+            clusters=(EtcdClusterConfig("default", tuple(etcd.client_urls)),),
             client=replace(ClientSettings(), request_timeout=3.0),
         )
-        deadline = time.monotonic() + args.duration if args.duration else None
-        async with ShardMap(config) as shards:
-            while True:
-                print(f"\n--- kvstore health at {time.strftime('%H:%M:%S')} ---", flush=True)
-                _print_health(await cluster_health(shards))
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    break
-                await asyncio.sleep(
-                    args.refresh if remaining is None else min(args.refresh, remaining)
-                )
+        await status_loop(args, config, etcd, daemons, workdir)
     finally:
-        print("stopping etcd...", flush=True)
+        say("stopping agents and operators...")
+        await stop_all(daemons)
+        say("stopping etcd...")
         await etcd.stop()
-    print("stopped.", flush=True)
-    return EXIT_OK
+        say("stopped.")
+    return 0
+
+
+async def start_daemons(args: argparse.Namespace, workdir: Path, endpoints: str) -> list[Daemon]:
+    hb = str(args.heartbeat_interval)
+    daemons = [
+        Daemon(
+            f"operator-{i}",
+            "controlplane.operator.main",
+            [
+                "--kvstore-endpoints",
+                endpoints,
+                "--id",
+                f"operator-{i}",
+                "--heartbeat-interval",
+                hb,
+                "--metrics-address",
+                "127.0.0.1:0",
+            ],
+            workdir / f"operator-{i}.log",
+        )
+        for i in range(args.operators)
+    ]
+    daemons += [
+        Daemon(
+            f"node-{i}",
+            "controlplane.agent.main",
+            [
+                "--kvstore-endpoints",
+                endpoints,
+                "--node-name",
+                f"node-{i}",
+                "--api-socket",
+                str(workdir / f"node-{i}.sock"),
+                "--metrics-address",
+                "0",
+                "--heartbeat-interval",
+                hb,
+            ],
+            workdir / f"node-{i}.log",
+        )
+        for i in range(args.agents)
+    ]
+    for daemon in daemons:
+        await daemon.start()
+        say(f"started {daemon.name} (pid {daemon.pid})")
+    return daemons
+
+
+async def wait_agents_ready(agents: list[Daemon], workdir: Path, all_: list[Daemon]) -> None:
+    say("waiting for agents to register and get their pod CIDRs...")
+    deadline = time.monotonic() + 90
+    pending = {a.name for a in agents}
+    while pending:
+        for daemon in all_:
+            if not daemon.running:
+                raise CommandError(f"{daemon.name} exited: {daemon.log_tail(1)}")
+        for name in sorted(pending):
+            try:
+                status, body = await request(
+                    workdir / f"{name}.sock", "GET", "/v1/status", timeout=2
+                )
+            except (OSError, TimeoutError):
+                continue
+            if status in (200, 503) and body.get("ready"):
+                pending.discard(name)
+                say(f"  {name}: ready, pod CIDR {body.get('cidr')}")
+        if time.monotonic() > deadline:
+            raise CommandError(f"agents not ready after 90 s: {', '.join(sorted(pending))}")
+        if pending:
+            await asyncio.sleep(0.5)
+
+
+async def create_demo_endpoints(agents: list[Daemon], workdir: Path) -> None:
+    say("creating demo endpoints...")
+    for i, (namespace, name, labels) in enumerate(DEMO_ENDPOINTS):
+        agent = agents[i % len(agents)]
+        body = {"namespace": namespace, "name": name, "labels": labels}
+        status, reply = await request(workdir / f"{agent.name}.sock", "POST", "/v1/endpoints", body)
+        if status not in (200, 201):
+            raise CommandError(f"creating {namespace}/{name} on {agent.name}: {reply}")
+        say(
+            f"  {namespace}/{name} on {agent.name}: {reply.get('ip')} "
+            f"identity {reply.get('identity')}"
+        )
+
+
+async def snapshot(config: KvstoreConfig, daemons: list[Daemon], workdir: Path) -> dict[str, Any]:
+    layout = KeyLayout(config.prefix)
+    metrics = StoreMetrics.create()
+    async with ShardMap(config) as shards:
+        health = await cluster_health(shards)
+        nodes = await KvNodeStore(shards, layout, metrics, None, node=None).list()
+        endpoints = await KvEndpointStore(shards, layout, metrics, None, node=None).list()
+        identities = await KvIdentityStore(shards, layout, metrics).list()
+        leader = await current_leader(shards, layout)
+    agents: dict[str, Any] = {}
+    for daemon in daemons:
+        if not daemon.module.endswith("agent.main"):
+            continue
+        try:
+            _, body = await request(workdir / f"{daemon.name}.sock", "GET", "/v1/status", timeout=2)
+            agents[daemon.name] = {
+                "ready": body.get("ready"),
+                "kvstore": body["kvstore"]["state"],
+                "restarts": body["restarts"]["count"],
+                "ipcache": sum(m["entries"] for m in body["datapath"]["maps"].values()),
+            }
+        except (OSError, TimeoutError, KeyError, TypeError, ValueError):
+            agents[daemon.name] = {
+                "ready": False,
+                "kvstore": "no answer",
+                "restarts": None,
+                "ipcache": None,
+            }
+    shard = health[0]
+    return {
+        "time": time.strftime("%H:%M:%S"),
+        "leader": leader,
+        "heartbeat_age": shard.heartbeat_age,
+        "heartbeat_writer": shard.heartbeat_writer,
+        "kvstore": {s.name: s.status for s in health},
+        "processes": {
+            d.name: "running" if d.running else f"exited {d.process.returncode}"
+            for d in daemons
+            if d.process is not None
+        },
+        "nodes": [
+            {"name": n.value.name, "cidrs": [str(c) for c in n.value.pod_cidrs]} for n in nodes
+        ],
+        "endpoints": [
+            {
+                "id": e.value.endpoint_id,
+                "ip": str(e.value.ip),
+                "identity": e.value.identity,
+                "node": e.value.node,
+            }
+            for e in endpoints
+        ],
+        "identities": [
+            {"id": i.value.id, "labels": i.value.labels.to_strings()} for i in identities
+        ],
+        "agents": agents,
+    }
+
+
+async def current_leader(shards: ShardMap, layout: KeyLayout) -> str | None:
+    """The operator whose election key has the lowest create revision."""
+    backend = shards.all()[0]
+    result = await backend.list_prefix(layout.leader_prefix)
+    if not result.kvs:
+        return None
+    first = min(result.kvs, key=lambda kv: kv.create_revision)
+    value = codec.to_display(first.value)
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def show(view: dict[str, Any]) -> None:
+    age = view["heartbeat_age"]
+    say(
+        f"\n=== {view['time']}  leader: {view['leader'] or '-'}   heartbeat: "
+        + (f"{age:.1f}s old by {view['heartbeat_writer']}" if age is not None else "none yet")
+        + "   kvstore: "
+        + ", ".join(f"{k} {v}" for k, v in view["kvstore"].items())
+    )
+    say("processes: " + ", ".join(f"{k} {v}" for k, v in view["processes"].items()))
+    print_table(
+        ["NODE", "POD CIDRS", "READY", "KVSTORE", "RESTARTS", "IPCACHE"],
+        [
+            [
+                n["name"],
+                ",".join(n["cidrs"]) or "-",
+                view["agents"].get(n["name"], {}).get("ready"),
+                view["agents"].get(n["name"], {}).get("kvstore"),
+                view["agents"].get(n["name"], {}).get("restarts"),
+                view["agents"].get(n["name"], {}).get("ipcache"),
+            ]
+            for n in view["nodes"]
+        ],
+    )
+    print_table(
+        ["ENDPOINT", "IP", "IDENTITY", "NODE"],
+        [[e["id"], e["ip"], e["identity"], e["node"]] for e in view["endpoints"]],
+    )
+    print_table(
+        ["IDENTITY", "LABELS"], [[i["id"], ";".join(i["labels"])] for i in view["identities"]]
+    )
+
+
+async def status_loop(
+    args: argparse.Namespace,
+    config: KvstoreConfig,
+    etcd: EmbeddedEtcd,
+    daemons: list[Daemon],
+    workdir: Path,
+) -> None:
+    deadline = time.monotonic() + args.duration if args.duration else None
+    say(
+        "cluster is up; Ctrl-C stops it."
+        if deadline is None
+        else f"cluster is up; stopping in {args.duration:.0f}s."
+    )
+    while True:
+        view = await snapshot(config, daemons, workdir)
+        if args.json:
+            say(json.dumps(view))
+        else:
+            show(view)
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return
+        await asyncio.sleep(args.refresh if remaining is None else min(args.refresh, remaining))

@@ -83,3 +83,9 @@ class KeyLayout:
 
     def ipam_lease(self, node: str, address: str) -> bytes:
         return self._key("state", "ipam", "v1", "leases", node, address)
+
+    # operator HA (appended: keys above are a stable interface)
+    @property
+    def operator_epoch(self) -> bytes:
+        """The fencing token of the current operator leader, on every cluster."""
+        return self._key(".operator", "epoch")

@@ -113,9 +113,9 @@ class LeaseManager:
                 for lease in list(self._leases.values()):
                     await call.write(rpc.LeaseKeepAliveRequest(ID=lease.id))
                     sent = time.monotonic()
-                    response = await asyncio.wait_for(
-                        call.read(), timeout=self.backend.settings.request_timeout
-                    )
+                    # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel.
+                    async with asyncio.timeout(self.backend.settings.request_timeout):
+                        response = await call.read()
                     if response is grpc.aio.EOF:
                         raise KvstoreError("lease keepalive stream ended")
                     if response.ID not in self._leases:

@@ -1,0 +1,141 @@
+"""Per-shard kvstore health and the restart decision (pure logic, no I/O).
+
+Each status check gives one :class:`Observation` per shard: did a quorum read succeed,
+and is the operator's heartbeat fresh. :class:`ShardHealth` counts consecutive failed
+checks within one session; after ``max_errors`` the shard is unhealthy. Whether that
+unhealthy state *restarts* the agent's control-plane side is decided by
+:class:`RestartArm`, which outlives sessions, so that one outage costs one restart:
+
+* a connection or quorum failure restarts only while the arm is set; the restart disarms
+  it and the next successful quorum read re-arms it (while etcd stays down, the fresh
+  session just reports "unhealthy" and waits);
+* a stale heartbeat restarts only if the heartbeat was seen *advancing* (a new writer or
+  sequence number) since the last restart: a dead operator is not a reason to restart
+  again and again. A beat that the new session merely re-lists is not an advance.
+
+A new session starts with zero errors and a new heartbeat monitor, whose first window
+counts from its start: that is the fresh grace window after a restart.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Failure(enum.Enum):
+    UNREACHABLE = "unreachable"
+    NO_QUORUM = "no-quorum"
+    HEARTBEAT_STALE = "heartbeat-stale"
+
+    @property
+    def is_connection(self) -> bool:
+        return self is not Failure.HEARTBEAT_STALE
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One status check of one shard."""
+
+    quorum_error: Failure | None
+    """UNREACHABLE or NO_QUORUM when the quorum read failed, else None."""
+    error_detail: str
+    heartbeat_age: float
+    heartbeat_threshold: float
+    heartbeat_stale: bool
+    beat: tuple[str, int] | None
+    """(writer, seq) of the last heartbeat the session's monitor holds."""
+
+
+@dataclass(slots=True)
+class RestartArm:
+    """What may trigger a restart for one shard; kept across sessions."""
+
+    connection: bool = True
+    heartbeat: bool = False
+    known_beat: tuple[str, int] | None = None
+    """The last heartbeat (writer, seq) seen, in any session."""
+
+    def note_beat(self, beat: tuple[str, int] | None, stale: bool) -> None:
+        if beat is None:
+            return
+        if self.known_beat is None:
+            self.known_beat = beat  # the first one seen may be an old record: no proof yet
+        elif beat != self.known_beat:
+            self.known_beat = beat
+            if not stale:
+                self.heartbeat = True
+
+
+@dataclass(slots=True)
+class ShardHealth:
+    """One shard's health within one session."""
+
+    name: str
+    max_errors: int
+    arm: RestartArm
+    consecutive_errors: int = 0
+    failure: Failure | None = None
+    reason: str = ""
+    checks: int = 0
+    last: Observation | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return self.consecutive_errors < self.max_errors
+
+    @property
+    def reachable(self) -> bool | None:
+        if self.last is None:
+            return None
+        return self.last.quorum_error is None
+
+    def record(self, obs: Observation) -> Failure | None:
+        """Count one check; returns the failure that should restart the agent, if any."""
+        self.checks += 1
+        self.last = obs
+        self.arm.note_beat(obs.beat, obs.heartbeat_stale)
+        if obs.quorum_error is None:
+            self.arm.connection = True
+        if obs.quorum_error is not None:
+            self.failure = obs.quorum_error
+            label = "unreachable" if obs.quorum_error is Failure.UNREACHABLE else "no quorum"
+            self.reason = f"{label}: {obs.error_detail}"
+        elif obs.heartbeat_stale:
+            self.failure = Failure.HEARTBEAT_STALE
+            self.reason = (
+                f"heartbeat stale (age {obs.heartbeat_age:.1f}s > "
+                f"threshold {obs.heartbeat_threshold:.1f}s)"
+            )
+        else:
+            self.consecutive_errors = 0
+            self.failure = None
+            self.reason = ""
+            return None
+        self.consecutive_errors += 1
+        if self.healthy:
+            return None
+        if self.failure.is_connection and self.arm.connection:
+            self.arm.connection = False
+            return self.failure
+        if self.failure is Failure.HEARTBEAT_STALE and self.arm.heartbeat:
+            self.arm.heartbeat = False
+            return self.failure
+        return None
+
+    def to_json(self) -> dict[str, object]:
+        last = self.last
+        return {
+            "name": self.name,
+            "healthy": self.healthy,
+            "state": "healthy" if self.healthy else f"unhealthy: {self.reason}",
+            "reason": self.reason,
+            "reachable": self.reachable,
+            "consecutive_errors": self.consecutive_errors,
+            "max_errors": self.max_errors,
+            "heartbeat_age": None if last is None else round(last.heartbeat_age, 3),
+            "heartbeat_threshold": None if last is None else last.heartbeat_threshold,
+            "heartbeat_stale": None if last is None else last.heartbeat_stale,
+            "restart_armed": {"connection": self.arm.connection, "heartbeat": self.arm.heartbeat},
+            "checks": self.checks,
+        }

@@ -1,0 +1,88 @@
+"""The agent's Prometheus metrics, on a registry of its own (several agents per process)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from controlplane.metrics import StoreMetrics
+
+
+@dataclass(frozen=True)
+class AgentMetrics:
+    registry: CollectorRegistry
+    store: StoreMetrics
+    """The store layer's metrics (malformed values skipped, repairs) on the same registry."""
+    restarts: Counter
+    """Control-plane restarts (in-process or exit), by reason."""
+    endpoints: Gauge
+    """Endpoints this agent owns."""
+    cache_objects: Gauge
+    """Objects in the local cache, by resource (identities, endpoints, nodes)."""
+    map_entries: Gauge
+    """Entries per datapath map."""
+    map_writes: Counter
+    """Entries written to a datapath map, by map and op (update, delete)."""
+    heartbeat_age: Gauge
+    """Seconds since the operator heartbeat was last received, per shard."""
+    kvstore_healthy: Gauge
+    """1 while the shard is healthy (fewer consecutive failed checks than the maximum)."""
+    kvstore_errors: Gauge
+    """Consecutive failed status checks, per shard."""
+    api_requests: Counter
+    """Local API requests, by route and status code."""
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry | None = None) -> AgentMetrics:
+        registry = registry if registry is not None else CollectorRegistry()
+        return cls(
+            registry=registry,
+            store=StoreMetrics.create(registry),
+            restarts=Counter(
+                "cp_agent_kvstore_restarts_total",
+                "Restarts of the agent's control-plane side after the kvstore went unhealthy",
+                ["reason"],
+                registry=registry,
+            ),
+            endpoints=Gauge("cp_agent_endpoints", "Endpoints this agent owns", registry=registry),
+            cache_objects=Gauge(
+                "cp_agent_cache_objects",
+                "Objects in the agent's local cache",
+                ["resource"],
+                registry=registry,
+            ),
+            map_entries=Gauge(
+                "cp_agent_map_entries", "Entries per datapath map", ["map"], registry=registry
+            ),
+            map_writes=Counter(
+                "cp_agent_map_writes_total",
+                "Entries written to datapath maps",
+                ["map", "op"],
+                registry=registry,
+            ),
+            heartbeat_age=Gauge(
+                "cp_agent_heartbeat_age_seconds",
+                "Seconds since the operator heartbeat was last received (local clock)",
+                ["shard"],
+                registry=registry,
+            ),
+            kvstore_healthy=Gauge(
+                "cp_agent_kvstore_healthy",
+                "1 while the kvstore shard is healthy",
+                ["shard"],
+                registry=registry,
+            ),
+            kvstore_errors=Gauge(
+                "cp_agent_kvstore_consecutive_errors",
+                "Consecutive failed kvstore status checks",
+                ["shard"],
+                registry=registry,
+            ),
+            api_requests=Counter(
+                "cp_agent_api_requests_total",
+                "Local API requests",
+                ["route", "code"],
+                registry=registry,
+            ),
+        )

@@ -1,0 +1,260 @@
+"""The agent's settings and its command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import hashlib
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from controlplane.flags import (
+    Parser,
+    add_kvstore_flags,
+    positive_float,
+    positive_int,
+)
+from controlplane.model import IPAddress, NodeName, parse_ip, parse_node_name
+
+EXIT_OK: Final = 0
+EXIT_FAILURE: Final = 1
+"""A fatal error (the local API socket cannot be bound, a bug)."""
+EXIT_USAGE: Final = 2
+"""A bad flag or configuration (one line on stderr)."""
+EXIT_RESTART: Final = 75
+"""``--restart-mode=exit``: the kvstore went unhealthy; a supervisor should start us again
+(EX_TEMPFAIL from sysexits.h)."""
+
+DEFAULT_SOCKET: Final = Path("/var/run/cp/agent.sock")
+DEFAULT_TELEMETRY: Final = "127.0.0.1:9962"
+
+
+class RestartMode(enum.Enum):
+    INPROCESS = "inprocess"
+    """Tear down sessions and watches and reconnect inside the process (the default)."""
+    EXIT = "exit"
+    """Exit with :data:`EXIT_RESTART` and let the supervisor restart the process."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    node: NodeName
+    """This node's name (the key of its node record, endpoints and leases)."""
+    node_ips: tuple[IPAddress, ...] = (parse_ip("127.0.0.1"),)
+    """The node's IPs, primary first (the tunnel endpoint of its endpoints)."""
+    cluster: str = "default"
+    """The control plane's cluster name in keys."""
+    pool: str = "default"
+    """The CIDR pool the operator allocates this node's pod CIDR from."""
+    lease_ttl: int = 900
+    """TTL (s) of the agent's etcd leases; long, so a restart does not lose its keys."""
+    heartbeat_interval: float = 15.0
+    """Expected operator heartbeat interval (s); stale after twice this (the writer's own
+    interval field overrides it once a beat is seen)."""
+    status_check_interval: float = 5.0
+    """Seconds between kvstore status checks (quorum read + heartbeat age per shard)."""
+    quorum_check_timeout: float = 2.0
+    """Deadline (s) of the quorum read of one status check."""
+    max_consecutive_quorum_errors: int = 2
+    """Failed checks in a row after which a shard is unhealthy (and a restart is due)."""
+    restart_delay: float = 1.0
+    """Base delay (s) before reconnecting after a restart."""
+    restart_spread: float = 5.0
+    """Up to this much more delay (s), fixed per node by a hash of its name."""
+    restart_mode: RestartMode = RestartMode.INPROCESS
+    """What an unhealthy kvstore triggers: an in-process restart or an exit."""
+    api_socket: Path = DEFAULT_SOCKET
+    """Unix socket of the local HTTP/JSON API."""
+    telemetry_host: str = "127.0.0.1"
+    """Address of /metrics, /healthz, /readyz."""
+    telemetry_port: int | None = 9962
+    """Port of the telemetry endpoint (0: ephemeral; None: disabled)."""
+    cleanup_on_exit: bool = False
+    """On shutdown, withdraw endpoints and node record and revoke leases (normally kept,
+    so endpoints survive an agent restart)."""
+
+    def restart_jitter(self) -> float:
+        """The per-node restart delay: base + a fixed fraction of the spread."""
+        digest = hashlib.sha256(self.node.encode()).digest()
+        fraction = int.from_bytes(digest[:8], "big") / 2**64
+        return self.restart_delay + self.restart_spread * fraction
+
+
+def default_node_name() -> str:
+    return socket.gethostname().split(".", 1)[0].lower()
+
+
+def _node_name(text: str) -> NodeName:
+    try:
+        return parse_node_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _node_ips(text: str) -> tuple[IPAddress, ...]:
+    try:
+        ips = tuple(parse_ip(part.strip()) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not ips or len(set(ips)) != len(ips):
+        raise argparse.ArgumentTypeError(f"want distinct comma-separated IPs, got {text!r}")
+    return ips
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def _address(text: str) -> tuple[str, int | None]:
+    if text in ("", "none", "off"):
+        return "", None
+    if text == "0":
+        return "127.0.0.1", 0
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"want HOST:PORT, 0 or none, got {text!r}")
+    try:
+        number = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad port in {text!r}") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"bad port in {text!r}")
+    return host.strip("[]"), number
+
+
+def add_agent_flags(parser: argparse.ArgumentParser) -> None:
+    node = parser.add_argument_group("node")
+    node.add_argument(
+        "--node-name",
+        type=_node_name,
+        default=None,
+        metavar="NAME",
+        help="this node's name (default: the hostname)",
+    )
+    node.add_argument(
+        "--node-ip",
+        type=_node_ips,
+        default=None,
+        metavar="IPS",
+        help="the node's IPs, comma-separated, primary first (default 127.0.0.1)",
+    )
+    node.add_argument(
+        "--cluster-name", default="default", metavar="NAME", help="cluster name in keys"
+    )
+    node.add_argument("--pool", default="default", metavar="NAME", help="CIDR pool of the pod CIDR")
+    health = parser.add_argument_group("kvstore health and restart")
+    health.add_argument(
+        "--lease-ttl", type=positive_int, default=900, metavar="S", help="etcd lease TTL"
+    )
+    health.add_argument(
+        "--heartbeat-interval",
+        type=positive_float,
+        default=15.0,
+        metavar="S",
+        help="expected operator heartbeat interval; stale after 2x (default 15)",
+    )
+    health.add_argument(
+        "--status-check-interval",
+        type=positive_float,
+        default=5.0,
+        metavar="S",
+        help="seconds between kvstore status checks (default 5)",
+    )
+    health.add_argument(
+        "--quorum-check-timeout",
+        type=positive_float,
+        default=2.0,
+        metavar="S",
+        help="deadline of a status check's quorum read (default 2)",
+    )
+    health.add_argument(
+        "--max-consecutive-quorum-errors",
+        type=positive_int,
+        default=2,
+        metavar="N",
+        help="failed checks in a row before the kvstore is unhealthy (default 2)",
+    )
+    health.add_argument(
+        "--restart-delay",
+        type=_non_negative,
+        default=1.0,
+        metavar="S",
+        help="base delay before reconnecting after a restart (default 1)",
+    )
+    health.add_argument(
+        "--restart-spread",
+        type=_non_negative,
+        default=5.0,
+        metavar="S",
+        help="extra per-node delay, up to this (hash of the node name; default 5)",
+    )
+    health.add_argument(
+        "--restart-mode",
+        choices=[m.value for m in RestartMode],
+        default=RestartMode.INPROCESS.value,
+        help=f"inprocess (default) or exit (exit status {EXIT_RESTART} for a supervisor)",
+    )
+    local = parser.add_argument_group("local")
+    local.add_argument(
+        "--api-socket",
+        type=Path,
+        default=DEFAULT_SOCKET,
+        metavar="PATH",
+        help=f"unix socket of the local API (default {DEFAULT_SOCKET})",
+    )
+    local.add_argument(
+        "--metrics-address",
+        type=_address,
+        default=_address(DEFAULT_TELEMETRY),
+        metavar="HOST:PORT",
+        help=f"/metrics, /healthz, /readyz (default {DEFAULT_TELEMETRY}; 0 = ephemeral "
+        "port, printed on startup; none = off)",
+    )
+    local.add_argument(
+        "--cleanup-on-exit",
+        action="store_true",
+        help="on shutdown withdraw endpoints and node and revoke leases (default: keep)",
+    )
+    local.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog="cp-agent",
+        description="The control plane's node agent (kvstore mode).",
+        epilog=f"Exit status: 0 after SIGTERM/SIGINT, 1 on a fatal error, 2 on a bad flag, "
+        f"{EXIT_RESTART} when --restart-mode=exit and the kvstore went unhealthy.",
+    )
+    add_kvstore_flags(parser)
+    add_agent_flags(parser)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> AgentSettings:
+    host, port = args.metrics_address
+    return AgentSettings(
+        node=args.node_name or parse_node_name(default_node_name()),
+        node_ips=args.node_ip or (parse_ip("127.0.0.1"),),
+        cluster=args.cluster_name,
+        pool=args.pool,
+        lease_ttl=args.lease_ttl,
+        heartbeat_interval=args.heartbeat_interval,
+        status_check_interval=args.status_check_interval,
+        quorum_check_timeout=args.quorum_check_timeout,
+        max_consecutive_quorum_errors=args.max_consecutive_quorum_errors,
+        restart_delay=args.restart_delay,
+        restart_spread=args.restart_spread,
+        restart_mode=RestartMode(args.restart_mode),
+        api_socket=args.api_socket,
+        telemetry_host=host,
+        telemetry_port=port,
+        cleanup_on_exit=args.cleanup_on_exit,
+    )

@@ -1,0 +1,214 @@
+"""Keeps the ipcache map equal to the store: batched updates, mark-and-sweep resyncs.
+
+The agent describes what it knows as *sources*: each endpoint and each node contributes
+entries (prefix -> :class:`IpcacheEntry`). When several sources claim one prefix, the one
+with the highest priority wins (ties: the smallest source name), so the result never
+depends on event order. Changes only mark prefixes dirty; :meth:`flush` (run by
+:meth:`run` shortly after the first change) writes the dirty ones in batches and skips an
+entry whose map value is already right, so an unchanged entry is never rewritten.
+
+A resync (after the agent re-lists: a restart, a new process on pinned maps) is
+mark-and-sweep: :meth:`begin_resync` marks every source; sources that come back are
+unmarked; :meth:`end_resync` drops the ones that did not and then compares the whole map
+with the desired state, writing only the differences. The map is never emptied first, so
+the datapath keeps forwarding with the old truth until the new one is known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from controlplane.datapath.ipcache import Ipcache, IpcacheEntry, decode_key, encode_key
+from controlplane.datapath.maps import MapError
+from controlplane.model import IPNetwork
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ReconcilerStats:
+    """What the reconciler wrote, cumulatively."""
+
+    flushes: int = 0
+    updates: int = 0
+    """Entries written to the map."""
+    deletes: int = 0
+    """Entries removed from the map."""
+    unchanged: int = 0
+    """Dirty entries whose map value was already right (not rewritten)."""
+    resyncs: int = 0
+    swept: int = 0
+    """Entries removed by a resync's sweep (absent from the desired state)."""
+    errors: int = 0
+    """Batch writes the map refused (logged; retried at the next flush)."""
+
+
+class IpcacheReconciler:
+    """Desired ipcache state from sources, applied to an :class:`Ipcache` in batches."""
+
+    def __init__(
+        self, ipcache: Ipcache, *, batch_size: int = 1024, batch_delay: float = 0.005
+    ) -> None:
+        self.ipcache = ipcache
+        self.batch_size = batch_size
+        self.batch_delay = batch_delay
+        """Seconds :meth:`run` waits after the first change, to gather a batch."""
+        self.stats = ReconcilerStats()
+        self._sources: dict[str, tuple[int, dict[IPNetwork, IpcacheEntry]]] = {}
+        self._claims: dict[IPNetwork, dict[str, tuple[int, IpcacheEntry]]] = {}
+        self._dirty: builtins.set[IPNetwork] = builtins.set()
+        self._marked: builtins.set[str] | None = None
+        self._wake = asyncio.Event()
+
+    # -- desired state ---------------------------------------------------------------
+
+    def set(
+        self, source: str, entries: Mapping[IPNetwork, IpcacheEntry], *, priority: int = 0
+    ) -> None:
+        """Replace what ``source`` contributes (an empty mapping removes it)."""
+        if self._marked is not None:
+            self._marked.discard(source)
+        _, old = self._sources.pop(source, (0, {}))
+        for prefix in old.keys() - entries.keys():
+            self._unclaim(prefix, source)
+        for prefix, entry in entries.items():
+            self._claims.setdefault(prefix, {})[source] = (priority, entry)
+            self._dirty.add(prefix)
+        if entries:
+            self._sources[source] = (priority, dict(entries))
+        self._wake.set()
+
+    def remove(self, source: str) -> None:
+        self.set(source, {})
+
+    def sources(self) -> frozenset[str]:
+        return frozenset(self._sources)
+
+    def resolve(self, prefix: IPNetwork) -> IpcacheEntry | None:
+        claims = self._claims.get(prefix)
+        if not claims:
+            return None
+        _, _, entry = min((-prio, name, entry) for name, (prio, entry) in claims.items())
+        return entry
+
+    def desired(self) -> dict[IPNetwork, IpcacheEntry]:
+        out: dict[IPNetwork, IpcacheEntry] = {}
+        for prefix in self._claims:
+            entry = self.resolve(prefix)
+            if entry is not None:
+                out[prefix] = entry
+        return out
+
+    # -- resync ----------------------------------------------------------------------
+
+    @property
+    def resyncing(self) -> bool:
+        return self._marked is not None
+
+    def begin_resync(self) -> None:
+        """Mark every source; those not set again before :meth:`end_resync` are dropped."""
+        self._marked = {*self._sources}
+
+    def end_resync(self, keep: Iterable[str] = ()) -> int:
+        """Sweep: drop unrefreshed sources (except ``keep``), then make the whole map equal
+        the desired state, touching only what differs. Returns the entries removed."""
+        marked: builtins.set[str] = self._marked or builtins.set()
+        self._marked = None
+        for source in marked - frozenset(keep):
+            self.remove(source)
+        want = {encode_key(p): e.encode() for p, e in self.desired().items()}
+        stale: list[bytes] = []
+        have: dict[bytes, bytes] = {}
+        for key, value in self.ipcache.map.items():
+            if key in want:
+                have[key] = value
+            else:
+                stale.append(key)
+        writes = [(k, v) for k, v in want.items() if have.get(k) != v]
+        self.stats.unchanged += len(want) - len(writes)
+        self._write(writes, stale)
+        self._dirty.clear()
+        self.stats.resyncs += 1
+        self.stats.swept += len(stale)
+        if stale:
+            log.info("ipcache resync swept %d stale entries", len(stale))
+        return len(stale)
+
+    # -- applying --------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write the dirty prefixes: batched updates and deletes, unchanged ones skipped."""
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, builtins.set()
+        writes: list[tuple[bytes, bytes]] = []
+        deletes: list[bytes] = []
+        for prefix in dirty:
+            key = encode_key(prefix)
+            entry = self.resolve(prefix)
+            current = self.ipcache.map.lookup(key)
+            if entry is None:
+                if current is not None:
+                    deletes.append(key)
+                continue
+            value = entry.encode()
+            if current == value:
+                self.stats.unchanged += 1
+            else:
+                writes.append((key, value))
+        if not self._write(writes, deletes):
+            self._dirty |= dirty  # try again next time
+
+    async def run(self) -> None:
+        """Flush shortly after changes arrive, until cancelled."""
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(self.batch_delay)
+            self._wake.clear()
+            self.flush()
+
+    def _write(self, writes: list[tuple[bytes, bytes]], deletes: list[bytes]) -> bool:
+        self.stats.flushes += 1
+        try:
+            for i in range(0, len(deletes), self.batch_size):
+                self.stats.deletes += self.ipcache.map.batch_delete(
+                    deletes[i : i + self.batch_size]
+                )
+            for i in range(0, len(writes), self.batch_size):
+                self.stats.updates += self.ipcache.map.batch_update(writes[i : i + self.batch_size])
+        except MapError as exc:
+            self.stats.errors += 1
+            log.warning("ipcache write failed: %s", exc)
+            return False
+        return True
+
+    def _unclaim(self, prefix: IPNetwork, source: str) -> None:
+        claims = self._claims.get(prefix)
+        if claims is None:
+            return
+        claims.pop(source, None)
+        if not claims:
+            del self._claims[prefix]
+        self._dirty.add(prefix)
+
+
+def describe(ipcache: Ipcache) -> list[dict[str, object]]:
+    """The map as JSON-friendly rows, sorted by prefix (for the agent's API and cpctl)."""
+    rows = []
+    for key, value in ipcache.map.items():
+        prefix = decode_key(key)
+        entry = IpcacheEntry.decode(value)
+        rows.append(
+            {
+                "prefix": str(prefix),
+                "identity": int(entry.identity),
+                "tunnel_endpoint": str(entry.tunnel_endpoint),
+                "flags": entry.flags,
+            }
+        )
+    rows.sort(key=lambda r: str(r["prefix"]))
+    return rows

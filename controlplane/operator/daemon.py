@@ -1,0 +1,463 @@
+"""cp-operator's control loop: election, leader-only tasks, telemetry.
+
+Every replica campaigns (:class:`~controlplane.kvstore.election.Election`), watches the
+heartbeat on every shard (counting malformed values) and serves /metrics, /healthz and
+/readyz. The leader runs one TaskGroup per term:
+
+- heartbeat on every shard every ``heartbeat_interval``;
+- per-node CIDR allocation from the cluster pool (restore, then watch the nodes);
+- identity GC every ``gc_interval`` (two rounds, rate limited);
+- GC of the CIDR claims, IP leases and endpoints of nodes gone for ``node_gc_grace``.
+
+Every write carries the term's fence, so a deposed leader's write is refused by etcd;
+the election cancels the term before its lease could expire. A task that finds itself
+fenced ends the term; any other failure is logged and the task restarts after
+``retry_period``: bad data or an etcd outage never crashes the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+
+from controlplane import codec
+from controlplane.config import KvstoreConfig
+from controlplane.ipam.cidr import ClusterPoolAllocator, PoolExhausted
+from controlplane.kvstore.backend import EtcdBackend
+from controlplane.kvstore.election import Election, ElectionSettings, Term
+from controlplane.kvstore.errors import KvstoreError
+from controlplane.kvstore.heartbeat import Heartbeat, HeartbeatMonitor, write_heartbeat
+from controlplane.kvstore.identities import KvIdentityCollector
+from controlplane.kvstore.ipam import Fenced, KvCIDRStore
+from controlplane.kvstore.keys import KeyLayout
+from controlplane.kvstore.nodes import KvNodeStore
+from controlplane.kvstore.shards import ShardMap
+from controlplane.kvstore.types import Delete, Get, absent, mod_revision_is
+from controlplane.model import Endpoint, ModelError, NodeName, parse_node_name
+from controlplane.operator.metrics import OperatorMetrics
+from controlplane.operator.settings import OperatorSettings
+from controlplane.store_types import EventKind
+from controlplane.telemetry import Check, TelemetryServer
+
+log = logging.getLogger("cp-operator")
+
+
+@dataclass(slots=True)
+class _TermState:
+    """What the leader tasks of one term share."""
+
+    allocator: ClusterPoolAllocator | None = None
+    present: set[NodeName] = field(default_factory=set)
+    """Nodes in the node list now (from the watch)."""
+    synced: bool = False
+    """The node watch delivered its initial list."""
+    absent_since: dict[NodeName, float] = field(default_factory=dict)
+    """Node -> local monotonic time it was first seen absent while holding state."""
+
+
+class Operator:
+    """One cp-operator replica; ``await run(stop)`` until ``stop`` is set."""
+
+    def __init__(
+        self,
+        settings: OperatorSettings,
+        kvstore: KvstoreConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        settings.validate()
+        self.settings = settings
+        self.kvstore = kvstore
+        self.layout = KeyLayout(kvstore.prefix)
+        self.metrics = OperatorMetrics.create()
+        self.clock = clock
+        self.election: Election | None = None
+        self.telemetry: TelemetryServer | None = None
+        self._seq = 0
+        self._etcd: dict[str, str] = {}
+        """Cluster -> "" when the last probe succeeded, else the error."""
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, on_listening: Callable[[int], None]) -> None:
+        settings = self.settings
+        async with ShardMap(self.kvstore) as shards:
+            election = Election(
+                shards,
+                self.layout,
+                settings.id,
+                ElectionSettings(
+                    settings.lease_duration, settings.renew_deadline, settings.retry_period
+                ),
+                clock=self.clock,
+            )
+            self.election = election
+            server = TelemetryServer(
+                self.metrics.registry,
+                self.health,
+                host=settings.metrics_host,
+                port=settings.metrics_port,
+            )
+            await server.start()
+            self.telemetry = server
+            on_listening(server.port)
+            try:
+                async with asyncio.TaskGroup() as group:
+                    tasks = [
+                        group.create_task(
+                            election.run(lambda term: self._lead(shards, term)), name="election"
+                        ),
+                        group.create_task(self._probe(shards), name="etcd-probe"),
+                    ]
+                    for backend in shards.all():
+                        monitor = HeartbeatMonitor(
+                            backend,
+                            self.layout,
+                            interval=settings.heartbeat_interval,
+                            metrics_malformed=self.metrics.store.malformed.labels("heartbeat").inc,
+                        )
+                        tasks.append(
+                            group.create_task(
+                                self._forever(f"heartbeat-watch:{backend.name}", monitor.run),
+                                name=f"heartbeat-watch:{backend.name}",
+                            )
+                        )
+                    await stop.wait()
+                    log.info("shutting down: resigning leadership")
+                    for task in tasks:
+                        task.cancel()
+            finally:
+                await server.close()
+        log.info("stopped")
+
+    def health(self) -> Mapping[str, Check]:
+        failing = {name: err for name, err in self._etcd.items() if err}
+        if not self._etcd:
+            etcd = Check(False, "not probed yet")
+        elif failing:
+            etcd = Check(False, "; ".join(f"{n}: {e}" for n, e in sorted(failing.items())))
+        else:
+            etcd = Check(True, f"{len(self._etcd)} cluster(s) reachable")
+        election = self.election
+        if election is None:
+            elected = Check(False, "not started")
+        elif election.is_leader:
+            elected = Check(True, f"leader (epoch {election.epoch})")
+        elif election.leader_id is not None:
+            elected = Check(True, f"following {election.leader_id}")
+        else:
+            elected = Check(False, "no leader known")
+        return {"etcd": etcd, "election": elected}
+
+    async def _probe(self, shards: ShardMap) -> None:
+        period = max(1.0, self.settings.retry_period)
+        while True:
+            for backend in shards.all():
+                try:
+                    async with asyncio.timeout(backend.settings.request_timeout):
+                        await backend.current_revision()
+                    self._etcd[backend.name] = ""
+                except (KvstoreError, TimeoutError) as exc:
+                    self._etcd[backend.name] = str(exc) or "timed out"
+            await asyncio.sleep(period)
+
+    async def _forever(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
+        """Run a long-lived task; log an unexpected exit and restart it."""
+        while True:
+            try:
+                await body()
+                log.warning("%s: ended; restarting", name)
+            except KvstoreError as exc:
+                log.warning("%s: %s; restarting", name, exc)
+            except Exception:
+                log.exception("%s: crashed; restarting", name)
+            await asyncio.sleep(self.settings.retry_period)
+
+    # -- one term --------------------------------------------------------------------
+
+    async def _lead(self, shards: ShardMap, term: Term) -> None:
+        metrics = self.metrics
+        metrics.leader.set(1)
+        metrics.epoch.set(term.epoch)
+        metrics.leader_transitions.labels("elected").inc()
+        log.info("leading (epoch %d): starting leader tasks", term.epoch)
+        state = _TermState()
+        try:
+            async with asyncio.TaskGroup() as group:
+                jobs: dict[str, Callable[[], Awaitable[None]]] = {
+                    "heartbeat": lambda: self._heartbeats(shards, term),
+                    "cidr-allocation": lambda: self._allocate(shards, term, state),
+                    "identity-gc": lambda: self._identity_gc(shards, term),
+                    "node-gc": lambda: self._node_gc(shards, term, state),
+                }
+                for name, job in jobs.items():
+                    group.create_task(self._leader_task(name, term, job), name=name)
+        finally:
+            metrics.leader.set(0)
+            metrics.epoch.set(0)
+            metrics.leader_transitions.labels("lost").inc()
+            log.info("leader tasks of epoch %d stopped", term.epoch)
+
+    async def _leader_task(
+        self, name: str, term: Term, body: Callable[[], Awaitable[None]]
+    ) -> None:
+        while True:
+            try:
+                await body()
+                return
+            except Fenced as exc:
+                log.warning("%s: fenced off (%s); ending the term", name, exc)
+                term.lose(f"{name}: {exc}")
+                return
+            except KvstoreError as exc:
+                log.warning("%s: %s; retrying in %gs", name, exc, self.settings.retry_period)
+            except Exception:
+                log.exception("%s: crashed; restarting", name)
+            await asyncio.sleep(self.settings.retry_period)
+
+    # -- (a) heartbeat ---------------------------------------------------------------
+
+    async def _heartbeats(self, shards: ShardMap, term: Term) -> None:
+        interval = self.settings.heartbeat_interval
+        while True:
+            started = self.clock()
+            self._seq += 1
+            beat = Heartbeat(time.time(), self._seq, self.settings.id, interval)
+            results = await asyncio.gather(
+                *(self._beat(backend, term, beat) for backend in shards.all()),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result  # Fenced (the term ends) or a bug
+            await asyncio.sleep(max(0.0, interval - (self.clock() - started)))
+
+    async def _beat(self, backend: EtcdBackend, term: Term, beat: Heartbeat) -> None:
+        counter = self.metrics.heartbeat_writes
+        try:
+            fence = term.fence(backend)
+            written = await write_heartbeat(backend, self.layout, beat, fence)
+        except Fenced:
+            counter.labels(backend.name, "fenced").inc()
+            raise
+        except KvstoreError as exc:
+            counter.labels(backend.name, "error").inc()
+            log.warning("heartbeat %d on %s failed: %s", beat.seq, backend.name, exc)
+            return
+        if not written:
+            counter.labels(backend.name, "fenced").inc()
+            raise Fenced(f"heartbeat on {backend.name} refused: fence compares failed")
+        counter.labels(backend.name, "ok").inc()
+        log.debug("heartbeat %d written on %s", beat.seq, backend.name)
+
+    # -- (b) CIDR allocation ---------------------------------------------------------
+
+    def _cidr_store(self, shards: ShardMap, term: Term) -> KvCIDRStore:
+        pool = self.settings.pool.name
+        holder: list[KvCIDRStore] = []
+        store = KvCIDRStore(
+            shards,
+            self.layout,
+            self.metrics.store,
+            fence=lambda: term.fence(holder[0].backend_for(pool)),
+        )
+        holder.append(store)
+        return store
+
+    async def _allocate(self, shards: ShardMap, term: Term, state: _TermState) -> None:
+        allocator = ClusterPoolAllocator(self._cidr_store(shards, term), self.settings.pool)
+        await allocator.restore()
+        state.allocator = allocator
+        state.present.clear()
+        state.synced = False
+        self.metrics.cidrs_in_use.set(allocator.in_use)
+        log.info("CIDR allocator restored: %d CIDR(s) in use", allocator.in_use)
+        nodes = KvNodeStore(
+            shards, self.layout, self.metrics.store, None, node=None,
+            cluster=self.settings.cluster_name,
+        )  # fmt: skip
+        async for event in nodes.watch():
+            if event.kind is EventKind.SYNCED:
+                state.synced = True
+                continue
+            name = NodeName(event.name)
+            if event.kind is EventKind.DELETE:
+                state.present.discard(name)
+                continue
+            state.present.add(name)
+            state.absent_since.pop(name, None)
+            if allocator.cidr_of(name) is not None:
+                continue
+            try:
+                cidr = await allocator.allocate(name)
+            except PoolExhausted as exc:
+                self.metrics.cidr_allocations.labels("exhausted").inc()
+                log.error("no CIDR for node %s: %s", name, exc)
+                continue
+            self.metrics.cidr_allocations.labels("ok").inc()
+            self.metrics.cidrs_in_use.set(allocator.in_use)
+            log.info("allocated CIDR %s to node %s (epoch %d)", cidr, name, term.epoch)
+
+    # -- (c) identity GC -------------------------------------------------------------
+
+    async def _identity_gc(self, shards: ShardMap, term: Term) -> None:
+        collectors = [
+            KvIdentityCollector(
+                _one_cluster_view(shards, backend),
+                self.layout,
+                self.metrics.store,
+                deletes_per_second=self.settings.identity_gc_rate,
+                fence=functools.partial(term.fence, backend),
+            )
+            for backend in shards.shards("identities")
+        ]
+        while True:
+            for collector in collectors:
+                stats = await collector.collect()
+                if stats.deleted or stats.skipped:
+                    log.info(
+                        "identity GC: %d deleted, %d skipped, %d candidate(s)",
+                        stats.deleted,
+                        stats.skipped,
+                        stats.candidates,
+                    )
+            await asyncio.sleep(self.settings.gc_interval)
+
+    # -- (d) GC of gone nodes --------------------------------------------------------
+
+    async def _node_gc(self, shards: ShardMap, term: Term, state: _TermState) -> None:
+        while True:
+            await asyncio.sleep(self.settings.gc_interval)
+            if not state.synced or state.allocator is None:
+                continue
+            started = self.clock()
+            await self._node_gc_sweep(shards, term, state, state.allocator)
+            self.metrics.node_gc_duration.observe(self.clock() - started)
+
+    async def _node_gc_sweep(
+        self,
+        shards: ShardMap,
+        term: Term,
+        state: _TermState,
+        allocator: ClusterPoolAllocator,
+    ) -> None:
+        leases = await self._lease_holders(shards)
+        endpoints = await self._endpoint_holders(shards)
+        holders = set(allocator.allocations()) | set(leases) | set(endpoints)
+        now = self.clock()
+        for node in list(state.absent_since):
+            if node in state.present or node not in holders:
+                del state.absent_since[node]
+        for node in holders - state.present:
+            if node not in state.absent_since:
+                log.info("node %s is gone but holds state; collecting after the grace", node)
+                state.absent_since[node] = now
+        grace = self.settings.node_gc_grace
+        expired = [n for n, since in state.absent_since.items() if now - since >= grace]
+        self.metrics.node_gc_pending.set(len(state.absent_since) - len(expired))
+        deleted = self.metrics.node_gc_deleted
+        for node in expired:
+            if node in state.present:
+                continue
+            claims = len(allocator.allocations())
+            await allocator.release(node)
+            freed = claims - len(allocator.allocations())
+            deleted.labels("cidr-claim").inc(freed)
+            self.metrics.cidrs_in_use.set(allocator.in_use)
+            for backend in leases.get(node, ()):
+                deleted.labels("ip-lease").inc(await self._delete_leases(backend, term, node))
+            for backend, key, revision in endpoints.get(node, ()):
+                deleted.labels("endpoint").inc(
+                    await self._delete_endpoint(backend, term, node, key, revision)
+                )
+            state.absent_since.pop(node, None)
+            log.info("collected the state of gone node %s", node)
+
+    async def _lease_holders(self, shards: ShardMap) -> dict[NodeName, list[EtcdBackend]]:
+        """Node -> the ipam clusters holding IP leases of it."""
+        root = self.layout.ipam_leases_prefix
+        out: dict[NodeName, list[EtcdBackend]] = {}
+        for backend in shards.shards("ipam"):
+            result = await backend.list_prefix(root)
+            seen: set[NodeName] = set()
+            for kv in result.kvs:
+                part, slash, _ = kv.key[len(root) :].partition(b"/")
+                try:
+                    if not slash:
+                        raise ValueError("no node component")
+                    node = parse_node_name(part.decode("utf-8"))
+                except (ValueError, UnicodeDecodeError) as exc:
+                    self.metrics.store.malformed.labels("ip-lease").inc()
+                    log.warning("skipping malformed ip-lease key %r: %s", kv.key, exc)
+                    continue
+                if node not in seen:
+                    seen.add(node)
+                    out.setdefault(node, []).append(backend)
+        return out
+
+    async def _endpoint_holders(
+        self, shards: ShardMap
+    ) -> dict[NodeName, list[tuple[EtcdBackend, bytes, int]]]:
+        """Node -> (cluster, key, mod revision) of each endpoint it publishes."""
+        prefix = self.layout.ip_prefix(self.settings.cluster_name)
+        out: dict[NodeName, list[tuple[EtcdBackend, bytes, int]]] = {}
+        for backend in shards.shards("endpoints"):
+            result = await backend.list_prefix(prefix)
+            for kv in result.kvs:
+                try:
+                    node = Endpoint.from_dict(codec.decode("endpoint", kv.value)).node
+                except (codec.DecodeError, ModelError) as exc:
+                    self.metrics.store.malformed.labels("endpoint").inc()
+                    log.warning("skipping malformed endpoint at %r: %s", kv.key, exc)
+                    continue
+                out.setdefault(node, []).append((backend, kv.key, kv.mod_revision))
+        return out
+
+    async def _delete_leases(self, backend: EtcdBackend, term: Term, node: NodeName) -> int:
+        """Delete every IP lease of ``node`` on ``backend`` while the node is still gone."""
+        node_key = self.layout.node(self.settings.cluster_name, node)
+        result = await backend.txn(
+            [absent(node_key), *term.fence(backend)],
+            [Delete(self.layout.ipam_node_leases(node), prefix=True)],
+            [Get(node_key)],
+        )
+        if result.succeeded:
+            return result.results[0].deleted
+        if result.results[0].kvs:
+            log.info("node %s came back; its IP leases stay", node)
+            return 0
+        raise Fenced(f"deleting the IP leases of {node} refused: fence compares failed")
+
+    async def _delete_endpoint(
+        self, backend: EtcdBackend, term: Term, node: NodeName, key: bytes, revision: int
+    ) -> int:
+        node_key = self.layout.node(self.settings.cluster_name, node)
+        result = await backend.txn(
+            [mod_revision_is(key, revision), absent(node_key), *term.fence(backend)],
+            [Delete(key)],
+            [Get(node_key), Get(key)],
+        )
+        if result.succeeded:
+            return result.results[0].deleted
+        back, current = result.results[0].kvs, result.results[1].kvs
+        if back or not current or current[0].mod_revision != revision:
+            return 0  # the node came back, or the endpoint changed: leave it
+        raise Fenced(f"deleting endpoint {key!r} refused: fence compares failed")
+
+
+def _one_cluster_view(shards: ShardMap, backend: EtcdBackend) -> ShardMap:
+    """A ShardMap over one of ``shards``' connections (no new connection is opened).
+
+    The identity collector takes one fence callable for all of its clusters, but a fence
+    compares keys of one cluster only, so the operator runs one collector per cluster.
+    """
+    if len(shards.shards("identities")) == 1:
+        return shards
+    config = replace(shards.config, clusters=(shards.config.cluster(backend.name),), shards={})
+    view = ShardMap(config)
+    view.backends = {backend.name: backend}
+    return view

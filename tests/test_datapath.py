@@ -1,0 +1,156 @@
+"""The datapath seam: map layouts, the userspace map, the ipcache reconciler."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+from ipaddress import ip_address, ip_network
+
+import pytest
+
+from controlplane.datapath.ipcache import (
+    KEY_SIZE,
+    VALUE_SIZE,
+    Ipcache,
+    IpcacheEntry,
+    IpcacheKey,
+    IpcacheValue,
+    decode_key,
+    encode_key,
+    userspace_ipcache,
+)
+from controlplane.datapath.maps import MapError, UserspaceMap
+from controlplane.datapath.reconciler import IpcacheReconciler
+from controlplane.model import IPNetwork, NumericIdentity
+from tests.helpers import eventually
+
+
+def entry(ident: int, host: str = "192.168.0.1", flags: int = 0) -> IpcacheEntry:
+    return IpcacheEntry(NumericIdentity(ident), ip_address(host), flags)
+
+
+def test_layouts_are_the_c_structs() -> None:
+    assert (KEY_SIZE, VALUE_SIZE) == (20, 24)
+    assert IpcacheKey.addr.offset == 4
+    assert IpcacheValue.tunnel_endpoint.offset == 4
+    assert IpcacheValue.flags.offset == 20
+    key = encode_key(ip_network("10.0.1.0/24"))
+    raw = IpcacheKey.from_buffer_copy(key)
+    assert raw.prefixlen == 96 + 24
+    assert bytes(raw.addr) == b"\0" * 10 + b"\xff\xff" + bytes([10, 0, 1, 0])
+    for net in ("10.0.1.7/32", "0.0.0.0/0", "2001:db8::/64", "::1/128"):
+        assert decode_key(encode_key(ip_network(net))) == ip_network(net)
+    e = IpcacheEntry(NumericIdentity(70000), ip_address("2001:db8::1"), 3)
+    assert IpcacheEntry.decode(e.encode()) == e
+    assert ctypes.sizeof(IpcacheValue) == len(e.encode())
+
+
+def test_userspace_map_checks_sizes_and_capacity() -> None:
+    m = UserspaceMap("m", 4, 2, max_entries=2)
+    m.update(b"aaaa", b"xx")
+    with pytest.raises(MapError):
+        m.update(b"a", b"xx")
+    with pytest.raises(MapError):
+        m.update(b"bbbb", b"x")
+    assert m.batch_update([(b"bbbb", b"yy"), (b"aaaa", b"zz")]) == 2
+    with pytest.raises(MapError, match="full"):
+        m.batch_update([(b"cccc", b"yy")])
+    assert m.lookup(b"aaaa") == b"zz"
+    assert m.batch_delete([b"aaaa", b"dddd"]) == 1
+    assert len(m) == 1 and not m.delete(b"aaaa")
+
+
+def test_longest_prefix_match() -> None:
+    cache = userspace_ipcache()
+    rec = IpcacheReconciler(cache)
+    rec.set("pool", {ip_network("10.0.0.0/8"): entry(2)})
+    rec.set("ep", {ip_network("10.0.1.5/32"): entry(1000)})
+    rec.flush()
+    hit = cache.lookup_ip(ip_address("10.0.1.5"))
+    assert hit is not None and hit[1].identity == 1000
+    hit = cache.lookup_ip(ip_address("10.9.9.9"))
+    assert hit is not None and hit[0] == ip_network("10.0.0.0/8")
+    assert cache.lookup_ip(ip_address("11.0.0.1")) is None
+
+
+def _map(cache: Ipcache) -> UserspaceMap:
+    assert isinstance(cache.map, UserspaceMap)
+    return cache.map
+
+
+def test_changes_are_batched_and_unchanged_entries_skipped() -> None:
+    cache = userspace_ipcache()
+    m = _map(cache)
+    rec = IpcacheReconciler(cache, batch_size=100)
+    for i in range(250):
+        rec.set(f"ep:{i}", {ip_network(f"10.0.{i}.1/32"): entry(1000 + i)})
+    assert len(m) == 0  # nothing written before a flush
+    rec.flush()
+    assert len(m) == 250
+    assert m.stats.batch_calls == 3 and m.stats.single_calls == 0
+    assert m.stats.updates == 250
+    # The same values again: nothing is rewritten.
+    for i in range(250):
+        rec.set(f"ep:{i}", {ip_network(f"10.0.{i}.1/32"): entry(1000 + i)})
+    rec.flush()
+    assert m.stats.updates == 250
+    # Priorities: an endpoint beats a node on the same prefix, whatever the order.
+    rec.set("ep:x", {ip_network("10.0.0.1/32"): entry(7)}, priority=2)
+    rec.set("node:x", {ip_network("10.0.0.1/32"): entry(6)}, priority=1)
+    rec.flush()
+    assert cache.get(ip_network("10.0.0.1/32")) == entry(7)
+    rec.remove("ep:x")
+    rec.remove("ep:0")
+    rec.flush()
+    assert cache.get(ip_network("10.0.0.1/32")) == entry(6)
+    rec.remove("node:x")
+    rec.flush()
+    assert cache.get(ip_network("10.0.0.1/32")) is None
+    assert m.stats.deletes == 1
+
+
+def test_resync_is_mark_and_sweep_never_a_flush() -> None:
+    cache = userspace_ipcache()
+    m = _map(cache)
+    rec = IpcacheReconciler(cache)
+    prefixes: list[IPNetwork] = [ip_network(f"10.1.0.{i}/32") for i in range(100)]
+    for i, p in enumerate(prefixes):
+        rec.set(f"ep:{i}", {p: entry(2000 + i)})
+    rec.flush()
+    # Something outside the desired state sits in the map (a pinned map from before).
+    m.update(encode_key(ip_network("172.16.0.1/32")), entry(9).encode())
+    updates_before = m.stats.updates
+    rec.begin_resync()
+    # The re-list brings back 0..89 (unchanged) and 90 with a new identity; 91..99 vanished.
+    seen_sizes: list[int] = []
+    for i in range(91):
+        rec.set(f"ep:{i}", {prefixes[i]: entry(2000 + i + (1 if i == 90 else 0))})
+        rec.flush()
+        seen_sizes.append(len(m))
+    assert min(seen_sizes) >= 100, "the map must never shrink during a resync"
+    swept = rec.end_resync()
+    assert swept == 10  # 91..99 and the foreign entry
+    assert len(m) == 91
+    assert m.stats.updates - updates_before == 1  # only the changed entry was written
+    assert cache.get(prefixes[90]) == entry(2091)
+    assert rec.stats.resyncs == 1
+    assert cache.dump() == rec.desired()
+
+
+async def test_run_flushes_in_the_background() -> None:
+    cache = userspace_ipcache()
+    rec = IpcacheReconciler(cache, batch_delay=0.01)
+    task = asyncio.create_task(rec.run())
+    try:
+        for i in range(50):
+            rec.set(f"ep:{i}", {ip_network(f"10.2.0.{i}/32"): entry(3000)})
+        await eventually(lambda: len(cache) == 50, timeout=5)
+        assert _map(cache).stats.batch_calls <= 2
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def test_ipcache_rejects_a_map_of_the_wrong_shape() -> None:
+    with pytest.raises(ValueError, match="key/value sizes"):
+        Ipcache(UserspaceMap("m", 8, 24, 10))
