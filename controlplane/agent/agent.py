@@ -159,6 +159,9 @@ class Agent:
         self.telemetry: TelemetryServer | None = None
         self.api = LocalAPI(self, settings.api_socket, count=self._count_request)
         self._arms: dict[str, RestartArm] = {}
+        self.last_monitors: dict[str, HeartbeatMonitor] = {}
+        self.last_health: dict[str, ShardHealth] = {}
+        """The latest session's heartbeat monitors: a new session carries their evidence."""
         self._session: _Session | None = None
         self._generation = 0
         self._rebuilt = False
@@ -438,13 +441,18 @@ class _Session:
                 layout,
                 interval=s.heartbeat_interval,
                 metrics_malformed=metrics.malformed.labels("heartbeat").inc,
+                previous=agent.last_monitors.get(b.name),
             )
             for b in self.shards.all()
         }
+        agent.last_monitors = dict(self.monitors)
         self.health = {
-            name: ShardHealth(name, s.max_consecutive_quorum_errors, agent._arm(name))
+            name: ShardHealth(name, s.max_consecutive_quorum_errors, agent._arm(name)).carry(
+                agent.last_health.get(name)
+            )
             for name in self.monitors
         }
+        agent.last_health = dict(self.health)
         self.ready = asyncio.Event()
         self.kick = asyncio.Event()
         self._republish = asyncio.Event()

@@ -13,8 +13,9 @@ unhealthy state *restarts* the agent's control-plane side is decided by
   sequence number) since the last restart: a dead operator is not a reason to restart
   again and again. A beat that the new session merely re-lists is not an advance.
 
-A new session starts with zero errors and a new heartbeat monitor, whose first window
-counts from its start: that is the fresh grace window after a restart.
+A new session carries the last one's error count and heartbeat evidence (the same old
+heartbeat record re-listed is no news), so a restart never makes an outage look healthy;
+the disarmed trigger is what keeps it from restarting again.
 """
 
 from __future__ import annotations
@@ -83,6 +84,17 @@ class ShardHealth:
     @property
     def healthy(self) -> bool:
         return self.consecutive_errors < self.max_errors
+
+    def carry(self, previous: ShardHealth | None) -> ShardHealth:
+        """Start from the last session's count: a restart does not make a failure healthy.
+
+        (The restart decision is the arm's, which the restart has disarmed, so carrying
+        the count never causes a second restart.)
+        """
+        if previous is not None:
+            self.consecutive_errors = previous.consecutive_errors
+            self.failure, self.reason, self.last = previous.failure, previous.reason, previous.last
+        return self
 
     @property
     def reachable(self) -> bool | None:

@@ -66,7 +66,8 @@ class HeartbeatMonitor:
 
     No wall clocks are compared: the age is the time since *we* received the last update.
     Before the first update the age counts from when the monitor started, so a fresh agent
-    gives the operator one full staleness window before it complains.
+    gives the operator one full staleness window before it complains. A monitor that
+    replaces another (an agent's restarted session) carries its evidence over.
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class HeartbeatMonitor:
         interval: float,
         clock: Callable[[], float] = time.monotonic,
         metrics_malformed: Callable[[], None] | None = None,
+        previous: HeartbeatMonitor | None = None,
     ) -> None:
         self.backend = backend
         self.layout = layout
@@ -89,6 +91,11 @@ class HeartbeatMonitor:
         self.updates = 0
         self.malformed = 0
         self._on_malformed = metrics_malformed
+        if previous is not None:
+            # A restarted session keeps what the last one knew: re-listing the same old
+            # record is no news, so its age goes on from when it really arrived.
+            self.last, self.received_at = previous.last, previous.received_at
+            self.started_at = previous.started_at
 
     @property
     def threshold(self) -> float:
@@ -116,6 +123,8 @@ class HeartbeatMonitor:
                     self._on_malformed()
                 log.warning("malformed heartbeat on %s skipped: %s", self.backend.name, exc)
                 continue
+            if beat == self.last:
+                continue  # the same record again (a re-list): not a new beat
             self.last = beat
             self.received_at = self.clock()
             self.updates += 1
