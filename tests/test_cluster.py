@@ -17,7 +17,9 @@ import pytest_asyncio
 from helpers import eventually
 
 from controlplane.agent.api import request
+from controlplane.cli.bench_propagation import run_propagation_bench
 from controlplane.cli.processes import Daemon, stop_all
+from controlplane.config import EtcdClusterConfig, KvstoreConfig
 from controlplane.kvstore.embedded import EmbeddedEtcd
 
 HEARTBEAT = 0.5
@@ -230,3 +232,17 @@ async def test_cpctl_up_runs_a_cluster(tmp_path: Path) -> None:
     assert len(last["endpoints"]) == 5 and len(last["identities"]) == 4
     assert all(a["ready"] and a["ipcache"] >= 5 for a in last["agents"].values())
     assert "userspace maps" in out.decode()
+
+
+async def test_propagation_bench_runs(etcd1: EmbeddedEtcd, tmp_path: Path) -> None:
+    config = KvstoreConfig((EtcdClusterConfig("default", tuple(etcd1.client_urls)),))
+    lines: list[str] = []
+    record = await run_propagation_bench(
+        config, agents=3, endpoints=5, rounds=2, workdir=tmp_path, progress=lines.append
+    )
+    for side in ("bare_all_watchers", "agents_all_datapaths"):
+        assert set(record[side]) == {"p50_ms", "p99_ms", "max_ms", "mean_ms"}
+        assert record[side]["max_ms"] >= record[side]["p50_ms"]
+    assert record["ratio_p99"] > 0
+    assert sum("agents: all 2 datapaths" in line for line in lines) == 2
+    assert sum("bare: all 2 watchers" in line for line in lines) == 2

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from controlplane.cli.bench_propagation import run_propagation_bench
 from controlplane.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
@@ -161,6 +163,45 @@ def register(subparsers: Any) -> None:
     )
     add_json_flag(ids)
     ids.set_defaults(run=run_identities)
+
+    prop = commands.add_parser(
+        "propagation",
+        help="endpoint propagation to every agent's datapath next to bare etcd watch fan-out",
+    )
+    add_kvstore_flags(prop)
+    prop_target = prop.add_argument_group("embedded etcd")
+    prop_target.add_argument(
+        "--embedded",
+        action="store_true",
+        help="start a local etcd for the run and stop it afterwards",
+    )
+    prop_target.add_argument(
+        "--members", type=positive_int, default=1, help="members of the embedded etcd (default 1)"
+    )
+    prop.add_argument(
+        "--agents",
+        type=positive_int,
+        default=20,
+        help="agent processes (default 20; the goal is stated for 100)",
+    )
+    prop.add_argument(
+        "--endpoints",
+        type=positive_int,
+        default=50,
+        help="endpoints (and bare keys) per round (default 50)",
+    )
+    prop.add_argument(
+        "--rounds", type=positive_int, default=2, help="interleaved rounds (default 2)"
+    )
+    prop.add_argument("--workdir", type=Path, help="agent logs and sockets (default: temp dir)")
+    prop.add_argument(
+        "--output",
+        type=Path,
+        metavar="FILE",
+        help="JSON record path (default bench/results/propagation-<UTC>.json)",
+    )
+    add_json_flag(prop)
+    prop.set_defaults(run=run_propagation)
 
 
 def concurrency_list(text: str) -> tuple[int, ...]:
@@ -346,6 +387,64 @@ async def run_identities(args: argparse.Namespace) -> int:
                 for r in record["results"]
             ],
         )
+        for note in record["notes"]:
+            print(f"note: {note}")
+    progress(f"wrote {output}")
+    return EXIT_OK
+
+
+async def run_propagation(args: argparse.Namespace) -> int:
+    if args.agents < 2:
+        raise CommandError("--agents must be at least 2 (one creates, the others receive)", 2)
+    output = args.output or RESULTS_DIR / f"propagation-{utc_stamp()}.json"
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cp-bench-prop-"))
+    etcd: EmbeddedEtcd | None = None
+    if args.embedded:
+        if args.kvstore_endpoints or args.kvstore_config:
+            raise CommandError(
+                "--embedded excludes --kvstore-endpoints/--kvstore-config", EXIT_USAGE
+            )
+        progress(f"starting an embedded etcd with {args.members} member(s)...")
+        etcd = await start_embedded(args.members)
+        settings = ClientSettings(request_timeout=max(10.0, args.timeout))
+        config = KvstoreConfig(
+            (EtcdClusterConfig("embedded", tuple(etcd.client_urls)),), client=settings
+        )
+    else:
+        config = kvstore_config(args)
+    try:
+        record = await run_propagation_bench(
+            config,
+            agents=args.agents,
+            endpoints=args.endpoints,
+            rounds=args.rounds,
+            workdir=workdir,
+            progress=progress,
+        )
+    except BenchError as exc:
+        raise CommandError(str(exc)) from exc
+    finally:
+        if etcd is not None:
+            await etcd.stop()
+    write_record(output, record)
+    if args.json:
+        print_json(record)
+    else:
+        print(
+            f"propagation on etcd {record['etcd_version']}: {args.agents} agents, "
+            f"{args.endpoints} endpoints x {args.rounds} rounds"
+        )
+        rows = [
+            ("bare watch fan-out (all watchers)", record["bare_all_watchers"]),
+            ("agents' datapaths (all agents)", record["agents_all_datapaths"]),
+            ("bare, each watcher", record["bare_each_watcher"]),
+            ("agents, each datapath", record["agents_each_datapath"]),
+        ]
+        print_table(
+            ["MEASURE", "P50 MS", "P99 MS", "MAX MS"],
+            [[name, s["p50_ms"], s["p99_ms"], s["max_ms"]] for name, s in rows],
+        )
+        print(f"ratio agents/bare: p50 {record['ratio_p50']}, p99 {record['ratio_p99']}")
         for note in record["notes"]:
             print(f"note: {note}")
     progress(f"wrote {output}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -51,13 +52,17 @@ class IpcacheReconciler:
     """Desired ipcache state from sources, applied to an :class:`Ipcache` in batches."""
 
     def __init__(
-        self, ipcache: Ipcache, *, batch_size: int = 1024, batch_delay: float = 0.005
+        self, ipcache: Ipcache, *, batch_size: int = 1024, batch_delay: float = 0.0
     ) -> None:
         self.ipcache = ipcache
         self.batch_size = batch_size
         self.batch_delay = batch_delay
-        """Seconds :meth:`run` waits after the first change, to gather a batch."""
+        """Seconds :meth:`run` waits after the first change, to gather a batch. The default
+        0 flushes at once: changes that arrive while a flush runs form the next batch, so
+        batches grow with load and an idle agent adds no delay."""
         self.stats = ReconcilerStats()
+        self.written_at: dict[bytes, float] = {}
+        """Map key -> when we last wrote it (monotonic): for latency measurements."""
         self._sources: dict[str, tuple[int, dict[IPNetwork, IpcacheEntry]]] = {}
         self._claims: dict[IPNetwork, dict[str, tuple[int, IpcacheEntry]]] = {}
         self._dirty: builtins.set[IPNetwork] = builtins.set()
@@ -173,6 +178,7 @@ class IpcacheReconciler:
 
     def _write(self, writes: list[tuple[bytes, bytes]], deletes: list[bytes]) -> bool:
         self.stats.flushes += 1
+        now = time.monotonic()
         try:
             for i in range(0, len(deletes), self.batch_size):
                 self.stats.deletes += self.ipcache.map.batch_delete(
@@ -184,6 +190,10 @@ class IpcacheReconciler:
             self.stats.errors += 1
             log.warning("ipcache write failed: %s", exc)
             return False
+        for key in deletes:
+            self.written_at.pop(key, None)
+        for key, _ in writes:
+            self.written_at[key] = now
         return True
 
     def _unclaim(self, prefix: IPNetwork, source: str) -> None:
@@ -196,19 +206,25 @@ class IpcacheReconciler:
         self._dirty.add(prefix)
 
 
-def describe(ipcache: Ipcache) -> list[dict[str, object]]:
-    """The map as JSON-friendly rows, sorted by prefix (for the agent's API and cpctl)."""
+def describe(
+    ipcache: Ipcache, written_at: Mapping[bytes, float] | None = None
+) -> list[dict[str, object]]:
+    """The map as JSON-friendly rows, sorted by prefix (for the agent's API and cpctl).
+
+    ``written_at`` adds when each entry was last written (host-wide monotonic seconds).
+    """
     rows = []
     for key, value in ipcache.map.items():
         prefix = decode_key(key)
         entry = IpcacheEntry.decode(value)
-        rows.append(
-            {
-                "prefix": str(prefix),
-                "identity": int(entry.identity),
-                "tunnel_endpoint": str(entry.tunnel_endpoint),
-                "flags": entry.flags,
-            }
-        )
+        row: dict[str, object] = {
+            "prefix": str(prefix),
+            "identity": int(entry.identity),
+            "tunnel_endpoint": str(entry.tunnel_endpoint),
+            "flags": entry.flags,
+        }
+        if written_at is not None and key in written_at:
+            row["written_at"] = written_at[key]
+        rows.append(row)
     rows.sort(key=lambda r: str(r["prefix"]))
     return rows
