@@ -341,20 +341,7 @@ async def run_identities(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from exc
     output = args.output or RESULTS_DIR / f"identities-{utc_stamp()}.json"
-    etcd: EmbeddedEtcd | None = None
-    if args.embedded:
-        if args.kvstore_endpoints or args.kvstore_config:
-            raise CommandError(
-                "--embedded excludes --kvstore-endpoints/--kvstore-config", EXIT_USAGE
-            )
-        progress(f"starting an embedded etcd with {args.members} member(s)...")
-        etcd = await start_embedded(args.members)
-        settings = ClientSettings(request_timeout=max(10.0, args.timeout))
-        config = KvstoreConfig(
-            (EtcdClusterConfig("embedded", tuple(etcd.client_urls)),), client=settings
-        )
-    else:
-        config = kvstore_config(args)
+    config, etcd = await bench_target(args)
     try:
         record = await run_identity_bench(config, params, progress)
     except BenchError as exc:
@@ -398,20 +385,7 @@ async def run_propagation(args: argparse.Namespace) -> int:
         raise CommandError("--agents must be at least 2 (one creates, the others receive)", 2)
     output = args.output or RESULTS_DIR / f"propagation-{utc_stamp()}.json"
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cp-bench-prop-"))
-    etcd: EmbeddedEtcd | None = None
-    if args.embedded:
-        if args.kvstore_endpoints or args.kvstore_config:
-            raise CommandError(
-                "--embedded excludes --kvstore-endpoints/--kvstore-config", EXIT_USAGE
-            )
-        progress(f"starting an embedded etcd with {args.members} member(s)...")
-        etcd = await start_embedded(args.members)
-        settings = ClientSettings(request_timeout=max(10.0, args.timeout))
-        config = KvstoreConfig(
-            (EtcdClusterConfig("embedded", tuple(etcd.client_urls)),), client=settings
-        )
-    else:
-        config = kvstore_config(args)
+    config, etcd = await bench_target(args)
     try:
         record = await run_propagation_bench(
             config,
@@ -449,3 +423,16 @@ async def run_propagation(args: argparse.Namespace) -> int:
             print(f"note: {note}")
     progress(f"wrote {output}")
     return EXIT_OK
+
+
+async def bench_target(args: argparse.Namespace) -> tuple[KvstoreConfig, EmbeddedEtcd | None]:
+    """The etcd to measure: the kvstore flags' cluster, or an embedded one (then stop it)."""
+    if not args.embedded:
+        return kvstore_config(args), None
+    if args.kvstore_endpoints or args.kvstore_config:
+        raise CommandError("--embedded excludes --kvstore-endpoints/--kvstore-config", EXIT_USAGE)
+    progress(f"starting an embedded etcd with {args.members} member(s)...")
+    etcd = await start_embedded(args.members)
+    settings = ClientSettings(request_timeout=max(10.0, args.timeout))
+    cluster = EtcdClusterConfig("embedded", tuple(etcd.client_urls))
+    return KvstoreConfig((cluster,), client=settings), etcd
