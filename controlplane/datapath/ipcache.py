@@ -56,7 +56,7 @@ class IpcacheValue(ctypes.Structure):
 
 KEY_SIZE: Final = ctypes.sizeof(IpcacheKey)
 VALUE_SIZE: Final = ctypes.sizeof(IpcacheValue)
-assert KEY_SIZE == 20 and VALUE_SIZE == 24, "ipcache layouts must match bpf/ipcache.h"
+assert KEY_SIZE == 20 and VALUE_SIZE == 24, "ipcache layouts must match bpf/cp_maps.h"
 
 
 def _addr16(ip: IPAddress) -> bytes:

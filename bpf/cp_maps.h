@@ -1,0 +1,110 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Shared map layouts of the control-plane datapath (issue 5).
+ *
+ * This header is included by the BPF program (cp_datapath.c, clang -target bpf) and by the
+ * host-side layout probe the tests compile (tests/test_bpf_program.py). Every struct here
+ * is mirrored byte for byte by a ctypes.Structure in Python:
+ *
+ *   struct cp_ipcache_key / cp_ipcache_value  <-> controlplane/datapath/ipcache.py
+ *   everything else                           <-> controlplane/datapath/layouts.py
+ *
+ * Integers are host byte order (what Python's ctypes writes on the same machine);
+ * addresses are network byte order; dport is HOST byte order (the program converts).
+ * Explicit padding only: no implicit holes, so the kernel, C and ctypes agree.
+ */
+#ifndef CP_MAPS_H
+#define CP_MAPS_H
+
+#include <linux/types.h>
+
+/* Map names (also the pin file names under the pin directory). */
+#define CP_IPCACHE_MAP   cp_ipcache
+#define CP_POLICY_MAP    cp_policy
+#define CP_ENDPOINTS_MAP cp_endpoints
+#define CP_METRICS_MAP   cp_metrics
+
+#define CP_IPCACHE_MAX_ENTRIES   (512 * 1024)
+#define CP_POLICY_MAX_ENTRIES    (64 * 1024)
+#define CP_ENDPOINTS_MAX_ENTRIES 4096
+#define CP_METRICS_MAX_ENTRIES   16
+
+/* cp_ipcache: BPF_MAP_TYPE_LPM_TRIE (BPF_F_NO_PREALLOC). 20-byte key, 24-byte value.
+ * IPv4 a.b.c.d/n is stored IPv4-mapped (::ffff:a.b.c.d) with prefixlen 96 + n. */
+struct cp_ipcache_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+#define CP_IPCACHE_FLAG_LOCAL 0x01 /* an endpoint (or the host) of this node */
+#define CP_IPCACHE_FLAG_NODE  0x02 /* a node's own IP */
+
+struct cp_ipcache_value {
+	__u32 sec_identity;
+	__u8 tunnel_endpoint[16];
+	__u8 flags;
+	__u8 pad[3];
+};
+
+/* Identity a source gets when the ipcache has no prefix for it (reserved:world, as in
+ * controlplane.model.IDENTITY_WORLD). */
+#define CP_IDENTITY_WORLD 2
+
+/* cp_policy: BPF_MAP_TYPE_HASH, one map for every endpoint of the node. 12-byte key,
+ * 4-byte value. Lookup order (first hit decides, allow=1 permits, allow=0 denies):
+ *   {ep, identity, dport, proto}   exact L3+L4
+ *   {ep, identity, 0,     proto}   any port of that protocol
+ *   {ep, identity, 0,     0}       L3 only: anything from that identity
+ *   {ep, 0,        dport, proto}   L4 only: that port from any identity
+ * ICMP/ICMPv6 carry dport 0 (allow ping with {ep, id, 0, IPPROTO_ICMP}). */
+struct cp_policy_key {
+	__u32 endpoint_id;
+	__u32 sec_identity; /* remote (source) identity; 0 = any identity */
+	__u16 dport;        /* host byte order; 0 = any port */
+	__u8 proto;         /* IPPROTO_*; 0 = any protocol */
+	__u8 pad;
+};
+
+struct cp_policy_value {
+	__u8 allow; /* 1 = permit, 0 = explicit deny */
+	__u8 pad[3];
+};
+
+/* cp_endpoints: BPF_MAP_TYPE_HASH endpoint id -> enforcement flags. An endpoint without an
+ * entry, or without CP_EP_F_INGRESS_ENFORCED, is default-allow (no policy selects it);
+ * with the flag it is default-deny (as in Cilium). */
+#define CP_EP_F_INGRESS_ENFORCED 0x01
+
+struct cp_endpoint_key {
+	__u32 endpoint_id;
+};
+
+struct cp_endpoint_value {
+	__u32 flags;
+};
+
+/* cp_metrics: BPF_MAP_TYPE_PERCPU_ARRAY, key __u32 reason (array maps need a plain int key
+ * in BTF), value {packets, bytes} per CPU; readers sum over the possible CPUs. */
+enum cp_metric_reason {
+	CP_METRIC_ALLOW_POLICY = 0,      /* a policy entry permitted the packet */
+	CP_METRIC_ALLOW_NOT_ENFORCED = 1, /* no policy selects the endpoint: default allow */
+	CP_METRIC_ALLOW_NON_IP = 2,      /* ARP and other non-IP frames */
+	CP_METRIC_ALLOW_ICMPV6_ND = 3,   /* IPv6 neighbour discovery, always allowed */
+	CP_METRIC_DROP_POLICY_DENY = 4,  /* enforced endpoint, no (or a deny) policy entry */
+	CP_METRIC_DROP_MALFORMED = 5,    /* truncated or invalid L3/L4 headers */
+	CP_METRIC_DROP_FRAGMENT = 6,     /* non-first IP fragment of an enforced endpoint */
+	CP_METRIC_REASONS = 7,
+};
+
+struct cp_metrics_value {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* Read-only per-program configuration (.rodata), set by the loader before load. */
+struct cp_config {
+	__u32 endpoint_id;
+	__u32 pad;
+};
+
+#endif /* CP_MAPS_H */
