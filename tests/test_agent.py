@@ -398,6 +398,8 @@ def agent_argv(etcd: EmbeddedEtcd, tmp_path: Path, node: str, *extra: str) -> li
         "0.1",
         "--lease-ttl",
         "60",
+        "--datapath",  # never the machine-wide pinned ipcache (tests/test_agent_kernel.py)
+        "userspace",
         *extra,
     ]
 

@@ -81,6 +81,8 @@ async def cluster(etcd1: EmbeddedEtcd, tmp_path: Path) -> AsyncIterator[Cluster]
                 f"node-{i}",
                 "--api-socket",
                 str(tmp_path / f"node-{i}.sock"),
+                "--datapath",
+                "userspace",
                 "--metrics-address",
                 "0",
                 "--heartbeat-interval",

@@ -27,13 +27,19 @@ from prometheus_client import CollectorRegistry
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
 from controlplane.agent.api import APIError, LocalAPI
+from controlplane.agent.datapath import (
+    DatapathChoice,
+    choose_datapath,
+    close_ipcache,
+    open_ipcache,
+    unpin_ipcache,
+)
 from controlplane.agent.health import Failure, Observation, RestartArm, ShardHealth
 from controlplane.agent.metrics import AgentMetrics
 from controlplane.agent.settings import EXIT_RESTART, AgentSettings, RestartMode
 from controlplane.config import KvstoreConfig
 from controlplane.datapath.ipcache import FLAG_LOCAL, FLAG_NODE, Ipcache, IpcacheEntry
-from controlplane.datapath.ipcache import userspace_ipcache as _userspace_ipcache
-from controlplane.datapath.maps import UserspaceMap
+from controlplane.datapath.kernel import KernelMap
 from controlplane.datapath.reconciler import IpcacheReconciler, describe
 from controlplane.identity.allocator import IdentityAllocator
 from controlplane.ipam.node_ips import CIDRExhausted, NodeIPAllocator
@@ -144,9 +150,30 @@ class Agent:
         self.kvstore = kvstore
         self.layout = KeyLayout(kvstore.prefix)
         self.metrics = AgentMetrics.create(registry)
-        self.ipcache = ipcache if ipcache is not None else _userspace_ipcache()
-        self.datapath_mode = "userspace" if isinstance(self.ipcache.map, UserspaceMap) else "bpf"
+        if ipcache is None:
+            # auto/kernel: detect, then open (or create and pin) the kernel ipcache;
+            # raises DatapathUnavailable (main: one line, exit 2)
+            self.datapath = choose_datapath(settings.datapath)
+            self.ipcache = open_ipcache(self.datapath, settings.bpf_pin_dir)
+            self._own_ipcache = True
+        else:
+            self._own_ipcache = False
+            kernel = isinstance(ipcache.map, KernelMap)
+            self.datapath = DatapathChoice(kernel, "ipcache given by the caller")
+            self.ipcache = ipcache
+        self.datapath_mode = self.datapath.mode
         self.reconciler = IpcacheReconciler(self.ipcache)
+        if self.datapath.kernel:
+            log.info(
+                "%s: datapath: kernel maps (%s), ipcache pinned at %s",
+                settings.node,
+                self.datapath.reason,
+                settings.bpf_pin_dir,
+            )
+        else:
+            log.info("%s: datapath: userspace maps (%s)", settings.node, self.datapath.reason)
+        # a restart on a pinned map: keep every entry, sweep only after the first sync
+        self.reconciler.adopt_map()
         self.cache = AgentCache({}, {}, {})
         self.endpoints: dict[EndpointID, LocalEndpoint] = {}
         """The endpoints this agent owns (the desired state, kept across sessions)."""
@@ -210,12 +237,22 @@ class Agent:
                 await sessions  # returns on stop, raises AgentExit
                 flusher.cancel()
             self.reconciler.flush()
+            # The pinned map outlives the agent (forwarding goes on while it is down);
+            # only --cleanup-on-exit, which withdraws the node, removes the pin.
+            if (
+                self.settings.cleanup_on_exit
+                and self._own_ipcache
+                and unpin_ipcache(self.ipcache, self.settings.bpf_pin_dir)
+            ):
+                log.info("%s: unpinned the kernel ipcache", self.settings.node)
         except* AgentExit as group:
             raise group.exceptions[0] from None
         finally:
             await self.api.close()
             if self.telemetry is not None:
                 await self.telemetry.close()
+            if self._own_ipcache:
+                close_ipcache(self.ipcache)  # the pin keeps the map and its entries
 
     async def _sessions(self) -> None:
         while not self._stop.is_set():
@@ -381,6 +418,9 @@ class Agent:
             },
             "datapath": {
                 "mode": self.datapath_mode,
+                "reason": self.datapath.reason,
+                "pin_dir": str(self.settings.bpf_pin_dir) if self.datapath.kernel else None,
+                "adopted": stats.adopted,
                 "maps": {
                     self.ipcache.map.name: {
                         "entries": len(self.ipcache),

@@ -1,8 +1,9 @@
 """cp-agent: the node agent daemon (``python -m controlplane.agent.main``).
 
 Exit status: 0 after SIGTERM/SIGINT; 1 on a fatal error; 2 on a bad flag or kvstore
-configuration (one line on stderr); 75 (``EXIT_RESTART``) when ``--restart-mode=exit``
-and the kvstore went unhealthy, for a supervisor to start the agent again.
+configuration, or ``--datapath kernel`` without usable kernel maps (one line on stderr);
+75 (``EXIT_RESTART``) when ``--restart-mode=exit`` and the kvstore went unhealthy, for a
+supervisor to start the agent again.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from controlplane.agent.agent import Agent, AgentExit
+from controlplane.agent.datapath import DatapathUnavailable
 from controlplane.agent.settings import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -28,7 +30,11 @@ from controlplane.flags import kvstore_config
 
 async def serve(settings: AgentSettings, kvstore: KvstoreConfig) -> int:
     """Run one agent until a signal; returns the exit status."""
-    agent = Agent(settings, kvstore)
+    try:
+        agent = Agent(settings, kvstore)
+    except DatapathUnavailable as exc:
+        print(f"cp-agent: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stop)

@@ -29,6 +29,18 @@ EXIT_RESTART: Final = 75
 
 DEFAULT_SOCKET: Final = Path("/var/run/cp/agent.sock")
 DEFAULT_TELEMETRY: Final = "127.0.0.1:9962"
+DEFAULT_BPF_PIN_DIR: Final = Path("/sys/fs/bpf/cp")
+"""Where the tc program's maps are pinned (``loader.DEFAULT_PIN_DIR``); the agent's
+``cp_ipcache`` pin lives there too, so the program reuses the map the agent fills."""
+
+
+class DatapathMode(enum.Enum):
+    AUTO = "auto"
+    """Kernel maps when ``detect_datapath()`` says they are usable, else userspace."""
+    KERNEL = "kernel"
+    """The pinned kernel ipcache, or fail (exit 2) when unavailable."""
+    USERSPACE = "userspace"
+    """Dict-backed maps in the process (nothing outlives it)."""
 
 
 class RestartMode(enum.Enum):
@@ -73,7 +85,12 @@ class AgentSettings:
     """Port of the telemetry endpoint (0: ephemeral; None: disabled)."""
     cleanup_on_exit: bool = False
     """On shutdown, withdraw endpoints and node record and revoke leases (normally kept,
-    so endpoints survive an agent restart)."""
+    so endpoints survive an agent restart); with kernel maps, also unpin the ipcache."""
+    datapath: DatapathMode = DatapathMode.USERSPACE
+    """Which ipcache map to drive. The command line defaults to ``auto``; a programmatic
+    (in-process) agent defaults to userspace so it never touches the machine-wide pins."""
+    bpf_pin_dir: Path = DEFAULT_BPF_PIN_DIR
+    """Directory (on a bpffs) of the pinned ``cp_ipcache`` in kernel mode."""
 
     def restart_jitter(self) -> float:
         """The per-node restart delay: base + a fixed fraction of the spread."""
@@ -221,7 +238,24 @@ def add_agent_flags(parser: argparse.ArgumentParser) -> None:
     local.add_argument(
         "--cleanup-on-exit",
         action="store_true",
-        help="on shutdown withdraw endpoints and node and revoke leases (default: keep)",
+        help="on shutdown withdraw endpoints and node, revoke leases and unpin the kernel "
+        "ipcache (default: keep all, so forwarding continues while the agent is down)",
+    )
+    datapath = parser.add_argument_group("datapath")
+    datapath.add_argument(
+        "--datapath",
+        choices=[m.value for m in DatapathMode],
+        default=DatapathMode.AUTO.value,
+        help="auto (default: kernel maps when root and eBPF work, else userspace), kernel "
+        "(fail with exit status 2 when unavailable) or userspace",
+    )
+    datapath.add_argument(
+        "--bpf-pin-dir",
+        type=Path,
+        default=DEFAULT_BPF_PIN_DIR,
+        metavar="DIR",
+        help=f"bpffs directory of the pinned cp_ipcache, shared with the tc program "
+        f"(default {DEFAULT_BPF_PIN_DIR}); the map outlives the agent",
     )
     local.add_argument("-v", "--verbose", action="store_true", help="log debug details")
 
@@ -230,7 +264,8 @@ def build_parser() -> Parser:
     parser = Parser(
         prog="cp-agent",
         description="The control plane's node agent (kvstore mode).",
-        epilog=f"Exit status: 0 after SIGTERM/SIGINT, 1 on a fatal error, 2 on a bad flag, "
+        epilog=f"Exit status: 0 after SIGTERM/SIGINT, 1 on a fatal error, 2 on a bad flag or "
+        f"--datapath kernel without usable kernel maps, "
         f"{EXIT_RESTART} when --restart-mode=exit and the kvstore went unhealthy.",
     )
     add_kvstore_flags(parser)
@@ -257,4 +292,6 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         telemetry_host=host,
         telemetry_port=port,
         cleanup_on_exit=args.cleanup_on_exit,
+        datapath=DatapathMode(args.datapath),
+        bpf_pin_dir=args.bpf_pin_dir,
     )

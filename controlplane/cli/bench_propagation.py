@@ -83,6 +83,10 @@ async def run_propagation_bench(
                 str(workdir / f"agent-{i}.sock"),
                 "--metrics-address",
                 "none",
+                # many agents on one host: each its own userspace maps, never the shared
+                # machine-wide pinned kernel ipcache
+                "--datapath",
+                "userspace",
             ],
             workdir / f"agent-{i}.log",
         )

@@ -90,8 +90,13 @@ async def run_up(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     say(f"work directory (logs, sockets): {workdir}")
     say(
-        "datapath: userspace maps (the kernel eBPF datapath is not part of this build)"
-        + ("" if os.geteuid() == 0 else "; running without root")
+        "datapath: userspace maps ("
+        + (
+            "several agents share this host, and the kernel's pinned maps are per host"
+            if os.geteuid() == 0
+            else "not root"
+        )
+        + ")"
     )
     say(f"starting an embedded etcd with {args.etcd_members} member(s)...")
     etcd = await start_embedded(args.etcd_members, workdir / "etcd")
@@ -148,6 +153,10 @@ async def start_daemons(args: argparse.Namespace, workdir: Path, endpoints: str)
                 f"node-{i}",
                 "--api-socket",
                 str(workdir / f"node-{i}.sock"),
+                # several agents on one host: each keeps its own userspace maps (kernel
+                # mode would make them share the machine-wide pinned ipcache)
+                "--datapath",
+                "userspace",
                 "--metrics-address",
                 "0",
                 "--heartbeat-interval",

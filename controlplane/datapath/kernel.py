@@ -710,21 +710,24 @@ def pinned_ipcache(
 ) -> Ipcache:
     """The ipcache on the LPM trie pinned at ``<bpffs>/<prefix_dir>/cp_ipcache``: opened
     when pinned (its layout must match), else created and pinned. An absolute
-    ``prefix_dir`` is used as is (it must lie on a bpffs)."""
+    ``prefix_dir`` is used as is (it must lie on a bpffs). The layout is exactly what
+    ``bpf/cp_maps.h`` declares (LPM trie, ``BPF_F_NO_PREALLOC``, 20/24, ``max_entries``), so
+    libbpf reuses the pin for the tc program and vice versa."""
     ensure_bpffs(bpffs)
     directory = prefix_dir if os.path.isabs(prefix_dir) else os.path.join(bpffs, prefix_dir)
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, IPCACHE_MAP_NAME)
     if os.path.exists(path):
         kmap = KernelMap.open_pinned(path)
-        if (kmap.map_type, kmap.key_size, kmap.value_size) != (
-            BPF_MAP_TYPE_LPM_TRIE,
-            KEY_SIZE,
-            VALUE_SIZE,
-        ):
-            got = f"type {kmap.map_type} key/value {kmap.key_size}/{kmap.value_size}"
+        got = (kmap.map_type, kmap.key_size, kmap.value_size, kmap.max_entries, kmap.flags)
+        want = (BPF_MAP_TYPE_LPM_TRIE, KEY_SIZE, VALUE_SIZE, max_entries, BPF_F_NO_PREALLOC)
+        if got != want:  # libbpf would refuse to reuse it for the tc program, too
             kmap.close()
-            raise MapMismatchError(f"pinned map {path}: {got}, want an LPM trie 20/24")
+            raise MapMismatchError(
+                f"pinned map {path}: type {got[0]} key/value {got[1]}/{got[2]} max_entries "
+                f"{got[3]} flags {got[4]:#x}, want an LPM trie 20/24 with {max_entries} "
+                f"entries and BPF_F_NO_PREALLOC"
+            )
         return Ipcache(kmap)
     kmap = KernelMap.create(
         IPCACHE_MAP_NAME, BPF_MAP_TYPE_LPM_TRIE, KEY_SIZE, VALUE_SIZE, max_entries

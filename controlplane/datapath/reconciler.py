@@ -12,6 +12,12 @@ mark-and-sweep: :meth:`begin_resync` marks every source; sources that come back 
 unmarked; :meth:`end_resync` drops the ones that did not and then compares the whole map
 with the desired state, writing only the differences. The map is never emptied first, so
 the datapath keeps forwarding with the old truth until the new one is known.
+
+A new process on an already-populated pinned map first *adopts* the map's content
+(:meth:`adopt_map`): every entry found is treated as marked, so an entry a previous run
+wrote and the store no longer wants is deleted by the first :meth:`end_resync`, while the
+entries that are still right are never rewritten. The sweep always compares against what
+the map actually holds, not only against what this process wrote.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ class ReconcilerStats:
     """Entries removed by a resync's sweep (absent from the desired state)."""
     errors: int = 0
     """Batch writes the map refused (logged; retried at the next flush)."""
+    adopted: int = 0
+    """Entries found in the map when it was adopted (a previous run's content)."""
 
 
 class IpcacheReconciler:
@@ -67,6 +75,8 @@ class IpcacheReconciler:
         self._claims: dict[IPNetwork, dict[str, tuple[int, IpcacheEntry]]] = {}
         self._dirty: builtins.set[IPNetwork] = builtins.set()
         self._marked: builtins.set[str] | None = None
+        self._adopted: builtins.set[bytes] = builtins.set()
+        self._full_sync_pending = False
         self._wake = asyncio.Event()
 
     # -- desired state ---------------------------------------------------------------
@@ -114,6 +124,26 @@ class IpcacheReconciler:
     def resyncing(self) -> bool:
         return self._marked is not None
 
+    def adopt_map(self) -> int:
+        """Take the map's current content (a previous run's) as marked: kept untouched
+        until the first :meth:`end_resync`, which deletes what the desired state lacks and
+        rewrites only what differs. Returns how many entries were found."""
+        self._adopted = {key for key, _ in self.ipcache.map.items()}
+        self.stats.adopted = len(self._adopted)
+        if self._adopted:
+            log.info(
+                "ipcache %s: adopted %d existing entries; stale ones are swept after the "
+                "first full sync",
+                self.ipcache.map.name,
+                len(self._adopted),
+            )
+        return len(self._adopted)
+
+    @property
+    def adopted(self) -> frozenset[bytes]:
+        """Keys adopted from the map and not yet confirmed or swept by a resync."""
+        return frozenset(self._adopted)
+
     def begin_resync(self) -> None:
         """Mark every source; those not set again before :meth:`end_resync` are dropped."""
         self._marked = {*self._sources}
@@ -125,6 +155,12 @@ class IpcacheReconciler:
         self._marked = None
         for source in marked - frozenset(keep):
             self.remove(source)
+        self.stats.resyncs += 1
+        return self._full_sync()
+
+    def _full_sync(self) -> int:
+        """Make the whole map (its actual content: adopted entries, entries of any earlier
+        run) equal the desired state, touching only what differs."""
         want = {encode_key(p): e.encode() for p, e in self.desired().items()}
         stale: list[bytes] = []
         have: dict[bytes, bytes] = {}
@@ -134,10 +170,13 @@ class IpcacheReconciler:
             else:
                 stale.append(key)
         writes = [(k, v) for k, v in want.items() if have.get(k) != v]
-        self.stats.unchanged += len(want) - len(writes)
-        self._write(writes, stale)
         self._dirty.clear()
-        self.stats.resyncs += 1
+        if not self._write(writes, stale):
+            self._full_sync_pending = True  # the next flush compares the whole map again
+            return 0
+        self._full_sync_pending = False
+        self.stats.unchanged += len(want) - len(writes)
+        self._adopted.clear()
         self.stats.swept += len(stale)
         if stale:
             log.info("ipcache resync swept %d stale entries", len(stale))
@@ -147,6 +186,9 @@ class IpcacheReconciler:
 
     def flush(self) -> None:
         """Write the dirty prefixes: batched updates and deletes, unchanged ones skipped."""
+        if self._full_sync_pending and not self.resyncing:
+            self._full_sync()
+            return
         if not self._dirty:
             return
         dirty, self._dirty = self._dirty, builtins.set()

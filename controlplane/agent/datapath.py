@@ -1,0 +1,88 @@
+"""Which ipcache the agent drives: the pinned kernel map, or a userspace one.
+
+:func:`choose_datapath` turns ``--datapath auto|kernel|userspace`` and a
+:func:`~controlplane.datapath.capabilities.detect_datapath` answer into a
+:class:`DatapathChoice` with a one-line reason; :func:`open_ipcache` opens (or creates and
+pins) the kernel ``cp_ipcache`` under ``--bpf-pin-dir``, exactly as ``bpf/cp_maps.h``
+declares it, so the tc program and the agent share one map that outlives the agent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from controlplane.agent.settings import DatapathMode
+from controlplane.datapath.capabilities import DatapathSupport, detect_datapath
+from controlplane.datapath.ipcache import IPCACHE_MAP_NAME, Ipcache, userspace_ipcache
+from controlplane.datapath.kernel import KernelMap, KernelMapError, pinned_ipcache
+
+
+class DatapathUnavailable(Exception):
+    """``--datapath kernel`` (or a kernel choice) cannot be honoured: one line, exit 2."""
+
+
+@dataclass(frozen=True, slots=True)
+class DatapathChoice:
+    kernel: bool
+    reason: str
+
+    @property
+    def mode(self) -> str:
+        return "kernel" if self.kernel else "userspace"
+
+
+def choose_datapath(
+    mode: DatapathMode, detect: Callable[[], DatapathSupport] | None = None
+) -> DatapathChoice:
+    """Pick the datapath for ``mode``; ``detect`` (default :func:`detect_datapath`) is only
+    asked for auto and kernel.
+
+    Raises :class:`DatapathUnavailable` for ``kernel`` when the kernel maps are unusable.
+    """
+    if mode is DatapathMode.USERSPACE:
+        return DatapathChoice(False, "--datapath userspace")
+    support = (detect or detect_datapath)()
+    if support.kernel:
+        return DatapathChoice(True, support.reason)
+    if mode is DatapathMode.KERNEL:
+        raise DatapathUnavailable(f"--datapath kernel: kernel eBPF maps unusable: {support.reason}")
+    return DatapathChoice(False, support.reason)
+
+
+def open_ipcache(choice: DatapathChoice, pin_dir: Path) -> Ipcache:
+    """The ipcache for ``choice``: the kernel map pinned at ``<pin_dir>/cp_ipcache`` (opened
+    with its content when pinned, else created and pinned), or a fresh userspace map."""
+    if not choice.kernel:
+        return userspace_ipcache()
+    try:
+        return pinned_ipcache(os.fspath(pin_dir.absolute()))
+    except (KernelMapError, OSError) as exc:
+        raise DatapathUnavailable(
+            f"kernel ipcache at {pin_dir / IPCACHE_MAP_NAME}: {exc}"
+        ) from None
+
+
+def unpin_ipcache(ipcache: Ipcache, pin_dir: Path) -> bool:
+    """``--cleanup-on-exit``: remove the ipcache pin (and the pin dir when left empty).
+
+    Programs still attached keep their reference to the map; only the name goes."""
+    if not isinstance(ipcache.map, KernelMap):
+        return False
+    path = pin_dir / IPCACHE_MAP_NAME
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    with contextlib.suppress(OSError):
+        pin_dir.rmdir()  # only when empty: the tc program's maps may live here too
+    return True
+
+
+def close_ipcache(ipcache: Ipcache) -> None:
+    """Close the kernel map's fd (the pin keeps the map and its entries)."""
+    if isinstance(ipcache.map, KernelMap):
+        ipcache.map.close()
