@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from controlplane.cli.bench_datapath import register_datapath
 from controlplane.cli.bench_propagation import run_propagation_bench
 from controlplane.cli.common import (
     EXIT_OK,
@@ -202,6 +203,7 @@ def register(subparsers: Any) -> None:
     )
     add_json_flag(prop)
     prop.set_defaults(run=run_propagation)
+    register_datapath(commands)
 
 
 def concurrency_list(text: str) -> tuple[int, ...]:

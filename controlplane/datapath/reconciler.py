@@ -78,6 +78,12 @@ class IpcacheReconciler:
         self._adopted: builtins.set[bytes] = builtins.set()
         self._full_sync_pending = False
         self._wake = asyncio.Event()
+        self._shadow: dict[bytes, bytes] | None = None
+        """What the map holds, as far as we know: read from the map at adoption and at every
+        full resync, then kept by our own writes (the agent is the maps' only writer; after
+        a failed write it is dropped and read again). Flushes compare against it instead of
+        the kernel, saving two or three syscalls per entry (an exact lookup in an LPM trie
+        needs GET_NEXT_KEY)."""
 
     # -- desired state ---------------------------------------------------------------
 
@@ -128,7 +134,8 @@ class IpcacheReconciler:
         """Take the map's current content (a previous run's) as marked: kept untouched
         until the first :meth:`end_resync`, which deletes what the desired state lacks and
         rewrites only what differs. Returns how many entries were found."""
-        self._adopted = {key for key, _ in self.ipcache.map.items()}
+        self._shadow = dict(self.ipcache.map.items())
+        self._adopted = set(self._shadow)
         self.stats.adopted = len(self._adopted)
         if self._adopted:
             log.info(
@@ -164,7 +171,10 @@ class IpcacheReconciler:
         want = {encode_key(p): e.encode() for p, e in self.desired().items()}
         stale: list[bytes] = []
         have: dict[bytes, bytes] = {}
-        for key, value in self.ipcache.map.items():
+        # A resync reads the real map, not the shadow: it is where anything written behind
+        # our back (by a previous run, or by hand) gets swept.
+        self._shadow = None
+        for key, value in self._map_content().items():
             if key in want:
                 have[key] = value
             else:
@@ -194,10 +204,11 @@ class IpcacheReconciler:
         dirty, self._dirty = self._dirty, builtins.set()
         writes: list[tuple[bytes, bytes]] = []
         deletes: list[bytes] = []
+        content = self._map_content()
         for prefix in dirty:
             key = encode_key(prefix)
             entry = self.resolve(prefix)
-            current = self.ipcache.map.lookup(key)
+            current = content.get(key)
             if entry is None:
                 if current is not None:
                     deletes.append(key)
@@ -230,13 +241,22 @@ class IpcacheReconciler:
                 self.stats.updates += self.ipcache.map.batch_update(writes[i : i + self.batch_size])
         except MapError as exc:
             self.stats.errors += 1
+            self._shadow = None  # part of the batch may have landed: read the map again
             log.warning("ipcache write failed: %s", exc)
             return False
+        content = self._map_content()
         for key in deletes:
             self.written_at.pop(key, None)
-        for key, _ in writes:
+            content.pop(key, None)
+        for key, value in writes:
             self.written_at[key] = now
+            content[key] = value
         return True
+
+    def _map_content(self) -> dict[bytes, bytes]:
+        if self._shadow is None:
+            self._shadow = dict(self.ipcache.map.items())
+        return self._shadow
 
     def _unclaim(self, prefix: IPNetwork, source: str) -> None:
         claims = self._claims.get(prefix)

@@ -1,0 +1,577 @@
+"""`cpctl bench datapath`: endpoints from etcd into the ipcache map, next to a bare list.
+
+(a) Cold sync: N endpoint records (the agents' ``endpoint`` envelopes, written beforehand
+under a bench-only prefix) are read in interleaved rounds (A B A B): A is a bare paginated
+aetcd Range list of the prefix at one revision, decoding the envelope only; B is our path:
+the same pages through :class:`EtcdBackend`, decoded into :class:`Endpoint` objects as
+:class:`KvEndpointStore` does, turned into ipcache entries and written by an
+:class:`IpcacheReconciler` (begin_resync, set + flush per page, end_resync: what the agent
+does on a cold start) into a fresh, unpinned kernel LPM trie made like the agent's
+``cp_ipcache`` (or a userspace map without root/eBPF, which the record says). Same page
+size on both sides.
+
+(b) Watch event -> map update latency: KvEndpointStore's ListWatcher-based watch feeds the
+reconciler (its ``run`` loop) into the map; K single endpoint updates are put at a steady
+pace, each changing the identity, and the time from issuing the put to the reconciler's
+``written_at`` for the entry (host-wide monotonic clock) is the latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import platform
+import statistics
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aetcd
+from aetcd import rpc
+from prometheus_client import CollectorRegistry
+
+from controlplane import codec
+from controlplane.cli.common import (
+    EXIT_OK,
+    CommandError,
+    add_json_flag,
+    add_kvstore_flags,
+    positive_float,
+    positive_int,
+    print_json,
+    print_table,
+)
+from controlplane.config import KvstoreConfig
+from controlplane.datapath.capabilities import detect_datapath
+from controlplane.datapath.ipcache import (
+    IPCACHE_MAP_NAME,
+    IPCACHE_MAX_ENTRIES,
+    KEY_SIZE,
+    VALUE_SIZE,
+    Ipcache,
+    IpcacheEntry,
+    encode_key,
+    userspace_ipcache,
+)
+from controlplane.datapath.kernel import BPF_MAP_TYPE_LPM_TRIE, KernelMap
+from controlplane.datapath.reconciler import IpcacheReconciler
+from controlplane.kvstore.backend import EtcdBackend
+from controlplane.kvstore.bench import (
+    BenchError,
+    delete_in_chunks,
+    package_version,
+    percentile,
+    utc_stamp,
+)
+from controlplane.kvstore.endpoints import ENDPOINT_KIND, KvEndpointStore
+from controlplane.kvstore.errors import KvstoreError
+from controlplane.kvstore.keys import KeyLayout
+from controlplane.kvstore.shards import ShardMap
+from controlplane.kvstore.types import Put, prefix_range_end
+from controlplane.metrics import StoreMetrics
+from controlplane.model import Endpoint, NodeName, NumericIdentity
+from controlplane.store_types import EventKind
+
+Progress = Callable[[str], None]
+
+PUTS_PER_TXN = 100
+"""Puts per loading transaction (etcd allows 128 operations per txn)."""
+LOAD_CONCURRENCY = 16
+ENDPOINT_PRIORITY = 2
+"""The agent's priority for endpoint sources (above nodes)."""
+NODES = 50
+"""Simulated nodes the endpoints are spread over."""
+FIRST_IP = int(IPv4Address("10.0.0.1"))
+
+
+@dataclass(frozen=True, slots=True)
+class DatapathBenchParams:
+    count: int = 100_000
+    rounds: int = 2
+    page_size: int = 10_000
+    updates: int = 500
+    """Single endpoint updates for the latency measurement."""
+    rate: float = 100.0
+    """Updates per second (a steady pace)."""
+    kernel: bool | None = None
+    """None: the kernel map when usable, else userspace; False: userspace."""
+    wait_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or self.rounds < 1 or self.page_size < 1 or self.updates < 1:
+            raise ValueError("count, rounds, page size and updates must be positive")
+        if self.updates > self.count:
+            raise ValueError(f"--updates ({self.updates}) cannot exceed --count ({self.count})")
+        if self.count > IPCACHE_MAX_ENTRIES:
+            raise ValueError(f"--count above the ipcache's {IPCACHE_MAX_ENTRIES} entries")
+
+
+def bench_endpoint(i: int, identity: int | None = None) -> Endpoint:
+    node = i % NODES
+    return Endpoint(
+        ip=IPv4Address(FIRST_IP + i),
+        identity=NumericIdentity(identity if identity is not None else 1000 + i % 5000),
+        node=NodeName(f"bench-node-{node}"),
+        host_ip=IPv4Address(int(IPv4Address("192.168.0.1")) + node),
+        name=f"pod-{i}",
+        namespace="bench",
+    )
+
+
+def _entry(endpoint: Endpoint) -> IpcacheEntry:
+    return IpcacheEntry(endpoint.identity, endpoint.host_ip, 0)
+
+
+def _rate_stats(rates: list[float]) -> dict[str, Any]:
+    return {"median": round(statistics.median(rates)), "rounds": [round(r) for r in rates]}
+
+
+def _latency_stats(samples: list[float]) -> dict[str, float]:
+    ms = [s * 1000 for s in samples]
+    return {
+        "p50_ms": round(percentile(ms, 50), 3),
+        "p99_ms": round(percentile(ms, 99), 3),
+        "max_ms": round(max(ms), 3),
+        "mean_ms": round(statistics.fmean(ms), 3),
+    }
+
+
+class _Datapath:
+    """Fresh ipcache maps of one kind: kernel LPM tries (unpinned) or userspace."""
+
+    def __init__(self, want_kernel: bool | None) -> None:
+        support = detect_datapath()
+        self.kernel = support.kernel and want_kernel is not False
+        self.reason = "--userspace" if want_kernel is False else support.reason
+
+    def new(self) -> Ipcache:
+        if not self.kernel:
+            return userspace_ipcache()
+        kmap = KernelMap.create(
+            IPCACHE_MAP_NAME, BPF_MAP_TYPE_LPM_TRIE, KEY_SIZE, VALUE_SIZE, IPCACHE_MAX_ENTRIES
+        )
+        return Ipcache(kmap)
+
+    @staticmethod
+    def close(ipcache: Ipcache) -> None:
+        if isinstance(ipcache.map, KernelMap):
+            ipcache.map.close()
+
+
+async def run_datapath_bench(
+    config: KvstoreConfig, params: DatapathBenchParams, progress: Progress
+) -> dict[str, Any]:
+    run = f"{utc_stamp()}-{uuid.uuid4().hex[:6]}"
+    bench_prefix = f"{config.prefix}bench-datapath/{run}/"
+    layout = KeyLayout(bench_prefix)
+    datapath = _Datapath(params.kernel)
+    progress(f"datapath: {'kernel' if datapath.kernel else 'userspace'} maps ({datapath.reason})")
+    cluster = config.clusters[0]
+    async with ShardMap(config, own_connection=True) as shards:
+        store = KvEndpointStore(
+            shards, layout, StoreMetrics.create(CollectorRegistry()), None, node=None
+        )
+        backend = shards.shards("endpoints")[0]
+        try:
+            status = await backend.status()
+            record: dict[str, Any] = {
+                "benchmark": "datapath",
+                "started_at": run,
+                "etcd_version": status.version,
+                "etcd_members": len(await backend.members()),
+                "endpoint": cluster.endpoints[0],
+                "datapath": "kernel" if datapath.kernel else "userspace",
+                "datapath_reason": datapath.reason,
+                "kernel": platform.release(),
+                "python": platform.python_version(),
+                "aetcd": package_version("aetcd"),
+                "grpcio": package_version("grpcio"),
+                "params": asdict(params),
+                "prefix": bench_prefix,
+            }
+            await _load(backend, store, params, progress)
+            record["cold_sync"] = await _cold_sync(backend, store, datapath, params, progress)
+            record["watch_latency"] = await _latency(backend, store, datapath, params, progress)
+        finally:
+            progress(f"deleting {bench_prefix} in chunks...")
+            with contextlib.suppress(KvstoreError):
+                record_deleted = await delete_in_chunks(backend, bench_prefix.encode())
+                progress(f"deleted {record_deleted} keys")
+    record["notes"] = [
+        "cold sync: A = bare aetcd Range pages at one revision, envelope decode only; "
+        "B = EtcdBackend pages at one revision + Endpoint decode (KvEndpointStore) + "
+        "ipcache entries + IpcacheReconciler begin_resync/set+flush per page/end_resync "
+        "into a fresh map; same page size; rounds interleaved A B A B; one process",
+        "watch latency: put issued (monotonic, just before the put) -> reconciler "
+        "written_at for the entry (monotonic); KvEndpointStore.watch (ListWatcher) -> "
+        "reconciler.set, reconciler.run flushing; each update changes the identity",
+    ]
+    if not datapath.kernel:
+        record["notes"].append(f"USERSPACE map, not the kernel: {datapath.reason}")
+    return record
+
+
+async def _load(
+    backend: EtcdBackend, store: KvEndpointStore, params: DatapathBenchParams, progress: Progress
+) -> None:
+    started = time.perf_counter()
+    progress(f"loading {params.count} endpoint records ({PUTS_PER_TXN} puts per txn)...")
+    done = 0
+    next_note = 0
+    limit = asyncio.Semaphore(LOAD_CONCURRENCY)
+
+    async def one(start: int) -> None:
+        nonlocal done, next_note
+        ops = []
+        for i in range(start, min(start + PUTS_PER_TXN, params.count)):
+            endpoint = bench_endpoint(i)
+            ops.append(Put(store.key(endpoint.ip), store.codec.encode(endpoint.to_dict())))
+        async with limit:
+            await backend.txn([], ops)
+        done += len(ops)
+        if done >= next_note:
+            progress(f"  loaded {done}/{params.count}")
+            next_note += max(10_000, params.count // 10)
+
+    await asyncio.gather(*(one(s) for s in range(0, params.count, PUTS_PER_TXN)))
+    progress(f"loaded {params.count} in {time.perf_counter() - started:.1f}s")
+
+
+async def _bare_list(client: aetcd.Client, prefix: bytes, page_size: int) -> int:
+    """A: paginated Range at one revision, envelope decode only; returns entries."""
+    start, end, revision, count = prefix, prefix_range_end(prefix), 0, 0
+    while True:
+        request = rpc.RangeRequest(key=start, range_end=end, limit=page_size, revision=revision)
+        response = await client.kvstub.Range(request, timeout=30.0, metadata=client.metadata)
+        revision = revision or response.header.revision
+        for kv in response.kvs:
+            codec.decode(ENDPOINT_KIND, kv.value)
+            count += 1
+        if not response.more or not response.kvs:
+            return count
+        start = response.kvs[-1].key + b"\0"
+
+
+async def _ours_sync(
+    backend: EtcdBackend, store: KvEndpointStore, ipcache: Ipcache, page_size: int
+) -> tuple[int, dict[str, float]]:
+    """B: list + decode + ipcache entries + reconciler flush; returns (entries, phases)."""
+    reconciler = IpcacheReconciler(ipcache)
+    phases = {"list_decode_s": 0.0, "set_s": 0.0, "flush_s": 0.0, "end_resync_s": 0.0}
+    reconciler.begin_resync()
+    prefix = store.prefix
+    mark = time.perf_counter()
+    async for page, _ in backend.iter_prefix(prefix, page_size=page_size):
+        endpoints = store.codec.decode_all(page, prefix, store._build)
+        t_decoded = time.perf_counter()
+        for versioned in endpoints:
+            ep = versioned.value
+            reconciler.set(f"endpoint:{ep.ip}", {ep.prefix: _entry(ep)}, priority=ENDPOINT_PRIORITY)
+        t_set = time.perf_counter()
+        reconciler.flush()
+        t_flushed = time.perf_counter()
+        phases["list_decode_s"] += t_decoded - mark
+        phases["set_s"] += t_set - t_decoded
+        phases["flush_s"] += t_flushed - t_set
+        mark = t_flushed
+    reconciler.end_resync()
+    phases["end_resync_s"] = time.perf_counter() - mark
+    if reconciler.stats.errors:
+        raise BenchError(f"the reconciler failed {reconciler.stats.errors} map writes")
+    return len(ipcache), phases
+
+
+async def _cold_sync(
+    backend: EtcdBackend,
+    store: KvEndpointStore,
+    datapath: _Datapath,
+    params: DatapathBenchParams,
+    progress: Progress,
+) -> dict[str, Any]:
+    host, port = _host_port(backend)
+    client = aetcd.Client(host, port, timeout=30.0)
+    await client.connect()
+    bare: list[float] = []
+    ours: list[float] = []
+    phases: list[dict[str, float]] = []
+    try:
+        for r in range(1, params.rounds + 1):
+            started = time.perf_counter()
+            got = await _bare_list(client, store.prefix, params.page_size)
+            seconds = time.perf_counter() - started
+            _check(got, params.count, "bare list")
+            bare.append(got / seconds)
+            progress(f"round {r}/{params.rounds} A bare list: {bare[-1]:,.0f} entries/s")
+            ipcache = datapath.new()
+            try:
+                started = time.perf_counter()
+                got, phase = await _ours_sync(backend, store, ipcache, params.page_size)
+                seconds = time.perf_counter() - started
+            finally:
+                datapath.close(ipcache)
+            _check(got, params.count, "ipcache")
+            ours.append(got / seconds)
+            phases.append({k: round(v, 3) for k, v in phase.items()})
+            progress(
+                f"round {r}/{params.rounds} B ours -> {_kind(datapath)} map: "
+                f"{ours[-1]:,.0f} entries/s ({phases[-1]})"
+            )
+    finally:
+        with contextlib.suppress(Exception):
+            await client.close()
+    ratio = statistics.median(ours) / statistics.median(bare)
+    return {
+        "entries": params.count,
+        "page_size": params.page_size,
+        "bare_entries_per_s": _rate_stats(bare),
+        "ours_entries_per_s": _rate_stats(ours),
+        "ratio": round(ratio, 3),
+        "round_ratios": [round(o / b, 3) for o, b in zip(ours, bare, strict=True)],
+        "goal_ratio": 0.5,
+        "ours_phases_s": phases,
+    }
+
+
+def _kind(datapath: _Datapath) -> str:
+    return "kernel" if datapath.kernel else "userspace"
+
+
+def _check(got: int, want: int, what: str) -> None:
+    if got != want:
+        raise BenchError(f"{what}: {got} entries, expected {want}")
+
+
+def _host_port(backend: EtcdBackend) -> tuple[str, int]:
+    url = backend.cluster.endpoints[0]
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme != "http" or parts.hostname is None or parts.port is None:
+        raise BenchError(f"bare aetcd needs a plaintext host:port endpoint, got {url}")
+    return parts.hostname, parts.port
+
+
+async def _latency(
+    backend: EtcdBackend,
+    store: KvEndpointStore,
+    datapath: _Datapath,
+    params: DatapathBenchParams,
+    progress: Progress,
+) -> dict[str, Any]:
+    ipcache = datapath.new()
+    reconciler = IpcacheReconciler(ipcache)
+    synced = asyncio.Event()
+
+    async def feed() -> None:
+        reconciler.begin_resync()
+        async for event in store.watch():
+            if event.kind is EventKind.SYNCED:
+                reconciler.end_resync()
+                synced.set()
+                continue
+            source = f"endpoint:{event.name}"
+            if event.kind is EventKind.UPSERT and event.value is not None:
+                ep = event.value
+                reconciler.set(source, {ep.prefix: _entry(ep)}, priority=ENDPOINT_PRIORITY)
+            else:
+                reconciler.remove(source)
+
+    step = max(1, params.count // params.updates)
+    indices = [j * step for j in range(params.updates)]
+    issued: dict[bytes, float] = {}
+    wanted: dict[bytes, bytes] = {}
+    samples: list[float] = []
+    watch_sync_s = 0.0
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(feed()), group.create_task(reconciler.run())]
+            try:
+                started = time.perf_counter()
+                await asyncio.wait_for(synced.wait(), params.wait_timeout + params.count / 1000)
+                watch_sync_s = time.perf_counter() - started
+                _check(len(ipcache), params.count, "watched ipcache")
+                progress(
+                    f"watch synced {params.count} entries in {watch_sync_s:.2f}s; putting "
+                    f"{params.updates} updates at {params.rate:g}/s..."
+                )
+                interval = 1.0 / params.rate
+                begin = time.monotonic()
+                for j, i in enumerate(indices):
+                    await asyncio.sleep(max(0.0, begin + j * interval - time.monotonic()))
+                    endpoint = bench_endpoint(i, identity=200_000 + j)
+                    key = encode_key(endpoint.prefix)
+                    wanted[key] = _entry(endpoint).encode()
+                    value = store.codec.encode(endpoint.to_dict())
+                    issued[key] = time.monotonic()
+                    await backend.put(store.key(endpoint.ip), value)
+                deadline = time.monotonic() + params.wait_timeout
+                while True:
+                    done = [
+                        k
+                        for k, t in issued.items()
+                        if reconciler.written_at.get(k, 0.0) >= t
+                        and ipcache.map.lookup(k) == wanted[k]
+                    ]
+                    if len(done) == len(issued):
+                        break
+                    if time.monotonic() > deadline:
+                        raise BenchError(
+                            f"watch latency: {len(done)}/{len(issued)} updates in the map "
+                            f"after {params.wait_timeout:.0f}s"
+                        )
+                    await asyncio.sleep(0.05)
+                samples = [reconciler.written_at[k] - t for k, t in issued.items()]
+            finally:
+                for task in tasks:
+                    task.cancel()
+    except* asyncio.CancelledError:
+        pass
+    finally:
+        datapath.close(ipcache)
+    if len(samples) != params.updates:
+        raise BenchError("watch latency: the measurement did not complete")
+    stats = _latency_stats(samples)
+    progress(f"watch -> map latency: p50 {stats['p50_ms']} ms, p99 {stats['p99_ms']} ms")
+    return {
+        "updates": params.updates,
+        "rate_per_s": params.rate,
+        "map_entries": params.count,
+        "watch_cold_sync_s": round(watch_sync_s, 3),
+        "watch_cold_sync_entries_per_s": round(params.count / watch_sync_s),
+        "reconciler_flushes": reconciler.stats.flushes,
+        **stats,
+    }
+
+
+# -- the command ----------------------------------------------------------------------
+
+
+def register_datapath(commands: Any) -> None:
+    """Add ``datapath`` to the ``bench`` subcommands."""
+    cmd = commands.add_parser(
+        "datapath",
+        help="cold sync of endpoints into the kernel ipcache map next to a bare etcd list; "
+        "watch -> map latency",
+        description=(
+            "(a) Cold sync of N endpoint records from etcd into a fresh kernel ipcache map "
+            "(list + decode + reconciler), entries/s next to a bare paginated aetcd list in "
+            "interleaved rounds, same page size; (b) watch event -> map update latency. "
+            "Progress goes to stderr; a JSON record is written under bench/results/."
+        ),
+    )
+    add_kvstore_flags(cmd)
+    target = cmd.add_argument_group("embedded etcd")
+    target.add_argument(
+        "--embedded",
+        action="store_true",
+        help="start a local etcd for the run and stop it afterwards",
+    )
+    target.add_argument(
+        "--members", type=positive_int, default=1, help="members of the embedded etcd (default 1)"
+    )
+    cmd.add_argument(
+        "--count", type=positive_int, default=100_000, help="endpoints (default 100000)"
+    )
+    cmd.add_argument(
+        "--rounds", type=positive_int, default=2, help="interleaved A B rounds (default 2)"
+    )
+    cmd.add_argument(
+        "--page-size",
+        type=positive_int,
+        default=10_000,
+        help="keys per list page, both sides (default 10000)",
+    )
+    cmd.add_argument(
+        "--updates",
+        type=positive_int,
+        default=500,
+        help="single endpoint updates for the latency measurement (default 500)",
+    )
+    cmd.add_argument(
+        "--rate", type=positive_float, default=100.0, help="updates per second (default 100)"
+    )
+    cmd.add_argument(
+        "--userspace", action="store_true", help="use a userspace map even when eBPF is usable"
+    )
+    cmd.add_argument(
+        "--output",
+        type=Path,
+        metavar="FILE",
+        help="JSON record path (default bench/results/datapath-<UTC>.json)",
+    )
+    add_json_flag(cmd)
+    cmd.set_defaults(run=run_datapath)
+
+
+async def run_datapath(args: argparse.Namespace) -> int:
+    from controlplane.cli.bench_cmd import RESULTS_DIR, bench_target, progress, write_record
+
+    try:
+        params = DatapathBenchParams(
+            count=args.count,
+            rounds=args.rounds,
+            page_size=args.page_size,
+            updates=min(args.updates, args.count),
+            rate=args.rate,
+            kernel=False if args.userspace else None,
+        )
+    except ValueError as exc:
+        raise CommandError(str(exc), 2) from exc
+    output = args.output or RESULTS_DIR / f"datapath-{utc_stamp()}.json"
+    config, etcd = await bench_target(args)
+    try:
+        record = await run_datapath_bench(config, params, progress)
+    except (KvstoreError, aetcd.ClientError) as exc:
+        raise CommandError(f"bench datapath: {type(exc).__name__}: {exc}") from exc
+    except BenchError as exc:
+        raise CommandError(str(exc)) from exc
+    finally:
+        if etcd is not None:
+            await etcd.stop()
+    record["embedded_members"] = args.members if args.embedded else None
+    write_record(output, record)
+    if args.json:
+        print_json(record)
+    else:
+        print_record(record)
+    progress(f"wrote {output}")
+    return EXIT_OK
+
+
+def print_record(record: dict[str, Any]) -> None:
+    sync, lat = record["cold_sync"], record["watch_latency"]
+    print(
+        f"datapath on etcd {record['etcd_version']} ({record['etcd_members']} member(s)), "
+        f"{record['datapath']} ipcache map ({record['datapath_reason']}), kernel "
+        f"{record['kernel']}; {sync['entries']} endpoints, {sync['page_size']}-key pages, "
+        f"{len(sync['round_ratios'])} interleaved rounds (medians)"
+    )
+    print_table(
+        ["MEASURE", "VALUE", "ROUNDS"],
+        [
+            [
+                "bare list + envelope decode, entries/s",
+                f"{sync['bare_entries_per_s']['median']:,}",
+                ", ".join(f"{r:,}" for r in sync["bare_entries_per_s"]["rounds"]),
+            ],
+            [
+                f"ours: list + decode + reconcile into {record['datapath']} map, entries/s",
+                f"{sync['ours_entries_per_s']['median']:,}",
+                ", ".join(f"{r:,}" for r in sync["ours_entries_per_s"]["rounds"]),
+            ],
+            [
+                "ratio ours/bare (goal >= 0.5)",
+                f"{sync['ratio']:.3f}",
+                ", ".join(f"{r:.3f}" for r in sync["round_ratios"]),
+            ],
+            ["watch -> map latency p50", f"{lat['p50_ms']:.2f} ms", "-"],
+            ["watch -> map latency p99", f"{lat['p99_ms']:.2f} ms", "-"],
+            ["watch -> map latency max", f"{lat['max_ms']:.2f} ms", "-"],
+        ],
+    )
+    for note in record["notes"]:
+        print(f"note: {note}")
