@@ -22,6 +22,7 @@ from controlplane.model import (
     IPAddress,
     IPLease,
     Labels,
+    NetworkPolicy,
     Node,
     NodeName,
     NumericIdentity,
@@ -125,3 +126,19 @@ class IPLeaseStore(Protocol):
         ...
 
     async def release(self, ip: IPAddress) -> None: ...
+
+
+class PolicyStore(Protocol):
+    """Network policies (written by operators and tools; read by every agent)."""
+
+    async def put(self, policy: NetworkPolicy) -> None: ...
+
+    async def delete(self, namespace: str, name: str) -> bool:
+        """Remove the policy; False when it did not exist."""
+        ...
+
+    async def list(self) -> list[Versioned[NetworkPolicy]]: ...
+
+    def watch(self) -> AsyncIterator[StoreEvent[NetworkPolicy]]:
+        """Events named ``namespace/name``."""
+        ...

@@ -19,7 +19,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -32,6 +32,7 @@ from controlplane.agent.datapath import (
     choose_datapath,
     close_ipcache,
     open_ipcache,
+    open_policy_maps,
     unpin_ipcache,
 )
 from controlplane.agent.health import Failure, Observation, RestartArm, ShardHealth
@@ -40,6 +41,7 @@ from controlplane.agent.settings import EXIT_RESTART, AgentSettings, RestartMode
 from controlplane.config import KvstoreConfig
 from controlplane.datapath.ipcache import FLAG_LOCAL, FLAG_NODE, Ipcache, IpcacheEntry
 from controlplane.datapath.kernel import KernelMap
+from controlplane.datapath.policymap import PolicyMaps, close_policy_maps, unpin_policy_maps
 from controlplane.datapath.reconciler import IpcacheReconciler, describe
 from controlplane.identity.allocator import IdentityAllocator
 from controlplane.ipam.node_ips import CIDRExhausted, NodeIPAllocator
@@ -51,10 +53,12 @@ from controlplane.kvstore.ipam import KvCIDRStore, KvIPLeaseStore
 from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.nodes import KvNodeStore
 from controlplane.kvstore.owner import Owners
+from controlplane.kvstore.policies import KvPolicyStore
 from controlplane.kvstore.shards import ShardMap
 from controlplane.model import (
     IDENTITY_HOST,
     IDENTITY_REMOTE_NODE,
+    RESERVED_IDENTITIES,
     Endpoint,
     EndpointID,
     Identity,
@@ -62,11 +66,14 @@ from controlplane.model import (
     IPNetwork,
     Labels,
     ModelError,
+    NetworkPolicy,
     Node,
     NodeName,
     NumericIdentity,
     parse_endpoint_id,
 )
+from controlplane.policy.compute import NOT_ENFORCED, EndpointPolicy, Subject, compute
+from controlplane.policy.endpoint_id import EndpointIDError, check_cidr, endpoint_id
 from controlplane.store_types import CIDRClaim, EventKind, StoreEvent
 from controlplane.telemetry import Check, TelemetryServer
 
@@ -115,7 +122,7 @@ class LocalEndpoint:
     def id(self) -> EndpointID:
         return EndpointID(f"{self.namespace}/{self.name}")
 
-    def to_json(self, node: NodeName) -> dict[str, Any]:
+    def to_json(self, node: NodeName, cidr: IPNetwork | None = None) -> dict[str, Any]:
         return {
             "namespace": self.namespace,
             "name": self.name,
@@ -123,7 +130,18 @@ class LocalEndpoint:
             "ip": None if self.ip is None else str(self.ip),
             "identity": None if self.identity is None else int(self.identity.id),
             "node": str(node),
+            "endpoint_id": self.endpoint_id(cidr),
         }
+
+    def endpoint_id(self, cidr: IPNetwork | None) -> int | None:
+        """The u32 id the tc program keys this endpoint's policy by (its IP's offset in the
+        node's pod CIDR; see :mod:`controlplane.policy.endpoint_id`), None when unknown."""
+        if cidr is None or self.ip is None:
+            return None
+        try:
+            return endpoint_id(cidr, self.ip)
+        except EndpointIDError:
+            return None
 
 
 @dataclass(slots=True)
@@ -133,6 +151,7 @@ class AgentCache:
     identities: dict[str, Identity]
     endpoints: dict[str, Endpoint]
     nodes: dict[str, Node]
+    policies: dict[str, NetworkPolicy] = field(default_factory=dict)
 
 
 class Agent:
@@ -145,6 +164,7 @@ class Agent:
         *,
         registry: CollectorRegistry | None = None,
         ipcache: Ipcache | None = None,
+        policy_maps: PolicyMaps | None = None,
     ) -> None:
         self.settings = settings
         self.kvstore = kvstore
@@ -163,6 +183,23 @@ class Agent:
             self.ipcache = ipcache
         self.datapath_mode = self.datapath.mode
         self.reconciler = IpcacheReconciler(self.ipcache)
+        # cp_policy/cp_endpoints: pinned beside an ipcache this agent opened, else userspace
+        self._own_policy_maps = policy_maps is None
+        if policy_maps is None:
+            choice = self.datapath if self._own_ipcache else DatapathChoice(False, "")
+            try:
+                policy_maps = open_policy_maps(choice, settings.bpf_pin_dir)
+            except BaseException:
+                if self._own_ipcache:
+                    close_ipcache(self.ipcache)
+                raise
+        self.policy_maps = policy_maps
+        self.policy: dict[EndpointID, EndpointPolicy] = {}
+        """Each local endpoint's computed ingress policy (what the policy maps hold)."""
+        self.policy_error: str | None = None
+        self.policy_computes = 0
+        self._policy_synced_once = False
+        self._policy_wake = asyncio.Event()
         if self.datapath.kernel:
             log.info(
                 "%s: datapath: kernel maps (%s), ipcache pinned at %s",
@@ -184,7 +221,7 @@ class Agent:
         self.started = asyncio.Event()
         """Set once the local API and the telemetry endpoint listen."""
         self.telemetry: TelemetryServer | None = None
-        self.api = LocalAPI(self, settings.api_socket, count=self._count_request)
+        self.api = _AgentAPI(self, settings.api_socket, count=self._count_request)
         self._arms: dict[str, RestartArm] = {}
         self.last_monitors: dict[str, HeartbeatMonitor] = {}
         self.last_health: dict[str, ShardHealth] = {}
@@ -233,10 +270,14 @@ class Agent:
             self.started.set()
             async with asyncio.TaskGroup() as group:
                 flusher = group.create_task(self.reconciler.run(), name="ipcache-flush")
+                policies = group.create_task(self._policy_flusher(), name="policy-flush")
                 sessions = group.create_task(self._sessions(), name=f"agent:{self.settings.node}")
                 await sessions  # returns on stop, raises AgentExit
                 flusher.cancel()
+                policies.cancel()
             self.reconciler.flush()
+            if self.settings.cleanup_on_exit and self._own_policy_maps:
+                unpin_policy_maps(self.policy_maps, self.settings.bpf_pin_dir)
             # The pinned map outlives the agent (forwarding goes on while it is down);
             # only --cleanup-on-exit, which withdraws the node, removes the pin.
             if (
@@ -253,6 +294,8 @@ class Agent:
                 await self.telemetry.close()
             if self._own_ipcache:
                 close_ipcache(self.ipcache)  # the pin keeps the map and its entries
+            if self._own_policy_maps:
+                close_policy_maps(self.policy_maps)
 
     async def _sessions(self) -> None:
         while not self._stop.is_set():
@@ -314,7 +357,7 @@ class Agent:
                     raise APIError(
                         409, f"endpoint {eid} exists with other labels ({existing.labels})"
                     )
-                return existing.to_json(self.settings.node), False
+                return existing.to_json(self.settings.node, self.cidr), False
             local = LocalEndpoint(namespace, name, wanted)
             try:
                 issued = await session.publish(local)
@@ -324,9 +367,10 @@ class Agent:
                 raise APIError(503, f"kvstore: {exc}") from None
             self.endpoints[eid] = local
             self.metrics.endpoints.set(len(self.endpoints))
+            self.policy_changed()
             # When the endpoint's etcd write was issued, on the host-wide monotonic clock
             # (benchmarks compare it with other agents' map write times).
-            return {**local.to_json(self.settings.node), "write_issued_at": issued}, True
+            return {**local.to_json(self.settings.node, self.cidr), "write_issued_at": issued}, True
 
     async def delete_endpoint(self, namespace: str, name: str) -> bool:
         eid = EndpointID(f"{namespace}/{name}")
@@ -343,10 +387,103 @@ class Agent:
                 raise APIError(503, f"kvstore: {exc}") from None
             del self.endpoints[eid]
             self.metrics.endpoints.set(len(self.endpoints))
+            self.policy_changed()
             return True
 
     def list_endpoints(self) -> list[dict[str, Any]]:
-        return [e.to_json(self.settings.node) for _, e in sorted(self.endpoints.items())]
+        node, cidr = self.settings.node, self.cidr
+        return [e.to_json(node, cidr) for _, e in sorted(self.endpoints.items())]
+
+    # -- policy ----------------------------------------------------------------------
+
+    def policy_changed(self) -> None:
+        """An input of the policy computation changed: recompute soon (at once when idle;
+        changes that arrive during a computation form the next batch)."""
+        self._policy_wake.set()
+
+    async def _policy_flusher(self) -> None:
+        while True:
+            await self._policy_wake.wait()
+            await asyncio.sleep(0)
+            self._policy_wake.clear()
+            if self.flush_policy() is None:  # a map write failed: retry after a pause
+                await asyncio.sleep(1.0)
+                self._policy_wake.set()
+
+    def _policy_inputs_ready(self) -> bool:
+        """Every input listed once: before that (a new process on pinned maps, a first
+        session) the maps keep what they hold rather than a half-known truth."""
+        if not self._policy_synced_once:
+            session = self._session
+            self._policy_synced_once = (
+                session is not None
+                and session.ready.is_set()
+                and {"identities", "policies"} <= session._synced
+            )
+        return self._policy_synced_once
+
+    def flush_policy(self) -> bool | None:
+        """Recompute every local endpoint's policy and write the differences to the maps.
+
+        False when the inputs are not known yet (nothing written), None when a map write
+        failed (the caller retries)."""
+        if not self._policy_inputs_ready():
+            return False
+        subjects = {
+            eid: Subject(local.namespace, local.labels)
+            for eid, local in self.endpoints.items()
+            if local.ip is not None
+        }
+        identities: dict[int, Labels] = {int(i): lbls for i, lbls in RESERVED_IDENTITIES.items()}
+        for identity in self.cache.identities.values():
+            identities[int(identity.id)] = identity.labels
+        self.policy = compute(subjects, identities, self.cache.policies.values())
+        self.policy_computes += 1
+        desired: dict[int, tuple[bool, frozenset[tuple[int, int, int]]]] = {}
+        if self.cidr is not None:
+            try:
+                check_cidr(self.cidr)
+            except EndpointIDError as exc:
+                if self.policy_error is None:
+                    log.error("%s: policy not programmed: %s", self.settings.node, exc)
+                self.policy_error = str(exc)
+                return False
+        for eid, result in self.policy.items():
+            ep = self.endpoints[eid].endpoint_id(self.cidr)
+            if ep is not None:
+                desired[ep] = (result.enforced, result.allowed)
+        if not self.policy_maps.sync(desired):
+            return None
+        return True
+
+    def endpoint_policy(self, namespace: str, name: str) -> dict[str, Any]:
+        """``GET /v1/policy/<namespace>/<name>``: the endpoint's computed policy and what
+        the maps hold for it."""
+        local = self.endpoints.get(EndpointID(f"{namespace}/{name}"))
+        if local is None:
+            raise APIError(404, f"no endpoint {namespace}/{name}")
+        ep = local.endpoint_id(self.cidr)
+        result = self.policy.get(local.id, NOT_ENFORCED)
+        flags = None if ep is None else self.policy_maps.flags().get(ep)
+        rows = [] if ep is None else self.policy_maps.rows(ep)
+        return {
+            "endpoint": str(local.id),
+            "endpoint_id": ep,
+            "identity": None if local.identity is None else int(local.identity.id),
+            "enforced": result.enforced,
+            "selected_by": list(result.selected_by),
+            "allowed": [
+                {"identity": i, "port": port, "proto": proto}
+                for i, port, proto in sorted(result.allowed)
+            ],
+            "map": {
+                "flags": flags,
+                "entries": [
+                    {"identity": r.identity, "port": r.port, "proto": r.proto, "allow": r.allow}
+                    for r in rows
+                ],
+            },
+        }
 
     def ipcache_entries(self) -> list[dict[str, object]]:
         return describe(self.ipcache, self.reconciler.written_at)
@@ -427,8 +564,18 @@ class Agent:
                         "updates": stats.updates,
                         "deletes": stats.deletes,
                         "resyncs": stats.resyncs,
-                    }
+                    },
+                    self.policy_maps.policy.name: {"entries": len(self.policy_maps.policy)},
+                    self.policy_maps.endpoints.name: {"entries": len(self.policy_maps.endpoints)},
                 },
+            },
+            "policy": {
+                "policies": len(self.cache.policies),
+                "enforced_endpoints": sum(1 for p in self.policy.values() if p.enforced),
+                "computes": self.policy_computes,
+                "map_updates": self.policy_maps.stats.updates,
+                "map_deletes": self.policy_maps.stats.deletes,
+                "error": self.policy_error,
             },
             "malformed_skipped": _sample_sum(
                 self.metrics.registry, "cp_store_malformed_values_total"
@@ -476,6 +623,7 @@ class _Session:
         self.identity_store.changed.append(self._identity_changed)
         self.leases = KvIPLeaseStore(self.shards, layout, metrics, self.owners, node=s.node)
         self.cidrs = KvCIDRStore(self.shards, layout, metrics)
+        self.policies = KvPolicyStore(self.shards, layout, metrics)
         self.ips: NodeIPAllocator | None = None
         self.monitors = {
             b.name: HeartbeatMonitor(
@@ -513,6 +661,7 @@ class _Session:
             "identities": set(agent.cache.identities),
             "endpoints": set(agent.cache.endpoints),
             "nodes": set(agent.cache.nodes),
+            "policies": set(agent.cache.policies),
         }
         stopped = False
         reason: str | None = None
@@ -525,6 +674,7 @@ class _Session:
                     "watch-identities": self._watch_identities,
                     "watch-endpoints": self._watch_endpoints,
                     "watch-nodes": self._watch_nodes,
+                    "watch-policies": self._watch_policies,
                     "startup": self._startup,
                     "republish": self._republisher,
                     "stop": self._wait_stop,
@@ -608,6 +758,7 @@ class _Session:
         self.phase = "ready"
         self.ready.set()
         agent._ready.set()
+        agent.policy_changed()
         log.info(
             "%s: ready (generation %d, CIDR %s, %d endpoints)",
             s.node,
@@ -671,6 +822,7 @@ class _Session:
                 if held is None or held.ip != record.ip:
                     await self.endpoints.remove(record.ip)
             agent.metrics.endpoints.set(len(agent.endpoints))
+            agent.policy_changed()
 
     async def publish(self, local: LocalEndpoint) -> float:
         """Lease the IP, take the identity reference, publish the record (idempotent).
@@ -748,10 +900,26 @@ class _Session:
     async def _watch_identities(self) -> None:
         cache = self.agent.cache.identities
         async for event in self.identity_store.watch():
+            self.agent.policy_changed()
             if event.kind is EventKind.SYNCED:
                 self._sweep("identities", cache)
+                self._synced_stream("identities")
                 continue
             self._stale["identities"].discard(event.name)
+            if event.kind is EventKind.UPSERT and event.value is not None:
+                cache[event.name] = event.value
+            else:
+                cache.pop(event.name, None)
+
+    async def _watch_policies(self) -> None:
+        cache = self.agent.cache.policies
+        async for event in self.policies.watch():
+            self.agent.policy_changed()
+            if event.kind is EventKind.SYNCED:
+                self._sweep("policies", cache)
+                self._synced_stream("policies")
+                continue
+            self._stale["policies"].discard(event.name)
             if event.kind is EventKind.UPSERT and event.value is not None:
                 cache[event.name] = event.value
             else:
@@ -859,6 +1027,24 @@ class _Session:
         m.kvstore_healthy.labels(name).set(1 if health.healthy else 0)
         m.kvstore_errors.labels(name).set(health.consecutive_errors)
         return failure
+
+
+class _AgentAPI(LocalAPI):
+    """The local API plus ``GET /v1/policy/<namespace>/<name>`` (an endpoint's policy)."""
+
+    def __init__(self, agent: Agent, path: Path, **kwargs: Any) -> None:
+        super().__init__(agent, path, **kwargs)
+        self.agent = agent
+
+    async def _dispatch(self, method: str, target: str, body: bytes) -> tuple[int, Any]:
+        parts = [p for p in target.split("?", 1)[0].split("/") if p]
+        if len(parts) >= 2 and parts[:2] == ["v1", "policy"]:
+            if method != "GET":
+                raise APIError(405, f"method {method} not allowed here (want GET)")
+            if len(parts) != 4:
+                raise APIError(404, "want /v1/policy/<namespace>/<name>")
+            return 200, self.agent.endpoint_policy(parts[2], parts[3])
+        return await super()._dispatch(method, target, body)
 
 
 def _node_entries(node: Node, me: NodeName) -> dict[IPNetwork, IpcacheEntry]:

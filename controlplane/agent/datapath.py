@@ -19,6 +19,11 @@ from controlplane.agent.settings import DatapathMode
 from controlplane.datapath.capabilities import DatapathSupport, detect_datapath
 from controlplane.datapath.ipcache import IPCACHE_MAP_NAME, Ipcache, userspace_ipcache
 from controlplane.datapath.kernel import KernelMap, KernelMapError, pinned_ipcache
+from controlplane.datapath.policymap import (
+    PolicyMaps,
+    pinned_policy_maps,
+    userspace_policy_maps,
+)
 
 
 class DatapathUnavailable(Exception):
@@ -64,6 +69,18 @@ def open_ipcache(choice: DatapathChoice, pin_dir: Path) -> Ipcache:
         raise DatapathUnavailable(
             f"kernel ipcache at {pin_dir / IPCACHE_MAP_NAME}: {exc}"
         ) from None
+
+
+def open_policy_maps(choice: DatapathChoice, pin_dir: Path) -> PolicyMaps:
+    """``cp_policy`` and ``cp_endpoints``: pinned under ``pin_dir`` beside the ipcache (opened
+    with their content when pinned, else created and pinned, exactly as ``bpf/cp_maps.h``
+    declares them), or fresh userspace maps."""
+    if not choice.kernel:
+        return userspace_policy_maps()
+    try:
+        return pinned_policy_maps(pin_dir)
+    except (KernelMapError, OSError) as exc:
+        raise DatapathUnavailable(f"kernel policy maps under {pin_dir}: {exc}") from None
 
 
 def unpin_ipcache(ipcache: Ipcache, pin_dir: Path) -> bool:

@@ -9,10 +9,12 @@ from collections.abc import Sequence
 
 from controlplane.cli import (
     bench_cmd,
+    bpf_cmd,
     etcd_cmd,
     identity_cmd,
     ipam_cmd,
     kvstore_cmd,
+    policy_cmd,
     status_cmd,
     up_cmd,
     views_cmd,
@@ -38,6 +40,8 @@ def build_parser() -> Parser:
     views_cmd.register_node(commands)
     ipam_cmd.register(commands)
     status_cmd.register(commands)
+    policy_cmd.register(commands)
+    bpf_cmd.register(commands)
     bench_cmd.register(commands)
     return parser
 

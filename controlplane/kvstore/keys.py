@@ -89,3 +89,11 @@ class KeyLayout:
     def operator_epoch(self) -> bytes:
         """The fencing token of the current operator leader, on every cluster."""
         return self._key(".operator", "epoch")
+
+    # network policies (appended: keys above are a stable interface)
+    @property
+    def policy_prefix(self) -> bytes:
+        return self._key("state", "policies", "v1", "")
+
+    def policy(self, namespace: str, name: str) -> bytes:
+        return self._key("state", "policies", "v1", namespace, name)
