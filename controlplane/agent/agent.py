@@ -43,6 +43,7 @@ from controlplane.datapath.ipcache import FLAG_LOCAL, FLAG_NODE, Ipcache, Ipcach
 from controlplane.datapath.kernel import KernelMap
 from controlplane.datapath.policymap import PolicyMaps, close_policy_maps, unpin_policy_maps
 from controlplane.datapath.reconciler import IpcacheReconciler, describe
+from controlplane.datapath.routes import RouteManager
 from controlplane.identity.allocator import IdentityAllocator
 from controlplane.ipam.node_ips import CIDRExhausted, NodeIPAllocator
 from controlplane.kvstore.endpoints import IPConflict, KvEndpointStore
@@ -200,6 +201,14 @@ class Agent:
         self.policy_computes = 0
         self._policy_synced_once = False
         self._policy_wake = asyncio.Event()
+        self.routes: RouteManager | None = (
+            RouteManager(netns=settings.routes_netns) if settings.routes else None
+        )
+        """Routes to the other nodes' pod CIDRs (``--routes``), None when off."""
+        self.routes_error: str | None = None
+        self.routes_synced = 0
+        self._nodes_synced_once = False
+        self._routes_wake = asyncio.Event()
         if self.datapath.kernel:
             log.info(
                 "%s: datapath: kernel maps (%s), ipcache pinned at %s",
@@ -271,11 +280,15 @@ class Agent:
             async with asyncio.TaskGroup() as group:
                 flusher = group.create_task(self.reconciler.run(), name="ipcache-flush")
                 policies = group.create_task(self._policy_flusher(), name="policy-flush")
+                routes = group.create_task(self._route_syncer(), name="routes")
                 sessions = group.create_task(self._sessions(), name=f"agent:{self.settings.node}")
                 await sessions  # returns on stop, raises AgentExit
                 flusher.cancel()
                 policies.cancel()
+                routes.cancel()
             self.reconciler.flush()
+            if self.settings.cleanup_on_exit and self.routes is not None:
+                await self._flush_routes()
             if self.settings.cleanup_on_exit and self._own_policy_maps:
                 unpin_policy_maps(self.policy_maps, self.settings.bpf_pin_dir)
             # The pinned map outlives the agent (forwarding goes on while it is down);
@@ -409,6 +422,74 @@ class Agent:
             if self.flush_policy() is None:  # a map write failed: retry after a pause
                 await asyncio.sleep(1.0)
                 self._policy_wake.set()
+
+    # -- routes to other nodes ------------------------------------------------------
+
+    def routes_changed(self) -> None:
+        """The node cache changed: re-sync the routes soon."""
+        self._routes_wake.set()
+
+    def desired_routes(self) -> dict[IPNetwork, IPAddress]:
+        """Every other node's pod CIDRs → that node's first IP of the CIDR's family."""
+        desired: dict[IPNetwork, IPAddress] = {}
+        for node in self.cache.nodes.values():
+            if node.name == self.settings.node:
+                continue
+            for cidr in node.pod_cidrs:
+                gateway = next((ip for ip in node.ips if ip.version == cidr.version), None)
+                if gateway is not None:
+                    desired[cidr] = gateway
+        return desired
+
+    async def _route_syncer(self) -> None:
+        if self.routes is None:
+            return
+        failures = 0
+        while True:
+            await self._routes_wake.wait()
+            self._routes_wake.clear()
+            # Not before the node list is known once: a new process would otherwise delete
+            # the routes of nodes not listed yet (forwarding keeps them while it starts).
+            if not self._nodes_synced_once:
+                continue
+            ok = await self.sync_routes()
+            failures = 0 if ok else failures + 1
+            if (
+                failures and not self._stop.is_set()
+            ):  # retry (gateway not reachable yet, netns missing, ...)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(30.0, 0.5 * 2 ** min(failures, 6))):
+                        await self._stop.wait()
+                self._routes_wake.set()
+
+    async def sync_routes(self) -> bool:
+        """Make the routes match the node cache now; False when something failed."""
+        if self.routes is None:
+            return True
+        try:
+            result = await self.routes.sync_async(self.desired_routes())
+        except Exception as exc:  # RouteError, NetlinkError, LoaderError (setns), OSError
+            error = f"{type(exc).__name__}: {exc}"
+            if error != self.routes_error:
+                log.error("%s: routes not programmed: %s", self.settings.node, error)
+            self.routes_error = error
+            return False
+        self.routes_synced += 1
+        if result.errors:
+            self.routes_error = "; ".join(f"{k}: {v}" for k, v in sorted(
+                result.errors.items(), key=lambda kv: str(kv[0])))  # fmt: skip
+            return False
+        self.routes_error = None
+        return True
+
+    async def _flush_routes(self) -> None:
+        assert self.routes is not None
+        try:
+            removed = await asyncio.to_thread(self.routes.flush)
+        except Exception as exc:
+            log.error("%s: removing the routes failed: %s", self.settings.node, exc)
+        else:
+            log.info("%s: removed %d routes to other nodes", self.settings.node, removed)
 
     def _policy_inputs_ready(self) -> bool:
         """Every input listed once: before that (a new process on pinned maps, a first
@@ -576,6 +657,13 @@ class Agent:
                 "map_updates": self.policy_maps.stats.updates,
                 "map_deletes": self.policy_maps.stats.deletes,
                 "error": self.policy_error,
+            },
+            "routes": {
+                "enabled": self.routes is not None,
+                "netns": self.settings.routes_netns,
+                "desired": len(self.desired_routes()) if self.routes is not None else 0,
+                "syncs": self.routes_synced,
+                "error": self.routes_error,
             },
             "malformed_skipped": _sample_sum(
                 self.metrics.registry, "cp_store_malformed_values_total"
@@ -954,6 +1042,8 @@ class _Session:
                 for name in self._sweep("nodes", cache):
                     agent.reconciler.remove(f"node:{name}")
                 self._synced_stream("nodes")
+                agent._nodes_synced_once = True
+                agent.routes_changed()  # after every (re)sync: the swept nodes' routes go
                 continue
             self._stale["nodes"].discard(event.name)
             source = f"node:{event.name}"
@@ -965,6 +1055,7 @@ class _Session:
             else:
                 cache.pop(event.name, None)
                 agent.reconciler.remove(source)
+            agent.routes_changed()
 
     def _sweep(self, resource: str, cache: dict[str, Any]) -> set[str]:
         gone = self._stale.get(resource, set())

@@ -85,12 +85,21 @@ class AgentSettings:
     """Port of the telemetry endpoint (0: ephemeral; None: disabled)."""
     cleanup_on_exit: bool = False
     """On shutdown, withdraw endpoints and node record and revoke leases (normally kept,
-    so endpoints survive an agent restart); with kernel maps, also unpin the ipcache."""
+    so endpoints survive an agent restart); with kernel maps, also unpin the ipcache; with
+    ``routes``, also remove the routes to other nodes."""
     datapath: DatapathMode = DatapathMode.USERSPACE
     """Which ipcache map to drive. The command line defaults to ``auto``; a programmatic
     (in-process) agent defaults to userspace so it never touches the machine-wide pins."""
     bpf_pin_dir: Path = DEFAULT_BPF_PIN_DIR
     """Directory (on a bpffs) of the pinned ``cp_ipcache`` in kernel mode."""
+    routes: bool = False
+    """Keep a route to every other node's pod CIDR via that node's first IP (of the
+    CIDR's family) in the main table, from the node watch. The command line defaults to
+    on; a programmatic (in-process) agent defaults to off so it never touches the host's
+    routing table."""
+    routes_netns: str | None = None
+    """Program those routes inside this network namespace (a name under /run/netns or a
+    path) instead of the agent's own: for hosts whose node network lives in a netns."""
 
     def restart_jitter(self) -> float:
         """The per-node restart delay: base + a fixed fraction of the spread."""
@@ -238,8 +247,9 @@ def add_agent_flags(parser: argparse.ArgumentParser) -> None:
     local.add_argument(
         "--cleanup-on-exit",
         action="store_true",
-        help="on shutdown withdraw endpoints and node, revoke leases and unpin the kernel "
-        "ipcache (default: keep all, so forwarding continues while the agent is down)",
+        help="on shutdown withdraw endpoints and node, revoke leases, remove the routes to "
+        "other nodes and unpin the kernel maps (default: keep all, so forwarding continues "
+        "while the agent is down)",
     )
     datapath = parser.add_argument_group("datapath")
     datapath.add_argument(
@@ -256,6 +266,20 @@ def add_agent_flags(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help=f"bpffs directory of the pinned cp_ipcache, shared with the tc program "
         f"(default {DEFAULT_BPF_PIN_DIR}); the map outlives the agent",
+    )
+    datapath.add_argument(
+        "--routes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep a route to every other node's pod CIDR via that node's IP (default on; "
+        "--cleanup-on-exit removes them)",
+    )
+    datapath.add_argument(
+        "--routes-netns",
+        default=None,
+        metavar="NAME",
+        help="program the routes inside this network namespace (/run/netns/NAME or a path) "
+        "instead of the agent's own",
     )
     local.add_argument("-v", "--verbose", action="store_true", help="log debug details")
 
@@ -294,4 +318,6 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         cleanup_on_exit=args.cleanup_on_exit,
         datapath=DatapathMode(args.datapath),
         bpf_pin_dir=args.bpf_pin_dir,
+        routes=args.routes,
+        routes_netns=args.routes_netns or None,
     )

@@ -1,0 +1,367 @@
+"""End to end: two nodes, pods made by ``cp-cni ADD``, policy enforced on real TCP traffic.
+
+Topology, all in network namespaces this test creates (nothing on the host's own network)::
+
+    web, other (pods) --veth-- node1 (10.219.0.1) ==veth== node2 (10.219.0.2) --veth-- db
+
+Each "node" is a network namespace with ip_forward on, running an in-process agent against
+the etcd1 fixture (kernel datapath, maps pinned in a per-test directory under
+/sys/fs/bpf, routes to the other node's pod CIDR programmed inside its node namespace by
+``routes_netns``). The operator's CIDR claims are simulated (``give_cidrs``). The plugin
+runs as a subprocess inside the node's network namespace (``nsenter --net``, which keeps
+the real bpffs), so pod traffic crosses node1's routing table, the inter-node veth, node2
+and the tc program on db's host-side veth.
+
+Needs root, clang, libbpf, ``ip`` and ``nsenter``; the module is skipped (reason printed)
+otherwise. Sockets are opened inside a namespace with ``loader.in_netns`` and used from a
+worker thread (``asyncio.to_thread``), as the agents share the test's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from ipaddress import ip_network
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from controlplane.agent.agent import Agent
+from controlplane.agent.settings import AgentSettings, DatapathMode
+from controlplane.datapath import loader
+from controlplane.datapath.kernel import KernelMap
+from controlplane.datapath.layouts import METRICS_MAP_NAME, MetricReason, decode_percpu_metrics
+from controlplane.datapath.routes import RTPROT_CP
+from controlplane.kvstore.embedded import EmbeddedEtcd
+from controlplane.kvstore.keys import KeyLayout
+from controlplane.kvstore.policies import KvPolicyStore
+from controlplane.kvstore.shards import ShardMap
+from controlplane.metrics import StoreMetrics
+from controlplane.model import NetworkPolicy
+from tests.helpers import eventually
+from tests.test_agent import agent_settings, api, give_cidrs, kv_config
+from tests.test_cni import Ran, cni
+
+_REASON = loader.datapath_unavailable_reason(need_build=True)
+for _tool in ("ip", "nsenter"):
+    if _REASON is None and shutil.which(_tool) is None:
+        _REASON = f"`{_tool}` not found"
+if _REASON is not None:
+    print(f"test_e2e_datapath skipped: {_REASON}")
+    pytest.skip(_REASON, allow_module_level=True)
+
+PORT = 5432
+TCP = 6
+NODE_IPS = {"node1": "10.219.0.1", "node2": "10.219.0.2"}
+PODS = {"web": ("node1", "app=web"), "other": ("node1", "app=other"), "db": ("node2", "app=db")}
+LAYOUT = KeyLayout()
+
+
+def _ip(*args: str) -> str:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, f"ip {' '.join(args)}: {proc.stderr}"
+    return proc.stdout
+
+
+@dataclass
+class Topology:
+    netns: dict[str, str]  # node or pod name -> network namespace
+    pin_dirs: dict[str, Path]  # node -> bpffs directory
+
+
+def _remove_pins(pin_dir: Path) -> None:
+    if pin_dir.exists():
+        for pin in pin_dir.iterdir():
+            pin.unlink()
+        pin_dir.rmdir()
+
+
+@pytest.fixture
+def topology() -> Iterator[Topology]:
+    tok = secrets.token_hex(3)
+    netns = {name: f"cpe2e-{tok}-{name}" for name in (*NODE_IPS, *PODS)}
+    pin_dirs = {node: Path(f"/sys/fs/bpf/cp-e2e-{tok}-{node}") for node in NODE_IPS}
+    try:
+        for ns in netns.values():
+            _ip("netns", "add", ns)
+        n1, n2 = netns["node1"], netns["node2"]
+        _ip("-n", n1, "link", "add", f"e2e{tok}a", "type", "veth",
+            "peer", "name", f"e2e{tok}b", "netns", n2)  # fmt: skip
+        for node, dev in (("node1", f"e2e{tok}a"), ("node2", f"e2e{tok}b")):
+            ns = netns[node]
+            _ip("-n", ns, "link", "set", "lo", "up")
+            _ip("-n", ns, "addr", "add", f"{NODE_IPS[node]}/24", "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
+            with loader.in_netns(ns):
+                Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+                for conf in ("all", "default"):
+                    Path(f"/proc/sys/net/ipv4/conf/{conf}/rp_filter").write_text("0\n")
+        yield Topology(netns, pin_dirs)
+    finally:
+        # Deleting a node namespace takes its veths (and their tc programs and routes).
+        for ns in netns.values():
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+        for pin_dir in pin_dirs.values():
+            _remove_pins(pin_dir)
+
+
+@dataclass
+class Cluster:
+    etcd: EmbeddedEtcd
+    topo: Topology
+    settings: dict[str, AgentSettings]
+    agents: dict[str, Agent] = field(default_factory=dict)
+    tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+
+    async def start(self, node: str) -> Agent:
+        agent = Agent(self.settings[node], kv_config(self.etcd))
+        self.agents[node] = agent
+        self.tasks[node] = asyncio.create_task(agent.run(), name=f"e2e-agent:{node}")
+        await asyncio.wait_for(agent.started.wait(), 10)
+        return agent
+
+    async def kill(self, node: str) -> None:
+        """Cancel the agent's task: no cleanup, as if the process died."""
+        task = self.tasks.pop(node)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    async def stop_all(self) -> None:
+        for node, task in list(self.tasks.items()):
+            self.agents[node].stop()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 20)
+            if not task.done():
+                await self.kill(node)
+        self.tasks.clear()
+
+    def conf(self, node: str) -> dict[str, Any]:
+        return {
+            "cniVersion": "1.0.0",
+            "name": "cp",
+            "type": "cp-cni",
+            "agentSocket": str(self.settings[node].api_socket),
+            "pinDir": str(self.topo.pin_dirs[node]),
+        }
+
+    async def cni(self, command: str, pod: str) -> Ran:
+        node, label = PODS[pod]
+        env = {
+            "CNI_CONTAINERID": f"ctr-{pod}",
+            "CNI_NETNS": f"/run/netns/{self.topo.netns[pod]}",
+            "CNI_IFNAME": "eth0",
+            "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};"
+            f"CP_LABELS=k8s:{label}",
+        }
+        return await cni(command, self.conf(node), node=self.topo.netns[node], env=env)
+
+
+@pytest_asyncio.fixture
+async def cluster(
+    etcd1: EmbeddedEtcd, tmp_path: Path, topology: Topology
+) -> AsyncIterator[Cluster]:
+    await give_cidrs(etcd1, *NODE_IPS)
+    settings = {
+        node: agent_settings(
+            tmp_path,
+            node,
+            ip,
+            datapath=DatapathMode.KERNEL,
+            bpf_pin_dir=topology.pin_dirs[node],
+            routes=True,
+            routes_netns=topology.netns[node],
+        )
+        for node, ip in NODE_IPS.items()
+    }
+    c = Cluster(etcd1, topology, settings)
+    try:
+        yield c
+    finally:
+        await c.stop_all()
+
+
+def _policy(*sources: str) -> NetworkPolicy:
+    return NetworkPolicy.from_dict({
+        "name": "db",
+        "namespace": "default",
+        "endpoint_selector": ["app=db"],
+        "ingress": [
+            {"from_selector": [src], "ports": [{"port": PORT, "proto": "TCP"}]} for src in sources
+        ],
+    })  # fmt: skip
+
+
+def _drops(pin_dir: Path) -> int:
+    with KernelMap.open_pinned(pin_dir / METRICS_MAP_NAME) as kmap:
+        values = kmap.lookup_percpu(int(MetricReason.DROP_POLICY_DENY).to_bytes(4, "little"))
+    return 0 if values is None else decode_percpu_metrics(b"".join(values), len(values)).packets
+
+
+def _connect(src_ns: str, dst_ns: str, dst_ip: str, timeout: float) -> str:
+    """One TCP connect from ``src_ns`` to a listener on ``dst_ip:PORT`` in ``dst_ns``, with
+    a byte carried across: "ok", "timeout" or the error's name."""
+    with loader.in_netns(dst_ns):
+        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with srv:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind((dst_ip, PORT))
+        srv.listen(4)
+        srv.settimeout(timeout)
+        with loader.in_netns(src_ns):
+            cli = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        with cli:
+            cli.settimeout(timeout)
+            try:
+                cli.connect((dst_ip, PORT))
+            except TimeoutError:
+                return "timeout"
+            except OSError as exc:
+                return type(exc).__name__
+            conn, _ = srv.accept()
+            with conn:
+                cli.sendall(b"ping")
+                conn.settimeout(timeout)
+                return "ok" if conn.recv(4) == b"ping" else "short read"
+
+
+async def _until(check: Callable[[], Awaitable[bool]], *, within: float, message: str) -> None:
+    """Await ``check`` until it is true, or fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{message} within {within}s")
+        await asyncio.sleep(0.1)
+
+
+async def _connects(c: Cluster, src: str, dst_ip: str, *, within: float = 20.0) -> None:
+    """Poll until a connect from pod ``src`` to db succeeds (each try bounded by 1 s)."""
+    src_ns, dst_ns = c.topo.netns[src], c.topo.netns["db"]
+    await _until(
+        lambda: _try(src_ns, dst_ns, dst_ip), within=within, message=f"{src} -> db:{PORT} connects"
+    )
+
+
+async def _try(src_ns: str, dst_ns: str, dst_ip: str) -> bool:
+    return await asyncio.to_thread(_connect, src_ns, dst_ns, dst_ip, 1.0) == "ok"
+
+
+def _routes(netns: str) -> set[str]:
+    out = json.loads(_ip("-n", netns, "-j", "-4", "route", "show", "proto", str(RTPROT_CP)))
+    return {f"{r['dst']} via {r['gateway']}" for r in out}
+
+
+async def test_two_nodes_policy_restart_and_del(cluster: Cluster) -> None:
+    c = cluster
+    n1, n2 = await c.start("node1"), await c.start("node2")
+    await asyncio.wait_for(asyncio.gather(n1.wait_ready(), n2.wait_ready()), 20)
+    assert n1.cidr is not None and n2.cidr is not None
+
+    # each node routes the other's pod CIDR via the other's node IP, in its own netns
+    await eventually(
+        lambda: _routes(c.topo.netns["node1"]) == {f"{n2.cidr} via {NODE_IPS['node2']}"},
+        message="node1 route to node2's pod CIDR",
+    )
+    await eventually(
+        lambda: _routes(c.topo.netns["node2"]) == {f"{n1.cidr} via {NODE_IPS['node1']}"},
+        message="node2 route to node1's pod CIDR",
+    )
+    status, st = await api(n1, "GET", "/v1/status")
+    assert status == 200 and st["routes"]["enabled"] and st["routes"]["error"] is None
+
+    # pods through the plugin, labels from CNI_ARGS
+    ips: dict[str, str] = {}
+    for pod in PODS:
+        ran = await c.cni("ADD", pod)
+        assert ran.rc == 0, ran
+        ips[pod] = ran.out["ips"][0]["address"].split("/")[0]
+    db_ip = ips["db"]
+    assert ip_network(f"{db_ip}/32").subnet_of(n2.cidr)  # type: ignore[arg-type]
+
+    # no policy yet: default allow, across the two nodes
+    await _connects(c, "web", db_ip)
+    await _connects(c, "other", db_ip)
+
+    # db allows app=web on TCP 5432
+    async with ShardMap(kv_config(c.etcd), own_connection=True) as shards:
+        store = KvPolicyStore(shards, LAYOUT, StoreMetrics.create())
+        await store.put(_policy("app=web"))
+        status, db_ep = await api(n2, "GET", "/v1/endpoints/default/db")
+        assert status == 200, db_ep
+        _, web_ep = await api(n1, "GET", "/v1/endpoints/default/web")
+        _, other_ep = await api(n1, "GET", "/v1/endpoints/default/other")
+        ep = db_ep["endpoint_id"]
+
+        def allowed() -> set[tuple[int, int, int]]:
+            return {(r.identity, r.port, r.proto) for r in n2.policy_maps.rows(ep) if r.allow}
+
+        await eventually(
+            lambda: allowed() == {(web_ep["identity"], PORT, TCP)},
+            message="db's policy map holds web on 5432",
+        )
+        await _connects(c, "web", db_ip)
+        drops = await asyncio.to_thread(_drops, c.topo.pin_dirs["node2"])
+        got = await asyncio.to_thread(
+            _connect, c.topo.netns["other"], c.topo.netns["db"], db_ip, 2.0
+        )
+        assert got == "timeout"
+
+        async def dropped() -> bool:
+            return await asyncio.to_thread(_drops, c.topo.pin_dirs["node2"]) > drops
+
+        await _until(dropped, within=10, message="the policy-deny drop counter rises")
+
+        # edit the policy: app=other allowed too, no agent restart
+        await store.put(_policy("app=web", "app=other"))
+        await eventually(
+            lambda: (
+                allowed() == {(web_ep["identity"], PORT, TCP), (other_ep["identity"], PORT, TCP)}
+            ),
+            message="db's policy map holds other too",
+        )
+        await _connects(c, "other", db_ip)
+
+    # node2's agent dies: the pinned maps and the attached program keep enforcing
+    before_rows = set(n2.policy_maps.rows(ep))
+    before_ipcache = set(n2.ipcache.dump())
+    await c.kill("node2")
+    await _connects(c, "web", db_ip)
+    await _connects(c, "other", db_ip)
+
+    # ... and starts again: it adopts the maps without emptying them
+    n2 = await c.start("node2")
+    samples = 0
+
+    def intact() -> bool:
+        nonlocal samples
+        samples += 1
+        rows = set(n2.policy_maps.rows(ep))
+        assert rows >= before_rows, f"policy map lost entries: {before_rows - rows}"
+        lost = before_ipcache - set(n2.ipcache.dump())
+        assert not lost, f"ipcache lost entries during the restart: {lost}"
+        return n2.ready and n2.policy_computes > 0 and n2.routes_synced > 0
+
+    await eventually(intact, interval=0.01, message="node2 agent restarted and synced")
+    assert samples > 1
+    assert set(n2.policy_maps.rows(ep)) == before_rows
+    await _connects(c, "web", db_ip)
+    await _connects(c, "other", db_ip)
+    assert _routes(c.topo.netns["node2"]) == {f"{n1.cidr} via {NODE_IPS['node1']}"}
+
+    # DEL every pod, twice each
+    for pod in PODS:
+        for _ in range(2):
+            ran = await c.cni("DEL", pod)
+            assert ran.rc == 0 and ran.out is None, (pod, ran)
+    for agent in (n1, n2):
+        status, listed = await api(agent, "GET", "/v1/endpoints")
+        assert status == 200 and listed == []
