@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from controlplane.cli.bench_common import (
+    RESULTS_DIR,
+    add_target_flags,
+    bench_target,
+    progress,
+    write_record,
+)
 from controlplane.cli.bench_datapath import register_datapath
 from controlplane.cli.bench_propagation import run_propagation_bench
 from controlplane.cli.common import (
@@ -17,7 +22,6 @@ from controlplane.cli.common import (
     EXIT_USAGE,
     CommandError,
     add_json_flag,
-    add_kvstore_flags,
     kvstore_config,
     positive_float,
     positive_int,
@@ -25,7 +29,7 @@ from controlplane.cli.common import (
     print_table,
 )
 from controlplane.cli.etcd_cmd import start_embedded
-from controlplane.config import ClientSettings, EtcdClusterConfig, KvstoreConfig, normalize_prefix
+from controlplane.config import ClientSettings, EtcdClusterConfig, normalize_prefix
 from controlplane.kvstore.bench import (
     OPERATIONS,
     BenchError,
@@ -36,8 +40,6 @@ from controlplane.kvstore.bench import (
 )
 from controlplane.kvstore.bench_identities import IdentityBenchParams, run_identity_bench
 from controlplane.kvstore.embedded import EmbeddedEtcd, find_etcd_binary
-
-RESULTS_DIR = Path("bench/results")
 
 
 def register(subparsers: Any) -> None:
@@ -55,16 +57,7 @@ def register(subparsers: Any) -> None:
             "bench/results/."
         ),
     )
-    add_kvstore_flags(kv)
-    target = kv.add_argument_group("embedded etcd")
-    target.add_argument(
-        "--embedded",
-        action="store_true",
-        help="start a local etcd for the run and stop it afterwards",
-    )
-    target.add_argument(
-        "--members", type=positive_int, default=1, help="members of the embedded etcd (default 1)"
-    )
+    add_target_flags(kv)
     kv.add_argument(
         "--concurrency",
         type=concurrency_list,
@@ -130,16 +123,7 @@ def register(subparsers: Any) -> None:
             "shape through the same client at the same concurrency, in interleaved rounds."
         ),
     )
-    add_kvstore_flags(ids)
-    ids_target = ids.add_argument_group("embedded etcd")
-    ids_target.add_argument(
-        "--embedded",
-        action="store_true",
-        help="start a local etcd for the run and stop it afterwards",
-    )
-    ids_target.add_argument(
-        "--members", type=positive_int, default=1, help="members of the embedded etcd (default 1)"
-    )
+    add_target_flags(ids)
     ids.add_argument(
         "--allocators",
         type=concurrency_list,
@@ -169,16 +153,7 @@ def register(subparsers: Any) -> None:
         "propagation",
         help="endpoint propagation to every agent's datapath next to bare etcd watch fan-out",
     )
-    add_kvstore_flags(prop)
-    prop_target = prop.add_argument_group("embedded etcd")
-    prop_target.add_argument(
-        "--embedded",
-        action="store_true",
-        help="start a local etcd for the run and stop it afterwards",
-    )
-    prop_target.add_argument(
-        "--members", type=positive_int, default=1, help="members of the embedded etcd (default 1)"
-    )
+    add_target_flags(prop)
     prop.add_argument(
         "--agents",
         type=positive_int,
@@ -219,10 +194,6 @@ def operation_list(text: str) -> tuple[str, ...]:
     if unknown or not ops:
         raise argparse.ArgumentTypeError(f"want some of {','.join(OPERATIONS)}")
     return tuple(op for op in OPERATIONS if op in ops)
-
-
-def progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 async def run_kvstore(args: argparse.Namespace) -> int:
@@ -277,14 +248,6 @@ async def run_kvstore(args: argparse.Namespace) -> int:
         print_result(result)
     progress(f"wrote {output}")
     return EXIT_OK
-
-
-def write_record(path: Path, record: dict[str, Any]) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2) + "\n")
-    except OSError as exc:
-        raise CommandError(f"cannot write {path}: {exc.strerror}") from exc
 
 
 def print_result(result: BenchResult) -> None:
@@ -425,16 +388,3 @@ async def run_propagation(args: argparse.Namespace) -> int:
             print(f"note: {note}")
     progress(f"wrote {output}")
     return EXIT_OK
-
-
-async def bench_target(args: argparse.Namespace) -> tuple[KvstoreConfig, EmbeddedEtcd | None]:
-    """The etcd to measure: the kvstore flags' cluster, or an embedded one (then stop it)."""
-    if not args.embedded:
-        return kvstore_config(args), None
-    if args.kvstore_endpoints or args.kvstore_config:
-        raise CommandError("--embedded excludes --kvstore-endpoints/--kvstore-config", EXIT_USAGE)
-    progress(f"starting an embedded etcd with {args.members} member(s)...")
-    etcd = await start_embedded(args.members)
-    settings = ClientSettings(request_timeout=max(10.0, args.timeout))
-    cluster = EtcdClusterConfig("embedded", tuple(etcd.client_urls))
-    return KvstoreConfig((cluster,), client=settings), etcd

@@ -37,11 +37,17 @@ from aetcd import rpc
 from prometheus_client import CollectorRegistry
 
 from controlplane import codec
+from controlplane.cli.bench_common import (
+    RESULTS_DIR,
+    add_target_flags,
+    bench_target,
+    progress,
+    write_record,
+)
 from controlplane.cli.common import (
     EXIT_OK,
     CommandError,
     add_json_flag,
-    add_kvstore_flags,
     positive_float,
     positive_int,
     print_json,
@@ -463,16 +469,7 @@ def register_datapath(commands: Any) -> None:
             "Progress goes to stderr; a JSON record is written under bench/results/."
         ),
     )
-    add_kvstore_flags(cmd)
-    target = cmd.add_argument_group("embedded etcd")
-    target.add_argument(
-        "--embedded",
-        action="store_true",
-        help="start a local etcd for the run and stop it afterwards",
-    )
-    target.add_argument(
-        "--members", type=positive_int, default=1, help="members of the embedded etcd (default 1)"
-    )
+    add_target_flags(cmd)
     cmd.add_argument(
         "--count", type=positive_int, default=100_000, help="endpoints (default 100000)"
     )
@@ -508,8 +505,6 @@ def register_datapath(commands: Any) -> None:
 
 
 async def run_datapath(args: argparse.Namespace) -> int:
-    from controlplane.cli.bench_cmd import RESULTS_DIR, bench_target, progress, write_record
-
     try:
         params = DatapathBenchParams(
             count=args.count,
