@@ -13,6 +13,7 @@ from typing import Final
 from controlplane.flags import (
     Parser,
     add_kvstore_flags,
+    non_negative_float,
     positive_float,
     positive_int,
 )
@@ -129,16 +130,6 @@ def _node_ips(text: str) -> tuple[IPAddress, ...]:
     return ips
 
 
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
-    return value
-
-
 def _address(text: str) -> tuple[str, int | None]:
     if text in ("", "none", "off"):
         return "", None
@@ -210,14 +201,14 @@ def add_agent_flags(parser: argparse.ArgumentParser) -> None:
     )
     health.add_argument(
         "--restart-delay",
-        type=_non_negative,
+        type=non_negative_float,
         default=1.0,
         metavar="S",
         help="base delay before reconnecting after a restart (default 1)",
     )
     health.add_argument(
         "--restart-spread",
-        type=_non_negative,
+        type=non_negative_float,
         default=5.0,
         metavar="S",
         help="extra per-node delay, up to this (hash of the node name; default 5)",

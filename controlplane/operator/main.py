@@ -19,6 +19,7 @@ from controlplane.flags import (
     Parser,
     add_kvstore_flags,
     kvstore_config,
+    non_negative_float,
     positive_float,
     positive_int,
 )
@@ -86,7 +87,7 @@ def build_parser() -> Parser:
     )
     op.add_argument(
         "--node-gc-grace",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=d.node_gc_grace,
         metavar="SECONDS",
         help="collect a gone node's CIDRs, IP leases and endpoints after it was absent "
@@ -119,16 +120,6 @@ def build_parser() -> Parser:
     )
     op.add_argument("--log-level", choices=LOG_LEVELS, default=d.log_level, help="default info")
     return parser
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
-    return value
 
 
 def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
