@@ -23,9 +23,12 @@ import asyncio
 import contextlib
 import json
 import secrets
+import select
 import shutil
 import socket
+import struct
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -62,6 +65,7 @@ if _REASON is not None:
 
 PORT = 5432
 TCP = 6
+ICMP = 1
 NODE_IPS = {"node1": "10.219.0.1", "node2": "10.219.0.2"}
 PODS = {"web": ("node1", "app=web"), "other": ("node1", "app=other"), "db": ("node2", "app=db")}
 LAYOUT = KeyLayout()
@@ -243,6 +247,15 @@ async def _until(check: Callable[[], Awaitable[bool]], *, within: float, message
         await asyncio.sleep(0.1)
 
 
+def _sync(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    """``check`` as an awaitable for ``_until``."""
+
+    async def run() -> bool:
+        return check()
+
+    return run
+
+
 async def _connects(c: Cluster, src: str, dst_ip: str, *, within: float = 20.0) -> None:
     """Poll until a connect from pod ``src`` to db succeeds (each try bounded by 1 s)."""
     src_ns, dst_ns = c.topo.netns[src], c.topo.netns["db"]
@@ -260,8 +273,112 @@ def _routes(netns: str) -> set[str]:
     return {f"{r['dst']} via {r['gateway']}" for r in out}
 
 
-async def test_two_nodes_policy_restart_and_del(cluster: Cluster) -> None:
-    c = cluster
+ECHO_REQUEST, ECHO_REPLY = 8, 0
+
+
+def _checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of ``data``."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _echo_request(ident: int, seq: int) -> bytes:
+    payload = b"cp-e2e-icmp-" + seq.to_bytes(2, "big")
+    header = struct.pack("!BBHHH", ECHO_REQUEST, 0, 0, ident, seq)
+    csum = _checksum(header + payload)
+    return struct.pack("!BBHHH", ECHO_REQUEST, 0, csum, ident, seq) + payload
+
+
+def _echo_reply(packet: bytes, src_ip: str, ident: int) -> int | None:
+    """The sequence number of ``packet`` (IPv4 header included, as a raw socket reads it) if
+    it is an echo reply from ``src_ip`` with ``ident`` and a valid checksum, else None."""
+    ihl = (packet[0] & 0x0F) * 4
+    icmp = packet[ihl:]
+    if len(packet) < 20 or len(icmp) < 8 or socket.inet_ntoa(packet[12:16]) != src_ip:
+        return None
+    kind, code, _, got_ident, seq = struct.unpack_from("!BBHHH", icmp)
+    if kind != ECHO_REPLY or code != 0 or got_ident != ident or _checksum(icmp) != 0:
+        return None
+    return int(seq)
+
+
+def _raw_icmp(netns: str) -> socket.socket:
+    """A raw ICMP socket in ``netns`` (only the network namespace is entered)."""
+    with loader.in_netns(netns):
+        return socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+
+
+def _ping(src_ns: str, dst_ip: str, timeout: float) -> bool:
+    """One ICMP echo from ``src_ns`` to ``dst_ip``: whether its reply (same id and seq)
+    arrives within ``timeout`` seconds."""
+    ident, seq = secrets.randbelow(0x10000), secrets.randbelow(0x10000)
+    with _raw_icmp(src_ns) as sock:
+        sock.sendto(_echo_request(ident, seq), (dst_ip, 0))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([sock], [], [], left)
+            if ready and _echo_reply(sock.recv(65535), dst_ip, ident) == seq:
+                return True
+        return False
+
+
+async def _pings(c: Cluster, src: str, dst_ip: str, *, within: float = 20.0) -> None:
+    """Poll until an echo from pod ``src`` to ``dst_ip`` is answered (each try bounded by 1 s)."""
+    src_ns = c.topo.netns[src]
+
+    async def answered() -> bool:
+        return await asyncio.to_thread(_ping, src_ns, dst_ip, 1.0)
+
+    await _until(answered, within=within, message=f"{src} -> {dst_ip} echo answered")
+
+
+@dataclass
+class _Pinger:
+    """Echo requests every ``interval`` seconds from one raw socket (own id, seq 1, 2, ...);
+    ``run`` (in a worker thread) sends until ``stop`` is set, then waits up to ``drain``
+    seconds for the replies still outstanding."""
+
+    sock: socket.socket
+    dst_ip: str
+    interval: float = 0.02
+    drain: float = 1.0
+    ident: int = field(default_factory=lambda: secrets.randbelow(0x10000))
+    sent: int = 0
+    answered: set[int] = field(default_factory=set)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        with self.sock:
+            next_send = time.monotonic()
+            drain_until: float | None = None
+            while True:
+                now = time.monotonic()
+                if drain_until is None and self.stop.is_set():
+                    drain_until = now + self.drain
+                if drain_until is None:
+                    if now >= next_send:
+                        self.sent += 1
+                        packet = _echo_request(self.ident, self.sent & 0xFFFF)
+                        self.sock.sendto(packet, (self.dst_ip, 0))
+                        next_send += self.interval
+                    wake = next_send
+                elif now >= drain_until or len(self.answered) >= self.sent:
+                    return
+                else:
+                    wake = drain_until
+                ready, _, _ = select.select([self.sock], [], [], max(0.0, wake - now))
+                if ready:
+                    seq = _echo_reply(self.sock.recv(65535), self.dst_ip, self.ident)
+                    if seq is not None:
+                        self.answered.add(seq)
+
+
+async def _bring_up(c: Cluster) -> tuple[Agent, Agent, dict[str, str]]:
+    """Start both agents, wait for the cross-node routes, ADD every pod: (n1, n2, pod IPs)."""
     n1, n2 = await c.start("node1"), await c.start("node2")
     await asyncio.wait_for(asyncio.gather(n1.wait_ready(), n2.wait_ready()), 20)
     assert n1.cidr is not None and n2.cidr is not None
@@ -286,6 +403,13 @@ async def test_two_nodes_policy_restart_and_del(cluster: Cluster) -> None:
         ips[pod] = ran.out["ips"][0]["address"].split("/")[0]
     db_ip = ips["db"]
     assert ip_network(f"{db_ip}/32").subnet_of(n2.cidr)  # type: ignore[arg-type]
+    return n1, n2, ips
+
+
+async def test_two_nodes_policy_restart_and_del(cluster: Cluster) -> None:
+    c = cluster
+    n1, n2, ips = await _bring_up(c)
+    db_ip = ips["db"]
 
     # no policy yet: default allow, across the two nodes
     await _connects(c, "web", db_ip)
@@ -365,3 +489,87 @@ async def test_two_nodes_policy_restart_and_del(cluster: Cluster) -> None:
     for agent in (n1, n2):
         status, listed = await api(agent, "GET", "/v1/endpoints")
         assert status == 200 and listed == []
+
+
+async def test_icmp_follows_policy_and_survives_agent_restart(cluster: Cluster) -> None:
+    c = cluster
+    n1, n2, ips = await _bring_up(c)
+    db_ip = ips["db"]
+    await _pings(c, "web", db_ip)  # no policy yet: default allow
+    await _pings(c, "other", db_ip)
+
+    async with ShardMap(kv_config(c.etcd), own_connection=True) as shards:
+        store = KvPolicyStore(shards, LAYOUT, StoreMetrics.create())
+        status, db_ep = await api(n2, "GET", "/v1/endpoints/default/db")
+        assert status == 200, db_ep
+        _, web_ep = await api(n1, "GET", "/v1/endpoints/default/web")
+        ep, web_id = db_ep["endpoint_id"], web_ep["identity"]
+
+        def allowed() -> set[tuple[int, int, int]]:
+            return {(r.identity, r.port, r.proto) for r in n2.policy_maps.rows(ep) if r.allow}
+
+        # db allows app=web on TCP 5432 only: web's echo is dropped, and counted
+        await store.put(_policy("app=web"))
+        await eventually(
+            lambda: allowed() == {(web_id, PORT, TCP)}, message="db's policy map holds web on 5432"
+        )
+        await _connects(c, "web", db_ip)
+        drops = await asyncio.to_thread(_drops, c.topo.pin_dirs["node2"])
+        assert not await asyncio.to_thread(_ping, c.topo.netns["web"], db_ip, 1.0)
+
+        async def dropped() -> bool:
+            return await asyncio.to_thread(_drops, c.topo.pin_dirs["node2"]) > drops
+
+        await _until(dropped, within=10, message="the policy-deny drop counter rises")
+
+        # an ICMP rule for app=web: web's echo is answered, other's is not
+        await store.put(
+            NetworkPolicy.from_dict(
+                {
+                    "name": "db",
+                    "namespace": "default",
+                    "endpoint_selector": ["app=db"],
+                    "ingress": [
+                        {"from_selector": ["app=web"], "ports": [{"port": PORT, "proto": "TCP"}]},
+                        {"from_selector": ["app=web"], "ports": [{"port": 0, "proto": "ICMP"}]},
+                    ],
+                }
+            )
+        )
+        await eventually(
+            lambda: allowed() == {(web_id, PORT, TCP), (web_id, 0, ICMP)},
+            message="db's policy map holds web on ICMP",
+        )
+        await _pings(c, "web", db_ip)
+        assert not await asyncio.to_thread(_ping, c.topo.netns["other"], db_ip, 1.0)
+
+    # a continuous ping from web loses nothing while node2's agent dies and starts again
+    pinger = _Pinger(await asyncio.to_thread(_raw_icmp, c.topo.netns["web"]), db_ip)
+    task = asyncio.create_task(asyncio.to_thread(pinger.run), name="e2e-pinger")
+    try:
+        await _until(
+            _sync(lambda: len(pinger.answered) >= 5), within=10, message="continuous ping warm"
+        )
+        before_kill = pinger.sent
+        await c.kill("node2")
+        n2 = await c.start("node2")
+        await eventually(
+            lambda: n2.ready and n2.policy_computes > 0 and n2.routes_synced > 0,
+            interval=0.01,
+            message="node2 agent restarted and synced",
+        )
+        after_start = pinger.sent
+        await _until(
+            _sync(lambda: pinger.sent >= after_start + 25),
+            within=10,
+            message="continuous ping ran on after the restart",
+        )
+    finally:
+        pinger.stop.set()
+        await task
+    assert after_start > before_kill, "no echo was sent during the restart"
+    lost = sorted(set(range(1, pinger.sent + 1)) - pinger.answered)
+    assert not lost, f"{len(lost)}/{pinger.sent} echoes lost across the restart: {lost[:20]}"
+    assert set(allowed()) == {(web_id, PORT, TCP), (web_id, 0, ICMP)}
+    await _pings(c, "web", db_ip)
+    assert not await asyncio.to_thread(_ping, c.topo.netns["other"], db_ip, 1.0)

@@ -821,6 +821,10 @@ class _Session:
         agent = self.agent
         s = agent.settings
         boot_id = _boot_id()
+        if agent.cidr is None:
+            # A restarted process must not publish its node without the CIDR it already
+            # has: other nodes would withdraw their route to it until the claim is seen.
+            agent.cidr = await _retrying(self._claimed_cidr)
         node = Node(
             name=s.node,
             ips=s.node_ips,
@@ -854,6 +858,14 @@ class _Session:
             cidr,
             len(agent.endpoints),
         )
+
+    async def _claimed_cidr(self) -> IPNetwork | None:
+        """The CIDR the operator already gave this node, if any."""
+        node = self.agent.settings.node
+        for claim in await self.cidrs.list(self.agent.settings.pool):
+            if claim.value.node == node:
+                return claim.value.cidr
+        return None
 
     async def _wait_cidr(self) -> IPNetwork:
         node = self.agent.settings.node
