@@ -230,7 +230,7 @@ class Agent:
         self.started = asyncio.Event()
         """Set once the local API and the telemetry endpoint listen."""
         self.telemetry: TelemetryServer | None = None
-        self.api = _AgentAPI(self, settings.api_socket, count=self._count_request)
+        self.api = LocalAPI(self, settings.api_socket, count=self._count_request)
         self._arms: dict[str, RestartArm] = {}
         self.last_monitors: dict[str, HeartbeatMonitor] = {}
         self.last_health: dict[str, ShardHealth] = {}
@@ -1130,24 +1130,6 @@ class _Session:
         m.kvstore_healthy.labels(name).set(1 if health.healthy else 0)
         m.kvstore_errors.labels(name).set(health.consecutive_errors)
         return failure
-
-
-class _AgentAPI(LocalAPI):
-    """The local API plus ``GET /v1/policy/<namespace>/<name>`` (an endpoint's policy)."""
-
-    def __init__(self, agent: Agent, path: Path, **kwargs: Any) -> None:
-        super().__init__(agent, path, **kwargs)
-        self.agent = agent
-
-    async def _dispatch(self, method: str, target: str, body: bytes) -> tuple[int, Any]:
-        parts = [p for p in target.split("?", 1)[0].split("/") if p]
-        if len(parts) >= 2 and parts[:2] == ["v1", "policy"]:
-            if method != "GET":
-                raise APIError(405, f"method {method} not allowed here (want GET)")
-            if len(parts) != 4:
-                raise APIError(404, "want /v1/policy/<namespace>/<name>")
-            return 200, self.agent.endpoint_policy(parts[2], parts[3])
-        return await super()._dispatch(method, target, body)
 
 
 def _node_entries(node: Node, me: NodeName) -> dict[IPNetwork, IpcacheEntry]:

@@ -10,6 +10,8 @@ Routes:
 - ``GET /v1/endpoints``, ``GET /v1/endpoints/<namespace>/<name>``
 - ``GET /v1/status``: node, CIDR, kvstore per shard, heartbeat, restarts, maps.
 - ``GET /v1/ipcache``: the ipcache map's entries.
+- ``GET /v1/policy/<namespace>/<name>``: an endpoint's policy (enforced flag, allowed set,
+  what its policy map holds).
 
 A bad request gets 400 with ``{"error": "..."}``; the kvstore being unavailable (restart
 in progress, not registered yet) gets 503. Nothing a client sends can stop the server.
@@ -69,6 +71,10 @@ class EndpointService(Protocol):
     def status(self) -> dict[str, Any]: ...
 
     def ipcache_entries(self) -> list[dict[str, object]]: ...
+
+    def endpoint_policy(self, namespace: str, name: str) -> dict[str, Any]:
+        """Raises APIError(404) for an unknown endpoint."""
+        ...
 
 
 class Counter(Protocol):
@@ -153,6 +159,9 @@ class LocalAPI:
         if resource == "ipcache" and not rest:
             _want(method, "GET")
             return 200, self.service.ipcache_entries()
+        if resource == "policy" and len(rest) == 2:
+            _want(method, "GET")
+            return 200, self.service.endpoint_policy(rest[0], rest[1])
         if resource == "endpoints" and not rest:
             if method == "GET":
                 return 200, self.service.list_endpoints()
