@@ -18,7 +18,7 @@ import contextlib
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -80,6 +80,7 @@ from controlplane.telemetry import Check, TelemetryServer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+V = TypeVar("V")
 
 _ENDPOINT_PRIORITY = 2
 _NODE_PRIORITY = 1
@@ -998,28 +999,24 @@ class _Session:
     # -- watches -> cache -> ipcache -------------------------------------------------
 
     async def _watch_identities(self) -> None:
-        cache = self.agent.cache.identities
-        async for event in self.identity_store.watch():
-            self.agent.policy_changed()
-            if event.kind is EventKind.SYNCED:
-                self._sweep("identities", cache)
-                self._synced_stream("identities")
-                continue
-            self._stale["identities"].discard(event.name)
-            if event.kind is EventKind.UPSERT and event.value is not None:
-                cache[event.name] = event.value
-            else:
-                cache.pop(event.name, None)
+        await self._watch_into(
+            "identities", self.identity_store.watch(), self.agent.cache.identities
+        )
 
     async def _watch_policies(self) -> None:
-        cache = self.agent.cache.policies
-        async for event in self.policies.watch():
+        await self._watch_into("policies", self.policies.watch(), self.agent.cache.policies)
+
+    async def _watch_into(
+        self, stream: str, events: AsyncIterator[StoreEvent[V]], cache: dict[str, V]
+    ) -> None:
+        """Mirror a store watch into a cache; every change may change the policy."""
+        async for event in events:
             self.agent.policy_changed()
             if event.kind is EventKind.SYNCED:
-                self._sweep("policies", cache)
-                self._synced_stream("policies")
+                self._sweep(stream, cache)
+                self._synced_stream(stream)
                 continue
-            self._stale["policies"].discard(event.name)
+            self._stale[stream].discard(event.name)
             if event.kind is EventKind.UPSERT and event.value is not None:
                 cache[event.name] = event.value
             else:

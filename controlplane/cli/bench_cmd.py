@@ -11,7 +11,7 @@ from typing import Any
 from controlplane.cli.bench_common import (
     RESULTS_DIR,
     add_target_flags,
-    bench_target,
+    measure,
     progress,
     write_record,
 )
@@ -29,7 +29,7 @@ from controlplane.cli.common import (
     print_table,
 )
 from controlplane.cli.etcd_cmd import start_embedded
-from controlplane.config import ClientSettings, EtcdClusterConfig, normalize_prefix
+from controlplane.config import ClientSettings, EtcdClusterConfig, KvstoreConfig, normalize_prefix
 from controlplane.kvstore.bench import (
     OPERATIONS,
     BenchError,
@@ -305,20 +305,8 @@ async def run_identities(args: argparse.Namespace) -> int:
         params = IdentityBenchParams(args.allocators, args.count, args.labels, args.rounds)
     except ValueError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from exc
-    output = args.output or RESULTS_DIR / f"identities-{utc_stamp()}.json"
-    config, etcd = await bench_target(args)
-    try:
-        record = await run_identity_bench(config, params, progress)
-    except BenchError as exc:
-        raise CommandError(str(exc)) from exc
-    finally:
-        if etcd is not None:
-            await etcd.stop()
-    record["embedded_members"] = args.members if args.embedded else None
-    write_record(output, record)
-    if args.json:
-        print_json(record)
-    else:
+
+    def show(record: dict[str, Any], config: KvstoreConfig) -> None:
         print(
             f"identities on etcd {record['etcd_version']} "
             f"({args.members if args.embedded else len(config.clusters[0].endpoints)} member(s)), "
@@ -341,34 +329,18 @@ async def run_identities(args: argparse.Namespace) -> int:
         )
         for note in record["notes"]:
             print(f"note: {note}")
-    progress(f"wrote {output}")
-    return EXIT_OK
+
+    return await measure(
+        args, "identities", lambda config: run_identity_bench(config, params, progress), show
+    )
 
 
 async def run_propagation(args: argparse.Namespace) -> int:
     if args.agents < 2:
         raise CommandError("--agents must be at least 2 (one creates, the others receive)", 2)
-    output = args.output or RESULTS_DIR / f"propagation-{utc_stamp()}.json"
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cp-bench-prop-"))
-    config, etcd = await bench_target(args)
-    try:
-        record = await run_propagation_bench(
-            config,
-            agents=args.agents,
-            endpoints=args.endpoints,
-            rounds=args.rounds,
-            workdir=workdir,
-            progress=progress,
-        )
-    except BenchError as exc:
-        raise CommandError(str(exc)) from exc
-    finally:
-        if etcd is not None:
-            await etcd.stop()
-    write_record(output, record)
-    if args.json:
-        print_json(record)
-    else:
+
+    def show(record: dict[str, Any], config: KvstoreConfig) -> None:
         print(
             f"propagation on etcd {record['etcd_version']}: {args.agents} agents, "
             f"{args.endpoints} endpoints x {args.rounds} rounds"
@@ -386,5 +358,17 @@ async def run_propagation(args: argparse.Namespace) -> int:
         print(f"ratio agents/bare: p50 {record['ratio_p50']}, p99 {record['ratio_p99']}")
         for note in record["notes"]:
             print(f"note: {note}")
-    progress(f"wrote {output}")
-    return EXIT_OK
+
+    return await measure(
+        args,
+        "propagation",
+        lambda config: run_propagation_bench(
+            config,
+            agents=args.agents,
+            endpoints=args.endpoints,
+            rounds=args.rounds,
+            workdir=workdir,
+            progress=progress,
+        ),
+        show,
+    )

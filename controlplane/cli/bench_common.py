@@ -5,14 +5,25 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from controlplane.cli.common import EXIT_USAGE, CommandError, add_kvstore_flags, positive_int
+from controlplane.cli.common import (
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    add_kvstore_flags,
+    positive_int,
+    print_json,
+)
 from controlplane.cli.etcd_cmd import start_embedded
 from controlplane.config import ClientSettings, EtcdClusterConfig, KvstoreConfig
 from controlplane.flags import kvstore_config
+from controlplane.kvstore.bench import BenchError, utc_stamp
 from controlplane.kvstore.embedded import EmbeddedEtcd
+
+Record = dict[str, Any]
 
 RESULTS_DIR = Path("bench/results")
 
@@ -54,3 +65,29 @@ async def bench_target(args: argparse.Namespace) -> tuple[KvstoreConfig, Embedde
     settings = ClientSettings(request_timeout=max(10.0, args.timeout))
     cluster = EtcdClusterConfig("embedded", tuple(etcd.client_urls))
     return KvstoreConfig((cluster,), client=settings), etcd
+
+
+async def measure(
+    args: argparse.Namespace,
+    name: str,
+    run: Callable[[KvstoreConfig], Awaitable[Record]],
+    show: Callable[[Record, KvstoreConfig], None],
+) -> int:
+    """Run one benchmark against the target, write its JSON record, print it."""
+    output = args.output or RESULTS_DIR / f"{name}-{utc_stamp()}.json"
+    config, etcd = await bench_target(args)
+    try:
+        record = await run(config)
+    except BenchError as exc:
+        raise CommandError(str(exc)) from exc
+    finally:
+        if etcd is not None:
+            await etcd.stop()
+    record["embedded_members"] = args.members if args.embedded else None
+    write_record(output, record)
+    if args.json:
+        print_json(record)
+    else:
+        show(record, config)
+    progress(f"wrote {output}")
+    return EXIT_OK

@@ -38,19 +38,15 @@ from prometheus_client import CollectorRegistry
 
 from controlplane import codec
 from controlplane.cli.bench_common import (
-    RESULTS_DIR,
     add_target_flags,
-    bench_target,
+    measure,
     progress,
-    write_record,
 )
 from controlplane.cli.common import (
-    EXIT_OK,
     CommandError,
     add_json_flag,
     positive_float,
     positive_int,
-    print_json,
     print_table,
 )
 from controlplane.config import KvstoreConfig
@@ -516,25 +512,14 @@ async def run_datapath(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise CommandError(str(exc), 2) from exc
-    output = args.output or RESULTS_DIR / f"datapath-{utc_stamp()}.json"
-    config, etcd = await bench_target(args)
-    try:
-        record = await run_datapath_bench(config, params, progress)
-    except (KvstoreError, aetcd.ClientError) as exc:
-        raise CommandError(f"bench datapath: {type(exc).__name__}: {exc}") from exc
-    except BenchError as exc:
-        raise CommandError(str(exc)) from exc
-    finally:
-        if etcd is not None:
-            await etcd.stop()
-    record["embedded_members"] = args.members if args.embedded else None
-    write_record(output, record)
-    if args.json:
-        print_json(record)
-    else:
-        print_record(record)
-    progress(f"wrote {output}")
-    return EXIT_OK
+
+    async def run(config: KvstoreConfig) -> dict[str, Any]:
+        try:
+            return await run_datapath_bench(config, params, progress)
+        except (KvstoreError, aetcd.ClientError) as exc:
+            raise BenchError(f"bench datapath: {type(exc).__name__}: {exc}") from exc
+
+    return await measure(args, "datapath", run, lambda record, _config: print_record(record))
 
 
 def print_record(record: dict[str, Any]) -> None:
