@@ -8,9 +8,13 @@ the key, they never crash on it.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 import msgpack
+import msgspec
+
+P = TypeVar("P")
 
 SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({1})
@@ -50,6 +54,32 @@ def decode(kind: str, raw: bytes) -> Any:
     if obj["k"] != kind:
         raise DecodeError(f"envelope kind {obj['k']!r}, expected {kind!r}")
     return obj["d"]
+
+
+class _Envelope(msgspec.Struct, Generic[P], gc=False):
+    v: int
+    k: str
+    d: P
+
+
+def typed_decoder(kind: str, payload: type[P]) -> Callable[[bytes], P]:
+    """A decoder of ``kind`` envelopes straight into ``payload``, a msgspec Struct whose
+    fields carry their checks, all in C (several times faster than :func:`decode` and a
+    model's ``from_dict``). It raises :class:`DecodeError` for anything it does not take,
+    with msgspec's reason; callers then ask the strict path, which decides."""
+    decoder = msgspec.msgpack.Decoder(_Envelope[payload])  # type: ignore[valid-type]
+
+    def decode_typed(raw: bytes) -> P:
+        try:
+            obj = decoder.decode(raw)
+        except msgspec.MsgspecError as exc:
+            raise DecodeError(str(exc)) from None
+        if obj.v not in SUPPORTED_VERSIONS or obj.k != kind:
+            raise DecodeError(f"envelope of kind {obj.k!r}, version {obj.v}: not {kind!r}")
+        data: P = obj.d
+        return data
+
+    return decode_typed
 
 
 def to_display(raw: bytes) -> Any:

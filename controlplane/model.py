@@ -39,15 +39,19 @@ first ``=`` recovers exactly one label set. A set never holds two labels with th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import itertools
 import re
+import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from types import MappingProxyType
-from typing import Any, Final, NewType, Self, TypeVar
+from typing import Annotated, Any, Final, NamedTuple, NewType, NoReturn, Self, TypeGuard, TypeVar
+
+import msgspec
 
 __all__ = [
     "DEFAULT_CLUSTER_POOL",
@@ -74,7 +78,9 @@ __all__ = [
     "CIDRPool",
     "Endpoint",
     "EndpointID",
+    "EndpointRecord",
     "IPAddress",
+    "IPIdentity",
     "IPLease",
     "IPNetwork",
     "Identity",
@@ -88,8 +94,11 @@ __all__ = [
     "NodeName",
     "NumericIdentity",
     "cluster_identity_range",
+    "ip_identity_from_dict",
+    "ip_identity_from_record",
     "is_reserved_identity",
     "is_usable_ip",
+    "parse_canonical_ip",
     "parse_cidr",
     "parse_endpoint_id",
     "parse_ip",
@@ -141,14 +150,15 @@ def _short(value: object) -> str:
     return text
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 # DNS-1123 label / subdomain (Kubernetes names), and the Kubernetes label name/value alphabet.
 _DNS_LABEL = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
+_DNS_SUBDOMAIN = rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*"
 _DNS_LABEL_RE: Final = re.compile(_DNS_LABEL)
-_DNS_SUBDOMAIN_RE: Final = re.compile(rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
+_DNS_SUBDOMAIN_RE: Final = re.compile(_DNS_SUBDOMAIN)
 _LABEL_NAME_RE: Final = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?")
 _BOOT_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]*")
 _ENDPOINT_ID_RE: Final = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces
@@ -162,6 +172,17 @@ _BOOT_ID_MAX: Final = 128
 _ENDPOINT_ID_MAX: Final = 512
 
 
+# Node and namespace names repeat across records: the regex match is worth caching.
+@functools.lru_cache(maxsize=4096)
+def _is_dns_label(value: str) -> bool:
+    return _DNS_LABEL_RE.fullmatch(value) is not None
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_dns_subdomain(value: str) -> bool:
+    return _DNS_SUBDOMAIN_RE.fullmatch(value) is not None
+
+
 def _check_dns_label(what: str, value: object) -> str:
     if not isinstance(value, str):
         raise ModelError(f"{what}: expected str, got {type(value).__name__}")
@@ -169,7 +190,7 @@ def _check_dns_label(what: str, value: object) -> str:
         raise ModelError(f"{what}: must not be empty")
     if len(value) > _DNS_LABEL_MAX:
         raise ModelError(f"{what}: longer than {_DNS_LABEL_MAX} characters: {_short(value)}")
-    if not _DNS_LABEL_RE.fullmatch(value):
+    if not _is_dns_label(value):
         raise ModelError(f"{what}: not a DNS-1123 label: {_short(value)}")
     return value
 
@@ -181,15 +202,17 @@ def _check_dns_subdomain(what: str, value: object) -> str:
         raise ModelError(f"{what}: must not be empty")
     if len(value) > _DNS_SUBDOMAIN_MAX:
         raise ModelError(f"{what}: longer than {_DNS_SUBDOMAIN_MAX} characters: {_short(value)}")
-    if not _DNS_SUBDOMAIN_RE.fullmatch(value):
+    if not _is_dns_subdomain(value):
         raise ModelError(f"{what}: not a DNS-1123 subdomain: {_short(value)}")
     return value
 
 
 def _check_address(what: str, value: object) -> IPAddress:
-    if not isinstance(value, IPv4Address | IPv6Address):
+    if isinstance(value, IPv4Address):
+        return value
+    if not isinstance(value, IPv6Address):
         raise ModelError(f"{what}: expected an IP address, got {type(value).__name__}")
-    if isinstance(value, IPv6Address) and value.scope_id is not None:
+    if value.scope_id is not None:
         raise ModelError(f"{what}: scoped IPv6 addresses are not allowed: {value}")
     return value
 
@@ -205,7 +228,6 @@ def _check_network(what: str, value: object) -> IPNetwork:
 def _check_numeric_identity(what: str, value: object, *, allow_zero: bool = False) -> int:
     if not _is_int(value):
         raise ModelError(f"{what}: expected int, got {type(value).__name__}")
-    assert isinstance(value, int)
     low = 0 if allow_zero else 1
     if not low <= value <= MAX_NUMERIC_IDENTITY:
         raise ModelError(f"{what}: {value} outside {low}..{MAX_NUMERIC_IDENTITY}")
@@ -232,15 +254,40 @@ def _set(obj: object, name: str, value: object) -> None:
 # --- parsing of text found in stored keys and values (raise InvalidRecord) ---------------
 
 
+_inet_pton: Final = socket.inet_pton
+_AF_INET: Final = socket.AF_INET
+_from_bytes: Final = int.from_bytes
+
+
 def parse_ip(text: object) -> IPAddress:
     """Parse an IP address from its text form; raises :class:`InvalidRecord`."""
+    return _address_of(_packed_ip(text))
+
+
+def _packed_ip(text: object) -> bytes:
+    """:func:`parse_ip`'s address as 4 or 16 bytes, without building an address object."""
     if not isinstance(text, str):
         raise InvalidRecord(f"IP address: expected str, got {type(text).__name__}")
+    # inet_pton accepts exactly the IPv4 texts ipaddress accepts; anything else (IPv6,
+    # errors) goes to ipaddress, which decides.
+    if ":" not in text:
+        try:
+            return _inet_pton(_AF_INET, text)
+        except (OSError, ValueError):
+            pass
     try:
-        address = ipaddress.ip_address(text)
-        return _check_address("IP address", address)
+        return _check_address("IP address", ipaddress.ip_address(text)).packed
     except ValueError:
         raise InvalidRecord(f"invalid IP address {_short(text)}") from None
+
+
+def parse_canonical_ip(text: object) -> IPAddress:
+    """:func:`parse_ip`, and the text must be the canonical form ``str(ip)``."""
+    address = parse_ip(text)
+    # an IPv4 text that parses is a dotted quad without leading zeros: canonical
+    if address.version == 4 or str(address) == text:
+        return address
+    raise InvalidRecord(f"IP address {_short(text)} is not in canonical form ({address})")
 
 
 def parse_cidr(text: object) -> IPNetwork:
@@ -297,30 +344,31 @@ def _check_endpoint_id(what: str, value: object) -> str:
 
 
 def _record(kind: str, data: object) -> Mapping[Any, Any]:
-    if not isinstance(data, Mapping):
-        raise InvalidRecord(f"{kind}: expected a dict, got {type(data).__name__}")
-    return data
+    if type(data) is dict or isinstance(data, Mapping):  # the ABC check is slow
+        return data
+    raise InvalidRecord(f"{kind}: expected a dict, got {type(data).__name__}")
 
 
 def _field(kind: str, data: Mapping[Any, Any], name: str) -> object:
-    if name not in data:
-        raise InvalidRecord(f"{kind}: missing field {name!r}")
-    return data[name]
+    return data[name] if name in data else _missing(kind, name)
+
+
+def _missing(kind: str, name: str) -> NoReturn:
+    raise InvalidRecord(f"{kind}: missing field {name!r}")
 
 
 def _str_field(kind: str, data: Mapping[Any, Any], name: str) -> str:
-    value = _field(kind, data, name)
-    if not isinstance(value, str):
-        raise InvalidRecord(f"{kind}: field {name!r}: expected str, got {type(value).__name__}")
-    return value
+    value = data[name] if name in data else _missing(kind, name)
+    if isinstance(value, str):
+        return value
+    raise InvalidRecord(f"{kind}: field {name!r}: expected str, got {type(value).__name__}")
 
 
 def _int_field(kind: str, data: Mapping[Any, Any], name: str) -> int:
-    value = _field(kind, data, name)
-    if not _is_int(value):
-        raise InvalidRecord(f"{kind}: field {name!r}: expected int, got {type(value).__name__}")
-    assert isinstance(value, int)
-    return value
+    value = data[name] if name in data else _missing(kind, name)
+    if _is_int(value):
+        return value
+    raise InvalidRecord(f"{kind}: field {name!r}: expected int, got {type(value).__name__}")
 
 
 def _list_field(kind: str, data: Mapping[Any, Any], name: str) -> list[object]:
@@ -330,11 +378,15 @@ def _list_field(kind: str, data: Mapping[Any, Any], name: str) -> list[object]:
     return list(value)
 
 
-def _ip_field(kind: str, data: Mapping[Any, Any], name: str) -> IPAddress:
+def _packed_ip_field(kind: str, data: Mapping[Any, Any], name: str) -> bytes:
     try:
-        return parse_ip(_str_field(kind, data, name))
+        return _packed_ip(_str_field(kind, data, name))
     except InvalidRecord as e:
         raise InvalidRecord(f"{kind}: field {name!r}: {e}") from None
+
+
+def _ip_field(kind: str, data: Mapping[Any, Any], name: str) -> IPAddress:
+    return _address_of(_packed_ip_field(kind, data, name))
 
 
 _T = TypeVar("_T")
@@ -344,10 +396,13 @@ def _build(kind: str, build: type[_T], **kwargs: Any) -> _T:
     """Construct a model object from extracted fields, turning ValueErrors into InvalidRecord."""
     try:
         return build(**kwargs)
-    except InvalidRecord:
-        raise
     except ValueError as e:
-        raise InvalidRecord(f"{kind}: {e}") from None
+        raise _invalid(kind, e) from None
+
+
+def _invalid(kind: str, error: ValueError) -> InvalidRecord:
+    """The InvalidRecord to raise when constructing a ``kind`` object raised ``error``."""
+    return error if isinstance(error, InvalidRecord) else InvalidRecord(f"{kind}: {error}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -810,22 +865,20 @@ class Endpoint:
 
     def __post_init__(self) -> None:
         ip = _check_address("endpoint ip", self.ip)
-        if self.prefix_len == -1:
-            _set(self, "prefix_len", ip.max_prefixlen)
-        if not _is_int(self.prefix_len) or not 0 <= self.prefix_len <= ip.max_prefixlen:
-            raise ModelError(
-                f"endpoint prefix length must be 0..{ip.max_prefixlen}, "
-                f"got {_short(self.prefix_len)}"
-            )
-        try:
-            ipaddress.ip_network((ip, self.prefix_len), strict=True)
-        except ValueError:
-            raise ModelError(f"endpoint ip {ip} has host bits set for /{self.prefix_len}") from None
-        _check_numeric_identity("endpoint identity", self.identity)
-        _check_dns_subdomain("endpoint node", self.node)
         _check_address("endpoint host_ip", self.host_ip)
-        _check_dns_subdomain("endpoint name", self.name)
-        _check_dns_label("endpoint namespace", self.namespace)
+        prefix_len = _check_endpoint(
+            ip.version, int(ip), self.prefix_len, self.identity, self.node, self.name,
+            self.namespace,
+        )  # fmt: skip
+        if prefix_len != self.prefix_len:
+            _set(self, "prefix_len", prefix_len)
+
+    @property
+    def ip_identity(self) -> IPIdentity:
+        """What the ipcache needs of this endpoint."""
+        return IPIdentity(
+            self.ip.packed, self.prefix_len, self.identity, self.node, self.host_ip.packed
+        )
 
     @property
     def prefix(self) -> IPNetwork:
@@ -850,19 +903,131 @@ class Endpoint:
 
     @classmethod
     def from_dict(cls, data: object) -> Self:
-        k = "Endpoint"
-        d = _record(k, data)
-        return _build(
-            k,
-            cls,
-            ip=_ip_field(k, d, "ip"),
-            prefix_len=_int_field(k, d, "prefix_len"),
-            identity=NumericIdentity(_int_field(k, d, "identity")),
-            node=NodeName(_str_field(k, d, "node")),
-            host_ip=_ip_field(k, d, "host_ip"),
-            name=_str_field(k, d, "name"),
-            namespace=_str_field(k, d, "namespace"),
+        pair = ip_identity_from_dict(data)  # every field checked, as the ipcache reads it
+        d = _record("Endpoint", data)
+        try:
+            return cls(
+                ip=_address_of(pair.ip),
+                prefix_len=pair.prefix_len,
+                identity=pair.identity,
+                node=pair.node,
+                host_ip=_address_of(pair.host_ip),
+                name=d["name"],
+                namespace=d["namespace"],
+            )
+        except ValueError as e:
+            raise _invalid("Endpoint", e) from None
+
+
+class IPIdentity(NamedTuple):
+    """An endpoint as the ipcache needs it: address and prefix, identity, node, host IP.
+
+    :func:`ip_identity_from_dict` reads it from a stored endpoint record with every check
+    of :class:`Endpoint` (it is :meth:`Endpoint.from_dict`'s validation) but without
+    building address objects or the Endpoint: an agent decodes one per endpoint of the
+    cluster on a cold sync. Addresses are packed, 4 or 16 bytes.
+    """
+
+    ip: bytes
+    prefix_len: int
+    identity: NumericIdentity
+    node: NodeName
+    host_ip: bytes
+
+
+def ip_identity_from_dict(data: object) -> IPIdentity:
+    """Check a stored endpoint record (raises :class:`InvalidRecord`) and return what the
+    ipcache needs of it."""
+    k = "Endpoint"
+    d = _record(k, data)
+    ip = _packed_ip_field(k, d, "ip")
+    prefix_len = _int_field(k, d, "prefix_len")
+    identity = _int_field(k, d, "identity")
+    node = _str_field(k, d, "node")
+    host_ip = _packed_ip_field(k, d, "host_ip")
+    name = _str_field(k, d, "name")
+    namespace = _str_field(k, d, "namespace")
+    try:
+        version = 4 if len(ip) == 4 else 6
+        prefix_len = _check_endpoint(
+            version, _from_bytes(ip), prefix_len, identity, node, name, namespace
         )
+    except ValueError as e:
+        raise _invalid(k, e) from None
+    return IPIdentity(ip, prefix_len, NumericIdentity(identity), NodeName(node), host_ip)
+
+
+_DNSSubdomain = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=_DNS_SUBDOMAIN_MAX, pattern=rf"^{_DNS_SUBDOMAIN}\Z")
+]
+
+
+class EndpointRecord(msgspec.Struct, frozen=True, gc=False):
+    """An endpoint record (:meth:`Endpoint.to_dict`) as a schema that msgspec checks while
+    it decodes, in C: field types, the identity range, the name rules.
+
+    A fast path only: it must never accept what :func:`ip_identity_from_dict` refuses
+    (a property test holds them side by side); whatever it refuses goes to the strict
+    path, which decides and says why. :func:`ip_identity_from_record` checks the rest.
+    """
+
+    ip: str
+    prefix_len: int
+    identity: Annotated[int, msgspec.Meta(ge=1, le=MAX_NUMERIC_IDENTITY)]
+    node: _DNSSubdomain
+    host_ip: str
+    name: _DNSSubdomain
+    namespace: Annotated[
+        str, msgspec.Meta(min_length=1, max_length=_DNS_LABEL_MAX, pattern=rf"^{_DNS_LABEL}\Z")
+    ]
+
+
+def ip_identity_from_record(record: EndpointRecord) -> IPIdentity:
+    """The addresses and prefix of a decoded :class:`EndpointRecord` checked (raises
+    :class:`ModelError`): what the ipcache needs of it."""
+    ip = _packed_ip(record.ip)
+    host_ip = _packed_ip(record.host_ip)
+    prefix_len = _check_prefix(4 if len(ip) == 4 else 6, _from_bytes(ip), record.prefix_len)
+    return IPIdentity(
+        ip, prefix_len, NumericIdentity(record.identity), NodeName(record.node), host_ip
+    )
+
+
+def _check_endpoint(
+    version: int,
+    address: int,
+    prefix_len: object,
+    identity: object,
+    node: object,
+    name: object,
+    namespace: object,
+) -> int:
+    """The rules of an endpoint's fields besides its addresses; returns the prefix length
+    (``-1`` means the address's full length)."""
+    prefix_len = _check_prefix(version, address, prefix_len)
+    _check_numeric_identity("endpoint identity", identity)
+    _check_dns_subdomain("endpoint node", node)
+    _check_dns_subdomain("endpoint name", name)
+    _check_dns_label("endpoint namespace", namespace)
+    return prefix_len
+
+
+def _check_prefix(version: int, address: int, prefix_len: object) -> int:
+    max_prefixlen = 32 if version == 4 else 128
+    if prefix_len == -1:
+        prefix_len = max_prefixlen
+    if not _is_int(prefix_len) or not 0 <= prefix_len <= max_prefixlen:
+        raise ModelError(
+            f"endpoint prefix length must be 0..{max_prefixlen}, got {_short(prefix_len)}"
+        )
+    if address & ((1 << (max_prefixlen - prefix_len)) - 1):
+        ip = _address(version, address)
+        raise ModelError(f"endpoint ip {ip} has host bits set for /{prefix_len}")
+    return prefix_len
+
+
+def _address_of(packed: bytes) -> IPAddress:
+    return IPv4Address(_from_bytes(packed)) if len(packed) == 4 else IPv6Address(packed)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1171,7 +1336,6 @@ class PortProtocol:
         if isinstance(raw, str) and raw.upper() in PROTOCOLS:
             proto = PROTOCOLS[raw.upper()]
         elif _is_int(raw):
-            assert isinstance(raw, int)
             proto = raw
         else:
             raise InvalidRecord(f"{k}: unknown protocol {_short(raw)}")

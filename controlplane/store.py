@@ -20,6 +20,7 @@ from controlplane.model import (
     Endpoint,
     Identity,
     IPAddress,
+    IPIdentity,
     IPLease,
     Labels,
     NetworkPolicy,
@@ -80,6 +81,11 @@ class EndpointStore(Protocol):
     async def list(self) -> list[Versioned[Endpoint]]: ...
 
     def watch(self) -> AsyncIterator[StoreEvent[Endpoint]]: ...
+
+    def watch_ip_identities(self) -> AsyncIterator[StoreEvent[IPIdentity]]:
+        """:meth:`watch`, each endpoint as the ipcache needs it (validated like an Endpoint,
+        without building one: what an agent's cold sync decodes for every endpoint)."""
+        ...
 
 
 class NodeStore(Protocol):

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from controlplane.model import IPNetwork, NodeName
 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
-class Versioned(Generic[T]):
+class Versioned(NamedTuple, Generic[T]):
     """An object as read from the store, with the version to hand back for compare-and-set."""
 
     value: T
@@ -30,8 +29,8 @@ class EventKind(enum.Enum):
     """Every object that existed when the watch started has been delivered."""
 
 
-@dataclass(frozen=True, slots=True)
-class StoreEvent(Generic[T]):
+class StoreEvent(NamedTuple, Generic[T]):
+    # NamedTuples (cheap to create: one per key of a list) rather than frozen dataclasses.
     kind: EventKind
     name: str
     """The object's name within its resource: an identity number, an IP, a node name."""

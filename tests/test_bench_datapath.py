@@ -19,16 +19,17 @@ async def test_datapath_bench_reports_both_sides(etcd1: EmbeddedEtcd) -> None:
     assert record["datapath"] in ("kernel", "userspace")
     sync = record["cold_sync"]
     assert sync["entries"] == 500 and sync["page_size"] == 10_000
-    for side in ("bare_entries_per_s", "ours_entries_per_s"):
+    for side in ("bare_entries_per_s", "ours_entries_per_s", "watch_path_entries_per_s"):
         assert sync[side]["median"] > 0
         assert len(sync[side]["rounds"]) == 2
     assert sync["ratio"] > 0 and len(sync["round_ratios"]) == 2
     assert len(sync["ours_phases_s"]) == 2
+    assert sync["watch_path_ratio"] > 0
     lat = record["watch_latency"]
     assert lat["updates"] == 20
     for key in ("p50_ms", "p99_ms", "max_ms"):
         assert lat[key] > 0
     assert lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"]
-    assert sum(line.startswith("round ") for line in lines) == 4  # A and B per round
+    assert sum(line.startswith("round ") for line in lines) == 6  # A, B and C per round
     async with ShardMap(config) as shards:  # the run cleans up after itself
         assert await shards.backends["a"].count_prefix(b"cp/bench-datapath/") == 0

@@ -7,6 +7,8 @@ import ctypes
 from ipaddress import ip_address, ip_network
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from controlplane.datapath.ipcache import (
     KEY_SIZE,
@@ -114,11 +116,11 @@ def test_resync_is_mark_and_sweep_never_a_flush() -> None:
     m = _map(cache)
     rec = IpcacheReconciler(cache)
     prefixes: list[IPNetwork] = [ip_network(f"10.1.0.{i}/32") for i in range(100)]
+    # Something outside the desired state sits in the map (a pinned map from before).
+    m.update(encode_key(ip_network("172.16.0.1/32")), entry(9).encode())
     for i, p in enumerate(prefixes):
         rec.set(f"ep:{i}", {p: entry(2000 + i)})
     rec.flush()
-    # Something outside the desired state sits in the map (a pinned map from before).
-    m.update(encode_key(ip_network("172.16.0.1/32")), entry(9).encode())
     updates_before = m.stats.updates
     rec.begin_resync()
     # The re-list brings back 0..89 (unchanged) and 90 with a new identity; 91..99 vanished.
@@ -135,6 +137,14 @@ def test_resync_is_mark_and_sweep_never_a_flush() -> None:
     assert cache.get(prefixes[90]) == entry(2091)
     assert rec.stats.resyncs == 1
     assert cache.dump() == rec.desired()
+    # Written behind the reconciler's back after it read the map: the next resync reads
+    # the map again and sweeps it.
+    m.update(encode_key(ip_network("172.16.0.2/32")), entry(9).encode())
+    rec.begin_resync()
+    for i in range(91):
+        rec.set(f"ep:{i}", {prefixes[i]: entry(2000 + i + (1 if i == 90 else 0))})
+    assert rec.end_resync() == 1
+    assert cache.dump() == rec.desired() and len(m) == 91
 
 
 async def test_run_flushes_in_the_background() -> None:
@@ -154,3 +164,41 @@ async def test_run_flushes_in_the_background() -> None:
 def test_ipcache_rejects_a_map_of_the_wrong_shape() -> None:
     with pytest.raises(ValueError, match="key/value sizes"):
         Ipcache(UserspaceMap("m", 8, 24, 10))
+
+
+_PREFIXES = [ip_network(p) for p in ("10.0.0.1/32", "10.0.0.2/32", "10.0.0.0/24", "fd00::1/128")]
+_SOURCES = ["ep:a", "ep:b", "node:a", "node:b"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(_SOURCES),
+            st.dictionaries(st.sampled_from(range(len(_PREFIXES))), st.integers(1, 5), max_size=3),
+            st.integers(0, 2),
+        ),
+        max_size=30,
+    )
+)
+def test_claims_resolve_like_a_from_scratch_computation(
+    ops: list[tuple[str, dict[int, int], int]],
+) -> None:
+    """Any sequence of set/remove leaves the map equal to: for each prefix, the claim of
+    the highest priority, ties to the smallest source name."""
+    cache = userspace_ipcache()
+    rec = IpcacheReconciler(cache)
+    current: dict[str, tuple[int, dict[IPNetwork, IpcacheEntry]]] = {}
+    for source, picks, priority in ops:
+        entries = {_PREFIXES[i]: entry(ident) for i, ident in picks.items()}
+        rec.set(source, entries, priority=priority)
+        current[source] = (priority, entries)
+        rec.flush()
+    expected: dict[IPNetwork, IpcacheEntry] = {}
+    for prefix in _PREFIXES:
+        claims = [(-p, s, e[prefix]) for s, (p, e) in current.items() if prefix in e]
+        if claims:
+            expected[prefix] = min(claims, key=lambda c: (c[0], c[1]))[2]
+    assert rec.desired() == expected
+    assert cache.dump() == expected
+    assert rec.sources() == {s for s, (_, e) in current.items() if e}

@@ -214,6 +214,12 @@ def test_hash_crud_and_items(maps: list[KernelMap]) -> None:
         m.lookup(b"abc")
     with pytest.raises(MapError, match="value of 2 bytes"):
         m.update(u32(1), b"xx")
+    # a batch with one wrong size is refused whole, even when the total length adds up
+    with pytest.raises(MapError, match="key of 3 bytes"):
+        m.batch_update([(b"abc", b"e" * 8), (b"abcde", b"f" * 8)])
+    with pytest.raises(MapError, match="value of 7 bytes"):
+        m.batch_update([(u32(3), b"e" * 7), (u32(4), b"f" * 9)])
+    assert m.lookup(u32(3)) is None and m.lookup(u32(4)) is None
     for i in range(4):
         m.update(u32(i), b"f" * 8)
     with pytest.raises(MapFullError, match="E2BIG") as full:
@@ -309,6 +315,31 @@ def test_lpm_batch_ops_work_natively_or_by_fallback(maps: list[KernelMap]) -> No
     assert len(m) == 400
 
 
+@pytest.mark.parametrize("kind", ["hash", "lpm"])
+def test_items_read_by_lookup_batch_in_chunks_equal_the_key_walk(
+    maps: list[KernelMap], kind: str
+) -> None:
+    n = 3 * 4096 + 17  # several BPF_MAP_LOOKUP_BATCH chunks and a partial one
+    if kind == "hash":
+        m = KernelMap.create("cp_t_dump", BPF_MAP_TYPE_HASH, 4, 8, n)
+        maps.append(m)
+        entries = [(u32(i), (i * 7).to_bytes(8, "little")) for i in range(n)]
+    else:
+        m = lpm(maps, max_entries=n)
+        entries = [
+            (encode_key(net(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}/32")), entry(i).encode())
+            for i in range(n)
+        ]
+    assert dict(m.items()) == {} and len(m) == 0
+    m.batch_update(entries)
+    batched = list(m.items())
+    assert m.batch_lookup_supported is True
+    assert len(batched) == n and dict(batched) == dict(entries)
+    assert len(m) == n
+    m.batch_lookup_supported = False  # the per-key walk sees the same map
+    assert dict(m.items()) == dict(entries) and len(m) == n
+
+
 def test_batch_falls_back_per_element_when_kernel_lacks_batch_ops(
     maps: list[KernelMap], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -318,7 +349,11 @@ def test_batch_falls_back_per_element_when_kernel_lacks_batch_ops(
     batch_calls: list[int] = []
 
     def no_batch(cmd: int, attr: ctypes.Structure) -> tuple[int, int]:
-        if cmd in (kernel.BPF_MAP_UPDATE_BATCH, kernel.BPF_MAP_DELETE_BATCH):
+        if cmd in (
+            kernel.BPF_MAP_LOOKUP_BATCH,
+            kernel.BPF_MAP_UPDATE_BATCH,
+            kernel.BPF_MAP_DELETE_BATCH,
+        ):
             batch_calls.append(cmd)
             return -1, kernel.ENOTSUPP
         return real_bpf(cmd, attr)
@@ -331,6 +366,7 @@ def test_batch_falls_back_per_element_when_kernel_lacks_batch_ops(
     assert m.batch_update(entries[:5]) == 5  # no second batch attempt
     assert batch_calls == [kernel.BPF_MAP_UPDATE_BATCH]
     assert dict(m.items()) == dict(entries)
+    assert m.batch_lookup_supported is False and len(m) == 50
     assert m.batch_delete([k for k, _ in entries[:10]] + [encode_key(net("11.0.0.0/8"))]) == 10
     assert m.batch_delete_supported is False
     assert len(m) == 40

@@ -10,9 +10,10 @@ from typing import Any
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from controlplane import codec
 from controlplane.model import (
     IDENTITY_HEALTH,
     IDENTITY_HOST,
@@ -29,6 +30,7 @@ from controlplane.model import (
     CIDRPool,
     Endpoint,
     EndpointID,
+    EndpointRecord,
     Identity,
     IdentityRange,
     InvalidLabel,
@@ -41,8 +43,11 @@ from controlplane.model import (
     NodeName,
     NumericIdentity,
     cluster_identity_range,
+    ip_identity_from_dict,
+    ip_identity_from_record,
     is_reserved_identity,
     is_usable_ip,
+    parse_canonical_ip,
     parse_cidr,
     parse_endpoint_id,
     parse_ip,
@@ -551,6 +556,68 @@ def test_endpoint_rejects(overrides: dict[str, Any]) -> None:
         _endpoint(**overrides)
 
 
+@given(addresses(), st.integers(0, 128))
+def test_endpoint_host_bits_match_ipaddress(ip: IPv4Address | IPv6Address, prefix_len: int) -> None:
+    if prefix_len > ip.max_prefixlen:
+        with pytest.raises(ModelError, match="prefix length"):
+            _endpoint(ip=ip, prefix_len=prefix_len)
+        return
+    try:
+        ipaddress.ip_network((ip, prefix_len), strict=True)
+    except ValueError:
+        with pytest.raises(
+            ModelError, match=f"^endpoint ip {ip} has host bits set for /{prefix_len}$"
+        ):
+            _endpoint(ip=ip, prefix_len=prefix_len)
+    else:
+        assert _endpoint(ip=ip, prefix_len=prefix_len).prefix_len == prefix_len
+
+
+def test_endpoint_names_checked_every_time() -> None:
+    # the name checks are cached; a cached verdict must still raise with its own field name
+    for _ in range(2):
+        with pytest.raises(
+            ModelError, match=r"^endpoint node: not a DNS-1123 subdomain: 'Node_1'$"
+        ):
+            _endpoint(node="Node_1")
+        with pytest.raises(
+            ModelError, match=r"^endpoint name: not a DNS-1123 subdomain: 'Node_1'$"
+        ):
+            _endpoint(name="Node_1")
+        with pytest.raises(ModelError, match=r"^endpoint namespace: not a DNS-1123 label: 'a\.b'$"):
+            _endpoint(namespace="a.b")
+        assert _endpoint(node="node-1", namespace="default").node == "node-1"
+
+
+def test_endpoint_from_dict_messages() -> None:
+    good = _endpoint().to_dict()
+    cases: list[tuple[dict[str, Any], str]] = [
+        (
+            {**good, "ip": "10.0.1.5", "prefix_len": 24},
+            "Endpoint: endpoint ip 10.0.1.5 has host bits set for /24",
+        ),
+        ({**good, "ip": "10.0.1.256"}, "Endpoint: field 'ip': invalid IP address '10.0.1.256'"),
+        (
+            {**good, "host_ip": b"x"},
+            "Endpoint: field 'host_ip': Endpoint: field 'host_ip': expected str, got bytes",
+        ),
+        ({k: v for k, v in good.items() if k != "node"}, "Endpoint: missing field 'node'"),
+        ({**good, "identity": True}, "Endpoint: field 'identity': expected int, got bool"),
+        ({**good, "identity": 0}, "Endpoint: endpoint identity: 0 outside 1..4294967295"),
+        ({**good, "namespace": "A"}, "Endpoint: endpoint namespace: not a DNS-1123 label: 'A'"),
+        ({**good, "prefix_len": -1}, ""),
+    ]
+    for record, message in cases:
+        if not message:
+            assert Endpoint.from_dict(record) == _endpoint()
+            continue
+        with pytest.raises(InvalidRecord) as info:
+            Endpoint.from_dict(record)
+        assert str(info.value) == message
+    with pytest.raises(InvalidRecord, match=r"^Endpoint: expected a dict, got list$"):
+        Endpoint.from_dict([])
+
+
 def test_node() -> None:
     node = Node(
         name=NodeName("node-1"),
@@ -608,6 +675,122 @@ def test_parse_helpers() -> None:
     for parse, text in bad:
         with pytest.raises(InvalidRecord):
             parse(text)
+
+
+# strings near the edge of what the IPv4 and IPv6 parsers accept
+_octets = (
+    st.integers(0, 300).map(str)
+    | st.tuples(st.integers(0, 300), st.integers(2, 4)).map(lambda t: str(t[0]).zfill(t[1]))
+    | st.sampled_from(
+        [
+            "",
+            "\u0661",
+            "\u0661\u0662",
+            "\uff11",
+            "\u00b2",
+            "0x1",
+            "+1",
+            "-1",
+            " 1",
+            "1 ",
+            "1e1",
+            "a",
+            "\x00",
+        ]
+    )
+)
+_dotted = st.lists(_octets, min_size=1, max_size=6).map(".".join)
+_noise = st.sampled_from(["", " ", "\n", "\x00", "/32", "%eth0", ".", ":", "\ud800", "::ffff:"])
+_ipv6_texts = st.ip_addresses(v=6).flatmap(
+    lambda a: st.sampled_from([str(a), a.exploded, str(a).upper(), a.exploded.replace(":0", ":")])
+)
+ip_texts = (
+    st.text(max_size=20)
+    | st.text(st.characters(codec=None) | st.characters(categories=["Cs"]), max_size=12)
+    | st.tuples(_noise, _dotted, _noise).map("".join)
+    | st.ip_addresses(v=4).map(str)
+    | _ipv6_texts
+    | st.tuples(_ipv6_texts, _noise).map("".join)
+    | st.tuples(st.just("::ffff:"), _dotted).map("".join)
+)
+
+
+def _reference_ip(text: str) -> IPv4Address | IPv6Address | None:
+    """What parse_ip accepts, spelled with ipaddress alone."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, IPv6Address) and address.scope_id is not None:
+        return None
+    return address
+
+
+@given(ip_texts)
+@example("1.2.3.4")
+@example("0.0.0.0")
+@example("255.255.255.255")
+@example("01.2.3.4")
+@example("1.2.3.04")
+@example("1.2.3.00")
+@example("256.1.1.1")
+@example("1.2.3")
+@example("1.2.3.4.5")
+@example("1..3.4")
+@example(" 1.2.3.4")
+@example("1.2.3.4 ")
+@example("1.2.3.4\n")
+@example("1.2.3.4\x00")
+@example("\x001.2.3.4")
+@example("\u0661.2.3.4")
+@example("1.2.3.4/32")
+@example("0x1.2.3.4")
+@example("\ud800")
+@example("::ffff:1.2.3.4")
+@example("::ffff:01.2.3.4")
+@example("fe80::1%eth0")
+@example("2001:DB8::1")
+def test_parse_ip_matches_ipaddress(text: str) -> None:
+    expected = _reference_ip(text)
+    if expected is None:
+        with pytest.raises(InvalidRecord):
+            parse_ip(text)
+        with pytest.raises(InvalidRecord):
+            parse_canonical_ip(text)
+        return
+    got = parse_ip(text)
+    assert type(got) is type(expected)
+    assert got == expected
+    if str(expected) == text:
+        canonical = parse_canonical_ip(text)
+        assert type(canonical) is type(expected)
+        assert canonical == expected
+    else:
+        with pytest.raises(InvalidRecord, match="not in canonical form"):
+            parse_canonical_ip(text)
+
+
+def test_parse_ip_messages() -> None:
+    with pytest.raises(InvalidRecord, match=r"^invalid IP address '10\.0\.0\.256'$"):
+        parse_ip("10.0.0.256")
+    with pytest.raises(InvalidRecord, match=r"^invalid IP address '1\.2\.3\.4\\x00'$"):
+        parse_ip("1.2.3.4\x00")
+    with pytest.raises(InvalidRecord, match=r"^IP address: expected str, got bytes$"):
+        parse_ip(b"1.2.3.4")
+    with pytest.raises(InvalidRecord, match=r"^IP address: expected str, got bytes$"):
+        parse_canonical_ip(b"1.2.3.4")
+
+
+def test_parse_canonical_ip() -> None:
+    assert parse_canonical_ip("10.0.0.1") == IPv4Address("10.0.0.1")
+    assert parse_canonical_ip("2001:db8::1") == IPv6Address("2001:db8::1")
+    for text in ("2001:DB8::1", "2001:db8:0::1", "::0", "0:0::1"):
+        assert parse_ip(text)
+        with pytest.raises(InvalidRecord, match="is not in canonical form"):
+            parse_canonical_ip(text)
+    for text in ("010.0.0.1", "10.0.0.256", "fe80::1%eth0", ""):
+        with pytest.raises(InvalidRecord, match="invalid IP address"):
+            parse_canonical_ip(text)
 
 
 # ---------------------------------------------------------------------------------------
@@ -873,3 +1056,106 @@ def test_from_dict_rejects_malformed(cls: type[Any], value: object) -> None:
     assert isinstance(info.value, ValueError)
     assert cls.__name__ in str(info.value)
     assert "\n" not in str(info.value)
+
+
+# -- the ipcache's fast path for endpoint records ------------------------------------------
+
+_ENDPOINT_RECORDS = codec.typed_decoder("endpoint", EndpointRecord)
+_VALID_ENDPOINT: dict[str, Any] = {
+    "ip": "10.0.1.5",
+    "prefix_len": 32,
+    "identity": 1234,
+    "node": "node-1.example",
+    "host_ip": "192.168.0.8",
+    "name": "web-5f7c9",
+    "namespace": "default",
+}
+_ODD: list[Any] = [
+    None, True, False, 0, 1, -1, -2, 24, 32, 33, 64, 128, 129, 255, 2**32 - 1, 2**32,
+    2**63, -(2**63), 1.0, 32.0, b"x", [], {}, "", "a", "A", "a-", "-a", "a.b", "a..b",
+    "a_b", "a\n", "\na", "ä", "x" * 63, "x" * 64, "x" * 253, "x" * 254,
+    ".".join(["x" * 63] * 4), "10.0.0.1", "10.0.1.0", "10.0.0.0", "010.0.0.1", "1.2.3",
+    "1.2.3.4 ", "fd00::1", "fd00::", "FD00::1", "fe80::1%eth0", "::ffff:1.2.3.4",
+    "2001:db8::", "0.0.0.0", "255.255.255.255",
+]  # fmt: skip
+_ODD_VALUES = st.sampled_from(_ODD)
+
+
+@st.composite
+def _endpoint_records(draw: st.DrawFn) -> dict[str, Any]:
+    record = dict(_VALID_ENDPOINT)
+    for field in draw(st.lists(st.sampled_from(sorted(record)), max_size=3, unique=True)):
+        action = draw(st.sampled_from(["odd", "odd", "delete"]))
+        if action == "delete":
+            del record[field]
+        else:
+            record[field] = draw(_ODD_VALUES)
+    if draw(st.booleans()):
+        record[draw(st.sampled_from(["extra", "ip6", "labels"]))] = draw(_ODD_VALUES)
+    return record
+
+
+def _fast(raw: bytes) -> Any:
+    try:
+        return ip_identity_from_record(_ENDPOINT_RECORDS(raw))
+    except (codec.DecodeError, ModelError):
+        return None
+
+
+def _strict(raw: bytes) -> Any:
+    try:
+        return ip_identity_from_dict(codec.decode("endpoint", raw))
+    except (codec.DecodeError, ModelError):
+        return None
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_endpoint_records())
+@example(dict(_VALID_ENDPOINT, ip="fd00::", prefix_len=-1))
+@example(dict(_VALID_ENDPOINT, ip="10.0.1.0", prefix_len=24))
+def test_fast_endpoint_decode_agrees_with_the_strict_path_and_the_model(
+    record: dict[str, Any],
+) -> None:
+    """The msgspec schema only ever takes a record the strict path takes, with the same
+    result; the strict path takes exactly what Endpoint.from_dict takes."""
+    _check_endpoint_decoders_agree(record)
+
+
+@pytest.mark.parametrize("field", sorted(_VALID_ENDPOINT))
+def test_fast_endpoint_decode_agrees_on_every_odd_value_of_each_field(field: str) -> None:
+    for value in _ODD:
+        _check_endpoint_decoders_agree(dict(_VALID_ENDPOINT, **{field: value}))
+    _check_endpoint_decoders_agree({k: v for k, v in _VALID_ENDPOINT.items() if k != field})
+
+
+def _check_endpoint_decoders_agree(record: dict[str, Any]) -> None:
+    raw = codec.encode("endpoint", record)
+    fast, strict = _fast(raw), _strict(raw)
+    if fast is not None:
+        assert fast == strict
+    try:
+        endpoint = Endpoint.from_dict(record)
+    except ModelError:
+        assert strict is None
+    else:
+        assert strict == endpoint.ip_identity
+        assert fast == strict, "the fast path refused a valid record"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        codec.encode("node", _VALID_ENDPOINT),
+        msgpack.packb({"v": 2, "k": "endpoint", "d": _VALID_ENDPOINT}),
+        msgpack.packb({"v": True, "k": "endpoint", "d": _VALID_ENDPOINT}),
+        msgpack.packb({"v": 1, "k": "endpoint"}),
+        msgpack.packb({"v": 1, "k": "endpoint", "d": [1, 2]}),
+        codec.encode("endpoint", _VALID_ENDPOINT) + b"\x00",
+        b"\xc1",
+        b"",
+    ],
+)
+def test_fast_endpoint_decode_refuses_bad_envelopes(raw: bytes) -> None:
+    assert _strict(raw) is None
+    with pytest.raises(codec.DecodeError):
+        _ENDPOINT_RECORDS(raw)

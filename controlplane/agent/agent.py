@@ -39,7 +39,14 @@ from controlplane.agent.health import Failure, Observation, RestartArm, ShardHea
 from controlplane.agent.metrics import AgentMetrics
 from controlplane.agent.settings import EXIT_RESTART, AgentSettings, RestartMode
 from controlplane.config import KvstoreConfig
-from controlplane.datapath.ipcache import FLAG_LOCAL, FLAG_NODE, Ipcache, IpcacheEntry
+from controlplane.datapath.ipcache import (
+    FLAG_LOCAL,
+    FLAG_NODE,
+    Ipcache,
+    IpcacheEntry,
+    ip_identity_key,
+    ip_identity_value,
+)
 from controlplane.datapath.kernel import KernelMap
 from controlplane.datapath.policymap import PolicyMaps, close_policy_maps, unpin_policy_maps
 from controlplane.datapath.reconciler import IpcacheReconciler, describe
@@ -64,6 +71,7 @@ from controlplane.model import (
     EndpointID,
     Identity,
     IPAddress,
+    IPIdentity,
     IPNetwork,
     Labels,
     ModelError,
@@ -151,7 +159,7 @@ class AgentCache:
     """The agent's view of the cluster, fed by the watches."""
 
     identities: dict[str, Identity]
-    endpoints: dict[str, Endpoint]
+    endpoints: dict[str, IPIdentity]
     nodes: dict[str, Node]
     policies: dict[str, NetworkPolicy] = field(default_factory=dict)
 
@@ -1025,7 +1033,7 @@ class _Session:
     async def _watch_endpoints(self) -> None:
         agent = self.agent
         cache = agent.cache.endpoints
-        async for event in self.endpoints.watch():
+        async for event in self.endpoints.watch_ip_identities():
             if event.kind is EventKind.SYNCED:
                 for name in self._sweep("endpoints", cache):
                     agent.reconciler.remove(f"endpoint:{name}")
@@ -1034,11 +1042,13 @@ class _Session:
             self._stale["endpoints"].discard(event.name)
             source = f"endpoint:{event.name}"
             if event.kind is EventKind.UPSERT and event.value is not None:
-                endpoint = event.value
-                cache[event.name] = endpoint
-                flags = FLAG_LOCAL if endpoint.node == agent.settings.node else 0
-                entry = IpcacheEntry(endpoint.identity, endpoint.host_ip, flags)
-                agent.reconciler.set(source, {endpoint.prefix: entry}, priority=_ENDPOINT_PRIORITY)
+                pair = event.value
+                cache[event.name] = pair
+                flags = FLAG_LOCAL if pair.node == agent.settings.node else 0
+                agent.reconciler.set_encoded(
+                    source, {ip_identity_key(pair): ip_identity_value(pair, flags)},
+                    priority=_ENDPOINT_PRIORITY,
+                )  # fmt: skip
             else:
                 cache.pop(event.name, None)
                 agent.reconciler.remove(source)

@@ -1,14 +1,17 @@
 """`cpctl bench datapath`: endpoints from etcd into the ipcache map, next to a bare list.
 
 (a) Cold sync: N endpoint records (the agents' ``endpoint`` envelopes, written beforehand
-under a bench-only prefix) are read in interleaved rounds (A B A B): A is a bare paginated
-aetcd Range list of the prefix at one revision, decoding the envelope only; B is our path:
-the same pages through :class:`EtcdBackend`, decoded into :class:`Endpoint` objects as
-:class:`KvEndpointStore` does, turned into ipcache entries and written by an
-:class:`IpcacheReconciler` (begin_resync, set + flush per page, end_resync: what the agent
-does on a cold start) into a fresh, unpinned kernel LPM trie made like the agent's
-``cp_ipcache`` (or a userspace map without root/eBPF, which the record says). Same page
-size on both sides.
+under a bench-only prefix) are read in interleaved rounds (A B C A B C): A is a bare
+paginated aetcd Range list of the prefix at one revision, decoding the envelope only; B is
+our pipeline: the same pages through :class:`EtcdBackend` (the next page requested while
+one is processed), each record checked and decoded as the agent's store does it
+(:meth:`KvEndpointStore.build_ip_identity`: every rule of an Endpoint), turned into
+ipcache entries and written by an :class:`IpcacheReconciler` (begin_resync, set + flush
+per page, end_resync) into a fresh, unpinned kernel LPM trie made like the agent's
+``cp_ipcache`` (or a userspace map without root/eBPF, which the record says), same page
+size as A; C is the agent's own path on a cold start: ``watch_ip_identities()``
+(ListWatcher list -> store events, one per key) feeding the reconciler as the agent does,
+flushed by its ``run`` loop, until SYNCED.
 
 (b) Watch event -> map update latency: KvEndpointStore's ListWatcher-based watch feeds the
 reconciler (its ``run`` loop) into the map; K single endpoint updates are put at a steady
@@ -57,13 +60,13 @@ from controlplane.datapath.ipcache import (
     KEY_SIZE,
     VALUE_SIZE,
     Ipcache,
-    IpcacheEntry,
-    encode_key,
+    ip_identity_key,
+    ip_identity_value,
     userspace_ipcache,
 )
 from controlplane.datapath.kernel import BPF_MAP_TYPE_LPM_TRIE, KernelMap
 from controlplane.datapath.reconciler import IpcacheReconciler
-from controlplane.kvstore.backend import EtcdBackend
+from controlplane.kvstore.backend import LIST_PAGE_SIZE, EtcdBackend
 from controlplane.kvstore.bench import (
     BenchError,
     delete_in_chunks,
@@ -77,7 +80,7 @@ from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.shards import ShardMap
 from controlplane.kvstore.types import Put, prefix_range_end
 from controlplane.metrics import StoreMetrics
-from controlplane.model import Endpoint, NodeName, NumericIdentity
+from controlplane.model import Endpoint, IPIdentity, NodeName, NumericIdentity
 from controlplane.store_types import EventKind
 
 Progress = Callable[[str], None]
@@ -124,10 +127,6 @@ def bench_endpoint(i: int, identity: int | None = None) -> Endpoint:
         name=f"pod-{i}",
         namespace="bench",
     )
-
-
-def _entry(endpoint: Endpoint) -> IpcacheEntry:
-    return IpcacheEntry(endpoint.identity, endpoint.host_ip, 0)
 
 
 def _rate_stats(rates: list[float]) -> dict[str, Any]:
@@ -207,9 +206,12 @@ async def run_datapath_bench(
                 progress(f"deleted {record_deleted} keys")
     record["notes"] = [
         "cold sync: A = bare aetcd Range pages at one revision, envelope decode only; "
-        "B = EtcdBackend pages at one revision + Endpoint decode (KvEndpointStore) + "
+        "B = EtcdBackend pages at one revision (next page prefetched) + record decode with "
+        "every Endpoint check (KvEndpointStore.build_ip_identity) + "
         "ipcache entries + IpcacheReconciler begin_resync/set+flush per page/end_resync "
-        "into a fresh map; same page size; rounds interleaved A B A B; one process",
+        "into a fresh map; same page size; C = the agent's watch path (KvEndpointStore.watch: "
+        "ListWatcher list -> store events -> reconciler, flushed by reconciler.run) until "
+        "SYNCED, at the agent's list page size; rounds interleaved A B C A B C; one process",
         "watch latency: put issued (monotonic, just before the put) -> reconciler "
         "written_at for the entry (monotonic); KvEndpointStore.watch (ListWatcher) -> "
         "reconciler.set, reconciler.run flushing; each update changes the identity",
@@ -265,20 +267,25 @@ async def _ours_sync(
 ) -> tuple[int, dict[str, float]]:
     """B: list + decode + ipcache entries + reconciler flush; returns (entries, phases)."""
     reconciler = IpcacheReconciler(ipcache)
-    phases = {"list_decode_s": 0.0, "set_s": 0.0, "flush_s": 0.0, "end_resync_s": 0.0}
+    phases = dict.fromkeys(("list_s", "decode_s", "set_s", "flush_s", "end_resync_s"), 0.0)
     reconciler.begin_resync()
     prefix = store.prefix
+    decode, build = store.codec.decode, store.build_ip_identity
+    pages = aiter(backend.iter_prefix(prefix, page_size=page_size))
     mark = time.perf_counter()
-    async for page, _ in backend.iter_prefix(prefix, page_size=page_size):
-        endpoints = store.codec.decode_all(page, prefix, store._build)
+    while (page := await anext(pages, None)) is not None:
+        t_listed = time.perf_counter()
+        endpoints = [(kv.key, decode(kv.key, prefix, kv.value, build)) for kv in page[0]]
         t_decoded = time.perf_counter()
-        for versioned in endpoints:
-            ep = versioned.value
-            reconciler.set(f"endpoint:{ep.ip}", {ep.prefix: _entry(ep)}, priority=ENDPOINT_PRIORITY)
+        for key, pair in endpoints:
+            if pair is not None:
+                # the agent's source name: the key's name, as its store events carry it
+                _set_endpoint(reconciler, f"endpoint:{key[len(prefix) :].decode()}", pair)
         t_set = time.perf_counter()
         reconciler.flush()
         t_flushed = time.perf_counter()
-        phases["list_decode_s"] += t_decoded - mark
+        phases["list_s"] += t_listed - mark
+        phases["decode_s"] += t_decoded - t_listed
         phases["set_s"] += t_set - t_decoded
         phases["flush_s"] += t_flushed - t_set
         mark = t_flushed
@@ -287,6 +294,46 @@ async def _ours_sync(
     if reconciler.stats.errors:
         raise BenchError(f"the reconciler failed {reconciler.stats.errors} map writes")
     return len(ipcache), phases
+
+
+def _set_endpoint(reconciler: IpcacheReconciler, source: str, pair: IPIdentity) -> None:
+    """What the agent does with an endpoint of another node."""
+    key, value = ip_identity_key(pair), ip_identity_value(pair)
+    reconciler.set_encoded(source, {key: value}, priority=ENDPOINT_PRIORITY)
+
+
+async def _feed(
+    store: KvEndpointStore, reconciler: IpcacheReconciler, synced: asyncio.Event
+) -> None:
+    """The agent's endpoint watch loop: store events -> reconciler (SYNCED ends the resync)."""
+    reconciler.begin_resync()
+    async for event in store.watch_ip_identities():
+        if event.kind is EventKind.SYNCED:
+            reconciler.end_resync()
+            synced.set()
+            continue
+        source = f"endpoint:{event.name}"
+        if event.kind is EventKind.UPSERT and event.value is not None:
+            _set_endpoint(reconciler, source, event.value)
+        else:
+            reconciler.remove(source)
+
+
+async def _watch_sync(store: KvEndpointStore, ipcache: Ipcache) -> int:
+    """C: the agent's path (ListWatcher -> store events -> reconciler.run) until SYNCED."""
+    reconciler = IpcacheReconciler(ipcache)
+    synced = asyncio.Event()
+    async with asyncio.TaskGroup() as group:
+        tasks = [
+            group.create_task(_feed(store, reconciler, synced)),
+            group.create_task(reconciler.run()),
+        ]
+        await synced.wait()
+        for task in tasks:
+            task.cancel()
+    if reconciler.stats.errors:
+        raise BenchError(f"the reconciler failed {reconciler.stats.errors} map writes")
+    return len(ipcache)
 
 
 async def _cold_sync(
@@ -301,6 +348,7 @@ async def _cold_sync(
     await client.connect()
     bare: list[float] = []
     ours: list[float] = []
+    watched: list[float] = []
     phases: list[dict[str, float]] = []
     try:
         for r in range(1, params.rounds + 1):
@@ -324,6 +372,19 @@ async def _cold_sync(
                 f"round {r}/{params.rounds} B ours -> {_kind(datapath)} map: "
                 f"{ours[-1]:,.0f} entries/s ({phases[-1]})"
             )
+            ipcache = datapath.new()
+            try:
+                started = time.perf_counter()
+                got = await _watch_sync(store, ipcache)
+                seconds = time.perf_counter() - started
+            finally:
+                datapath.close(ipcache)
+            _check(got, params.count, "watched ipcache")
+            watched.append(got / seconds)
+            progress(
+                f"round {r}/{params.rounds} C the agent's watch path -> {_kind(datapath)} map: "
+                f"{watched[-1]:,.0f} entries/s"
+            )
     finally:
         with contextlib.suppress(Exception):
             await client.close()
@@ -337,6 +398,9 @@ async def _cold_sync(
         "round_ratios": [round(o / b, 3) for o, b in zip(ours, bare, strict=True)],
         "goal_ratio": 0.5,
         "ours_phases_s": phases,
+        "watch_path_entries_per_s": _rate_stats(watched),
+        "watch_path_page_size": LIST_PAGE_SIZE,
+        "watch_path_ratio": round(statistics.median(watched) / statistics.median(bare), 3),
     }
 
 
@@ -368,20 +432,6 @@ async def _latency(
     reconciler = IpcacheReconciler(ipcache)
     synced = asyncio.Event()
 
-    async def feed() -> None:
-        reconciler.begin_resync()
-        async for event in store.watch():
-            if event.kind is EventKind.SYNCED:
-                reconciler.end_resync()
-                synced.set()
-                continue
-            source = f"endpoint:{event.name}"
-            if event.kind is EventKind.UPSERT and event.value is not None:
-                ep = event.value
-                reconciler.set(source, {ep.prefix: _entry(ep)}, priority=ENDPOINT_PRIORITY)
-            else:
-                reconciler.remove(source)
-
     step = max(1, params.count // params.updates)
     indices = [j * step for j in range(params.updates)]
     issued: dict[bytes, float] = {}
@@ -390,7 +440,10 @@ async def _latency(
     watch_sync_s = 0.0
     try:
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(feed()), group.create_task(reconciler.run())]
+            tasks = [
+                group.create_task(_feed(store, reconciler, synced)),
+                group.create_task(reconciler.run()),
+            ]
             try:
                 started = time.perf_counter()
                 await asyncio.wait_for(synced.wait(), params.wait_timeout + params.count / 1000)
@@ -405,8 +458,8 @@ async def _latency(
                 for j, i in enumerate(indices):
                     await asyncio.sleep(max(0.0, begin + j * interval - time.monotonic()))
                     endpoint = bench_endpoint(i, identity=200_000 + j)
-                    key = encode_key(endpoint.prefix)
-                    wanted[key] = _entry(endpoint).encode()
+                    key = ip_identity_key(endpoint.ip_identity)
+                    wanted[key] = ip_identity_value(endpoint.ip_identity)
                     value = store.codec.encode(endpoint.to_dict())
                     issued[key] = time.monotonic()
                     await backend.put(store.key(endpoint.ip), value)
@@ -548,6 +601,12 @@ def print_record(record: dict[str, Any]) -> None:
                 f"{sync['ratio']:.3f}",
                 ", ".join(f"{r:.3f}" for r in sync["round_ratios"]),
             ],
+            [
+                f"the agent's watch path ({sync['watch_path_page_size']}-key pages), entries/s",
+                f"{sync['watch_path_entries_per_s']['median']:,}",
+                ", ".join(f"{r:,}" for r in sync["watch_path_entries_per_s"]["rounds"]),
+            ],
+            ["ratio watch path/bare", f"{sync['watch_path_ratio']:.3f}", "-"],
             ["watch -> map latency p50", f"{lat['p50_ms']:.2f} ms", "-"],
             ["watch -> map latency p99", f"{lat['p99_ms']:.2f} ms", "-"],
             ["watch -> map latency max", f"{lat['max_ms']:.2f} ms", "-"],

@@ -54,6 +54,7 @@ BPF_MAP_GET_NEXT_KEY: Final = 4
 BPF_OBJ_PIN: Final = 6
 BPF_OBJ_GET: Final = 7
 BPF_OBJ_GET_INFO_BY_FD: Final = 15
+BPF_MAP_LOOKUP_BATCH: Final = 24
 BPF_MAP_UPDATE_BATCH: Final = 26
 BPF_MAP_DELETE_BATCH: Final = 27
 
@@ -80,6 +81,8 @@ _PERCPU_TYPES: Final = frozenset({BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_
 _ARRAY_TYPES: Final = frozenset({BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY})
 _NO_BATCH_ERRNOS: Final = frozenset({errno.EINVAL, errno.EOPNOTSUPP, ENOTSUPP})
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9_.]{0,15}$")
+_DUMP_CHUNK: Final = 4096
+"""Entries per ``BPF_MAP_LOOKUP_BATCH`` call when reading a whole map."""
 
 _CMD_NAMES: Final = {
     BPF_MAP_CREATE: "BPF_MAP_CREATE",
@@ -90,6 +93,7 @@ _CMD_NAMES: Final = {
     BPF_OBJ_PIN: "BPF_OBJ_PIN",
     BPF_OBJ_GET: "BPF_OBJ_GET",
     BPF_OBJ_GET_INFO_BY_FD: "BPF_OBJ_GET_INFO_BY_FD",
+    BPF_MAP_LOOKUP_BATCH: "BPF_MAP_LOOKUP_BATCH",
     BPF_MAP_UPDATE_BATCH: "BPF_MAP_UPDATE_BATCH",
     BPF_MAP_DELETE_BATCH: "BPF_MAP_DELETE_BATCH",
 }
@@ -323,6 +327,7 @@ class KernelMap:
         self.batch_update_supported: bool | None = None
         """None until the first batch update tells whether the kernel does it."""
         self.batch_delete_supported: bool | None = None
+        self.batch_lookup_supported: bool | None = None
         self._finalizer = weakref.finalize(self, os.close, fd)
 
     # -- construction ------------------------------------------------------------------
@@ -490,15 +495,58 @@ class KernelMap:
         return out
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
-        """Every entry, as a snapshot taken before the first item is returned (entries
-        deleted between the key walk and their lookup are left out)."""
+        """Every entry, as a snapshot taken before the first item is returned: read with
+        ``BPF_MAP_LOOKUP_BATCH`` in chunks, or (where the kernel has no batch lookup for
+        the map type) by a key walk and one lookup per key, leaving out entries deleted
+        between the two."""
         self._refuse_percpu("items")
+        batched = self._batch_items() if self.batch_lookup_supported is not False else None
+        if batched is not None:
+            return iter(batched)
         snapshot: list[tuple[bytes, bytes]] = []
         for key in self.keys():
             raw = self._lookup_raw(key)
             if raw is not None:
                 snapshot.append((key, raw[: self._value_size]))
         return iter(snapshot)
+
+    def _batch_items(self) -> list[tuple[bytes, bytes]] | None:
+        """The whole map by ``BPF_MAP_LOOKUP_BATCH``; None when the kernel has no batch
+        lookup for this map type (remembered in ``batch_lookup_supported``)."""
+        ks, vs = self._key_size, self._value_size
+        chunk = max(1, min(self.max_entries, _DUMP_CHUNK))
+        keys = ctypes.create_string_buffer(ks * chunk)
+        values = ctypes.create_string_buffer(vs * chunk)
+        # The resume token is a key for generic batch ops and a bucket index for hashes.
+        token_in = ctypes.create_string_buffer(max(ks, 8))
+        token_out = ctypes.create_string_buffer(max(ks, 8))
+        out: list[tuple[bytes, bytes]] = []
+        first = True
+        while True:
+            attr = _MapBatchAttr(
+                in_batch=0 if first else _addr(token_in),
+                out_batch=_addr(token_out),
+                keys=_addr(keys),
+                values=_addr(values),
+                count=chunk,
+                map_fd=self.fd,
+            )
+            ret, err = bpf(BPF_MAP_LOOKUP_BATCH, attr)
+            if ret < 0 and err != errno.ENOENT:  # ENOENT: the end of the map
+                if first and self.batch_lookup_supported is None and err in _NO_BATCH_ERRNOS:
+                    self.batch_lookup_supported = False
+                    return None
+                raise _error(BPF_MAP_LOOKUP_BATCH, err, f"on map {self._name}")
+            self.batch_lookup_supported = True
+            count = int(attr.count)
+            kraw, vraw = keys.raw, values.raw
+            out.extend(
+                (kraw[i * ks : i * ks + ks], vraw[i * vs : i * vs + vs]) for i in range(count)
+            )
+            if ret < 0:
+                return out
+            ctypes.memmove(token_in, token_out, len(token_out))
+            first = False
 
     def batch_update(self, entries: Sequence[tuple[bytes, bytes]]) -> int:
         """Write every entry with one ``BPF_MAP_UPDATE_BATCH``; falls back to one
@@ -507,12 +555,19 @@ class KernelMap:
         call; the entries before it stay written. Returns how many were written."""
         if not entries:
             return 0
-        for key, value in entries:
-            self._check_key(key)
-            self._check_value(value)
+        keys_ = [k for k, _ in entries]
+        values_ = [v for _, v in entries]
+        if {*map(len, keys_)} != {self._key_size} or {*map(len, values_)} != {self._value_size}:
+            for key, value in entries:  # raises for the first wrong one
+                self._check_key(key)
+                self._check_value(value)
         if self.batch_update_supported is not False:
-            keys = ctypes.create_string_buffer(b"".join(k for k, _ in entries))
-            values = ctypes.create_string_buffer(b"".join(self._pack_value(v) for _, v in entries))
+            key_blob = b"".join(keys_)
+            value_blob = b"".join(
+                [self._pack_value(v) for v in values_] if self.percpu else values_
+            )
+            keys = ctypes.create_string_buffer(key_blob, len(key_blob))
+            values = ctypes.create_string_buffer(value_blob, len(value_blob))
             attr = _MapBatchAttr(
                 keys=_addr(keys), values=_addr(values), count=len(entries), map_fd=self.fd
             )
@@ -566,6 +621,10 @@ class KernelMap:
         return removed
 
     def __len__(self) -> int:
+        if not self.percpu and self.batch_lookup_supported is not False:
+            batched = self._batch_items()
+            if batched is not None:
+                return len(batched)
         return len(self.keys())
 
     # -- per-CPU ---------------------------------------------------------------------

@@ -17,7 +17,9 @@ A new process on an already-populated pinned map first *adopts* the map's conten
 (:meth:`adopt_map`): every entry found is treated as marked, so an entry a previous run
 wrote and the store no longer wants is deleted by the first :meth:`end_resync`, while the
 entries that are still right are never rewritten. The sweep always compares against what
-the map actually holds, not only against what this process wrote.
+the map actually holds, not only against what this process wrote: the map as read at
+adoption or on the first flush (for the first resync), or read again (for later ones),
+plus this process's writes since.
 """
 
 from __future__ import annotations
@@ -56,8 +58,27 @@ class ReconcilerStats:
     """Entries found in the map when it was adopted (a previous run's content)."""
 
 
+_Claim = tuple[str, int, bytes]
+"""One source's claim on a key: (source, priority, encoded value)."""
+
+
+def _others(held: _Claim | list[_Claim], source: str) -> list[_Claim]:
+    """The claims in ``held`` that are not ``source``'s."""
+    claims = [held] if isinstance(held, tuple) else held
+    return [claim for claim in claims if claim[0] != source]
+
+
+def _rank(claim: _Claim) -> tuple[int, str]:
+    """Highest priority first, then the smallest source name."""
+    return -claim[1], claim[0]
+
+
 class IpcacheReconciler:
-    """Desired ipcache state from sources, applied to an :class:`Ipcache` in batches."""
+    """Desired ipcache state from sources, applied to an :class:`Ipcache` in batches.
+
+    Everything is kept as encoded map keys and values (what the kernel map holds), so a
+    flush or a resync compares bytes and never encodes an entry twice.
+    """
 
     def __init__(
         self, ipcache: Ipcache, *, batch_size: int = 1024, batch_delay: float = 0.0
@@ -71,17 +92,22 @@ class IpcacheReconciler:
         self.stats = ReconcilerStats()
         self.written_at: dict[bytes, float] = {}
         """Map key -> when we last wrote it (monotonic): for latency measurements."""
-        self._sources: dict[str, tuple[int, dict[IPNetwork, IpcacheEntry]]] = {}
-        self._claims: dict[IPNetwork, dict[str, tuple[int, IpcacheEntry]]] = {}
-        self._dirty: builtins.set[IPNetwork] = builtins.set()
+        self._sources: dict[str, tuple[bytes, ...]] = {}
+        """Source -> the keys it claims."""
+        self._claims: dict[bytes, _Claim | list[_Claim]] = {}
+        """Key -> its claims: one tuple (nearly always), or a list when contested."""
+        self._want: dict[bytes, bytes] = {}
+        """The winning claim's value for every claimed key: the desired map."""
+        self._dirty: builtins.set[bytes] = builtins.set()
         self._marked: builtins.set[str] | None = None
         self._adopted: builtins.set[bytes] = builtins.set()
         self._full_sync_pending = False
         self._wake = asyncio.Event()
+        self._read_since_full_sync = False
         self._shadow: dict[bytes, bytes] | None = None
         """What the map holds, as far as we know: read from the map at adoption and at every
-        full resync, then kept by our own writes (the agent is the maps' only writer; after
-        a failed write it is dropped and read again). Flushes compare against it instead of
+        full resync, then kept by our own writes (the agent is the maps' only writer; after a
+        failed write it is dropped and read again). Flushes compare against it instead of
         the kernel, saving two or three syscalls per entry (an exact lookup in an LPM trie
         needs GET_NEXT_KEY)."""
 
@@ -91,38 +117,66 @@ class IpcacheReconciler:
         self, source: str, entries: Mapping[IPNetwork, IpcacheEntry], *, priority: int = 0
     ) -> None:
         """Replace what ``source`` contributes (an empty mapping removes it)."""
+        self.set_encoded(
+            source, {encode_key(p): e.encode() for p, e in entries.items()}, priority=priority
+        )
+
+    def set_encoded(
+        self, source: str, entries: Mapping[bytes, bytes], *, priority: int = 0
+    ) -> None:
+        """:meth:`set` with entries already encoded (map key -> map value)."""
         if self._marked is not None:
             self._marked.discard(source)
-        _, old = self._sources.pop(source, (0, {}))
-        for prefix in old.keys() - entries.keys():
-            self._unclaim(prefix, source)
-        for prefix, entry in entries.items():
-            self._claims.setdefault(prefix, {})[source] = (priority, entry)
-            self._dirty.add(prefix)
+        old = self._sources.pop(source, None)
+        if old is not None:
+            for key in old:
+                if key not in entries:
+                    self._unclaim(key, source)
+        claims_of = self._claims
+        want = self._want
+        dirty = self._dirty
+        for key, value in entries.items():
+            held = claims_of.get(key)
+            if held is None or (isinstance(held, tuple) and held[0] == source):
+                claims_of[key] = (source, priority, value)
+                want[key] = value
+            else:
+                self._settle(key, [*_others(held, source), (source, priority, value)])
+            dirty.add(key)
         if entries:
-            self._sources[source] = (priority, dict(entries))
+            self._sources[source] = tuple(entries)
         self._wake.set()
 
     def remove(self, source: str) -> None:
-        self.set(source, {})
+        self.set_encoded(source, {})
 
     def sources(self) -> frozenset[str]:
         return frozenset(self._sources)
 
     def resolve(self, prefix: IPNetwork) -> IpcacheEntry | None:
-        claims = self._claims.get(prefix)
-        if not claims:
-            return None
-        _, _, entry = min((-prio, name, entry) for name, (prio, entry) in claims.items())
-        return entry
+        value = self._want.get(encode_key(prefix))
+        return IpcacheEntry.decode(value) if value is not None else None
 
     def desired(self) -> dict[IPNetwork, IpcacheEntry]:
-        out: dict[IPNetwork, IpcacheEntry] = {}
-        for prefix in self._claims:
-            entry = self.resolve(prefix)
-            if entry is not None:
-                out[prefix] = entry
-        return out
+        return {decode_key(k): IpcacheEntry.decode(v) for k, v in self._want.items()}
+
+    def _unclaim(self, key: bytes, source: str) -> None:
+        held = self._claims.get(key)
+        if held is not None:
+            self._settle(key, _others(held, source))
+            self._dirty.add(key)
+
+    def _settle(self, key: bytes, claims: list[_Claim]) -> None:
+        """Store ``key``'s claims (a lone claim as a tuple) and its winner's value."""
+        if not claims:
+            del self._claims[key]
+            del self._want[key]
+        elif len(claims) == 1:
+            self._claims[key] = claims[0]
+            self._want[key] = claims[0][2]
+        else:
+            self._claims[key] = claims
+            self._want[key] = min(claims, key=_rank)[2]
 
     # -- resync ----------------------------------------------------------------------
 
@@ -134,8 +188,8 @@ class IpcacheReconciler:
         """Take the map's current content (a previous run's) as marked: kept untouched
         until the first :meth:`end_resync`, which deletes what the desired state lacks and
         rewrites only what differs. Returns how many entries were found."""
-        self._shadow = dict(self.ipcache.map.items())
-        self._adopted = set(self._shadow)
+        self._shadow = None
+        self._adopted = set(self._map_content())
         self.stats.adopted = len(self._adopted)
         if self._adopted:
             log.info(
@@ -168,23 +222,22 @@ class IpcacheReconciler:
     def _full_sync(self) -> int:
         """Make the whole map (its actual content: adopted entries, entries of any earlier
         run) equal the desired state, touching only what differs."""
-        want = {encode_key(p): e.encode() for p, e in self.desired().items()}
-        stale: list[bytes] = []
-        have: dict[bytes, bytes] = {}
-        # A resync reads the real map, not the shadow: it is where anything written behind
-        # our back (by a previous run, or by hand) gets swept.
-        self._shadow = None
-        for key, value in self._map_content().items():
-            if key in want:
-                have[key] = value
-            else:
-                stale.append(key)
-        writes = [(k, v) for k, v in want.items() if have.get(k) != v]
+        # A resync compares with the real map, not only with what we wrote: it is where
+        # anything written behind our back (by a previous run, or by hand) gets swept. A
+        # map read since the last full sync (at adoption, by the first flush of a cold
+        # start) is that; otherwise read it again.
+        if not self._read_since_full_sync:
+            self._shadow = None
+        content = self._map_content()
+        want = self._want
+        stale = [key for key in content if key not in want]
+        writes = [(k, v) for k, v in want.items() if content.get(k) != v]
         self._dirty.clear()
         if not self._write(writes, stale):
             self._full_sync_pending = True  # the next flush compares the whole map again
             return 0
         self._full_sync_pending = False
+        self._read_since_full_sync = False
         self.stats.unchanged += len(want) - len(writes)
         self._adopted.clear()
         self.stats.swept += len(stale)
@@ -205,19 +258,19 @@ class IpcacheReconciler:
         writes: list[tuple[bytes, bytes]] = []
         deletes: list[bytes] = []
         content = self._map_content()
-        for prefix in dirty:
-            key = encode_key(prefix)
-            entry = self.resolve(prefix)
+        want = self._want
+        unchanged = 0
+        for key in dirty:
+            value = want.get(key)
             current = content.get(key)
-            if entry is None:
+            if value is None:
                 if current is not None:
                     deletes.append(key)
-                continue
-            value = entry.encode()
-            if current == value:
-                self.stats.unchanged += 1
+            elif current == value:
+                unchanged += 1
             else:
                 writes.append((key, value))
+        self.stats.unchanged += unchanged
         if not self._write(writes, deletes):
             self._dirty |= dirty  # try again next time
 
@@ -245,27 +298,20 @@ class IpcacheReconciler:
             log.warning("ipcache write failed: %s", exc)
             return False
         content = self._map_content()
+        written_at = self.written_at
         for key in deletes:
-            self.written_at.pop(key, None)
+            written_at.pop(key, None)
             content.pop(key, None)
         for key, value in writes:
-            self.written_at[key] = now
+            written_at[key] = now
             content[key] = value
         return True
 
     def _map_content(self) -> dict[bytes, bytes]:
         if self._shadow is None:
             self._shadow = dict(self.ipcache.map.items())
+            self._read_since_full_sync = True
         return self._shadow
-
-    def _unclaim(self, prefix: IPNetwork, source: str) -> None:
-        claims = self._claims.get(prefix)
-        if claims is None:
-            return
-        claims.pop(source, None)
-        if not claims:
-            del self._claims[prefix]
-        self._dirty.add(prefix)
 
 
 def describe(

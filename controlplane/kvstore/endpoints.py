@@ -40,11 +40,15 @@ from controlplane.kvstore.types import (
 from controlplane.metrics import StoreMetrics
 from controlplane.model import (
     Endpoint,
+    EndpointRecord,
     InvalidRecord,
     IPAddress,
+    IPIdentity,
     ModelError,
     NodeName,
-    parse_ip,
+    ip_identity_from_dict,
+    ip_identity_from_record,
+    parse_canonical_ip,
 )
 from controlplane.store_types import StoreEvent, Versioned
 
@@ -108,6 +112,7 @@ class KvEndpointStore:
         self.cluster = cluster
         self.prefix = layout.ip_prefix(cluster)
         self.codec = RecordCodec(ENDPOINT_RESOURCE, ENDPOINT_KIND, metrics)
+        self._records = codec.typed_decoder(ENDPOINT_KIND, EndpointRecord)
         self._owner: KeyOwner | None = None
         self._backend: EtcdBackend | None = None
         if owners is not None and node is not None:
@@ -161,6 +166,9 @@ class KvEndpointStore:
     def watch(self) -> AsyncIterator[StoreEvent[Endpoint]]:
         return self.codec.watch(self.shards, "endpoints", self.prefix, self._build)
 
+    def watch_ip_identities(self) -> AsyncIterator[StoreEvent[IPIdentity]]:
+        return self.codec.watch(self.shards, "endpoints", self.prefix, self.build_ip_identity)
+
     # -- internals -------------------------------------------------------------------
 
     def _writer(self, what: str) -> tuple[KeyOwner, NodeName]:
@@ -169,13 +177,21 @@ class KvEndpointStore:
         return self._owner, self.node
 
     def _build(self, name: str, raw: bytes) -> Endpoint:
-        ip = parse_ip(name)
-        if str(ip) != name:
-            raise InvalidRecord(f"endpoint key {name!r} is not in canonical form ({ip})")
+        ip = parse_canonical_ip(name)
         endpoint = Endpoint.from_dict(self.codec.payload(raw))
         if endpoint.ip != ip:
             raise InvalidRecord(f"endpoint at key {name} has ip {endpoint.ip}")
         return endpoint
+
+    def build_ip_identity(self, name: str, raw: bytes) -> IPIdentity:
+        """:meth:`_build`'s checks, for the ipcache's view of the record."""
+        try:
+            pair = ip_identity_from_record(self._records(raw))
+        except (codec.DecodeError, ModelError):
+            pair = ip_identity_from_dict(self.codec.payload(raw))  # decides, and says why
+        if parse_canonical_ip(name).packed != pair.ip:
+            raise InvalidRecord(f"endpoint at key {name} has another ip")
+        return pair
 
     def _claimant(self, owner: KeyOwner, kv: KeyValue) -> NodeName | None:
         """The node that holds ``kv``: us when it is on one of our leases, else the node

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controlplane import codec
-from controlplane.kvstore.backend import EtcdBackend
+from controlplane.kvstore.backend import LIST_PAGE_SIZE, EtcdBackend
 from controlplane.kvstore.errors import LeaseLost
 from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.owner import KeyOwner, Owners
@@ -246,7 +246,7 @@ class KvIdentityStore:
     async def _load_used(self, shard: _Shard) -> None:
         prefix = self.layout.identity_id_prefix
         used: set[int] = set()
-        async for page, _ in shard.backend.iter_prefix(prefix, page_size=10000):
+        async for page, _ in shard.backend.iter_prefix(prefix, page_size=LIST_PAGE_SIZE):
             for kv in page:
                 try:
                     used.add(parse_numeric_identity(kv.key[len(prefix) :].decode()))

@@ -45,9 +45,9 @@ from controlplane.model import (
     IPLease,
     IPNetwork,
     NodeName,
+    parse_canonical_ip,
     parse_cidr,
     parse_endpoint_id,
-    parse_ip,
     parse_node_name,
 )
 from controlplane.store_types import CIDRClaim, StoreEvent, Versioned
@@ -100,13 +100,6 @@ def _cidr_component(cidr: IPNetwork) -> str:
     return str(cidr).replace("/", "_")
 
 
-def _ip_name(name: str) -> IPAddress:
-    ip = parse_ip(name)
-    if str(ip) != name:
-        raise ValueError(f"IP {name!r} is not in canonical form")
-    return ip
-
-
 def _claim_builder(pool: str) -> Callable[[str, bytes], CIDRClaim]:
     def build(name: str, raw: bytes) -> CIDRClaim:
         node = parse_node_name(_payload_field(codec.decode(CLAIM_KIND, raw), CLAIM_KIND, "node"))
@@ -120,7 +113,7 @@ def _lease_builder(node: NodeName) -> Callable[[str, bytes], IPLease]:
         owner = parse_endpoint_id(
             _payload_field(codec.decode(LEASE_KIND, raw), LEASE_KIND, "owner")
         )
-        return IPLease(node=node, ip=_ip_name(name), owner=owner)
+        return IPLease(node=node, ip=parse_canonical_ip(name), owner=owner)
 
     return build
 

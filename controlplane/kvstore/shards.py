@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from types import TracebackType
+from typing import NamedTuple
 
 from controlplane.config import KvstoreConfig
-from controlplane.kvstore.backend import EtcdBackend
+from controlplane.kvstore.backend import LIST_PAGE_SIZE, EtcdBackend
 from controlplane.kvstore.types import EventType, KeyValue, WatchEvent
 from controlplane.kvstore.watch import ListWatcher
 
@@ -25,8 +25,7 @@ def stable_hash(routing_key: str | bytes) -> int:
     return int.from_bytes(hashlib.sha256(data).digest()[:8], "big")
 
 
-@dataclass(frozen=True, slots=True)
-class ShardEvent:
+class ShardEvent(NamedTuple):
     shard: str
     """Name of the cluster the event came from."""
     event: WatchEvent
@@ -86,7 +85,9 @@ class ShardMap:
         """Every backend once (heartbeat and health go to each)."""
         return list(self.backends.values())
 
-    async def list_prefix(self, kind: str, prefix: bytes, page_size: int = 1000) -> list[KeyValue]:
+    async def list_prefix(
+        self, kind: str, prefix: bytes, page_size: int = LIST_PAGE_SIZE
+    ) -> list[KeyValue]:
         """Every key under ``prefix`` on every shard of ``kind``."""
         results = await asyncio.gather(
             *(b.list_prefix(prefix, page_size=page_size) for b in self.shards(kind))

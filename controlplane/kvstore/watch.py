@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import grpc
 from aetcd import rpc
 
-from controlplane.kvstore.backend import EtcdBackend
+from controlplane.kvstore.backend import LIST_PAGE_SIZE, EtcdBackend
 from controlplane.kvstore.errors import KvstoreError, PermissionDenied, translate
 from controlplane.kvstore.types import EventType, WatchEvent, prefix_range_end
 
@@ -44,7 +44,7 @@ class ListWatcher:
         backend: EtcdBackend,
         prefix: bytes,
         *,
-        page_size: int = 1000,
+        page_size: int = LIST_PAGE_SIZE,
         max_backoff: float = 2.0,
     ) -> None:
         self.backend = backend
