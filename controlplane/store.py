@@ -13,6 +13,7 @@ next-free choices, caches) is store-agnostic and lives in ``identity`` and ``ipa
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
@@ -82,9 +83,10 @@ class EndpointStore(Protocol):
 
     def watch(self) -> AsyncIterator[StoreEvent[Endpoint]]: ...
 
-    def watch_ip_identities(self) -> AsyncIterator[StoreEvent[IPIdentity]]:
+    def watch_ip_identities(self) -> AsyncIterator[builtins.list[StoreEvent[IPIdentity]]]:
         """:meth:`watch`, each endpoint as the ipcache needs it (validated like an Endpoint,
-        without building one: what an agent's cold sync decodes for every endpoint)."""
+        without building one), in batches as the store delivers them (a list page, a watch
+        response): what an agent's cold sync goes through for every endpoint."""
         ...
 
 

@@ -158,3 +158,29 @@ async def test_range_compare_none_under(backend: EtcdBackend) -> None:
     assert (await backend.txn([none_under(b"rc/y/")], [])).succeeded
     await backend.delete(b"rc/x/1")
     assert (await backend.txn([none_under(b"rc/")], [])).succeeded
+
+
+async def test_paging_prefetch_stops_cleanly_and_reports_a_failed_page(
+    backend: EtcdBackend,
+) -> None:
+    """The next page is requested while the caller holds one: a caller that stops early
+    leaves no request running (the leaked-task check), and a page that fails (here: its
+    revision compacted meanwhile) raises to the caller, after the pages that came."""
+    for i in range(40):
+        await backend.put(b"q/%04d" % i, b"v")
+    revision = await backend.current_revision()
+    await backend.put(b"q/late", b"v")
+
+    pages = backend.iter_prefix(b"q/", page_size=10, revision=revision)
+    first, _ = await anext(pages)
+    assert [kv.key for kv in first] == [b"q/%04d" % i for i in range(10)]
+    await pages.aclose()  # stopped early
+
+    pages = backend.iter_prefix(b"q/", page_size=10, revision=revision)
+    first, _ = await anext(pages)
+    await backend.compact(await backend.current_revision())
+    got = len(first)
+    with pytest.raises(Compacted):
+        async for page, _ in pages:
+            got += len(page)
+    assert got < 40

@@ -145,6 +145,7 @@ def test_resync_is_mark_and_sweep_never_a_flush() -> None:
         rec.set(f"ep:{i}", {prefixes[i]: entry(2000 + i + (1 if i == 90 else 0))})
     assert rec.end_resync() == 1
     assert cache.dump() == rec.desired() and len(m) == 91
+    assert rec.map_entries == 91  # counted from the shadow, which follows the map
 
 
 async def test_run_flushes_in_the_background() -> None:
@@ -201,4 +202,5 @@ def test_claims_resolve_like_a_from_scratch_computation(
             expected[prefix] = min(claims, key=lambda c: (c[0], c[1]))[2]
     assert rec.desired() == expected
     assert cache.dump() == expected
+    assert rec.map_entries == len(expected)
     assert rec.sources() == {s for s, (_, e) in current.items() if e}

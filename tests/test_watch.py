@@ -158,3 +158,36 @@ async def test_relist_on_empty_prefix(etcd1: EmbeddedEtcd, page_size: int) -> No
             await backend.put(b"empty/x", b"1")
             await eventually(lambda: len(events) == 2, message="one put")
             assert events[1].type is EventType.PUT and events[1].key == b"empty/x"
+
+
+async def test_batches_follow_pages_and_watch_responses(etcd1: EmbeddedEtcd) -> None:
+    """``batches()``: one batch per list page, ``LIST_DONE`` closing the last, then one per
+    watch response (a transaction's puts arrive together)."""
+    async with backend_for(etcd1.client_urls) as backend:
+        for i in range(5):
+            await backend.put(b"b/%d" % i, b"v")
+        batches: list[list[WatchEvent]] = []
+
+        async def pump() -> None:
+            async for batch in ListWatcher(backend, b"b/", page_size=2).batches():
+                batches.append(batch)
+
+        task = asyncio.create_task(pump(), name="test-batches")
+        try:
+            await eventually(lambda: any(b[-1].type is EventType.LIST_DONE for b in batches))
+            assert [[e.key for e in b if e.type is EventType.PUT] for b in batches] == [
+                [b"b/0", b"b/1"],
+                [b"b/2", b"b/3"],
+                [b"b/4"],
+                [],
+            ]
+            assert [e.type for e in batches[-1]] == [EventType.LIST_DONE]
+            await backend.txn([], [Put(b"b/5", b"a"), Put(b"b/6", b"b")])
+            await backend.put(b"b/7", b"c")
+            await eventually(lambda: len(batches) == 6, message="two watch responses")
+            assert [[e.key for e in b] for b in batches[4:]] == [[b"b/5", b"b/6"], [b"b/7"]]
+            assert all(batch for batch in batches), "no empty batch"
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

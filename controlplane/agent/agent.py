@@ -650,7 +650,7 @@ class Agent:
                 "adopted": stats.adopted,
                 "maps": {
                     self.ipcache.map.name: {
-                        "entries": len(self.ipcache),
+                        "entries": self.reconciler.map_entries,
                         "updates": stats.updates,
                         "deletes": stats.deletes,
                         "resyncs": stats.resyncs,
@@ -687,7 +687,7 @@ class Agent:
         self.metrics.cache_objects.labels("identities").set(len(self.cache.identities))
         self.metrics.cache_objects.labels("endpoints").set(len(self.cache.endpoints))
         self.metrics.cache_objects.labels("nodes").set(len(self.cache.nodes))
-        self.metrics.map_entries.labels(self.ipcache.map.name).set(len(self.ipcache))
+        self.metrics.map_entries.labels(self.ipcache.map.name).set(self.reconciler.map_entries)
         stats = self.reconciler.stats
         name = self.ipcache.map.name
         for op, total in (("update", stats.updates), ("delete", stats.deletes)):
@@ -1033,25 +1033,27 @@ class _Session:
     async def _watch_endpoints(self) -> None:
         agent = self.agent
         cache = agent.cache.endpoints
-        async for event in self.endpoints.watch_ip_identities():
-            if event.kind is EventKind.SYNCED:
-                for name in self._sweep("endpoints", cache):
-                    agent.reconciler.remove(f"endpoint:{name}")
-                self._synced_stream("endpoints")
-                continue
-            self._stale["endpoints"].discard(event.name)
-            source = f"endpoint:{event.name}"
-            if event.kind is EventKind.UPSERT and event.value is not None:
-                pair = event.value
-                cache[event.name] = pair
-                flags = FLAG_LOCAL if pair.node == agent.settings.node else 0
-                agent.reconciler.set_encoded(
-                    source, {ip_identity_key(pair): ip_identity_value(pair, flags)},
-                    priority=_ENDPOINT_PRIORITY,
-                )  # fmt: skip
-            else:
-                cache.pop(event.name, None)
-                agent.reconciler.remove(source)
+        reconciler = agent.reconciler
+        me = agent.settings.node
+        async for batch in self.endpoints.watch_ip_identities():
+            for event in batch:
+                if event.kind is EventKind.SYNCED:
+                    for name in self._sweep("endpoints", cache):
+                        reconciler.remove(f"endpoint:{name}")
+                    self._synced_stream("endpoints")
+                    continue
+                self._stale["endpoints"].discard(event.name)
+                source = f"endpoint:{event.name}"
+                if event.kind is EventKind.UPSERT and event.value is not None:
+                    pair = event.value
+                    cache[event.name] = pair
+                    value = ip_identity_value(pair, FLAG_LOCAL if pair.node == me else 0)
+                    reconciler.set_encoded(
+                        source, {ip_identity_key(pair): value}, priority=_ENDPOINT_PRIORITY
+                    )
+                else:
+                    cache.pop(event.name, None)
+                    reconciler.remove(source)
 
     async def _watch_nodes(self) -> None:
         agent = self.agent

@@ -26,6 +26,7 @@ from controlplane.agent.settings import (
 )
 from controlplane.config import ConfigError, KvstoreConfig
 from controlplane.flags import kvstore_config
+from controlplane.runtime import tune_gc
 
 
 async def serve(settings: AgentSettings, kvstore: KvstoreConfig) -> int:
@@ -78,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("controlplane.kvstore").setLevel(
         logging.DEBUG if args.verbose else logging.WARNING
     )
+    tune_gc()
     try:
         return asyncio.run(serve(settings, kvstore))
     except KeyboardInterrupt:

@@ -81,6 +81,7 @@ from controlplane.kvstore.shards import ShardMap
 from controlplane.kvstore.types import Put, prefix_range_end
 from controlplane.metrics import StoreMetrics
 from controlplane.model import Endpoint, IPIdentity, NodeName, NumericIdentity
+from controlplane.runtime import GC_THRESHOLDS, tune_gc
 from controlplane.store_types import EventKind
 
 Progress = Callable[[str], None]
@@ -192,6 +193,7 @@ async def run_datapath_bench(
                 "kernel": platform.release(),
                 "python": platform.python_version(),
                 "aetcd": package_version("aetcd"),
+                "gc_thresholds": list(GC_THRESHOLDS),
                 "grpcio": package_version("grpcio"),
                 "params": asdict(params),
                 "prefix": bench_prefix,
@@ -307,16 +309,17 @@ async def _feed(
 ) -> None:
     """The agent's endpoint watch loop: store events -> reconciler (SYNCED ends the resync)."""
     reconciler.begin_resync()
-    async for event in store.watch_ip_identities():
-        if event.kind is EventKind.SYNCED:
-            reconciler.end_resync()
-            synced.set()
-            continue
-        source = f"endpoint:{event.name}"
-        if event.kind is EventKind.UPSERT and event.value is not None:
-            _set_endpoint(reconciler, source, event.value)
-        else:
-            reconciler.remove(source)
+    async for batch in store.watch_ip_identities():
+        for event in batch:
+            if event.kind is EventKind.SYNCED:
+                reconciler.end_resync()
+                synced.set()
+                continue
+            source = f"endpoint:{event.name}"
+            if event.kind is EventKind.UPSERT and event.value is not None:
+                _set_endpoint(reconciler, source, event.value)
+            else:
+                reconciler.remove(source)
 
 
 async def _watch_sync(store: KvEndpointStore, ipcache: Ipcache) -> int:
@@ -565,6 +568,8 @@ async def run_datapath(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise CommandError(str(exc), 2) from exc
+
+    tune_gc()  # as the agent does: its cold sync is what B and C stand in for
 
     async def run(config: KvstoreConfig) -> dict[str, Any]:
         try:

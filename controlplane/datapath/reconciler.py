@@ -153,6 +153,12 @@ class IpcacheReconciler:
     def sources(self) -> frozenset[str]:
         return frozenset(self._sources)
 
+    @property
+    def map_entries(self) -> int:
+        """How many entries the map holds: counted from the shadow (a gauge read every few
+        seconds must not dump a map of 100k entries), from the map when there is none."""
+        return len(self._shadow) if self._shadow is not None else len(self.ipcache)
+
     def resolve(self, prefix: IPNetwork) -> IpcacheEntry | None:
         value = self._want.get(encode_key(prefix))
         return IpcacheEntry.decode(value) if value is not None else None

@@ -18,6 +18,7 @@ other's keys, so cross-shard uniqueness rests on IPAM (disjoint per-node CIDRs).
 
 from __future__ import annotations
 
+import builtins
 import logging
 from collections.abc import AsyncIterator
 
@@ -166,8 +167,10 @@ class KvEndpointStore:
     def watch(self) -> AsyncIterator[StoreEvent[Endpoint]]:
         return self.codec.watch(self.shards, "endpoints", self.prefix, self._build)
 
-    def watch_ip_identities(self) -> AsyncIterator[StoreEvent[IPIdentity]]:
-        return self.codec.watch(self.shards, "endpoints", self.prefix, self.build_ip_identity)
+    def watch_ip_identities(self) -> AsyncIterator[builtins.list[StoreEvent[IPIdentity]]]:
+        return self.codec.watch_batches(
+            self.shards, "endpoints", self.prefix, self.build_ip_identity
+        )
 
     # -- internals -------------------------------------------------------------------
 
@@ -185,11 +188,14 @@ class KvEndpointStore:
 
     def build_ip_identity(self, name: str, raw: bytes) -> IPIdentity:
         """:meth:`_build`'s checks, for the ipcache's view of the record."""
+        text: str | None = None
         try:
-            pair = ip_identity_from_record(self._records(raw))
+            record = self._records(raw)
+            pair, text = ip_identity_from_record(record), record.ip
         except (codec.DecodeError, ModelError):
             pair = ip_identity_from_dict(self.codec.payload(raw))  # decides, and says why
-        if parse_canonical_ip(name).packed != pair.ip:
+        # An IPv4 text that parsed is canonical: the key names the record's ip when equal.
+        if (text != name or len(pair.ip) != 4) and parse_canonical_ip(name).packed != pair.ip:
             raise InvalidRecord(f"endpoint at key {name} has another ip")
         return pair
 

@@ -67,25 +67,40 @@ class RecordCodec:
     async def watch(
         self, shards: ShardMap, kind: str, prefix: bytes, build: Decoder[T]
     ) -> AsyncIterator[StoreEvent[T]]:
-        """List-then-watch ``prefix`` on every shard of ``kind`` as store events."""
+        """:meth:`watch_batches`, one event at a time."""
+        async for batch in self.watch_batches(shards, kind, prefix, build):
+            for event in batch:
+                yield event
+
+    async def watch_batches(
+        self, shards: ShardMap, kind: str, prefix: bytes, build: Decoder[T]
+    ) -> AsyncIterator[list[StoreEvent[T]]]:
+        """List-then-watch ``prefix`` on every shard of ``kind`` as store events, in the
+        batches the shards deliver (a list page, a watch response); never empty."""
         last: dict[bytes, T] = {}
-        async for item in shards.watch(kind, prefix):
-            event = item.event
-            if event.type is EventType.LIST_DONE:
-                if item.shard == "":
-                    yield StoreEvent(EventKind.SYNCED, "", None, event.revision)
-                continue
-            name = event.key[len(prefix) :].decode("utf-8", errors="replace")
-            if event.type is EventType.DELETE:
-                previous = last.pop(event.key, None)
-                yield StoreEvent(EventKind.DELETE, name, previous, event.revision)
-                continue
-            value = self.decode(event.key, prefix, event.value, build)
-            if value is None:
-                # A key that turned malformed is gone as far as readers are concerned.
-                previous = last.pop(event.key, None)
-                if previous is not None:
-                    yield StoreEvent(EventKind.DELETE, name, previous, event.revision)
-                continue
-            last[event.key] = value
-            yield StoreEvent(EventKind.UPSERT, name, value, event.revision)
+        cut = len(prefix)
+        async for shard, events in shards.watch_batches(kind, prefix):
+            out: list[StoreEvent[T]] = []
+            for event in events:
+                if event.type is EventType.LIST_DONE:
+                    if shard == "":
+                        out.append(StoreEvent(EventKind.SYNCED, "", None, event.revision))
+                    continue
+                key = event.key
+                name = key[cut:].decode("utf-8", errors="replace")
+                if event.type is EventType.DELETE:
+                    out.append(
+                        StoreEvent(EventKind.DELETE, name, last.pop(key, None), event.revision)
+                    )
+                    continue
+                value = self.decode(key, prefix, event.value, build)
+                if value is None:
+                    # A key that turned malformed is gone as far as readers are concerned.
+                    previous = last.pop(key, None)
+                    if previous is not None:
+                        out.append(StoreEvent(EventKind.DELETE, name, previous, event.revision))
+                    continue
+                last[key] = value
+                out.append(StoreEvent(EventKind.UPSERT, name, value, event.revision))
+            if out:
+                yield out

@@ -95,26 +95,36 @@ class ShardMap:
         return [kv for result in results for kv in result.kvs]
 
     async def watch(self, kind: str, prefix: bytes) -> AsyncIterator[ShardEvent]:
-        """List-then-watch ``prefix`` on every shard of ``kind``, merged.
+        """:meth:`watch_batches`, one event at a time."""
+        async for shard, batch in self.watch_batches(kind, prefix):
+            for event in batch:
+                yield ShardEvent(shard, event)
 
-        Each shard's events keep their order; a ``LIST_DONE`` with key ``b""`` and the
-        highest list revision follows once every shard has listed (per-shard ``LIST_DONE``
-        events carry the prefix as key).
+    async def watch_batches(
+        self, kind: str, prefix: bytes
+    ) -> AsyncIterator[tuple[str, list[WatchEvent]]]:
+        """List-then-watch ``prefix`` on every shard of ``kind``, merged, in batches as each
+        shard's :meth:`ListWatcher.batches` delivers them: ``(shard name, events)``.
+
+        Each shard's events keep their order; a batch ``("", [LIST_DONE])`` with key
+        ``b""`` and the highest list revision follows once every shard has listed
+        (per-shard ``LIST_DONE`` events carry the prefix as key).
         """
         backends = self.shards(kind)
         if len(backends) == 1:
+            name = backends[0].name
             synced = False
-            async for event in ListWatcher(backends[0], prefix).events():
-                yield ShardEvent(backends[0].name, event)
-                if event.type is EventType.LIST_DONE and not synced:
+            async for batch in ListWatcher(backends[0], prefix).batches():
+                yield name, batch
+                if not synced and batch[-1].type is EventType.LIST_DONE:
                     synced = True
-                    yield ShardEvent("", WatchEvent(EventType.LIST_DONE, b"", b"", event.revision))
+                    yield "", [WatchEvent(EventType.LIST_DONE, b"", b"", batch[-1].revision)]
             return
-        queue: asyncio.Queue[ShardEvent] = asyncio.Queue(maxsize=10000)
+        queue: asyncio.Queue[tuple[str, list[WatchEvent]]] = asyncio.Queue(maxsize=64)
 
         async def pump(backend: EtcdBackend) -> None:
-            async for event in ListWatcher(backend, prefix).events():
-                await queue.put(ShardEvent(backend.name, event))
+            async for batch in ListWatcher(backend, prefix).batches():
+                await queue.put((backend.name, batch))
 
         pending = {b.name for b in backends}
         top_revision = 0
@@ -124,14 +134,14 @@ class ShardMap:
             ]
             try:
                 while True:
-                    item = await queue.get()
-                    yield item
-                    if item.event.type is EventType.LIST_DONE and pending:
-                        pending.discard(item.shard)
-                        top_revision = max(top_revision, item.event.revision)
+                    shard, batch = await queue.get()
+                    yield shard, batch
+                    last = batch[-1]
+                    if last.type is EventType.LIST_DONE and pending:
+                        pending.discard(shard)
+                        top_revision = max(top_revision, last.revision)
                         if not pending:
-                            done = WatchEvent(EventType.LIST_DONE, b"", b"", top_revision)
-                            yield ShardEvent("", done)
+                            yield "", [WatchEvent(EventType.LIST_DONE, b"", b"", top_revision)]
             finally:
                 for task in tasks:
                     task.cancel()

@@ -57,17 +57,25 @@ class ListWatcher:
         self._known: dict[bytes, int] = {}
 
     async def events(self) -> AsyncIterator[WatchEvent]:
+        """:meth:`batches`, one event at a time."""
+        async for batch in self.batches():
+            for event in batch:
+                yield event
+
+    async def batches(self) -> AsyncIterator[list[WatchEvent]]:
+        """The events as etcd delivers them: one list per list page, then the re-list's
+        synthetic deletes with ``LIST_DONE``, then one per watch response."""
         relist = True
         failures = 0
         while True:
             try:
                 if relist:
-                    async for event in self._list():
-                        yield event
+                    async for batch in self._list():
+                        yield batch
                     relist = False
-                async for event in self._watch():
+                async for batch in self._watch():
                     failures = 0
-                    yield event
+                    yield batch
             except _Relist:
                 relist = True
                 continue
@@ -87,34 +95,37 @@ class ListWatcher:
                 )
                 await asyncio.sleep(delay)
 
-    async def _list(self) -> AsyncIterator[WatchEvent]:
+    async def _list(self) -> AsyncIterator[list[WatchEvent]]:
         self.stats.lists += 1
         seen: dict[bytes, int] = {}
+        known = self._known
         revision = 0
         async for page, page_revision in self.backend.iter_prefix(
             self.prefix, page_size=self.page_size
         ):
             revision = page_revision
+            batch: list[WatchEvent] = []
             for kv in page:
-                seen[kv.key] = kv.mod_revision
-                if self._known.get(kv.key) != kv.mod_revision:
-                    yield WatchEvent(
-                        EventType.PUT,
-                        kv.key,
-                        kv.value,
-                        kv.mod_revision,
-                        kv.create_revision,
-                        kv.lease,
+                key, mod = kv.key, kv.mod_revision
+                seen[key] = mod
+                if known.get(key) != mod:
+                    batch.append(
+                        WatchEvent(EventType.PUT, key, kv.value, mod, kv.create_revision, kv.lease)
                     )
+            if batch:
+                yield batch
         if not revision:
             revision = await self.backend.current_revision()
-        for key in self._known.keys() - seen.keys():
-            yield WatchEvent(EventType.DELETE, key, b"", revision, synthetic=True)
+        last = [
+            WatchEvent(EventType.DELETE, key, b"", revision, synthetic=True)
+            for key in known.keys() - seen.keys()
+        ]
         self._known = seen
         self.revision = revision
-        yield WatchEvent(EventType.LIST_DONE, self.prefix, b"", revision)
+        last.append(WatchEvent(EventType.LIST_DONE, self.prefix, b"", revision))
+        yield last
 
-    async def _watch(self) -> AsyncIterator[WatchEvent]:
+    async def _watch(self) -> AsyncIterator[list[WatchEvent]]:
         call = self.backend.watch_stream()
         try:
             create = rpc.WatchCreateRequest(
@@ -144,24 +155,29 @@ class ListWatcher:
                     if not response.created and response.header.revision > self.revision:
                         self.revision = response.header.revision  # progress notification
                     continue
+                batch: list[WatchEvent] = []
                 for event in response.events:
                     kv = event.kv
                     if kv.mod_revision <= self.revision:
                         continue  # replayed after a resume
-                    self.stats.events += 1
                     if event.type == rpc.Event.PUT:
                         self._known[kv.key] = kv.mod_revision
-                        yield WatchEvent(
-                            EventType.PUT,
-                            kv.key,
-                            kv.value,
-                            kv.mod_revision,
-                            kv.create_revision,
-                            kv.lease,
+                        batch.append(
+                            WatchEvent(
+                                EventType.PUT,
+                                kv.key,
+                                kv.value,
+                                kv.mod_revision,
+                                kv.create_revision,
+                                kv.lease,
+                            )
                         )
                     else:
                         self._known.pop(kv.key, None)
-                        yield WatchEvent(EventType.DELETE, kv.key, b"", kv.mod_revision)
+                        batch.append(WatchEvent(EventType.DELETE, kv.key, b"", kv.mod_revision))
+                self.stats.events += len(batch)
+                if batch:
+                    yield batch
                 # All events of one revision arrive in one response, so this is safe.
                 self.revision = max(self.revision, response.events[-1].kv.mod_revision)
         except grpc.aio.AioRpcError as exc:

@@ -31,6 +31,7 @@ from controlplane.operator.settings import (
     parse_address,
     parse_pool,
 )
+from controlplane.runtime import tune_gc
 
 PROG = "cp-operator"
 EXIT_OK = 0
@@ -176,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    tune_gc()
     try:
         return asyncio.run(serve(settings, kvstore))
     except OSError as exc:  # e.g. the metrics port is taken
