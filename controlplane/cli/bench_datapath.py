@@ -211,12 +211,13 @@ async def run_datapath_bench(
         "B = EtcdBackend pages at one revision (next page prefetched) + record decode with "
         "every Endpoint check (KvEndpointStore.build_ip_identity) + "
         "ipcache entries + IpcacheReconciler begin_resync/set+flush per page/end_resync "
-        "into a fresh map; same page size; C = the agent's watch path (KvEndpointStore.watch: "
-        "ListWatcher list -> store events -> reconciler, flushed by reconciler.run) until "
-        "SYNCED, at the agent's list page size; rounds interleaved A B C A B C; one process",
+        "into a fresh map; same page size; C = the agent's watch path "
+        "(KvEndpointStore.watch_ip_identities: ListWatcher batches -> store event batches -> "
+        "reconciler, flushed by reconciler.run) until SYNCED, at the agent's list page size; "
+        "rounds interleaved A B C A B C; one process; the agent's GC thresholds",
         "watch latency: put issued (monotonic, just before the put) -> reconciler "
-        "written_at for the entry (monotonic); KvEndpointStore.watch (ListWatcher) -> "
-        "reconciler.set, reconciler.run flushing; each update changes the identity",
+        "written_at for the entry (monotonic); the same watch path as C -> "
+        "reconciler.set_encoded, reconciler.run flushing; each update changes the identity",
     ]
     if not datapath.kernel:
         record["notes"].append(f"USERSPACE map, not the kernel: {datapath.reason}")
