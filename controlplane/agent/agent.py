@@ -1031,52 +1031,49 @@ class _Session:
                 cache.pop(event.name, None)
 
     async def _watch_endpoints(self) -> None:
-        agent = self.agent
-        cache = agent.cache.endpoints
-        reconciler = agent.reconciler
-        me = agent.settings.node
+        cache = self.agent.cache.endpoints
+        reconciler = self.agent.reconciler
+        me = self.agent.settings.node
         async for batch in self.endpoints.watch_ip_identities():
             for event in batch:
-                if event.kind is EventKind.SYNCED:
-                    for name in self._sweep("endpoints", cache):
-                        reconciler.remove(f"endpoint:{name}")
-                    self._synced_stream("endpoints")
-                    continue
-                self._stale["endpoints"].discard(event.name)
-                source = f"endpoint:{event.name}"
-                if event.kind is EventKind.UPSERT and event.value is not None:
-                    pair = event.value
-                    cache[event.name] = pair
+                pair = self._mirror("endpoints", "endpoint", cache, event)
+                if pair is not None:
                     value = ip_identity_value(pair, FLAG_LOCAL if pair.node == me else 0)
                     reconciler.set_encoded(
-                        source, {ip_identity_key(pair): value}, priority=_ENDPOINT_PRIORITY
+                        f"endpoint:{event.name}",
+                        {ip_identity_key(pair): value},
+                        priority=_ENDPOINT_PRIORITY,
                     )
-                else:
-                    cache.pop(event.name, None)
-                    reconciler.remove(source)
 
     async def _watch_nodes(self) -> None:
         agent = self.agent
-        cache = agent.cache.nodes
         async for event in self.nodes.watch():
+            node = self._mirror("nodes", "node", agent.cache.nodes, event)
             if event.kind is EventKind.SYNCED:
-                for name in self._sweep("nodes", cache):
-                    agent.reconciler.remove(f"node:{name}")
-                self._synced_stream("nodes")
                 agent._nodes_synced_once = True
-                agent.routes_changed()  # after every (re)sync: the swept nodes' routes go
-                continue
-            self._stale["nodes"].discard(event.name)
-            source = f"node:{event.name}"
-            if event.kind is EventKind.UPSERT and event.value is not None:
-                node = event.value
-                cache[event.name] = node
-                agent.reconciler.set(source, _node_entries(node, agent.settings.node),
+            elif node is not None:
+                agent.reconciler.set(f"node:{event.name}", _node_entries(node, agent.settings.node),
                                      priority=_NODE_PRIORITY)  # fmt: skip
-            else:
-                cache.pop(event.name, None)
-                agent.reconciler.remove(source)
-            agent.routes_changed()
+            agent.routes_changed()  # after every (re)sync too: the swept nodes' routes go
+
+    def _mirror(
+        self, stream: str, source: str, cache: dict[str, V], event: StoreEvent[V]
+    ) -> V | None:
+        """Mirror an event of ``stream`` into ``cache`` and the resync bookkeeping; the
+        ipcache entries of removed or swept objects (sources ``<source>:<name>``) go too.
+        Returns the upserted object, whose entries the caller sets; else None."""
+        if event.kind is EventKind.SYNCED:
+            for name in self._sweep(stream, cache):
+                self.agent.reconciler.remove(f"{source}:{name}")
+            self._synced_stream(stream)
+            return None
+        self._stale[stream].discard(event.name)
+        if event.kind is EventKind.UPSERT and event.value is not None:
+            cache[event.name] = event.value
+            return event.value
+        cache.pop(event.name, None)
+        self.agent.reconciler.remove(f"{source}:{event.name}")
+        return None
 
     def _sweep(self, resource: str, cache: dict[str, Any]) -> set[str]:
         gone = self._stale.get(resource, set())
