@@ -847,7 +847,8 @@ class Identity:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Endpoint:
-    """What the ipcache needs about one endpoint (pod): ip/prefix → identity and location.
+    """One endpoint (pod) as its node publishes it: ip/prefix → identity, location, name
+    (the ipcache itself reads only its :class:`IPIdentity`).
 
     ``prefix_len`` defaults to the address's full length (32 or 128; pass ``-1`` or omit
     it); ``ip`` must be the network address of ``ip/prefix_len``. ``name`` is a DNS-1123

@@ -25,7 +25,7 @@ from controlplane.kvstore.nodes import KvNodeStore
 from controlplane.kvstore.owner import Owners
 from controlplane.kvstore.shards import ShardMap
 from controlplane.metrics import StoreMetrics
-from controlplane.model import Endpoint, Node, NodeName, NumericIdentity
+from controlplane.model import Endpoint, IPIdentity, Node, NodeName, NumericIdentity
 from controlplane.store import EndpointStore, NodeStore
 from controlplane.store_types import EventKind, StoreEvent
 
@@ -419,6 +419,47 @@ async def test_malformed_values_are_skipped_and_counted(etcd1: EmbeddedEtcd) -> 
             assert after_sync(node_events) == [(EventKind.UPSERT, "node-b", later_node)]
             assert malformed(metrics, "endpoint") == 2 * len(BAD_ENDPOINTS) + 2
             assert malformed(metrics, "node") == 2 * len(BAD_NODES) + 2
+
+
+async def test_ip_identity_watch_takes_and_skips_what_the_endpoint_watch_does(
+    etcd1: EmbeddedEtcd,
+) -> None:
+    """The ipcache's view (fast msgspec path, strict fallback) of the same records: the
+    good ones as their IPIdentity, every malformed one skipped and counted, in batches."""
+    metrics = StoreMetrics.create()
+    async with ShardMap(one_cluster(etcd1)) as shards:
+        backend = shards.backends["a"]
+        endpoints = KvEndpointStore(shards, LAYOUT, metrics, None, node=None)
+        good = [endpoint("10.0.1.2", "node-a"), endpoint("fd00::5", "node-b", 2000)]
+        for ep in good:
+            await backend.put(endpoints.key(ep.ip), codec.encode("endpoint", ep.to_dict()))
+        bad = {
+            **BAD_ENDPOINTS,
+            "FD00::6": codec.encode("endpoint", endpoint("fd00::6", "node-b").to_dict()),
+            "fd00::7": codec.encode(
+                "endpoint", {**endpoint("fd00::7", "node-b").to_dict(), "name": "Pod_7"}
+            ),
+        }
+        for name, raw in bad.items():
+            await backend.put(EP_PREFIX + name.encode(), raw)
+
+        batches: list[list[StoreEvent[IPIdentity]]] = []
+
+        async def pump() -> None:
+            async for batch in endpoints.watch_ip_identities():
+                batches.append(batch)
+
+        task = asyncio.create_task(pump(), name="test-ip-identities")
+        try:
+            await eventually(lambda: synced([e for b in batches for e in b]), message="synced")
+            assert all(batches), "no empty batch"
+            events = [e for b in batches for e in b]
+            assert listed(events) == {str(ep.ip): ep.ip_identity for ep in good}
+            assert malformed(metrics, "endpoint") == len(bad)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 # ---------------------------------------------------------------------------------------

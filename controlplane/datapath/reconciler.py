@@ -104,12 +104,14 @@ class IpcacheReconciler:
         self._full_sync_pending = False
         self._wake = asyncio.Event()
         self._read_since_full_sync = False
+        """The shadow was read from the map since the last full sync (so the next one need
+        not read it again)."""
         self._shadow: dict[bytes, bytes] | None = None
-        """What the map holds, as far as we know: read from the map at adoption and at every
-        full resync, then kept by our own writes (the agent is the maps' only writer; after a
-        failed write it is dropped and read again). Flushes compare against it instead of
-        the kernel, saving two or three syscalls per entry (an exact lookup in an LPM trie
-        needs GET_NEXT_KEY)."""
+        """What the map holds, as far as we know: read from the map at adoption (or by the
+        first flush) and by full resyncs, then kept by our own writes (the agent is the
+        maps' only writer; after a failed write it is dropped and read again). Flushes
+        compare against it instead of the kernel, saving two or three syscalls per entry
+        (an exact lookup in an LPM trie needs GET_NEXT_KEY)."""
 
     # -- desired state ---------------------------------------------------------------
 
