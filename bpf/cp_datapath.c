@@ -1,27 +1,32 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * cp_datapath: tc classifier on the HOST side of an endpoint's veth, attached to clsact
- * EGRESS there (packets travelling toward the pod), enforcing the pod's INGRESS policy.
+ * cp_datapath: two tc classifiers on the HOST side of an endpoint's veth.
  *
+ * cp_to_endpoint, on clsact EGRESS there (packets travelling toward the pod), enforces the
+ * pod's INGRESS policy:
  *   1. non-IP frames (ARP, ...) pass;
  *   2. if the endpoint is not in cp_endpoints with CP_EP_F_INGRESS_ENFORCED, pass
  *      (default allow until a policy selects the endpoint);
- *   3. parse IPv4/IPv6 + L4 (TCP/UDP/SCTP dport, ICMP = port 0); IPv6 neighbour
- *      discovery always passes;
- *   4. source address -> cp_ipcache (LPM) -> remote identity (miss: reserved:world);
- *   5. (endpoint id, identity, dport, proto) -> cp_policy with wildcards (see cp_maps.h);
+ *   3. parse IPv4/IPv6 + L4 (TCP/UDP/SCTP ports, ICMP echo identifiers, ICMP = port 0);
+ *      IPv6 neighbour discovery always passes;
+ *   4. a reply to a flow the pod opened (cp_ct, within its lifetime) passes;
+ *   5. source address -> cp_ipcache (LPM) -> remote identity (miss: reserved:world);
+ *   6. (endpoint id, identity, dport, proto) -> cp_policy with wildcards (see cp_maps.h);
  *      a hit with allow=1 passes, anything else drops (default deny).
  *
- * Every verdict is counted by reason in cp_metrics (per-CPU {packets, bytes}).
+ * cp_from_endpoint, on clsact INGRESS there (packets from the pod), never drops: it
+ * records the flows the pod opens (TCP/UDP/SCTP, ICMP echo requests) in cp_ct for step 4.
+ *
+ * Every verdict of cp_to_endpoint is counted by reason in cp_metrics (per-CPU {packets,
+ * bytes}).
  *
  * The endpoint id is a per-program constant (cp_cfg in .rodata) the loader writes before
  * loading, so each endpoint gets its own program instance; every map is shared by all
  * endpoints of the node and pinned by name (LIBBPF_PIN_BY_NAME) under the loader's pin
  * directory so it outlives the agent.
  *
- * Not handled (stateless program): replies to connections the pod opened itself are
- * subject to the pod's ingress policy too (no conntrack yet); IPv6 extension headers are
- * not walked (the first next-header is taken as the L4 protocol).
+ * Not handled: IPv6 extension headers are not walked (the first next-header is taken as
+ * the L4 protocol); cp_ct keys on addresses and ports only (no TCP state machine).
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -60,6 +65,14 @@ struct {
 } CP_ENDPOINTS_MAP SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, CP_CT_MAX_ENTRIES);
+	__type(key, struct cp_ct_key);
+	__type(value, struct cp_ct_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} CP_CT_MAP SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, CP_METRICS_MAX_ENTRIES);
 	__type(key, __u32);
@@ -75,6 +88,32 @@ const volatile struct cp_config cp_cfg = {};
 #define IP_MF 0x2000
 #define ICMPV6_ND_FIRST 133 /* router solicitation */
 #define ICMPV6_ND_LAST 137  /* redirect */
+#define ICMP_ECHO_REQUEST 8
+#define ICMP_ECHO_REPLY 0
+#define ICMPV6_ECHO_REQUEST 128
+#define ICMPV6_ECHO_REPLY 129
+#define NSEC_PER_SEC 1000000000ULL
+#define CT_REFRESH_NS NSEC_PER_SEC /* rewrite a cp_ct entry's time at most once a second */
+
+enum parse_result { PARSE_OK, PARSE_NON_IP, PARSE_MALFORMED, PARSE_FRAGMENT };
+enum flow_kind { FLOW_OTHER, FLOW_PORTS, FLOW_ECHO_REQUEST, FLOW_ECHO_REPLY, FLOW_ND };
+
+struct flow {
+	__u8 src[16]; /* IPv4-mapped for IPv4, as in cp_ipcache */
+	__u8 dst[16];
+	__u16 sport;  /* host order; ICMP echo: the identifier */
+	__u16 dport;  /* host order; ICMP echo: the identifier */
+	__u8 proto;
+	__u8 kind;    /* enum flow_kind */
+};
+
+struct icmp_echo {
+	__u8 type;
+	__u8 code;
+	__be16 checksum;
+	__be16 id;
+	__be16 seq;
+};
 
 static __always_inline int verdict(struct __sk_buff *skb, __u32 reason, int action)
 {
@@ -122,6 +161,104 @@ static __always_inline int policy_allows(__u32 ep, __u32 identity, __u16 dport, 
 	return 0;
 }
 
+static __always_inline int parse_flow(struct __sk_buff *skb, struct flow *f)
+{
+	__be16 h_proto;
+	__u32 l4off;
+
+	if (bpf_skb_load_bytes(skb, offsetof(struct ethhdr, h_proto), &h_proto, sizeof(h_proto)))
+		return PARSE_NON_IP; /* shorter than an Ethernet header */
+	if (h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr ip;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) || ip.ihl < 5 ||
+		    ip.version != 4)
+			return PARSE_MALFORMED;
+		f->src[10] = f->src[11] = 0xff;
+		f->dst[10] = f->dst[11] = 0xff;
+		__builtin_memcpy(&f->src[12], &ip.saddr, 4);
+		__builtin_memcpy(&f->dst[12], &ip.daddr, 4);
+		f->proto = ip.protocol;
+		if (ip.frag_off & bpf_htons(IP_OFFSET_MASK))
+			return PARSE_FRAGMENT;
+		l4off = ETH_HLEN + ip.ihl * 4;
+	} else if (h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip6;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) || ip6.version != 6)
+			return PARSE_MALFORMED;
+		__builtin_memcpy(f->src, &ip6.saddr, 16);
+		__builtin_memcpy(f->dst, &ip6.daddr, 16);
+		f->proto = ip6.nexthdr;
+		if (f->proto == IPV6_NEXTHDR_FRAGMENT)
+			return PARSE_FRAGMENT;
+		l4off = ETH_HLEN + sizeof(ip6);
+	} else {
+		return PARSE_NON_IP;
+	}
+
+	switch (f->proto) {
+	case IPPROTO_TCP:
+	case IPPROTO_UDP:
+	case IPPROTO_SCTP: {
+		__be16 ports[2]; /* source, destination */
+
+		if (bpf_skb_load_bytes(skb, l4off, ports, sizeof(ports)))
+			return PARSE_MALFORMED;
+		f->sport = bpf_ntohs(ports[0]);
+		f->dport = bpf_ntohs(ports[1]);
+		f->kind = FLOW_PORTS;
+		break;
+	}
+	case IPPROTO_ICMP:
+	case IPPROTO_ICMPV6: {
+		struct icmp_echo h;
+		int v6 = f->proto == IPPROTO_ICMPV6;
+
+		if (bpf_skb_load_bytes(skb, l4off, &h, sizeof(h)))
+			return PARSE_MALFORMED;
+		if (h.type == (v6 ? ICMPV6_ECHO_REQUEST : ICMP_ECHO_REQUEST))
+			f->kind = FLOW_ECHO_REQUEST;
+		else if (h.type == (v6 ? ICMPV6_ECHO_REPLY : ICMP_ECHO_REPLY))
+			f->kind = FLOW_ECHO_REPLY;
+		else if (v6 && h.type >= ICMPV6_ND_FIRST && h.type <= ICMPV6_ND_LAST)
+			f->kind = FLOW_ND;
+		f->sport = f->dport = bpf_ntohs(h.id);
+		break;
+	}
+	default:
+		break;
+	}
+	return PARSE_OK;
+}
+
+/* The cp_ct key of a flow as the endpoint sent it: ``outbound`` for a packet from the
+ * endpoint, else for one toward it (addresses and ports swapped). */
+static __always_inline void ct_key(const struct flow *f, int outbound, struct cp_ct_key *key)
+{
+	__builtin_memcpy(key->endpoint_addr, outbound ? f->src : f->dst, 16);
+	__builtin_memcpy(key->peer_addr, outbound ? f->dst : f->src, 16);
+	key->endpoint_port = outbound ? f->sport : f->dport;
+	key->peer_port = outbound ? f->dport : f->sport;
+	key->proto = f->proto;
+}
+
+static __always_inline int is_reply(const struct flow *f)
+{
+	struct cp_ct_key key = {};
+	struct cp_ct_value *v;
+	__u64 lifetime;
+
+	if (f->kind != FLOW_PORTS && f->kind != FLOW_ECHO_REPLY)
+		return 0;
+	ct_key(f, 0, &key);
+	v = bpf_map_lookup_elem(&CP_CT_MAP, &key);
+	if (!v)
+		return 0;
+	lifetime = f->proto == IPPROTO_TCP ? CP_CT_LIFETIME_TCP_S : CP_CT_LIFETIME_ANY_S;
+	return bpf_ktime_get_ns() - v->last_seen_ns < lifetime * NSEC_PER_SEC;
+}
+
 SEC("tc")
 int cp_to_endpoint(struct __sk_buff *skb)
 {
@@ -129,15 +266,13 @@ int cp_to_endpoint(struct __sk_buff *skb)
 	struct cp_ipcache_value *cval;
 	struct cp_endpoint_key ekey = {};
 	struct cp_endpoint_value *eval;
+	struct flow f = {};
 	__u32 ep = cp_cfg.endpoint_id;
-	__u32 l4off, identity;
-	__u16 dport = 0;
-	__u8 proto;
-	__be16 h_proto;
+	__u32 identity;
+	int parsed;
 
-	if (bpf_skb_load_bytes(skb, offsetof(struct ethhdr, h_proto), &h_proto, sizeof(h_proto)))
-		return PASS(skb, CP_METRIC_ALLOW_NON_IP); /* shorter than an Ethernet header */
-	if (h_proto != bpf_htons(ETH_P_IP) && h_proto != bpf_htons(ETH_P_IPV6))
+	parsed = parse_flow(skb, &f);
+	if (parsed == PARSE_NON_IP)
 		return PASS(skb, CP_METRIC_ALLOW_NON_IP);
 
 	ekey.endpoint_id = ep;
@@ -145,62 +280,49 @@ int cp_to_endpoint(struct __sk_buff *skb)
 	if (!eval || !(eval->flags & CP_EP_F_INGRESS_ENFORCED))
 		return PASS(skb, CP_METRIC_ALLOW_NOT_ENFORCED);
 
+	if (parsed == PARSE_MALFORMED)
+		return DROP(skb, CP_METRIC_DROP_MALFORMED);
+	if (parsed == PARSE_FRAGMENT)
+		return DROP(skb, CP_METRIC_DROP_FRAGMENT);
+	if (f.kind == FLOW_ND)
+		return PASS(skb, CP_METRIC_ALLOW_ICMPV6_ND);
+	if (is_reply(&f))
+		return PASS(skb, CP_METRIC_ALLOW_REPLY);
+
 	ckey.prefixlen = 128;
-	if (h_proto == bpf_htons(ETH_P_IP)) {
-		struct iphdr ip;
-
-		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) || ip.ihl < 5 ||
-		    ip.version != 4)
-			return DROP(skb, CP_METRIC_DROP_MALFORMED);
-		ckey.addr[10] = 0xff;
-		ckey.addr[11] = 0xff;
-		__builtin_memcpy(&ckey.addr[12], &ip.saddr, 4);
-		proto = ip.protocol;
-		if (ip.frag_off & bpf_htons(IP_OFFSET_MASK))
-			return DROP(skb, CP_METRIC_DROP_FRAGMENT);
-		l4off = ETH_HLEN + ip.ihl * 4;
-	} else {
-		struct ipv6hdr ip6;
-
-		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) || ip6.version != 6)
-			return DROP(skb, CP_METRIC_DROP_MALFORMED);
-		__builtin_memcpy(ckey.addr, &ip6.saddr, 16);
-		proto = ip6.nexthdr;
-		if (proto == IPV6_NEXTHDR_FRAGMENT)
-			return DROP(skb, CP_METRIC_DROP_FRAGMENT);
-		l4off = ETH_HLEN + sizeof(ip6);
-	}
-
-	switch (proto) {
-	case IPPROTO_TCP:
-	case IPPROTO_UDP:
-	case IPPROTO_SCTP: {
-		__be16 ports[2]; /* source, destination */
-
-		if (bpf_skb_load_bytes(skb, l4off, ports, sizeof(ports)))
-			return DROP(skb, CP_METRIC_DROP_MALFORMED);
-		dport = bpf_ntohs(ports[1]);
-		break;
-	}
-	case IPPROTO_ICMPV6: {
-		__u8 type;
-
-		if (bpf_skb_load_bytes(skb, l4off, &type, sizeof(type)))
-			return DROP(skb, CP_METRIC_DROP_MALFORMED);
-		if (type >= ICMPV6_ND_FIRST && type <= ICMPV6_ND_LAST)
-			return PASS(skb, CP_METRIC_ALLOW_ICMPV6_ND);
-		break;
-	}
-	default: /* ICMP and the rest: port 0 */
-		break;
-	}
-
+	__builtin_memcpy(ckey.addr, f.src, 16);
 	cval = bpf_map_lookup_elem(&CP_IPCACHE_MAP, &ckey);
 	identity = cval ? cval->sec_identity : CP_IDENTITY_WORLD;
 
-	if (policy_allows(ep, identity, dport, proto))
+	if (policy_allows(ep, identity, f.kind == FLOW_PORTS ? f.dport : 0, f.proto))
 		return PASS(skb, CP_METRIC_ALLOW_POLICY);
 	return DROP(skb, CP_METRIC_DROP_POLICY_DENY);
+}
+
+SEC("tc")
+int cp_from_endpoint(struct __sk_buff *skb)
+{
+	struct cp_ct_key key = {};
+	struct cp_ct_value fresh = {};
+	struct cp_ct_value *seen;
+	struct flow f = {};
+	__u64 now;
+
+	if (parse_flow(skb, &f) != PARSE_OK)
+		return TC_ACT_OK;
+	if (f.kind != FLOW_PORTS && f.kind != FLOW_ECHO_REQUEST)
+		return TC_ACT_OK;
+	ct_key(&f, 1, &key);
+	now = bpf_ktime_get_ns();
+	seen = bpf_map_lookup_elem(&CP_CT_MAP, &key);
+	if (seen) {
+		if (now - seen->last_seen_ns > CT_REFRESH_NS)
+			seen->last_seen_ns = now;
+		return TC_ACT_OK;
+	}
+	fresh.last_seen_ns = now;
+	bpf_map_update_elem(&CP_CT_MAP, &key, &fresh, BPF_ANY);
+	return TC_ACT_OK;
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -23,11 +23,13 @@
 #define CP_POLICY_MAP    cp_policy
 #define CP_ENDPOINTS_MAP cp_endpoints
 #define CP_METRICS_MAP   cp_metrics
+#define CP_CT_MAP        cp_ct
 
 #define CP_IPCACHE_MAX_ENTRIES   (512 * 1024)
 #define CP_POLICY_MAX_ENTRIES    (64 * 1024)
 #define CP_ENDPOINTS_MAX_ENTRIES 4096
 #define CP_METRICS_MAX_ENTRIES   16
+#define CP_CT_MAX_ENTRIES        (64 * 1024)
 
 /* cp_ipcache: BPF_MAP_TYPE_LPM_TRIE (BPF_F_NO_PREALLOC). 20-byte key, 24-byte value.
  * IPv4 a.b.c.d/n is stored IPv4-mapped (::ffff:a.b.c.d) with prefixlen 96 + n. */
@@ -93,12 +95,36 @@ enum cp_metric_reason {
 	CP_METRIC_DROP_POLICY_DENY = 4,  /* enforced endpoint, no (or a deny) policy entry */
 	CP_METRIC_DROP_MALFORMED = 5,    /* truncated or invalid L3/L4 headers */
 	CP_METRIC_DROP_FRAGMENT = 6,     /* non-first IP fragment of an enforced endpoint */
-	CP_METRIC_REASONS = 7,
+	CP_METRIC_ALLOW_REPLY = 7,       /* a reply to a flow the endpoint opened (cp_ct) */
+	CP_METRIC_REASONS = 8,
 };
 
 struct cp_metrics_value {
 	__u64 packets;
 	__u64 bytes;
+};
+
+/* cp_ct: BPF_MAP_TYPE_LRU_HASH of the flows endpoints opened, so that an enforced
+ * endpoint's ingress policy does not drop the replies. cp_from_endpoint (host-side veth
+ * ingress: packets from the pod) records every TCP/UDP/SCTP packet and ICMP echo request
+ * with the time it saw it; cp_to_endpoint passes a packet whose reversed flow was seen
+ * within the lifetime (TCP 6 h, others 60 s, as Cilium's defaults). 40-byte key, 8-byte
+ * value. Addresses as in cp_ipcache (IPv4-mapped); ports host order; for ICMP echo both
+ * ports are the echo identifier. */
+#define CP_CT_LIFETIME_TCP_S 21600
+#define CP_CT_LIFETIME_ANY_S 60
+
+struct cp_ct_key {
+	__u8 endpoint_addr[16];
+	__u8 peer_addr[16];
+	__u16 endpoint_port;
+	__u16 peer_port;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct cp_ct_value {
+	__u64 last_seen_ns; /* bpf_ktime_get_ns() */
 };
 
 /* Read-only per-program configuration (.rodata), set by the loader before load. */

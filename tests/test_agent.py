@@ -163,8 +163,11 @@ async def test_endpoints_through_the_local_api(etcd1: EmbeddedEtcd, tmp_path: Pa
         entry = b.ipcache.get(ip_network(f"{web_a['ip']}/32"))
         assert entry is not None and str(entry.tunnel_endpoint) == "127.0.0.11"
         assert web_a["ip"] in b.cache.endpoints
-        remote_node = b.ipcache.get(ip_network("127.0.0.11/32"))
-        assert remote_node is not None and remote_node.identity == 6  # reserved:remote-node
+        # Node records come on their own watch: no order against the endpoints' one.
+        await eventually(
+            lambda: cached(b, "127.0.0.11") == 6,  # reserved:remote-node
+            message="b holds node-a's IP as a remote node",
+        )
         await eventually(lambda: web_a["identity"] in {i.id for i in b.cache.identities.values()})
         # Listing and status.
         status, listed = await api(a, "GET", "/v1/endpoints")

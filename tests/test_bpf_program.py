@@ -31,7 +31,9 @@ import pytest
 
 from controlplane.datapath import layouts, loader
 from controlplane.datapath.ipcache import IpcacheEntry, IpcacheKey, IpcacheValue, encode_key
+from controlplane.datapath.kernel import KernelMap
 from controlplane.model import NumericIdentity
+from tests.icmp_echo import ping
 
 _REASON = loader.datapath_unavailable_reason(need_build=True)
 if _REASON is None and shutil.which("ip") is None:
@@ -115,6 +117,8 @@ _LAYOUTS: dict[str, type[ctypes.Structure]] = {
     "cp_endpoint_value": layouts.EndpointValue,
     "cp_metrics_value": layouts.MetricsValue,
     "cp_config": layouts.Config,
+    "cp_ct_key": layouts.CtKey,
+    "cp_ct_value": layouts.CtValue,
 }
 
 
@@ -135,6 +139,7 @@ def _probe_source() -> str:
     lines.append('printf("const CP_POLICY_MAX_ENTRIES %d\\n", CP_POLICY_MAX_ENTRIES);')
     lines.append('printf("const CP_ENDPOINTS_MAX_ENTRIES %d\\n", CP_ENDPOINTS_MAX_ENTRIES);')
     lines.append('printf("const CP_METRICS_MAX_ENTRIES %d\\n", CP_METRICS_MAX_ENTRIES);')
+    lines.append('printf("const CP_CT_MAX_ENTRIES %d\\n", CP_CT_MAX_ENTRIES);')
     lines.append("return 0;}")
     return "\n".join(lines) + "\n"
 
@@ -170,6 +175,7 @@ def test_c_and_python_layouts_agree(tmp_path: Path) -> None:
     assert c[("const", "CP_POLICY_MAX_ENTRIES")] == (layouts.POLICY_MAX_ENTRIES,)
     assert c[("const", "CP_ENDPOINTS_MAX_ENTRIES")] == (layouts.ENDPOINTS_MAX_ENTRIES,)
     assert c[("const", "CP_METRICS_MAX_ENTRIES")] == (layouts.METRICS_MAX_ENTRIES,)
+    assert c[("const", "CP_CT_MAX_ENTRIES")] == (layouts.CT_MAX_ENTRIES,)
 
 
 def test_object_rodata_is_only_the_config() -> None:
@@ -403,4 +409,55 @@ def test_policy_enforced_on_ipv6_traffic(topology: Topology) -> None:
             assert _try_connect(t.pods["web"], db_ip, 1.5) is None
     finally:
         for m in (ipcache, policy, endpoints, metrics):
+            m.close()
+
+
+def test_replies_to_flows_the_pod_opened_pass_its_ingress_policy(topology: Topology) -> None:
+    """An enforced pod whose policy admits nobody still gets the replies of the
+    connections and pings it opens itself (cp_from_endpoint records them in cp_ct);
+    whatever it did not open stays dropped."""
+    t = topology
+    loader.load_and_attach(DB_EP, t.host_if["db"], netns=t.node, pin_dir=t.pin_dir)
+    assert loader.is_attached(t.host_if["db"], netns=t.node)
+    ipcache = Pinned.open(t.pin_dir / "cp_ipcache", ctypes.sizeof(IpcacheValue))
+    endpoints = Pinned.open(t.pin_dir / "cp_endpoints", ctypes.sizeof(layouts.EndpointValue))
+    metrics = Pinned.open(t.pin_dir / "cp_metrics", ctypes.sizeof(layouts.MetricsValue))
+    ct = KernelMap.open_pinned(t.pin_dir / "cp_ct")
+    try:
+        for pod, ident in (("web", WEB_ID), ("other", OTHER_ID)):
+            entry = IpcacheEntry(NumericIdentity(ident), IPv4Address("10.213.0.1"))
+            ipcache.update(encode_key(IPv4Network(f"{t.ips[pod]}/32")), entry.encode())
+        endpoints.update(*layouts.encode_endpoint(DB_EP, layouts.EP_F_INGRESS_ENFORCED))
+
+        web_srv = _tcp_listen(t.pods["web"], t.ips["web"])
+        db_srv = _tcp_listen(t.pods["db"], t.ips["db"])
+        with web_srv, db_srv:
+            drops_before = metric(metrics, layouts.MetricReason.DROP_POLICY_DENY)
+            assert _try_connect(t.pods["web"], t.ips["db"], 1.5) is None
+            assert metric(metrics, layouts.MetricReason.DROP_POLICY_DENY) > drops_before
+            assert not ping(t.pods["web"], t.ips["db"], 1.0)
+
+            replies_before = metric(metrics, layouts.MetricReason.ALLOW_REPLY)
+            assert _connects_within(t.pods["db"], t.ips["web"], 10.0, web_srv)
+            assert ping(t.pods["db"], t.ips["web"], 2.0)
+            assert metric(metrics, layouts.MetricReason.ALLOW_REPLY) > replies_before
+            key = layouts.CtKey()
+            key.endpoint_addr[10] = key.endpoint_addr[11] = 0xFF
+            key.endpoint_addr[12:16] = list(IPv4Address(t.ips["db"]).packed)
+            key.peer_addr[10] = key.peer_addr[11] = 0xFF
+            key.peer_addr[12:16] = list(IPv4Address(t.ips["web"]).packed)
+            key.peer_port, key.proto = PORT, IPPROTO_TCP
+            flows = [layouts.CtKey.from_buffer_copy(k) for k, _ in ct.items()]
+            assert any(
+                bytes(f.endpoint_addr) == bytes(key.endpoint_addr)
+                and bytes(f.peer_addr) == bytes(key.peer_addr)
+                and (f.peer_port, f.proto) == (PORT, IPPROTO_TCP)
+                for f in flows
+            ), "the pod's connection is in cp_ct"
+
+            # What the pod did not open is still subject to its policy.
+            assert _try_connect(t.pods["other"], t.ips["db"], 1.5) is None
+            assert not ping(t.pods["web"], t.ips["db"], 1.0)
+    finally:
+        for m in (ipcache, endpoints, metrics, ct):
             m.close()

@@ -26,7 +26,6 @@ import secrets
 import select
 import shutil
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -52,6 +51,7 @@ from controlplane.kvstore.shards import ShardMap
 from controlplane.metrics import StoreMetrics
 from controlplane.model import NetworkPolicy
 from tests.helpers import eventually
+from tests.icmp_echo import echo_reply, echo_request, ping, raw_icmp
 from tests.test_agent import agent_settings, api, give_cidrs, kv_config
 from tests.test_cni import Ran, cni
 
@@ -273,65 +273,12 @@ def _routes(netns: str) -> set[str]:
     return {f"{r['dst']} via {r['gateway']}" for r in out}
 
 
-ECHO_REQUEST, ECHO_REPLY = 8, 0
-
-
-def _checksum(data: bytes) -> int:
-    """The Internet checksum (RFC 1071) of ``data``."""
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def _echo_request(ident: int, seq: int) -> bytes:
-    payload = b"cp-e2e-icmp-" + seq.to_bytes(2, "big")
-    header = struct.pack("!BBHHH", ECHO_REQUEST, 0, 0, ident, seq)
-    csum = _checksum(header + payload)
-    return struct.pack("!BBHHH", ECHO_REQUEST, 0, csum, ident, seq) + payload
-
-
-def _echo_reply(packet: bytes, src_ip: str, ident: int) -> int | None:
-    """The sequence number of ``packet`` (IPv4 header included, as a raw socket reads it) if
-    it is an echo reply from ``src_ip`` with ``ident`` and a valid checksum, else None."""
-    ihl = (packet[0] & 0x0F) * 4
-    icmp = packet[ihl:]
-    if len(packet) < 20 or len(icmp) < 8 or socket.inet_ntoa(packet[12:16]) != src_ip:
-        return None
-    kind, code, _, got_ident, seq = struct.unpack_from("!BBHHH", icmp)
-    if kind != ECHO_REPLY or code != 0 or got_ident != ident or _checksum(icmp) != 0:
-        return None
-    return int(seq)
-
-
-def _raw_icmp(netns: str) -> socket.socket:
-    """A raw ICMP socket in ``netns`` (only the network namespace is entered)."""
-    with loader.in_netns(netns):
-        return socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-
-
-def _ping(src_ns: str, dst_ip: str, timeout: float) -> bool:
-    """One ICMP echo from ``src_ns`` to ``dst_ip``: whether its reply (same id and seq)
-    arrives within ``timeout`` seconds."""
-    ident, seq = secrets.randbelow(0x10000), secrets.randbelow(0x10000)
-    with _raw_icmp(src_ns) as sock:
-        sock.sendto(_echo_request(ident, seq), (dst_ip, 0))
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            ready, _, _ = select.select([sock], [], [], left)
-            if ready and _echo_reply(sock.recv(65535), dst_ip, ident) == seq:
-                return True
-        return False
-
-
 async def _pings(c: Cluster, src: str, dst_ip: str, *, within: float = 20.0) -> None:
     """Poll until an echo from pod ``src`` to ``dst_ip`` is answered (each try bounded by 1 s)."""
     src_ns = c.topo.netns[src]
 
     async def answered() -> bool:
-        return await asyncio.to_thread(_ping, src_ns, dst_ip, 1.0)
+        return await asyncio.to_thread(ping, src_ns, dst_ip, 1.0)
 
     await _until(answered, within=within, message=f"{src} -> {dst_ip} echo answered")
 
@@ -362,7 +309,7 @@ class _Pinger:
                 if drain_until is None:
                     if now >= next_send:
                         self.sent += 1
-                        packet = _echo_request(self.ident, self.sent & 0xFFFF)
+                        packet = echo_request(self.ident, self.sent & 0xFFFF)
                         self.sock.sendto(packet, (self.dst_ip, 0))
                         next_send += self.interval
                     wake = next_send
@@ -372,7 +319,7 @@ class _Pinger:
                     wake = drain_until
                 ready, _, _ = select.select([self.sock], [], [], max(0.0, wake - now))
                 if ready:
-                    seq = _echo_reply(self.sock.recv(65535), self.dst_ip, self.ident)
+                    seq = echo_reply(self.sock.recv(65535), self.dst_ip, self.ident)
                     if seq is not None:
                         self.answered.add(seq)
 
@@ -515,7 +462,7 @@ async def test_icmp_follows_policy_and_survives_agent_restart(cluster: Cluster) 
         )
         await _connects(c, "web", db_ip)
         drops = await asyncio.to_thread(_drops, c.topo.pin_dirs["node2"])
-        assert not await asyncio.to_thread(_ping, c.topo.netns["web"], db_ip, 1.0)
+        assert not await asyncio.to_thread(ping, c.topo.netns["web"], db_ip, 1.0)
 
         async def dropped() -> bool:
             return await asyncio.to_thread(_drops, c.topo.pin_dirs["node2"]) > drops
@@ -541,10 +488,10 @@ async def test_icmp_follows_policy_and_survives_agent_restart(cluster: Cluster) 
             message="db's policy map holds web on ICMP",
         )
         await _pings(c, "web", db_ip)
-        assert not await asyncio.to_thread(_ping, c.topo.netns["other"], db_ip, 1.0)
+        assert not await asyncio.to_thread(ping, c.topo.netns["other"], db_ip, 1.0)
 
     # a continuous ping from web loses nothing while node2's agent dies and starts again
-    pinger = _Pinger(await asyncio.to_thread(_raw_icmp, c.topo.netns["web"]), db_ip)
+    pinger = _Pinger(await asyncio.to_thread(raw_icmp, c.topo.netns["web"]), db_ip)
     task = asyncio.create_task(asyncio.to_thread(pinger.run), name="e2e-pinger")
     try:
         await _until(
@@ -572,4 +519,4 @@ async def test_icmp_follows_policy_and_survives_agent_restart(cluster: Cluster) 
     assert not lost, f"{len(lost)}/{pinger.sent} echoes lost across the restart: {lost[:20]}"
     assert set(allowed()) == {(web_id, PORT, TCP), (web_id, 0, ICMP)}
     await _pings(c, "web", db_ip)
-    assert not await asyncio.to_thread(_ping, c.topo.netns["other"], db_ip, 1.0)
+    assert not await asyncio.to_thread(ping, c.topo.netns["other"], db_ip, 1.0)

@@ -14,10 +14,15 @@ kernel layout::
     struct cp_metrics_value { __u64 packets; __u64 bytes; };  /* 16 bytes, per CPU;
                                                  key: __u32 reason (MetricReason) */
     struct cp_config        { __u32 endpoint_id; __u32 pad; };  /* .rodata, 8 bytes */
+    struct cp_ct_key        { __u8 endpoint_addr[16]; __u8 peer_addr[16];
+                              __u16 endpoint_port; __u16 peer_port; __u8 proto;
+                              __u8 pad[3]; };                               /* 40 bytes */
+    struct cp_ct_value      { __u64 last_seen_ns; };                       /*  8 bytes */
 
 Policy lookup order in the program (first hit decides): exact ``(ep, id, dport, proto)``,
 ``(ep, id, 0, proto)``, ``(ep, id, 0, 0)``, ``(ep, 0, dport, proto)``; an endpoint whose
-``cp_endpoints`` entry lacks :data:`EP_F_INGRESS_ENFORCED` is default-allow.
+``cp_endpoints`` entry lacks :data:`EP_F_INGRESS_ENFORCED` is default-allow; before the
+policy, a reply to a flow the endpoint opened (found in ``cp_ct``) passes.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from typing import Final
 from controlplane.datapath.ipcache import IpcacheKey, IpcacheValue
 
 __all__ = [
+    "CT_MAP_NAME",
+    "CT_MAX_ENTRIES",
     "ENDPOINTS_MAP_NAME",
     "ENDPOINTS_MAX_ENTRIES",
     "EP_F_INGRESS_ENFORCED",
@@ -39,6 +46,8 @@ __all__ = [
     "POLICY_MAP_NAME",
     "POLICY_MAX_ENTRIES",
     "Config",
+    "CtKey",
+    "CtValue",
     "EndpointKey",
     "EndpointValue",
     "IpcacheKey",
@@ -59,6 +68,8 @@ ENDPOINTS_MAP_NAME: Final = "cp_endpoints"
 ENDPOINTS_MAX_ENTRIES: Final = 4096
 METRICS_MAP_NAME: Final = "cp_metrics"
 METRICS_MAX_ENTRIES: Final = 16
+CT_MAP_NAME: Final = "cp_ct"
+CT_MAX_ENTRIES: Final = 64 * 1024
 
 EP_F_INGRESS_ENFORCED: Final = 0x01
 """``cp_endpoints`` flag: a policy selects the endpoint, so its ingress is default-deny."""
@@ -94,6 +105,21 @@ class MetricsValue(ctypes.Structure):
     _fields_ = (("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64))
 
 
+class CtKey(ctypes.Structure):
+    _fields_ = (
+        ("endpoint_addr", ctypes.c_uint8 * 16),
+        ("peer_addr", ctypes.c_uint8 * 16),
+        ("endpoint_port", ctypes.c_uint16),
+        ("peer_port", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    )
+
+
+class CtValue(ctypes.Structure):
+    _fields_ = (("last_seen_ns", ctypes.c_uint64),)
+
+
 class Config(ctypes.Structure):
     """The program's ``.rodata`` (``const volatile struct cp_config cp_cfg``)."""
 
@@ -110,10 +136,12 @@ class MetricReason(enum.IntEnum):
     DROP_POLICY_DENY = 4
     DROP_MALFORMED = 5
     DROP_FRAGMENT = 6
+    ALLOW_REPLY = 7
 
 
 assert ctypes.sizeof(PolicyKey) == 12 and ctypes.sizeof(PolicyValue) == 4
 assert ctypes.sizeof(MetricsValue) == 16 and ctypes.sizeof(Config) == 8
+assert ctypes.sizeof(CtKey) == 40 and ctypes.sizeof(CtValue) == 8
 assert len(MetricReason) <= METRICS_MAX_ENTRIES
 
 

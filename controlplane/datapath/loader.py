@@ -1,13 +1,15 @@
 """Load the tc datapath program with libbpf (through ctypes) and attach it with pyroute2.
 
-One program instance per endpoint: the endpoint id is written into the object's
+One object instance per endpoint: the endpoint id is written into the object's
 ``.rodata`` (``cp_cfg``) before load, while every map (``cp_ipcache``, ``cp_policy``,
-``cp_endpoints``, ``cp_metrics``) is pinned by name under one pin directory and reused by
-every later load, so maps are shared by all endpoints and outlive the agent.
+``cp_endpoints``, ``cp_metrics``, ``cp_ct``) is pinned by name under one pin directory and
+reused by every later load, so maps are shared by all endpoints and outlive the agent.
 
-The program goes on the clsact **egress** hook of the endpoint's host-side veth (packets
-toward the pod) in direct-action mode. Once attached, the kernel's tc filter holds the
-program; the libbpf object is closed right away.
+``cp_to_endpoint`` goes on the clsact **egress** hook of the endpoint's host-side veth
+(packets toward the pod: the pod's ingress policy) and ``cp_from_endpoint`` on its
+**ingress** hook (packets from the pod: the flows it opens, whose replies then pass), both
+in direct-action mode. Once attached, the kernel's tc filters hold the programs; the
+libbpf object is closed right away.
 
 Network namespaces are entered with ``setns(CLONE_NEWNET)`` on ``/run/netns/NAME`` and
 left again, never a mount namespace: ``ip netns exec`` / ``tc -n`` remount ``/sys``
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from controlplane.datapath.layouts import (
+    CT_MAP_NAME,
     ENDPOINTS_MAP_NAME,
     METRICS_MAP_NAME,
     POLICY_MAP_NAME,
@@ -38,6 +41,7 @@ from controlplane.datapath.layouts import (
 __all__ = [
     "BPF_SRC_DIR",
     "DEFAULT_PIN_DIR",
+    "FROM_PROGRAM_NAME",
     "OBJECT_PATH",
     "PROGRAM_NAME",
     "SHARED_MAPS",
@@ -58,12 +62,20 @@ __all__ = [
 BPF_SRC_DIR: Final = Path(__file__).resolve().parents[2] / "bpf"
 OBJECT_PATH: Final = BPF_SRC_DIR / "cp_datapath.o"
 PROGRAM_NAME: Final = "cp_to_endpoint"
+FROM_PROGRAM_NAME: Final = "cp_from_endpoint"
 DEFAULT_PIN_DIR: Final = Path("/sys/fs/bpf/cp")
-SHARED_MAPS: Final = ("cp_ipcache", POLICY_MAP_NAME, ENDPOINTS_MAP_NAME, METRICS_MAP_NAME)
+SHARED_MAPS: Final = (
+    "cp_ipcache",
+    POLICY_MAP_NAME,
+    ENDPOINTS_MAP_NAME,
+    METRICS_MAP_NAME,
+    CT_MAP_NAME,
+)
 
 _BPFFS_MAGIC: Final = 0xCAFE4A11
 _CLONE_NEWNET: Final = 0x40000000
 _CLSACT_EGRESS: Final = "ffff:fff3"
+_CLSACT_INGRESS: Final = "ffff:fff2"
 _FILTER_PRIO: Final = 1
 _FILTER_HANDLE: Final = 1
 
@@ -203,10 +215,12 @@ def _errstr(code: int) -> str:
 
 @dataclass(slots=True)
 class LoadedProgram:
-    """A loaded (not yet attached) program instance for one endpoint."""
+    """A loaded (not yet attached) program pair for one endpoint: ``prog_fd`` is
+    ``cp_to_endpoint``, ``from_fd`` ``cp_from_endpoint``."""
 
     endpoint_id: int
     prog_fd: int
+    from_fd: int
     _obj: int | None
 
     def close(self) -> None:
@@ -214,7 +228,7 @@ class LoadedProgram:
         if self._obj is not None:
             _libbpf().lib.bpf_object__close(self._obj)
             self._obj = None
-            self.prog_fd = -1
+            self.prog_fd = self.from_fd = -1
 
     def __enter__(self) -> LoadedProgram:
         return self
@@ -262,16 +276,19 @@ def load_program(
                 f"bpf_object__load({path}): {_errstr(rc)} (libbpf's log is on stderr; "
                 f"an incompatible pinned map under {pin_dir} also fails here)"
             )
-        prog = lib.bpf_object__find_program_by_name(obj, PROGRAM_NAME.encode())
-        if not prog:
-            raise LoaderError(f"{path}: no program {PROGRAM_NAME}")
-        fd = lib.bpf_program__fd(prog)
-        if fd < 0:
-            raise LoaderError(f"bpf_program__fd: {_errstr(fd)}")
+        fds = []
+        for name in (PROGRAM_NAME, FROM_PROGRAM_NAME):
+            prog = lib.bpf_object__find_program_by_name(obj, name.encode())
+            if not prog:
+                raise LoaderError(f"{path}: no program {name}")
+            fd = lib.bpf_program__fd(prog)
+            if fd < 0:
+                raise LoaderError(f"bpf_program__fd({name}): {_errstr(fd)}")
+            fds.append(fd)
     except BaseException:
         lib.bpf_object__close(obj)
         raise
-    return LoadedProgram(endpoint_id, fd, obj)
+    return LoadedProgram(endpoint_id, fds[0], fds[1], obj)
 
 
 # --- network namespaces and tc ----------------------------------------------------------
@@ -318,8 +335,8 @@ def _ifindex(ipr: Any, ifname: str) -> int:
 
 
 def attach(prog: LoadedProgram, ifname: str, netns: str | None = None) -> None:
-    """Attach ``prog`` to ``ifname``'s clsact egress (direct-action), replacing a previous
-    cp filter there; creates the clsact qdisc when missing."""
+    """Attach ``prog``'s programs to ``ifname``'s clsact egress and ingress (direct-action),
+    replacing previous cp filters there; creates the clsact qdisc when missing."""
     from pyroute2 import NetlinkError
 
     if prog.prog_fd < 0:
@@ -333,43 +350,49 @@ def attach(prog: LoadedProgram, ifname: str, netns: str | None = None) -> None:
         except NetlinkError as e:
             if e.code != errno.EEXIST:
                 raise LoaderError(f"add clsact on {ifname}: {e}") from e
-        try:
-            ipr.tc(
-                "replace-filter",
-                "bpf",
-                idx,
-                _FILTER_HANDLE,
-                fd=prog.prog_fd,
-                name=f"{PROGRAM_NAME}:{prog.endpoint_id}",
-                parent=_CLSACT_EGRESS,
-                prio=_FILTER_PRIO,
-                classid=1,
-                direct_action=True,
-            )
-        except NetlinkError as e:
-            raise LoaderError(f"attach bpf filter on {ifname} egress: {e}") from e
+        # The flow recorder first: replies to flows opened from then on are known to the
+        # enforcing program by the time it runs.
+        hooks = (
+            ("ingress", _CLSACT_INGRESS, prog.from_fd, FROM_PROGRAM_NAME),
+            ("egress", _CLSACT_EGRESS, prog.prog_fd, PROGRAM_NAME),
+        )
+        for hook, parent, fd, name in hooks:
+            try:
+                ipr.tc(
+                    "replace-filter",
+                    "bpf",
+                    idx,
+                    _FILTER_HANDLE,
+                    fd=fd,
+                    name=f"{name}:{prog.endpoint_id}",
+                    parent=parent,
+                    prio=_FILTER_PRIO,
+                    classid=1,
+                    direct_action=True,
+                )
+            except NetlinkError as e:
+                raise LoaderError(f"attach bpf filter on {ifname} {hook}: {e}") from e
 
 
-def _egress_filters(ipr: Any, idx: int) -> list[Any]:
-    return [
-        f
-        for f in ipr.get_filters(index=idx, parent=_CLSACT_EGRESS)
-        if f.get_attr("TCA_KIND") == "bpf"
-    ]
+def _filter_names(ipr: Any, idx: int, parent: str) -> list[str]:
+    names = []
+    for f in ipr.get_filters(index=idx, parent=parent):
+        opts = f.get_attr("TCA_OPTIONS") if f.get_attr("TCA_KIND") == "bpf" else None
+        name = opts.get_attr("TCA_BPF_NAME") if opts is not None else None
+        if name:
+            names.append(str(name))
+    return names
 
 
 def is_attached(ifname: str, netns: str | None = None) -> bool:
-    """Whether a cp program is attached on ``ifname``'s clsact egress."""
+    """Whether both cp programs are attached on ``ifname`` (egress and ingress)."""
     with in_netns(netns):
         ipr = _iproute()
     with ipr:
         idx = _ifindex(ipr, ifname)
-        for f in _egress_filters(ipr, idx):
-            opts = f.get_attr("TCA_OPTIONS")
-            name = opts.get_attr("TCA_BPF_NAME") if opts is not None else None
-            if name and str(name).startswith(PROGRAM_NAME):
-                return True
-    return False
+        return any(
+            n.startswith(PROGRAM_NAME) for n in _filter_names(ipr, idx, _CLSACT_EGRESS)
+        ) and any(n.startswith(FROM_PROGRAM_NAME) for n in _filter_names(ipr, idx, _CLSACT_INGRESS))
 
 
 def detach(ifname: str, netns: str | None = None) -> bool:
