@@ -48,37 +48,25 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } CP_IPCACHE_MAP SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, CP_POLICY_MAX_ENTRIES);
-	__type(key, struct cp_policy_key);
-	__type(value, struct cp_policy_value);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} CP_POLICY_MAP SEC(".maps");
+/* A map shared by every endpoint of the node, pinned by name under the loader's pin dir. */
+#define CP_PINNED_MAP(name, map_type, max, key_type, value_type)                             \
+	struct {                                                                             \
+		__uint(type, map_type);                                                      \
+		__uint(max_entries, max);                                                    \
+		__type(key, key_type);                                                       \
+		__type(value, value_type);                                                   \
+		__uint(pinning, LIBBPF_PIN_BY_NAME);                                         \
+	} name SEC(".maps")
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, CP_ENDPOINTS_MAX_ENTRIES);
-	__type(key, struct cp_endpoint_key);
-	__type(value, struct cp_endpoint_value);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} CP_ENDPOINTS_MAP SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, CP_CT_MAX_ENTRIES);
-	__type(key, struct cp_ct_key);
-	__type(value, struct cp_ct_value);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} CP_CT_MAP SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, CP_METRICS_MAX_ENTRIES);
-	__type(key, __u32);
-	__type(value, struct cp_metrics_value);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} CP_METRICS_MAP SEC(".maps");
+CP_PINNED_MAP(CP_POLICY_MAP, BPF_MAP_TYPE_HASH, CP_POLICY_MAX_ENTRIES, struct cp_policy_key,
+	      struct cp_policy_value);
+CP_PINNED_MAP(CP_ENDPOINTS_MAP, BPF_MAP_TYPE_HASH, CP_ENDPOINTS_MAX_ENTRIES,
+	      struct cp_endpoint_key, struct cp_endpoint_value);
+CP_PINNED_MAP(CP_CT_MAP, BPF_MAP_TYPE_LRU_HASH, CP_CT_MAX_ENTRIES, struct cp_ct_key,
+	      struct cp_ct_value);
+/* Array maps need a plain int key in BTF: the key is enum cp_metric_reason. */
+CP_PINNED_MAP(CP_METRICS_MAP, BPF_MAP_TYPE_PERCPU_ARRAY, CP_METRICS_MAX_ENTRIES, __u32,
+	      struct cp_metrics_value);
 
 /* Set by the loader (bpf_map__set_initial_value on .rodata) before bpf_object__load. */
 const volatile struct cp_config cp_cfg = {};

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
@@ -313,20 +314,46 @@ def _connects_within(netns: str, ip: str, deadline_s: float, srv: socket.socket)
     return False
 
 
-def test_policy_enforced_on_real_traffic(topology: Topology) -> None:
-    t = topology
-    loader.load_and_attach(DB_EP, t.host_if["db"], netns=t.node, pin_dir=t.pin_dir)
-    assert loader.is_attached(t.host_if["db"], netns=t.node)
-    assert sorted(p.name for p in t.pin_dir.iterdir()) == sorted(loader.SHARED_MAPS)
+@dataclass
+class _Maps:
+    ipcache: Pinned
+    policy: Pinned
+    endpoints: Pinned
+    metrics: Pinned
 
-    ipcache = Pinned.open(t.pin_dir / "cp_ipcache", ctypes.sizeof(IpcacheValue))
-    policy = Pinned.open(t.pin_dir / "cp_policy", ctypes.sizeof(layouts.PolicyValue))
-    endpoints = Pinned.open(t.pin_dir / "cp_endpoints", ctypes.sizeof(layouts.EndpointValue))
-    metrics = Pinned.open(t.pin_dir / "cp_metrics", ctypes.sizeof(layouts.MetricsValue))
+
+@contextmanager
+def _on_db(t: Topology, *, ipv6: bool = False) -> Iterator[_Maps]:
+    """The programs on db's host veth, the node's pinned maps open, and web's and other's
+    addresses (``ipv6``: their IPv6 ones) in the ipcache with their identities."""
+    loader.load_and_attach(DB_EP, t.host_if["db"], netns=t.node, pin_dir=t.pin_dir)
+    maps = _Maps(
+        Pinned.open(t.pin_dir / "cp_ipcache", ctypes.sizeof(IpcacheValue)),
+        Pinned.open(t.pin_dir / "cp_policy", ctypes.sizeof(layouts.PolicyValue)),
+        Pinned.open(t.pin_dir / "cp_endpoints", ctypes.sizeof(layouts.EndpointValue)),
+        Pinned.open(t.pin_dir / "cp_metrics", ctypes.sizeof(layouts.MetricsValue)),
+    )
     try:
         for pod, ident in (("web", WEB_ID), ("other", OTHER_ID)):
-            entry = IpcacheEntry(NumericIdentity(ident), IPv4Address("10.213.0.1"))
-            ipcache.update(encode_key(IPv4Network(f"{t.ips[pod]}/32")), entry.encode())
+            if ipv6:
+                key = encode_key(IPv6Network(f"{t.ips6[pod]}/128"))
+                entry = IpcacheEntry(NumericIdentity(ident), IPv6Address("fd13::1"))
+            else:
+                key = encode_key(IPv4Network(f"{t.ips[pod]}/32"))
+                entry = IpcacheEntry(NumericIdentity(ident), IPv4Address("10.213.0.1"))
+            maps.ipcache.update(key, entry.encode())
+        yield maps
+    finally:
+        for m in (maps.ipcache, maps.policy, maps.endpoints, maps.metrics):
+            m.close()
+
+
+def test_policy_enforced_on_real_traffic(topology: Topology) -> None:
+    t = topology
+    with _on_db(t) as m:
+        assert loader.is_attached(t.host_if["db"], netns=t.node)
+        assert sorted(p.name for p in t.pin_dir.iterdir()) == sorted(loader.SHARED_MAPS)
+        policy, endpoints, metrics = m.policy, m.endpoints, m.metrics
         web_rule = layouts.encode_policy_key(DB_EP, WEB_ID, PORT, IPPROTO_TCP)
         other_rule = layouts.encode_policy_key(DB_EP, OTHER_ID, PORT, IPPROTO_TCP)
         policy.update(web_rule, layouts.encode_policy_value(True))
@@ -368,9 +395,6 @@ def test_policy_enforced_on_real_traffic(topology: Topology) -> None:
             # Detached: nothing enforces any more; the pins survive.
             assert _connects_within(t.pods["other"], db_ip, 10.0, srv)
             assert (t.pin_dir / "cp_policy").exists()
-    finally:
-        for m in (ipcache, policy, endpoints, metrics):
-            m.close()
 
 
 def test_policy_enforced_on_ipv6_traffic(topology: Topology) -> None:
@@ -378,15 +402,8 @@ def test_policy_enforced_on_ipv6_traffic(topology: Topology) -> None:
     LPM trie, the policy decides TCP, and neighbour discovery toward an enforced pod
     passes (or no IPv6 packet would reach it at all)."""
     t = topology
-    loader.load_and_attach(DB_EP, t.host_if["db"], netns=t.node, pin_dir=t.pin_dir)
-    ipcache = Pinned.open(t.pin_dir / "cp_ipcache", ctypes.sizeof(IpcacheValue))
-    policy = Pinned.open(t.pin_dir / "cp_policy", ctypes.sizeof(layouts.PolicyValue))
-    endpoints = Pinned.open(t.pin_dir / "cp_endpoints", ctypes.sizeof(layouts.EndpointValue))
-    metrics = Pinned.open(t.pin_dir / "cp_metrics", ctypes.sizeof(layouts.MetricsValue))
-    try:
-        for pod, ident in (("web", WEB_ID), ("other", OTHER_ID)):
-            entry = IpcacheEntry(NumericIdentity(ident), IPv6Address("fd13::1"))
-            ipcache.update(encode_key(IPv6Network(f"{t.ips6[pod]}/128")), entry.encode())
+    with _on_db(t, ipv6=True) as m:
+        ipcache, policy, endpoints, metrics = m.ipcache, m.policy, m.endpoints, m.metrics
         policy.update(
             layouts.encode_policy_key(DB_EP, WEB_ID, PORT, IPPROTO_TCP),
             layouts.encode_policy_value(True),
@@ -407,9 +424,6 @@ def test_policy_enforced_on_ipv6_traffic(topology: Topology) -> None:
             # An IPv6 source the ipcache does not know is denied as "world", not passed.
             ipcache.delete(encode_key(IPv6Network(f"{t.ips6['web']}/128")))
             assert _try_connect(t.pods["web"], db_ip, 1.5) is None
-    finally:
-        for m in (ipcache, policy, endpoints, metrics):
-            m.close()
 
 
 def test_replies_to_flows_the_pod_opened_pass_its_ingress_policy(topology: Topology) -> None:
@@ -417,16 +431,9 @@ def test_replies_to_flows_the_pod_opened_pass_its_ingress_policy(topology: Topol
     connections and pings it opens itself (cp_from_endpoint records them in cp_ct);
     whatever it did not open stays dropped."""
     t = topology
-    loader.load_and_attach(DB_EP, t.host_if["db"], netns=t.node, pin_dir=t.pin_dir)
-    assert loader.is_attached(t.host_if["db"], netns=t.node)
-    ipcache = Pinned.open(t.pin_dir / "cp_ipcache", ctypes.sizeof(IpcacheValue))
-    endpoints = Pinned.open(t.pin_dir / "cp_endpoints", ctypes.sizeof(layouts.EndpointValue))
-    metrics = Pinned.open(t.pin_dir / "cp_metrics", ctypes.sizeof(layouts.MetricsValue))
-    ct = KernelMap.open_pinned(t.pin_dir / "cp_ct")
-    try:
-        for pod, ident in (("web", WEB_ID), ("other", OTHER_ID)):
-            entry = IpcacheEntry(NumericIdentity(ident), IPv4Address("10.213.0.1"))
-            ipcache.update(encode_key(IPv4Network(f"{t.ips[pod]}/32")), entry.encode())
+    with _on_db(t) as m, KernelMap.open_pinned(t.pin_dir / "cp_ct") as ct:
+        assert loader.is_attached(t.host_if["db"], netns=t.node)
+        endpoints, metrics = m.endpoints, m.metrics
         endpoints.update(*layouts.encode_endpoint(DB_EP, layouts.EP_F_INGRESS_ENFORCED))
 
         web_srv = _tcp_listen(t.pods["web"], t.ips["web"])
@@ -441,23 +448,15 @@ def test_replies_to_flows_the_pod_opened_pass_its_ingress_policy(topology: Topol
             assert _connects_within(t.pods["db"], t.ips["web"], 10.0, web_srv)
             assert ping(t.pods["db"], t.ips["web"], 2.0)
             assert metric(metrics, layouts.MetricReason.ALLOW_REPLY) > replies_before
-            key = layouts.CtKey()
-            key.endpoint_addr[10] = key.endpoint_addr[11] = 0xFF
-            key.endpoint_addr[12:16] = list(IPv4Address(t.ips["db"]).packed)
-            key.peer_addr[10] = key.peer_addr[11] = 0xFF
-            key.peer_addr[12:16] = list(IPv4Address(t.ips["web"]).packed)
-            key.peer_port, key.proto = PORT, IPPROTO_TCP
-            flows = [layouts.CtKey.from_buffer_copy(k) for k, _ in ct.items()]
-            assert any(
-                bytes(f.endpoint_addr) == bytes(key.endpoint_addr)
-                and bytes(f.peer_addr) == bytes(key.peer_addr)
-                and (f.peer_port, f.proto) == (PORT, IPPROTO_TCP)
-                for f in flows
-            ), "the pod's connection is in cp_ct"
+            mapped = b"\0" * 10 + b"\xff\xff"
+            flows = {
+                (bytes(f.endpoint_addr), bytes(f.peer_addr), f.peer_port, f.proto)
+                for f in (layouts.CtKey.from_buffer_copy(k) for k, _ in ct.items())
+            }
+            db_addr = mapped + IPv4Address(t.ips["db"]).packed
+            web_addr = mapped + IPv4Address(t.ips["web"]).packed
+            assert (db_addr, web_addr, PORT, IPPROTO_TCP) in flows, "db's connection in cp_ct"
 
             # What the pod did not open is still subject to its policy.
             assert _try_connect(t.pods["other"], t.ips["db"], 1.5) is None
             assert not ping(t.pods["web"], t.ips["db"], 1.0)
-    finally:
-        for m in (ipcache, endpoints, metrics, ct):
-            m.close()
