@@ -67,7 +67,17 @@ assert _KEY_STRUCT.size == KEY_SIZE and _VALUE_STRUCT.size == VALUE_SIZE
 
 
 def _addr16(ip: IPAddress) -> bytes:
-    return _V4_MAPPED_PREFIX + ip.packed if ip.version == 4 else ip.packed
+    return _mapped16(ip.packed)
+
+
+def _mapped16(packed: bytes) -> bytes:
+    """A packed IPv4 (4 bytes) as IPv4-mapped IPv6; IPv6 (16 bytes) as is."""
+    return _V4_MAPPED_PREFIX + packed if len(packed) == 4 else packed
+
+
+def _pack_key(packed: bytes, prefix_len: int) -> bytes:
+    bits = prefix_len + _V4_MAPPED_BITS if len(packed) == 4 else prefix_len
+    return _KEY_STRUCT.pack(bits, _mapped16(packed))
 
 
 def _from16(raw: bytes) -> IPAddress:
@@ -77,15 +87,7 @@ def _from16(raw: bytes) -> IPAddress:
 
 
 def encode_key(prefix: IPNetwork) -> bytes:
-    return address_key(prefix.network_address, prefix.prefixlen)
-
-
-def address_key(address: IPAddress, prefix_len: int) -> bytes:
-    """The key of ``address/prefix_len`` (``address`` must be the network address), without
-    building an IP network object."""
-    if address.version == 4:
-        return _KEY_STRUCT.pack(prefix_len + _V4_MAPPED_BITS, _V4_MAPPED_PREFIX + address.packed)
-    return _KEY_STRUCT.pack(prefix_len, address.packed)
+    return _pack_key(prefix.network_address.packed, prefix.prefixlen)
 
 
 def decode_key(raw: bytes) -> IPNetwork:
@@ -98,16 +100,12 @@ def decode_key(raw: bytes) -> IPNetwork:
 
 def ip_identity_key(pair: IPIdentity) -> bytes:
     """The ipcache key of an endpoint: its ``ip/prefix_len``."""
-    if len(pair.ip) == 4:
-        return _KEY_STRUCT.pack(pair.prefix_len + _V4_MAPPED_BITS, _V4_MAPPED_PREFIX + pair.ip)
-    return _KEY_STRUCT.pack(pair.prefix_len, pair.ip)
+    return _pack_key(pair.ip, pair.prefix_len)
 
 
 def ip_identity_value(pair: IPIdentity, flags: int = 0) -> bytes:
     """The encoded :class:`IpcacheEntry` of an endpoint: its identity, on its node."""
-    host = pair.host_ip
-    tunnel = _V4_MAPPED_PREFIX + host if len(host) == 4 else host
-    return _VALUE_STRUCT.pack(pair.identity, tunnel, flags)
+    return _VALUE_STRUCT.pack(pair.identity, _mapped16(pair.host_ip), flags)
 
 
 @dataclass(frozen=True, slots=True)

@@ -555,16 +555,17 @@ class KernelMap:
         call; the entries before it stay written. Returns how many were written."""
         if not entries:
             return 0
-        keys_ = [k for k, _ in entries]
-        values_ = [v for _, v in entries]
-        if {*map(len, keys_)} != {self._key_size} or {*map(len, values_)} != {self._value_size}:
+        key_list = [k for k, _ in entries]
+        value_list = [v for _, v in entries]
+        key_sizes, value_sizes = {*map(len, key_list)}, {*map(len, value_list)}
+        if key_sizes != {self._key_size} or value_sizes != {self._value_size}:
             for key, value in entries:  # raises for the first wrong one
                 self._check_key(key)
                 self._check_value(value)
         if self.batch_update_supported is not False:
-            key_blob = b"".join(keys_)
+            key_blob = b"".join(key_list)
             value_blob = b"".join(
-                [self._pack_value(v) for v in values_] if self.percpu else values_
+                [self._pack_value(v) for v in value_list] if self.percpu else value_list
             )
             keys = ctypes.create_string_buffer(key_blob, len(key_blob))
             values = ctypes.create_string_buffer(value_blob, len(value_blob))
