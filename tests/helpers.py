@@ -57,3 +57,11 @@ async def retrying(call: Callable[[], Awaitable[T]], *, attempts: int = 100) -> 
         except KvstoreError:
             await asyncio.sleep(0.1)
     return await call()
+
+
+async def holds_for(check: Callable[[], bool], seconds: float, message: str) -> None:
+    """Assert ``check`` stays true for ``seconds`` (polled)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert check(), message
+        await asyncio.sleep(0.02)

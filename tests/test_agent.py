@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from ipaddress import ip_address, ip_network
 from pathlib import Path
@@ -30,7 +30,7 @@ from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.shards import ShardMap
 from controlplane.metrics import StoreMetrics
 from controlplane.model import CIDRPool, IPNetwork, NodeName, parse_ip
-from tests.helpers import FAST, backend_for, eventually
+from tests.helpers import FAST, backend_for, eventually, holds_for
 
 LAYOUT = KeyLayout()
 REPO = Path(__file__).resolve().parent.parent
@@ -123,14 +123,6 @@ class Beats:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-
-
-async def holds_for(check: Callable[[], bool], seconds: float, message: str) -> None:
-    """Assert ``check`` stays true for ``seconds`` (polled)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert check(), message
-        await asyncio.sleep(0.02)
 
 
 # ---------------------------------------------------------------------------------------

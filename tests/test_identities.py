@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import pytest_asyncio
-from helpers import FAST, eventually
+from helpers import FAST, eventually, holds_for
 
 from controlplane import codec
 from controlplane.config import EtcdClusterConfig, KvstoreConfig
@@ -335,10 +335,16 @@ async def test_deleted_reference_is_repaired(etcd1: EmbeddedEtcd) -> None:
             return (await a.store.references()).get(identity.id) == ["node-a"]
 
         await eventually(repaired, message="reference repaired")
-        value = a.metrics.registry.get_sample_value(
-            "cp_store_repairs_total", {"resource": "identity-ref", "reason": "deleted"}
-        )
-        assert value == 1
+
+        def counted() -> float | None:
+            return a.metrics.registry.get_sample_value(
+                "cp_store_repairs_total", {"resource": "identity-ref", "reason": "deleted"}
+            )
+
+        # The owner counts the repair once its write's answer is in, which can come after
+        # a reader already sees the key.
+        await eventually(lambda: counted() == 1, message="repair counted")
+        await holds_for(lambda: counted() == 1, 0.3, "repaired once")
 
 
 async def test_malformed_identity_records_are_skipped(etcd1: EmbeddedEtcd) -> None:

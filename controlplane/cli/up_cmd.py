@@ -23,6 +23,7 @@ from controlplane.cli.common import CommandError, positive_float, positive_int, 
 from controlplane.cli.etcd_cmd import start_embedded
 from controlplane.cli.processes import Daemon, stop_all
 from controlplane.config import ClientSettings, EtcdClusterConfig, KvstoreConfig
+from controlplane.datapath.ipcache import IPCACHE_MAP_NAME
 from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.kvstore.endpoints import KvEndpointStore
 from controlplane.kvstore.health import cluster_health
@@ -229,7 +230,7 @@ async def snapshot(config: KvstoreConfig, daemons: list[Daemon], workdir: Path) 
                 "ready": body.get("ready"),
                 "kvstore": body["kvstore"]["state"],
                 "restarts": body["restarts"]["count"],
-                "ipcache": sum(m["entries"] for m in body["datapath"]["maps"].values()),
+                "ipcache": body["datapath"]["maps"][IPCACHE_MAP_NAME]["entries"],
             }
         except (OSError, TimeoutError, KeyError, TypeError, ValueError):
             agents[daemon.name] = {
