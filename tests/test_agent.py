@@ -16,11 +16,13 @@ from typing import Any
 
 import pytest
 
+from controlplane import codec
 from controlplane.agent.agent import Agent, AgentExit
 from controlplane.agent.api import request
 from controlplane.agent.settings import EXIT_RESTART, AgentSettings, RestartMode
 from controlplane.cli import status_cmd
 from controlplane.config import EtcdClusterConfig, KvstoreConfig
+from controlplane.datapath.ipcache import FLAG_LOCAL, FLAG_NODE
 from controlplane.ipam.cidr import ClusterPoolAllocator
 from controlplane.kvstore.backend import EtcdBackend
 from controlplane.kvstore.embedded import EmbeddedEtcd
@@ -29,7 +31,15 @@ from controlplane.kvstore.ipam import KvCIDRStore
 from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.shards import ShardMap
 from controlplane.metrics import StoreMetrics
-from controlplane.model import CIDRPool, IPNetwork, NodeName, parse_ip
+from controlplane.model import (
+    CIDRPool,
+    Endpoint,
+    IPNetwork,
+    Node,
+    NodeName,
+    NumericIdentity,
+    parse_ip,
+)
 from tests.helpers import FAST, backend_for, eventually, holds_for
 
 LAYOUT = KeyLayout()
@@ -348,6 +358,35 @@ async def test_malformed_values_are_skipped_and_counted(
         ep = await create(a, "default", "web", ["k8s:app=web"])
         await eventually(lambda: cached(a, ep["ip"]) == ep["identity"])
         assert a.restarts == 0 and a.ready
+
+
+async def test_own_node_ip_stays_host_whatever_else_claims_it(
+    etcd1: EmbeddedEtcd, tmp_path: Path
+) -> None:
+    """A stale record of another node (say a recycled machine) with this node's IP, and an
+    endpoint record claiming it, do not turn this node's host traffic into theirs."""
+    await give_cidrs(etcd1, "node-b")
+    b = Agent(agent_settings(tmp_path, "node-b", "127.0.0.12"), kv_config(etcd1))
+    async with backend_for(etcd1.client_urls) as raw, running(b):
+        await asyncio.wait_for(b.wait_ready(), 20)
+        await eventually(lambda: cached(b, "127.0.0.12") == 1, message="host entry")  # host
+        stale = Node(name=NodeName("aaa-old-node"), ips=(parse_ip("127.0.0.12"),))
+        await raw.put(LAYOUT.node("default", "aaa-old-node"), codec.encode("node", stale.to_dict()))
+        squatter = Endpoint(
+            ip=parse_ip("127.0.0.12"),
+            identity=NumericIdentity(4242),
+            node=NodeName("aaa-old-node"),
+            host_ip=parse_ip("127.0.0.12"),
+            name="squatter",
+            namespace="default",
+        )
+        await raw.put(
+            LAYOUT.ip("default", "127.0.0.12"), codec.encode("endpoint", squatter.to_dict())
+        )
+        await eventually(lambda: len(b.cache.nodes) == 2 and "127.0.0.12" in b.cache.endpoints)
+        await holds_for(lambda: cached(b, "127.0.0.12") == 1, 0.5, "the host entry holds")
+        entry = b.ipcache.get(ip_network("127.0.0.12/32"))
+        assert entry is not None and entry.flags == FLAG_LOCAL | FLAG_NODE
 
 
 async def test_cpctl_status_talks_to_the_agent(

@@ -92,6 +92,9 @@ V = TypeVar("V")
 
 _ENDPOINT_PRIORITY = 2
 _NODE_PRIORITY = 1
+_OWN_NODE_PRIORITY = 3
+"""This node's own IPs are the host, whatever another record claims (a recycled node's
+stale record with the same IP, a bogus endpoint): host traffic keeps its identity."""
 
 
 class AgentExit(Exception):
@@ -1052,8 +1055,12 @@ class _Session:
             if event.kind is EventKind.SYNCED:
                 agent._nodes_synced_once = True
             elif node is not None:
-                agent.reconciler.set(f"node:{event.name}", _node_entries(node, agent.settings.node),
-                                     priority=_NODE_PRIORITY)  # fmt: skip
+                me = agent.settings.node
+                agent.reconciler.set(
+                    f"node:{event.name}",
+                    _node_entries(node, me),
+                    priority=_OWN_NODE_PRIORITY if event.name == me else _NODE_PRIORITY,
+                )
             agent.routes_changed()  # after every (re)sync too: the swept nodes' routes go
 
     def _mirror(
