@@ -42,7 +42,7 @@ from controlplane.datapath.ipcache import (
     VALUE_SIZE,
     Ipcache,
 )
-from controlplane.datapath.maps import MapError
+from controlplane.datapath.maps import MapError, SizedMap
 
 # -- constants (include/uapi/linux/bpf.h) ---------------------------------------------
 
@@ -298,8 +298,10 @@ def _round8(n: int) -> int:
 # -- the map --------------------------------------------------------------------------
 
 
-class KernelMap:
+class KernelMap(SizedMap):
     """A kernel BPF map behind the :class:`~controlplane.datapath.maps.Map` Protocol."""
+
+    _error = KernelMapError
 
     def __init__(
         self,
@@ -312,11 +314,9 @@ class KernelMap:
         max_entries: int,
         flags: int = 0,
     ) -> None:
+        super().__init__(name, key_size, value_size)
         self._fd = fd
-        self._name = name
         self.map_type = map_type
-        self._key_size = key_size
-        self._value_size = value_size
         self.max_entries = max_entries
         self.flags = flags
         self.percpu = map_type in _PERCPU_TYPES
@@ -435,18 +435,6 @@ class KernelMap:
         if self.closed:
             raise KernelMapError(f"map {self._name}: closed")
         return self._fd
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def key_size(self) -> int:
-        return self._key_size
-
-    @property
-    def value_size(self) -> int:
-        return self._value_size
 
     def lookup(self, key: bytes) -> bytes | None:
         """The value under exactly ``key`` (an LPM trie too: no longest-prefix match)."""
@@ -699,18 +687,6 @@ class KernelMap:
         if self.percpu:
             raise MapUnsupportedError(
                 f"map {self._name}: {op} on a per-CPU map, use lookup_percpu()"
-            )
-
-    def _check_key(self, key: bytes) -> None:
-        if len(key) != self._key_size:
-            raise KernelMapError(
-                f"map {self._name}: key of {len(key)} bytes, want {self._key_size}"
-            )
-
-    def _check_value(self, value: bytes) -> None:
-        if len(value) != self._value_size:
-            raise KernelMapError(
-                f"map {self._name}: value of {len(value)} bytes, want {self._value_size}"
             )
 
 

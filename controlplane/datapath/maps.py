@@ -69,16 +69,16 @@ class MapStats:
     """Single-entry update or delete calls."""
 
 
-class UserspaceMap:
-    """A dict-backed :class:`Map` with the kernel map's size checks and entry limit."""
+class SizedMap:
+    """A map's name, fixed key and value sizes, and the size checks of every access (the
+    userspace and the kernel map share them; ``_error`` is the exception they raise)."""
 
-    def __init__(self, name: str, key_size: int, value_size: int, max_entries: int) -> None:
+    _error: type[MapError] = MapError
+
+    def __init__(self, name: str, key_size: int, value_size: int) -> None:
         self._name = name
         self._key_size = key_size
         self._value_size = value_size
-        self.max_entries = max_entries
-        self.stats = MapStats()
-        self._data: dict[bytes, bytes] = {}
 
     @property
     def name(self) -> str:
@@ -91,6 +91,26 @@ class UserspaceMap:
     @property
     def value_size(self) -> int:
         return self._value_size
+
+    def _check_key(self, key: bytes) -> None:
+        if len(key) != self._key_size:
+            raise self._error(f"map {self._name}: key of {len(key)} bytes, want {self._key_size}")
+
+    def _check_value(self, value: bytes) -> None:
+        if len(value) != self._value_size:
+            raise self._error(
+                f"map {self._name}: value of {len(value)} bytes, want {self._value_size}"
+            )
+
+
+class UserspaceMap(SizedMap):
+    """A dict-backed :class:`Map` with the kernel map's size checks and entry limit."""
+
+    def __init__(self, name: str, key_size: int, value_size: int, max_entries: int) -> None:
+        super().__init__(name, key_size, value_size)
+        self.max_entries = max_entries
+        self.stats = MapStats()
+        self._data: dict[bytes, bytes] = {}
 
     def lookup(self, key: bytes) -> bytes | None:
         self._check_key(key)
@@ -147,13 +167,3 @@ class UserspaceMap:
             raise MapError(f"map {self._name}: full ({self.max_entries} entries)")
         self._data[key] = value
         self.stats.updates += 1
-
-    def _check_key(self, key: bytes) -> None:
-        if len(key) != self._key_size:
-            raise MapError(f"map {self._name}: key of {len(key)} bytes, want {self._key_size}")
-
-    def _check_value(self, value: bytes) -> None:
-        if len(value) != self._value_size:
-            raise MapError(
-                f"map {self._name}: value of {len(value)} bytes, want {self._value_size}"
-            )
