@@ -33,7 +33,6 @@ from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aetcd
 from aetcd import rpc
@@ -69,6 +68,7 @@ from controlplane.datapath.reconciler import IpcacheReconciler
 from controlplane.kvstore.backend import LIST_PAGE_SIZE, EtcdBackend
 from controlplane.kvstore.bench import (
     BenchError,
+    bare_endpoint,
     delete_in_chunks,
     package_version,
     percentile,
@@ -347,7 +347,7 @@ async def _cold_sync(
     params: DatapathBenchParams,
     progress: Progress,
 ) -> dict[str, Any]:
-    host, port = _host_port(backend)
+    host, port = bare_endpoint(backend.cluster)
     client = aetcd.Client(host, port, timeout=30.0)
     await client.connect()
     bare: list[float] = []
@@ -415,14 +415,6 @@ def _kind(datapath: _Datapath) -> str:
 def _check(got: int, want: int, what: str) -> None:
     if got != want:
         raise BenchError(f"{what}: {got} entries, expected {want}")
-
-
-def _host_port(backend: EtcdBackend) -> tuple[str, int]:
-    url = backend.cluster.endpoints[0]
-    parts = urlsplit(url if "://" in url else f"http://{url}")
-    if parts.scheme != "http" or parts.hostname is None or parts.port is None:
-        raise BenchError(f"bare aetcd needs a plaintext host:port endpoint, got {url}")
-    return parts.hostname, parts.port
 
 
 async def _latency(

@@ -485,7 +485,8 @@ async def delete_in_chunks(backend: EtcdBackend, prefix: bytes, page: int = CLEA
             deleted += sum(r.deleted for r in result.results)
 
 
-def _first_endpoint(cluster: EtcdClusterConfig) -> tuple[str, int]:
+def bare_endpoint(cluster: EtcdClusterConfig) -> tuple[str, int]:
+    """Host and port of ``cluster``'s first endpoint, for a bare (plaintext) aetcd client."""
     url = cluster.endpoints[0]
     parts = urlsplit(url)
     if parts.scheme != "http":
@@ -505,7 +506,7 @@ async def run_kvstore_bench(
 ) -> BenchResult:
     """Benchmark ours against bare aetcd on ``cluster`` (both on its first endpoint)."""
     say = progress or (lambda _line: None)
-    host, port = _first_endpoint(cluster)
+    host, port = bare_endpoint(cluster)
     endpoint = cluster.endpoints[0]
     # Both sides talk to the same single member.
     one_member = replace(cluster, endpoints=(endpoint,))
