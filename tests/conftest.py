@@ -1,13 +1,15 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
+from controlplane.datapath.kernel import BPFFS_ROOT
 from controlplane.kvstore.embedded import EmbeddedEtcd, ServerTLS
 from controlplane.kvstore.testing_tls import TestPKI, make_test_pki
 
@@ -78,3 +80,16 @@ async def etcd_tls(pki: TestPKI) -> AsyncIterator[EmbeddedEtcd]:
     tls = ServerTLS(pki.ca_file, pki.server_cert, pki.server_key)
     async with EmbeddedEtcd(1, tls=tls) as etcd:
         yield etcd
+
+
+@pytest.fixture
+def bpf_pin_dir() -> Iterator[Path]:
+    """A fresh path on the bpffs (not created); pins under it are removed afterwards."""
+    path = Path(BPFFS_ROOT, f"cp-test-{secrets.token_hex(4)}")
+    try:
+        yield path
+    finally:
+        if path.exists():
+            for child in path.iterdir():
+                child.unlink()
+            path.rmdir()

@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import threading
-from collections.abc import Iterator
 from dataclasses import replace
 from ipaddress import ip_network
 from pathlib import Path
@@ -41,7 +39,6 @@ from controlplane.datapath.ipcache import (
 from controlplane.datapath.kernel import (
     BPF_F_NO_PREALLOC,
     BPF_MAP_TYPE_LPM_TRIE,
-    BPFFS_ROOT,
     KernelMap,
 )
 from controlplane.kvstore.embedded import EmbeddedEtcd
@@ -123,15 +120,8 @@ def _dummy_kv() -> KvstoreConfig:
 
 
 @pytest.fixture
-def pin_dir() -> Iterator[Path]:
-    path = Path(BPFFS_ROOT, f"cp-agent-test-{secrets.token_hex(4)}")
-    try:
-        yield path
-    finally:
-        if path.exists():
-            for child in path.iterdir():
-                child.unlink()
-            path.rmdir()
+def pin_dir(bpf_pin_dir: Path) -> Path:
+    return bpf_pin_dir
 
 
 def _dump(pin: Path) -> dict[bytes, bytes]:

@@ -57,17 +57,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def pin_dir() -> Iterator[Path]:
+def pin_dir(bpf_pin_dir: Path) -> Path:
     """A fresh directory on the bpffs; pins in it are unlinked afterwards."""
     ensure_bpffs()
-    path = Path(kernel.BPFFS_ROOT) / f"cp-test-{secrets.token_hex(4)}"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        for child in path.iterdir():
-            os.unlink(child)
-        path.rmdir()
+    bpf_pin_dir.mkdir()
+    return bpf_pin_dir
 
 
 @pytest.fixture

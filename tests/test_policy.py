@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from controlplane.agent.settings import DatapathMode
 from controlplane.cli import bpf_cmd, policy_cmd
 from controlplane.cli.common import CommandError, Parser
 from controlplane.datapath.capabilities import detect_datapath
-from controlplane.datapath.kernel import BPF_MAP_TYPE_HASH, BPFFS_ROOT, KernelMap
+from controlplane.datapath.kernel import BPF_MAP_TYPE_HASH, KernelMap
 from controlplane.datapath.layouts import (
     ENDPOINTS_MAP_NAME,
     ENDPOINTS_MAX_ENTRIES,
@@ -370,18 +369,6 @@ async def test_cpctl_bpf_reports_a_missing_pin(tmp_path: Path) -> None:
 
 _SUPPORT = detect_datapath()
 needs_kernel = pytest.mark.skipif(not _SUPPORT, reason=f"no kernel datapath: {_SUPPORT.reason}")
-
-
-@pytest.fixture
-def bpf_pin_dir() -> Iterator[Path]:
-    path = Path(BPFFS_ROOT, f"cp-policy-test-{secrets.token_hex(4)}")
-    try:
-        yield path
-    finally:
-        if path.exists():
-            for child in path.iterdir():
-                child.unlink()
-            path.rmdir()
 
 
 @needs_kernel
