@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -65,3 +66,10 @@ async def holds_for(check: Callable[[], bool], seconds: float, message: str) -> 
     while time.monotonic() < deadline:
         assert check(), message
         await asyncio.sleep(0.02)
+
+
+def ip(*args: str) -> str:
+    """Run ``ip ARGS``; fail the test with its stderr unless it succeeds; its stdout."""
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, f"ip {' '.join(args)}: {proc.stderr}"
+    return proc.stdout

@@ -34,6 +34,7 @@ from controlplane.datapath import layouts, loader
 from controlplane.datapath.ipcache import IpcacheEntry, IpcacheKey, IpcacheValue, encode_key
 from controlplane.datapath.kernel import KernelMap
 from controlplane.model import NumericIdentity
+from tests.helpers import ip
 from tests.icmp_echo import ping
 
 _REASON = loader.datapath_unavailable_reason(need_build=True)
@@ -198,11 +199,6 @@ def test_object_rodata_is_only_the_config() -> None:
 # --- (b) real traffic ----------------------------------------------------------------
 
 
-def _ip(*args: str) -> None:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, f"ip {' '.join(args)}: {proc.stderr}"
-
-
 @dataclass
 class Topology:
     node: str
@@ -236,13 +232,13 @@ def topology() -> Iterator[Topology]:
     cleanup()
     try:
         for ns in all_ns:
-            _ip("netns", "add", ns)
-            _ip("-n", ns, "link", "set", "lo", "up")
+            ip("netns", "add", ns)
+            ip("-n", ns, "link", "set", "lo", "up")
         with loader.in_netns(node):
             Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
             Path("/proc/sys/net/ipv6/conf/all/forwarding").write_text("1\n")
         for i, p in enumerate(names, 1):
-            _ip(
+            ip(
                 "-n",
                 node,
                 "link",
@@ -256,14 +252,14 @@ def topology() -> Iterator[Topology]:
                 "netns",
                 pods[p],
             )
-            _ip("-n", node, "addr", "add", f"10.213.{i}.1/24", "dev", host_if[p])
-            _ip("-n", node, "link", "set", host_if[p], "up")
-            _ip("-n", pods[p], "addr", "add", f"{ips[p]}/24", "dev", "eth0")
-            _ip("-n", pods[p], "link", "set", "eth0", "up")
-            _ip("-n", pods[p], "route", "add", "default", "via", f"10.213.{i}.1")
-            _ip("-n", node, "addr", "add", f"fd13:{i}::1/64", "dev", host_if[p], "nodad")
-            _ip("-n", pods[p], "addr", "add", f"{ips6[p]}/64", "dev", "eth0", "nodad")
-            _ip("-n", pods[p], "-6", "route", "add", "default", "via", f"fd13:{i}::1")
+            ip("-n", node, "addr", "add", f"10.213.{i}.1/24", "dev", host_if[p])
+            ip("-n", node, "link", "set", host_if[p], "up")
+            ip("-n", pods[p], "addr", "add", f"{ips[p]}/24", "dev", "eth0")
+            ip("-n", pods[p], "link", "set", "eth0", "up")
+            ip("-n", pods[p], "route", "add", "default", "via", f"10.213.{i}.1")
+            ip("-n", node, "addr", "add", f"fd13:{i}::1/64", "dev", host_if[p], "nodad")
+            ip("-n", pods[p], "addr", "add", f"{ips6[p]}/64", "dev", "eth0", "nodad")
+            ip("-n", pods[p], "-6", "route", "add", "default", "via", f"fd13:{i}::1")
         yield Topology(node, pods, ips, ips6, host_if, pin_dir)
     finally:
         cleanup()

@@ -36,6 +36,7 @@ from controlplane.cni import netlink
 from controlplane.cni.main import SUPPORTED_VERSIONS, endpoint_offset
 from controlplane.datapath import loader
 from controlplane.kvstore.embedded import EmbeddedEtcd
+from tests.helpers import ip
 from tests.test_agent import agent_settings, api, give_cidrs, kv_config, running
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,12 +145,6 @@ def test_host_veth_names() -> None:
 # -- kernel ---------------------------------------------------------------------------
 
 
-def _ip(*args: str) -> str:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, f"ip {' '.join(args)}: {proc.stderr}"
-    return proc.stdout
-
-
 @dataclass
 class Env:
     node: str
@@ -188,10 +183,10 @@ def namespaces() -> Iterator[tuple[str, dict[str, str], Path]]:
 
     try:
         for ns in (node, *pods.values()):
-            _ip("netns", "add", ns)
-        _ip("-n", node, "link", "set", "lo", "up")
+            ip("netns", "add", ns)
+        ip("-n", node, "link", "set", "lo", "up")
         # the node's own address (as a host has one): the source of its ARP requests
-        _ip("-n", node, "addr", "add", "10.20.255.254/32", "dev", "lo")
+        ip("-n", node, "addr", "add", "10.20.255.254/32", "dev", "lo")
         with loader.in_netns(node):
             Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
         yield node, pods, pin_dir
@@ -224,12 +219,12 @@ async def env(
 
 
 def _addresses(netns: str, ifname: str) -> set[str]:
-    out = json.loads(_ip("-n", netns, "-j", "-4", "addr", "show", "dev", ifname))
+    out = json.loads(ip("-n", netns, "-j", "-4", "addr", "show", "dev", ifname))
     return {f"{a['local']}/{a['prefixlen']}" for link in out for a in link["addr_info"]}
 
 
 def _mtu(netns: str, ifname: str) -> int:
-    return int(json.loads(_ip("-n", netns, "-j", "link", "show", "dev", ifname))[0]["mtu"])
+    return int(json.loads(ip("-n", netns, "-j", "link", "show", "dev", ifname))[0]["mtu"])
 
 
 async def _tcp_roundtrip(src_ns: str, dst_ns: str, dst_ip: str) -> bool:
@@ -271,23 +266,23 @@ async def test_add_check_del(env: Env) -> None:
     [ipconf] = result["ips"]
     assert ipconf["interface"] == 1 and ipconf["gateway"] == "169.254.1.1"
     assert result["routes"] == [{"dst": "0.0.0.0/0", "gw": "169.254.1.1"}]
-    ip = ipconf["address"].split("/")[0]
+    pod_ip = ipconf["address"].split("/")[0]
 
     # the agent has the endpoint, with the labels from the config and CNI_ARGS
     status, listed = await api(env.agent, "GET", "/v1/endpoints")
     assert status == 200
     [ep] = [e for e in listed if e["name"] == "web"]
-    assert ep["namespace"] == "ns" and ep["ip"] == ip
+    assert ep["namespace"] == "ns" and ep["ip"] == pod_ip
     assert sorted(ep["labels"]) == ["k8s:app=web", "k8s:team=a", "k8s:tier=front"]
 
     # pod side: eth0 with the /32, default via the link-local gateway; host side: veth up
     # with the program attached and the /32 route
-    assert _addresses(env.pods["web"], "eth0") == {f"{ip}/32"}
+    assert _addresses(env.pods["web"], "eth0") == {f"{pod_ip}/32"}
     assert _mtu(env.pods["web"], "eth0") == 1400 and _mtu(env.node, host) == 1400
-    routes = _ip("-n", env.pods["web"], "route", "show")
+    routes = ip("-n", env.pods["web"], "route", "show")
     assert "default via 169.254.1.1 dev eth0" in routes
     assert await asyncio.to_thread(loader.is_attached, host, env.node)
-    assert f"{ip} dev {host}" in _ip("-n", env.node, "route", "show")
+    assert f"{pod_ip} dev {host}" in ip("-n", env.node, "route", "show")
     assert sorted(p.name for p in env.pin_dir.iterdir()) == sorted(loader.SHARED_MAPS)
 
     # ADD again for the same container (a retried ADD): same endpoint, same address
@@ -311,21 +306,21 @@ async def test_add_check_del(env: Env) -> None:
     db_ip = db.out["ips"][0]["address"].split("/")[0]
     assert db_ip != ip
     assert await _tcp_roundtrip(env.pods["web"], env.pods["db"], db_ip)
-    assert await _tcp_roundtrip(env.pods["db"], env.pods["web"], ip)
+    assert await _tcp_roundtrip(env.pods["db"], env.pods["web"], pod_ip)
 
     # DEL, twice; then CHECK fails with an error JSON
     for _ in range(2):
         deleted = await env.run("DEL", "web")
         assert deleted.rc == 0 and deleted.out is None, deleted
     assert not await asyncio.to_thread(netlink.link_exists, host, env.node)
-    assert "eth0" not in _ip("-n", env.pods["web"], "link", "show")
+    assert "eth0" not in ip("-n", env.pods["web"], "link", "show")
     _, listed = await api(env.agent, "GET", "/v1/endpoints")
     assert [e["name"] for e in listed] == ["db"]
     assert_cni_error(await env.run("CHECK", "web"), 103)
 
     # DEL without a netns (the runtime already removed it), and with one that is gone
     assert (await env.run("DEL", "db", CNI_NETNS="")).rc == 0
-    _ip("netns", "del", env.pods["db"])
+    ip("netns", "del", env.pods["db"])
     assert (await env.run("DEL", "db")).rc == 0
     _, listed = await api(env.agent, "GET", "/v1/endpoints")
     assert listed == []

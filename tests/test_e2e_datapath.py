@@ -50,7 +50,7 @@ from controlplane.kvstore.policies import KvPolicyStore
 from controlplane.kvstore.shards import ShardMap
 from controlplane.metrics import StoreMetrics
 from controlplane.model import NetworkPolicy
-from tests.helpers import eventually
+from tests.helpers import eventually, ip
 from tests.icmp_echo import echo_reply, echo_request, ping, raw_icmp
 from tests.test_agent import agent_settings, api, give_cidrs, kv_config
 from tests.test_cni import Ran, cni
@@ -69,12 +69,6 @@ ICMP = 1
 NODE_IPS = {"node1": "10.219.0.1", "node2": "10.219.0.2"}
 PODS = {"web": ("node1", "app=web"), "other": ("node1", "app=other"), "db": ("node2", "app=db")}
 LAYOUT = KeyLayout()
-
-
-def _ip(*args: str) -> str:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, f"ip {' '.join(args)}: {proc.stderr}"
-    return proc.stdout
 
 
 @dataclass
@@ -97,15 +91,15 @@ def topology() -> Iterator[Topology]:
     pin_dirs = {node: Path(f"/sys/fs/bpf/cp-e2e-{tok}-{node}") for node in NODE_IPS}
     try:
         for ns in netns.values():
-            _ip("netns", "add", ns)
+            ip("netns", "add", ns)
         n1, n2 = netns["node1"], netns["node2"]
-        _ip("-n", n1, "link", "add", f"e2e{tok}a", "type", "veth",
+        ip("-n", n1, "link", "add", f"e2e{tok}a", "type", "veth",
             "peer", "name", f"e2e{tok}b", "netns", n2)  # fmt: skip
         for node, dev in (("node1", f"e2e{tok}a"), ("node2", f"e2e{tok}b")):
             ns = netns[node]
-            _ip("-n", ns, "link", "set", "lo", "up")
-            _ip("-n", ns, "addr", "add", f"{NODE_IPS[node]}/24", "dev", dev)
-            _ip("-n", ns, "link", "set", dev, "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+            ip("-n", ns, "addr", "add", f"{NODE_IPS[node]}/24", "dev", dev)
+            ip("-n", ns, "link", "set", dev, "up")
             with loader.in_netns(ns):
                 Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
                 for conf in ("all", "default"):
@@ -269,7 +263,7 @@ async def _try(src_ns: str, dst_ns: str, dst_ip: str) -> bool:
 
 
 def _routes(netns: str) -> set[str]:
-    out = json.loads(_ip("-n", netns, "-j", "-4", "route", "show", "proto", str(RTPROT_CP)))
+    out = json.loads(ip("-n", netns, "-j", "-4", "route", "show", "proto", str(RTPROT_CP)))
     return {f"{r['dst']} via {r['gateway']}" for r in out}
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from controlplane.datapath.routes import RTPROT_CP, RouteManager
 from controlplane.model import IPAddress, IPNetwork
+from tests.helpers import ip
 
 _REASON: str | None = None
 if os.geteuid() != 0:
@@ -29,30 +30,24 @@ if _REASON is not None:
 TABLE = 100
 
 
-def _ip(*args: str) -> str:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, f"ip {' '.join(args)}: {proc.stderr}"
-    return proc.stdout
-
-
 @pytest.fixture
 def netns() -> Iterator[str]:
     name = f"cprt-{secrets.token_hex(4)}"
-    _ip("netns", "add", name)
+    ip("netns", "add", name)
     try:
-        _ip("-n", name, "link", "set", "lo", "up")
-        _ip("-n", name, "link", "add", "uplink", "type", "veth", "peer", "name", "uplink-peer")
-        _ip("-n", name, "link", "set", "uplink-peer", "up")
-        _ip("-n", name, "addr", "add", "10.99.0.1/24", "dev", "uplink")
-        _ip("-n", name, "addr", "add", "fd99::1/64", "dev", "uplink", "nodad")
-        _ip("-n", name, "link", "set", "uplink", "up")
+        ip("-n", name, "link", "set", "lo", "up")
+        ip("-n", name, "link", "add", "uplink", "type", "veth", "peer", "name", "uplink-peer")
+        ip("-n", name, "link", "set", "uplink-peer", "up")
+        ip("-n", name, "addr", "add", "10.99.0.1/24", "dev", "uplink")
+        ip("-n", name, "addr", "add", "fd99::1/64", "dev", "uplink", "nodad")
+        ip("-n", name, "link", "set", "uplink", "up")
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
 
 
 def _routes(netns: str, table: int | str, family: str = "-4") -> set[str]:
-    out = _ip("-n", netns, family, "route", "show", "table", str(table))
+    out = ip("-n", netns, family, "route", "show", "table", str(table))
     return {" ".join(line.split()) for line in out.splitlines() if line.strip()}
 
 
@@ -67,7 +62,7 @@ def addr(text: str) -> IPAddress:
 @pytest.mark.parametrize("table", [254, TABLE])
 def test_sync_adds_replaces_and_deletes_only_its_own(netns: str, table: int) -> None:
     foreign = "10.30.9.0/24 via 10.99.0.9 dev uplink"
-    _ip("-n", netns, "route", "add", *foreign.split(), "table", str(table))
+    ip("-n", netns, "route", "add", *foreign.split(), "table", str(table))
     manager = RouteManager(table=table, netns=netns)
 
     first = manager.sync({net("10.30.1.0/24"): addr("10.99.0.2"),
