@@ -211,38 +211,33 @@ def _quiet_delete(ipr: Any, ifname: str) -> None:
 
 def delete_host_veth(container_id: str) -> bool:
     """Delete the container's host veth (its peer goes with it). False when absent."""
-    from pyroute2 import NetlinkError
-
+    name = host_veth_name(container_id)
     with _ipr() as ipr:
-        idx = _index(ipr, host_veth_name(container_id))
-        if idx is None:
-            return False
-        try:
-            ipr.link("del", index=idx)
-        except NetlinkError as e:
-            if e.code == errno.ENODEV:
-                return False
-            raise NetlinkFailure(f"delete {host_veth_name(container_id)}: {e}") from e
-    return True
+        return _delete_link(ipr, name, name)
 
 
 def delete_pod_interface(netns: str, ifname: str) -> bool:
     """Delete ``ifname`` inside ``netns`` if both exist (a peer left without host veth)."""
-    from pyroute2 import NetlinkError
-
     path = netns if "/" in netns else f"/run/netns/{netns}"
     if not os.path.exists(path):
         return False
     with _ipr(netns) as ipr:
-        idx = _index(ipr, ifname)
-        if idx is None:
+        return _delete_link(ipr, ifname, f"{netns}:{ifname}")
+
+
+def _delete_link(ipr: Any, ifname: str, what: str) -> bool:
+    """Delete ``ifname``; False when it does not exist (or vanished meanwhile)."""
+    from pyroute2 import NetlinkError
+
+    idx = _index(ipr, ifname)
+    if idx is None:
+        return False
+    try:
+        ipr.link("del", index=idx)
+    except NetlinkError as e:
+        if e.code == errno.ENODEV:
             return False
-        try:
-            ipr.link("del", index=idx)
-        except NetlinkError as e:
-            if e.code == errno.ENODEV:
-                return False
-            raise NetlinkFailure(f"delete {netns}:{ifname}: {e}") from e
+        raise NetlinkFailure(f"delete {what}: {e}") from e
     return True
 
 
