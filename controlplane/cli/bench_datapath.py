@@ -39,6 +39,7 @@ from aetcd import rpc
 from prometheus_client import CollectorRegistry
 
 from controlplane import codec
+from controlplane.agent.agent import set_endpoint_entry
 from controlplane.cli.bench_common import (
     add_target_flags,
     measure,
@@ -80,7 +81,7 @@ from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.shards import ShardMap
 from controlplane.kvstore.types import Put, prefix_range_end
 from controlplane.metrics import StoreMetrics
-from controlplane.model import Endpoint, IPIdentity, NodeName, NumericIdentity
+from controlplane.model import Endpoint, NodeName, NumericIdentity
 from controlplane.runtime import GC_THRESHOLDS, tune_gc
 from controlplane.store_types import EventKind
 
@@ -89,10 +90,10 @@ Progress = Callable[[str], None]
 PUTS_PER_TXN = 100
 """Puts per loading transaction (etcd allows 128 operations per txn)."""
 LOAD_CONCURRENCY = 16
-ENDPOINT_PRIORITY = 2
-"""The agent's priority for endpoint sources (above nodes)."""
 NODES = 50
 """Simulated nodes the endpoints are spread over."""
+BENCH_NODE = NodeName("bench-agent")
+"""The node the benchmark's reconciler stands in for: none of the endpoints is its own."""
 FIRST_IP = int(IPv4Address("10.0.0.1"))
 
 
@@ -282,8 +283,8 @@ async def _ours_sync(
         t_decoded = time.perf_counter()
         for key, pair in endpoints:
             if pair is not None:
-                # the agent's source name: the key's name, as its store events carry it
-                _set_endpoint(reconciler, f"endpoint:{key[len(prefix) :].decode()}", pair)
+                # the key's name, as the agent's store events carry it
+                set_endpoint_entry(reconciler, key[len(prefix) :].decode(), pair, BENCH_NODE)
         t_set = time.perf_counter()
         reconciler.flush()
         t_flushed = time.perf_counter()
@@ -299,12 +300,6 @@ async def _ours_sync(
     return len(ipcache), phases
 
 
-def _set_endpoint(reconciler: IpcacheReconciler, source: str, pair: IPIdentity) -> None:
-    """What the agent does with an endpoint of another node."""
-    key, value = ip_identity_key(pair), ip_identity_value(pair)
-    reconciler.set_encoded(source, {key: value}, priority=ENDPOINT_PRIORITY)
-
-
 async def _feed(
     store: KvEndpointStore, reconciler: IpcacheReconciler, synced: asyncio.Event
 ) -> None:
@@ -316,11 +311,10 @@ async def _feed(
                 reconciler.end_resync()
                 synced.set()
                 continue
-            source = f"endpoint:{event.name}"
             if event.kind is EventKind.UPSERT and event.value is not None:
-                _set_endpoint(reconciler, source, event.value)
+                set_endpoint_entry(reconciler, event.name, event.value, BENCH_NODE)
             else:
-                reconciler.remove(source)
+                reconciler.remove(f"endpoint:{event.name}")
 
 
 async def _watch_sync(store: KvEndpointStore, ipcache: Ipcache) -> int:
