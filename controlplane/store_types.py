@@ -10,6 +10,8 @@ import enum
 from dataclasses import dataclass
 from typing import Generic, NamedTuple, TypeVar
 
+import msgspec
+
 from controlplane.model import IPNetwork, NodeName
 
 T = TypeVar("T")
@@ -29,8 +31,9 @@ class EventKind(enum.Enum):
     """Every object that existed when the watch started has been delivered."""
 
 
-class StoreEvent(NamedTuple, Generic[T]):
-    # NamedTuples (cheap to create: one per key of a list) rather than frozen dataclasses.
+class StoreEvent(msgspec.Struct, Generic[T], frozen=True, gc=False):
+    # msgspec Structs (made in C: one per key of a list) rather than NamedTuples (~6x
+    # dearer) or frozen dataclasses.
     kind: EventKind
     name: str
     """The object's name within its resource: an identity number, an IP, a node name."""

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controlplane.datapath.ipcache import (
+    FLAG_LOCAL,
     KEY_SIZE,
     VALUE_SIZE,
     Ipcache,
@@ -19,11 +20,13 @@ from controlplane.datapath.ipcache import (
     IpcacheValue,
     decode_key,
     encode_key,
+    ip_identity_key,
+    ip_identity_value,
     userspace_ipcache,
 )
 from controlplane.datapath.maps import MapError, UserspaceMap
 from controlplane.datapath.reconciler import IpcacheReconciler
-from controlplane.model import IPNetwork, NumericIdentity
+from controlplane.model import Endpoint, IPNetwork, NodeName, NumericIdentity
 from tests.helpers import eventually
 
 
@@ -162,6 +165,24 @@ async def test_run_flushes_in_the_background() -> None:
         await asyncio.gather(task, return_exceptions=True)
 
 
+@pytest.mark.parametrize(
+    ("ip", "prefix_len", "host"),
+    [("10.0.0.7", 32, "192.168.0.1"), ("10.1.0.0", 16, "fd00::1"), ("fd00::5", 128, "10.0.0.1")],
+)
+def test_endpoint_entries_encode_like_the_generic_ones(ip: str, prefix_len: int, host: str) -> None:
+    pair = Endpoint(
+        ip=ip_address(ip),
+        prefix_len=prefix_len,
+        identity=NumericIdentity(4242),
+        node=NodeName("n1"),
+        host_ip=ip_address(host),
+        name="p",
+        namespace="ns",
+    ).ip_identity
+    assert ip_identity_key(pair) == encode_key(ip_network(f"{ip}/{prefix_len}"))
+    assert ip_identity_value(pair, FLAG_LOCAL) == entry(4242, host, FLAG_LOCAL).encode()
+
+
 def test_ipcache_rejects_a_map_of_the_wrong_shape() -> None:
     with pytest.raises(ValueError, match="key/value sizes"):
         Ipcache(UserspaceMap("m", 8, 24, 10))
@@ -185,14 +206,18 @@ _SOURCES = ["ep:a", "ep:b", "node:a", "node:b"]
 def test_claims_resolve_like_a_from_scratch_computation(
     ops: list[tuple[str, dict[int, int], int]],
 ) -> None:
-    """Any sequence of set/remove leaves the map equal to: for each prefix, the claim of
+    """Any sequence of set/set_entry/remove leaves the map equal to: for each prefix, the claim of
     the highest priority, ties to the smallest source name."""
     cache = userspace_ipcache()
     rec = IpcacheReconciler(cache)
     current: dict[str, tuple[int, dict[IPNetwork, IpcacheEntry]]] = {}
     for source, picks, priority in ops:
         entries = {_PREFIXES[i]: entry(ident) for i, ident in picks.items()}
-        rec.set(source, entries, priority=priority)
+        if len(entries) == 1 and priority != 1:  # some single entries by set_entry
+            ((prefix, one),) = entries.items()
+            rec.set_entry(source, encode_key(prefix), one.encode(), priority=priority)
+        else:
+            rec.set(source, entries, priority=priority)
         current[source] = (priority, entries)
         rec.flush()
     expected: dict[IPNetwork, IpcacheEntry] = {}

@@ -1146,8 +1146,8 @@ def set_endpoint_entry(
     """The ipcache entry of the endpoint at key ``name``, as node ``me`` writes it (the
     benchmarks measure this very step)."""
     value = ip_identity_value(pair, FLAG_LOCAL if pair.node == me else 0)
-    reconciler.set_encoded(
-        f"endpoint:{name}", {ip_identity_key(pair): value}, priority=_ENDPOINT_PRIORITY
+    reconciler.set_entry(
+        f"endpoint:{name}", ip_identity_key(pair), value, priority=_ENDPOINT_PRIORITY
     )
 
 

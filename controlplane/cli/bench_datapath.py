@@ -274,17 +274,18 @@ async def _ours_sync(
     phases = dict.fromkeys(("list_s", "decode_s", "set_s", "flush_s", "end_resync_s"), 0.0)
     reconciler.begin_resync()
     prefix = store.prefix
-    decode, build = store.codec.decode, store.build_ip_identity
+    decode, build, cut = store.codec.decode_named, store.build_ip_identity, len(prefix)
     pages = aiter(backend.iter_prefix(prefix, page_size=page_size))
     mark = time.perf_counter()
     while (page := await anext(pages, None)) is not None:
         t_listed = time.perf_counter()
-        endpoints = [(kv.key, decode(kv.key, prefix, kv.value, build)) for kv in page[0]]
+        # the key's name, as the agent's store events carry it
+        named = [(kv.key[cut:].decode(), kv) for kv in page[0]]
+        endpoints = [(name, decode(kv.key, prefix, name, kv.value, build)) for name, kv in named]
         t_decoded = time.perf_counter()
-        for key, pair in endpoints:
+        for name, pair in endpoints:
             if pair is not None:
-                # the key's name, as the agent's store events carry it
-                set_endpoint_entry(reconciler, key[len(prefix) :].decode(), pair, BENCH_NODE)
+                set_endpoint_entry(reconciler, name, pair, BENCH_NODE)
         t_set = time.perf_counter()
         reconciler.flush()
         t_flushed = time.perf_counter()

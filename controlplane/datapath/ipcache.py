@@ -98,14 +98,21 @@ def decode_key(raw: bytes) -> IPNetwork:
     return IPv6Network((IPv6Address(addr), key.prefixlen))
 
 
+# These two run for every endpoint of a cold sync: _pack_key and _mapped16, inlined.
 def ip_identity_key(pair: IPIdentity) -> bytes:
     """The ipcache key of an endpoint: its ``ip/prefix_len``."""
-    return _pack_key(pair.ip, pair.prefix_len)
+    ip = pair.ip
+    if len(ip) == 4:
+        return _KEY_STRUCT.pack(pair.prefix_len + _V4_MAPPED_BITS, _V4_MAPPED_PREFIX + ip)
+    return _KEY_STRUCT.pack(pair.prefix_len, ip)
 
 
 def ip_identity_value(pair: IPIdentity, flags: int = 0) -> bytes:
     """The encoded :class:`IpcacheEntry` of an endpoint: its identity, on its node."""
-    return _VALUE_STRUCT.pack(pair.identity, _mapped16(pair.host_ip), flags)
+    host_ip = pair.host_ip
+    if len(host_ip) == 4:
+        host_ip = _V4_MAPPED_PREFIX + host_ip
+    return _VALUE_STRUCT.pack(pair.identity, host_ip, flags)
 
 
 @dataclass(frozen=True, slots=True)

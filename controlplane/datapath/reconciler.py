@@ -28,7 +28,7 @@ import asyncio
 import builtins
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 
 from controlplane.datapath.ipcache import Ipcache, IpcacheEntry, decode_key, encode_key
@@ -98,7 +98,9 @@ class IpcacheReconciler:
         """Key -> its claims: one tuple (nearly always), or a list when contested."""
         self._want: dict[bytes, bytes] = {}
         """The winning claim's value for every claimed key: the desired map."""
-        self._dirty: builtins.set[bytes] = builtins.set()
+        self._dirty: dict[bytes, None] = {}
+        """Keys to write at the next flush, in the order they changed (a list arrives in key
+        order, and an LPM trie takes near-ordered inserts ~1.5x faster than random ones)."""
         self._marked: builtins.set[str] | None = None
         self._adopted: builtins.set[bytes] = builtins.set()
         self._full_sync_pending = False
@@ -127,27 +129,43 @@ class IpcacheReconciler:
         self, source: str, entries: Mapping[bytes, bytes], *, priority: int = 0
     ) -> None:
         """:meth:`set` with entries already encoded (map key -> map value)."""
+        self._release(source, entries)
+        for key, value in entries.items():
+            self._claim(key, source, priority, value)
+        if entries:
+            self._sources[source] = tuple(entries)
+        self._wake.set()
+
+    def set_entry(self, source: str, key: bytes, value: bytes, *, priority: int = 0) -> None:
+        """:meth:`set_encoded` of a source with one entry (an endpoint's): the agent calls it
+        for every endpoint of the cluster on a cold sync."""
+        old = self._sources.get(source)
+        if old is None or len(old) != 1 or old[0] != key:
+            self._release(source, (key,))
+            self._sources[source] = (key,)
+        elif self._marked is not None:
+            self._marked.discard(source)
+        self._claim(key, source, priority, value)
+        self._wake.set()
+
+    def _release(self, source: str, keep: Container[bytes]) -> None:
+        """Unmark ``source`` and drop its claims on keys not in ``keep``."""
         if self._marked is not None:
             self._marked.discard(source)
         old = self._sources.pop(source, None)
         if old is not None:
             for key in old:
-                if key not in entries:
+                if key not in keep:
                     self._unclaim(key, source)
-        claims_of = self._claims
-        want = self._want
-        dirty = self._dirty
-        for key, value in entries.items():
-            held = claims_of.get(key)
-            if held is None or (isinstance(held, tuple) and held[0] == source):
-                claims_of[key] = (source, priority, value)
-                want[key] = value
-            else:
-                self._settle(key, [*_others(held, source), (source, priority, value)])
-            dirty.add(key)
-        if entries:
-            self._sources[source] = tuple(entries)
-        self._wake.set()
+
+    def _claim(self, key: bytes, source: str, priority: int, value: bytes) -> None:
+        held = self._claims.get(key)
+        if held is None or (held.__class__ is tuple and held[0] == source):
+            self._claims[key] = (source, priority, value)
+            self._want[key] = value
+        else:
+            self._settle(key, [*_others(held, source), (source, priority, value)])
+        self._dirty[key] = None
 
     def remove(self, source: str) -> None:
         self.set_encoded(source, {})
@@ -172,7 +190,7 @@ class IpcacheReconciler:
         held = self._claims.get(key)
         if held is not None:
             self._settle(key, _others(held, source))
-            self._dirty.add(key)
+            self._dirty[key] = None
 
     def _settle(self, key: bytes, claims: list[_Claim]) -> None:
         """Store ``key``'s claims (a lone claim as a tuple) and its winner's value."""
@@ -238,8 +256,13 @@ class IpcacheReconciler:
             self._shadow = None
         content = self._map_content()
         want = self._want
-        stale = [key for key in content if key not in want]
-        writes = [(k, v) for k, v in want.items() if content.get(k) != v]
+        if content == want:  # the usual case, compared in C
+            stale: list[bytes] = []
+            writes: list[tuple[bytes, bytes]] = []
+        else:
+            stale = [key for key in content if key not in want]
+            content_get = content.get
+            writes = [(k, v) for k, v in want.items() if content_get(k) != v]
         self._dirty.clear()
         if not self._write(writes, stale):
             self._full_sync_pending = True  # the next flush compares the whole map again
@@ -262,15 +285,14 @@ class IpcacheReconciler:
             return
         if not self._dirty:
             return
-        dirty, self._dirty = self._dirty, builtins.set()
+        dirty, self._dirty = self._dirty, {}
         writes: list[tuple[bytes, bytes]] = []
         deletes: list[bytes] = []
-        content = self._map_content()
-        want = self._want
+        want_get, content_get = self._want.get, self._map_content().get
         unchanged = 0
         for key in dirty:
-            value = want.get(key)
-            current = content.get(key)
+            value = want_get(key)
+            current = content_get(key)
             if value is None:
                 if current is not None:
                     deletes.append(key)
@@ -280,7 +302,7 @@ class IpcacheReconciler:
                 writes.append((key, value))
         self.stats.unchanged += unchanged
         if not self._write(writes, deletes):
-            self._dirty |= dirty  # try again next time
+            self._dirty.update(dirty)  # try again next time
 
     async def run(self) -> None:
         """Flush shortly after changes arrive, until cancelled."""

@@ -47,10 +47,20 @@ class RecordCodec:
         """``build(name, raw)`` for the key's name under ``prefix``, or None when malformed."""
         try:
             name = key[len(prefix) :].decode("utf-8")
-            if not key.startswith(prefix) or not name or "/" in name:
+        except UnicodeDecodeError as exc:
+            self.skip(key, exc)
+            return None
+        return self.decode_named(key, prefix, name, raw, build)
+
+    def decode_named(
+        self, key: bytes, prefix: bytes, name: str, raw: bytes, build: Decoder[T]
+    ) -> T | None:
+        """:meth:`decode` with the key's name under ``prefix`` already decoded (strictly)."""
+        try:
+            if not name or "/" in name or not key.startswith(prefix):
                 raise ValueError("not a well-formed key for this resource")
             return build(name, raw)
-        except (codec.DecodeError, ModelError, ValueError, UnicodeDecodeError) as exc:
+        except (codec.DecodeError, ModelError, ValueError) as exc:
             self.skip(key, exc)
             return None
 
@@ -87,13 +97,21 @@ class RecordCodec:
                         out.append(StoreEvent(EventKind.SYNCED, "", None, event.revision))
                     continue
                 key = event.key
-                name = key[cut:].decode("utf-8", errors="replace")
+                bad: UnicodeDecodeError | None = None
+                try:
+                    name = key[cut:].decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    name, bad = key[cut:].decode("utf-8", errors="replace"), exc
                 if event.type is EventType.DELETE:
                     out.append(
                         StoreEvent(EventKind.DELETE, name, last.pop(key, None), event.revision)
                     )
                     continue
-                value = self.decode(key, prefix, event.value, build)
+                value = None
+                if bad is None:
+                    value = self.decode_named(key, prefix, name, event.value, build)
+                else:
+                    self.skip(key, bad)
                 if value is None:
                     # A key that turned malformed is gone as far as readers are concerned.
                     previous = last.pop(key, None)

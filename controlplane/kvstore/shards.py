@@ -11,7 +11,8 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import NamedTuple
+
+import msgspec
 
 from controlplane.config import KvstoreConfig
 from controlplane.kvstore.backend import LIST_PAGE_SIZE, EtcdBackend
@@ -25,7 +26,7 @@ def stable_hash(routing_key: str | bytes) -> int:
     return int.from_bytes(hashlib.sha256(data).digest()[:8], "big")
 
 
-class ShardEvent(NamedTuple):
+class ShardEvent(msgspec.Struct, frozen=True, gc=False):
     shard: str
     """Name of the cluster the event came from."""
     event: WatchEvent
