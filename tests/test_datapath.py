@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import threading
+from collections.abc import Sequence
 from ipaddress import ip_address, ip_network
 
 import pytest
@@ -27,7 +29,7 @@ from controlplane.datapath.ipcache import (
 from controlplane.datapath.maps import MapError, UserspaceMap
 from controlplane.datapath.reconciler import IpcacheReconciler
 from controlplane.model import Endpoint, IPNetwork, NodeName, NumericIdentity
-from tests.helpers import eventually
+from tests.helpers import eventually, holds_for
 
 
 def entry(ident: int, host: str = "192.168.0.1", flags: int = 0) -> IpcacheEntry:
@@ -229,3 +231,119 @@ def test_claims_resolve_like_a_from_scratch_computation(
     assert cache.dump() == expected
     assert rec.map_entries == len(expected)
     assert rec.sources() == {s for s, (_, e) in current.items() if e}
+
+
+class GatedMap(UserspaceMap):
+    """A userspace ipcache map that lets the reconciler write it from a worker thread
+    (every access goes through the reconciler's lock) and whose batch updates wait at
+    ``gate``: a write held in flight for as long as a test needs."""
+
+    thread_safe = True
+
+    def __init__(self) -> None:
+        super().__init__("gated", KEY_SIZE, VALUE_SIZE, 4096)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.writers: set[str] = set()
+
+    def batch_update(self, entries: Sequence[tuple[bytes, bytes]]) -> int:
+        self.writers.add(threading.current_thread().name)
+        self.entered.set()
+        if not self.gate.wait(timeout=30):
+            raise MapError("the gate never opened")
+        return super().batch_update(entries)
+
+
+class OpenOnContention:
+    """The reconciler's map lock, opening ``gate`` when the loop has to wait for a write
+    in flight (so a test can hold a write-behind and still let the loop through)."""
+
+    def __init__(self, gate: threading.Event) -> None:
+        self._lock = threading.Lock()
+        self._gate = gate
+        self.contended = 0
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            self.contended += 1
+            self._gate.set()
+            self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def _key(i: int) -> bytes:
+    return encode_key(ip_network(f"10.3.{i // 250}.{i % 250}/32"))
+
+
+async def test_large_flushes_are_written_behind_while_the_loop_goes_on() -> None:
+    m = GatedMap()
+    cache = Ipcache(m)
+    rec = IpcacheReconciler(cache, write_behind_min=10)
+    task = asyncio.create_task(rec.run())
+    try:
+        for i in range(40):
+            rec.set_entry(f"ep:{i}", _key(i), entry(4000 + i).encode())
+        await eventually(m.entered.is_set, timeout=10)  # held in its thread; we run
+        assert threading.current_thread().name not in m.writers
+        # Changes while the write is in flight: one endpoint goes, one changes.
+        rec.remove("ep:0")
+        rec.set_entry("ep:1", _key(1), entry(9999).encode())
+        m.gate.set()
+        await eventually(lambda: cache.dump() == rec.desired(), timeout=10)
+        assert len(m) == 39 and cache.map.lookup(_key(1)) == entry(9999).encode()
+        assert rec.stats.errors == 0 and all(_key(i) in rec.written_at for i in range(1, 40))
+        # A single change is written on the loop, no thread hop.
+        m.writers.clear()
+        rec.set_entry("ep:40", _key(40), entry(4040).encode())
+        await eventually(lambda: cache.map.lookup(_key(40)) is not None, timeout=10)
+        assert m.writers == {threading.current_thread().name}
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_sweep_waits_for_the_write_in_flight() -> None:
+    """A resync ends while a write-behind still holds an entry the resync drops: the
+    sweep's delete must land after that write, or the entry would stay in the map."""
+    m = GatedMap()
+    cache = Ipcache(m)
+    rec = IpcacheReconciler(cache, write_behind_min=10)
+    lock = OpenOnContention(m.gate)
+    rec._map_lock = lock  # type: ignore[assignment]
+    rec.begin_resync()
+    task = asyncio.create_task(rec.run())
+    try:
+        for i in range(40):
+            rec.set_entry(f"ep:{i}", _key(i), entry(4000 + i).encode())
+        await eventually(m.entered.is_set, timeout=10)
+        rec.remove("ep:0")  # gone before the re-list ends, its write still in flight
+        assert rec.end_resync() == 1  # the sweep deletes it: after the write
+        assert lock.contended >= 1, "the sweep did not meet the write in flight"
+        await eventually(lambda: rec.stats.updates == 40, timeout=10)
+        assert cache.dump() == rec.desired() and len(m) == 39
+        assert cache.map.lookup(_key(0)) is None
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_cancelled_run_waits_for_its_write_in_flight() -> None:
+    """Whoever cancels the flusher (the agent on stop, before its last flush and before
+    closing the map) must not race the write still running in its thread."""
+    m = GatedMap()
+    cache = Ipcache(m)
+    rec = IpcacheReconciler(cache, write_behind_min=10)
+    task = asyncio.create_task(rec.run())
+    for i in range(40):
+        rec.set_entry(f"ep:{i}", _key(i), entry(4000 + i).encode())
+    await eventually(m.entered.is_set, timeout=10)
+    task.cancel()
+    await holds_for(lambda: not task.done(), 0.2, "run() returned with its write in flight")
+    m.gate.set()
+    await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled()
+    assert len(m) == 40 and rec.stats.updates == 40 and len(rec.written_at) == 40
+    rec.flush()  # nothing left, nothing rewritten
+    assert m.stats.updates == 40

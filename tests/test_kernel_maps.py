@@ -124,6 +124,10 @@ class CountingMap:
     def value_size(self) -> int:
         return self.inner.value_size
 
+    @property
+    def thread_safe(self) -> bool:
+        return self.inner.thread_safe
+
     def lookup(self, key: bytes) -> bytes | None:
         return self.inner.lookup(key)
 

@@ -302,6 +302,7 @@ class KernelMap(SizedMap):
     """A kernel BPF map behind the :class:`~controlplane.datapath.maps.Map` Protocol."""
 
     _error = KernelMapError
+    thread_safe = True
 
     def __init__(
         self,

@@ -30,6 +30,12 @@ class Map(Protocol):
     @property
     def value_size(self) -> int: ...
 
+    @property
+    def thread_safe(self) -> bool:
+        """Whether a worker thread may write the map while the event loop reads it (a
+        kernel map: every access is a syscall)."""
+        ...
+
     def lookup(self, key: bytes) -> bytes | None:
         """The value stored under exactly ``key`` (no longest-prefix match), or None."""
         ...
@@ -74,6 +80,7 @@ class SizedMap:
     userspace and the kernel map share them; ``_error`` is the exception they raise)."""
 
     _error: type[MapError] = MapError
+    thread_safe: bool = False
 
     def __init__(self, name: str, key_size: int, value_size: int) -> None:
         self._name = name

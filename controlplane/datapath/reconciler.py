@@ -20,6 +20,12 @@ entries that are still right are never rewritten. The sweep always compares agai
 the map actually holds, not only against what this process wrote: the map as read at
 adoption or on the first flush (for the first resync), or read again (for later ones),
 plus this process's writes since.
+
+On a kernel map, :meth:`run` writes large flushes *behind*: the ``bpf()`` calls run on a
+worker thread (ctypes lets go of the GIL) while the loop decodes the next list page. The
+shadow counts such a write as done as soon as it starts, so that a sweep computed
+meanwhile includes it, and every map access (the thread's, or the loop's, which then
+waits for it) holds one lock, so that a sweep's deletes land after the write they follow.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
+import threading
 import time
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
@@ -81,10 +88,21 @@ class IpcacheReconciler:
     """
 
     def __init__(
-        self, ipcache: Ipcache, *, batch_size: int = 1024, batch_delay: float = 0.0
+        self,
+        ipcache: Ipcache,
+        *,
+        batch_size: int = 1024,
+        batch_delay: float = 0.0,
+        write_behind_min: int = 256,
     ) -> None:
         self.ipcache = ipcache
         self.batch_size = batch_size
+        self.write_behind_min = write_behind_min
+        """The smallest flush :meth:`run` hands to a worker thread (see there)."""
+        self._thread_safe = ipcache.map.thread_safe
+        self._map_lock = threading.Lock()
+        """Held by whoever reads or writes the map: a write-behind's thread, or the loop
+        (which then waits for at most one batch in flight)."""
         self.batch_delay = batch_delay
         """Seconds :meth:`run` waits after the first change, to gather a batch. The default
         0 flushes at once: changes that arrive while a flush runs form the next batch, so
@@ -280,11 +298,39 @@ class IpcacheReconciler:
 
     def flush(self) -> None:
         """Write the dirty prefixes: batched updates and deletes, unchanged ones skipped."""
+        planned = self._plan()
+        if planned is not None:
+            self._write_or_requeue(*planned)
+
+    async def run(self) -> None:
+        """Flush shortly after changes arrive, until cancelled.
+
+        On a map that allows it (a kernel map), a flush of at least ``write_behind_min``
+        entries is written by a worker thread while the loop goes on: a cold sync's batch
+        keeps the kernel busy for milliseconds (~1-2 µs per LPM-trie entry), time in which
+        the next list page is decoded. Smaller flushes (single watch events) are written
+        inline, with no thread hop."""
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(self.batch_delay)
+            self._wake.clear()
+            planned = self._plan()
+            if planned is None:
+                continue
+            writes, deletes, _ = planned
+            if len(writes) + len(deletes) < self.write_behind_min or not self._thread_safe:
+                self._write_or_requeue(*planned)
+            else:
+                await self._write_behind(*planned)
+
+    def _plan(self) -> tuple[list[tuple[bytes, bytes]], list[bytes], dict[bytes, None]] | None:
+        """Take the dirty keys: (writes, deletes, the keys taken); None when there is
+        nothing to write (or a pending full sync did it)."""
         if self._full_sync_pending and not self.resyncing:
             self._full_sync()
-            return
+            return None
         if not self._dirty:
-            return
+            return None
         dirty, self._dirty = self._dirty, {}
         writes: list[tuple[bytes, bytes]] = []
         deletes: list[bytes] = []
@@ -301,45 +347,107 @@ class IpcacheReconciler:
             else:
                 writes.append((key, value))
         self.stats.unchanged += unchanged
+        if not writes and not deletes:
+            return None
+        return writes, deletes, dirty
+
+    def _write_or_requeue(
+        self, writes: list[tuple[bytes, bytes]], deletes: list[bytes], dirty: dict[bytes, None]
+    ) -> None:
         if not self._write(writes, deletes):
             self._dirty.update(dirty)  # try again next time
 
-    async def run(self) -> None:
-        """Flush shortly after changes arrive, until cancelled."""
-        while True:
-            await self._wake.wait()
-            await asyncio.sleep(self.batch_delay)
-            self._wake.clear()
-            self.flush()
-
     def _write(self, writes: list[tuple[bytes, bytes]], deletes: list[bytes]) -> bool:
-        self.stats.flushes += 1
-        now = time.monotonic()
+        """Write on the loop (waiting for a write-behind in flight, if any)."""
+        self._assume_written(writes, deletes)
         try:
-            for i in range(0, len(deletes), self.batch_size):
-                self.stats.deletes += self.ipcache.map.batch_delete(
-                    deletes[i : i + self.batch_size]
-                )
-            for i in range(0, len(writes), self.batch_size):
-                self.stats.updates += self.ipcache.map.batch_update(writes[i : i + self.batch_size])
+            counts = self._apply(writes, deletes, self.batch_size)
         except MapError as exc:
-            self.stats.errors += 1
-            self._shadow = None  # part of the batch may have landed: read the map again
-            log.warning("ipcache write failed: %s", exc)
+            self._write_failed(exc)
             return False
+        self._written(writes, deletes, counts)
+        return True
+
+    async def _write_behind(
+        self, writes: list[tuple[bytes, bytes]], deletes: list[bytes], dirty: dict[bytes, None]
+    ) -> None:
+        self._assume_written(writes, deletes)
+        # One call for the whole flush: between calls the thread needs the GIL, which the
+        # busy loop hands over only every switch interval (5 ms).
+        size = max(len(writes), len(deletes))
+        done = asyncio.get_running_loop().run_in_executor(None, self._apply, writes, deletes, size)
+        try:
+            await asyncio.shield(done)
+        except MapError:
+            pass  # handled below, like the success
+        except asyncio.CancelledError:
+            # The thread goes on: let it finish before the caller (who may close the map,
+            # or flush on the loop) goes on.
+            await asyncio.wait([done])
+            raise
+        finally:
+            if done.done():
+                self._behind_done(writes, deletes, dirty, done)
+
+    def _behind_done(
+        self,
+        writes: list[tuple[bytes, bytes]],
+        deletes: list[bytes],
+        dirty: dict[bytes, None],
+        done: asyncio.Future[tuple[int, int]],
+    ) -> None:
+        exc = done.exception()
+        if exc is None:
+            self._written(writes, deletes, done.result())
+        elif isinstance(exc, MapError):
+            self._write_failed(exc)
+            self._dirty.update(dirty)
+            self._wake.set()
+
+    def _assume_written(self, writes: list[tuple[bytes, bytes]], deletes: list[bytes]) -> None:
+        """Record a write in the shadow before it is done, so that whatever is computed
+        while it is in flight (a resync's sweep, the next flush) counts it; a failed
+        write drops the shadow, and the map is read again."""
+        self.stats.flushes += 1
         content = self._map_content()
+        for key in deletes:
+            content.pop(key, None)
+        content.update(writes)
+
+    def _apply(
+        self, writes: list[tuple[bytes, bytes]], deletes: list[bytes], size: int
+    ) -> tuple[int, int]:
+        """The batched map calls, ``size`` entries per call (on the loop or a worker
+        thread): (updated, deleted)."""
+        updated = deleted = 0
+        with self._map_lock:
+            for i in range(0, len(deletes), size):
+                deleted += self.ipcache.map.batch_delete(deletes[i : i + size])
+            for i in range(0, len(writes), size):
+                updated += self.ipcache.map.batch_update(writes[i : i + size])
+        return updated, deleted
+
+    def _written(
+        self, writes: list[tuple[bytes, bytes]], deletes: list[bytes], counts: tuple[int, int]
+    ) -> None:
+        self.stats.updates += counts[0]
+        self.stats.deletes += counts[1]
+        now = time.monotonic()
         written_at = self.written_at
         for key in deletes:
             written_at.pop(key, None)
-            content.pop(key, None)
-        for key, value in writes:
+        for key, _ in writes:
             written_at[key] = now
-            content[key] = value
-        return True
+
+    def _write_failed(self, exc: MapError) -> None:
+        self.stats.errors += 1
+        self._shadow = None  # part of the batch may have landed: read the map again
+        log.warning("ipcache write failed: %s", exc)
 
     def _map_content(self) -> dict[bytes, bytes]:
         if self._shadow is None:
-            self._shadow = dict(self.ipcache.map.items())
+            with self._map_lock:  # not while a write-behind is half done
+                self._shadow = dict(self.ipcache.map.items())
             self._read_since_full_sync = True
         return self._shadow
 

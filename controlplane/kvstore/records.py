@@ -89,12 +89,18 @@ class RecordCodec:
         batches the shards deliver (a list page, a watch response); never empty."""
         last: dict[bytes, T] = {}
         cut = len(prefix)
+        # Locals: this loop runs once per key of every list (100k keys on a cold sync).
+        list_done, deleted = EventType.LIST_DONE, EventType.DELETE
+        upsert, delete = EventKind.UPSERT, EventKind.DELETE
+        decode = self.decode_named
         async for shard, events in shards.watch_batches(kind, prefix):
             out: list[StoreEvent[T]] = []
+            append = out.append
             for event in events:
-                if event.type is EventType.LIST_DONE:
+                type_ = event.type
+                if type_ is list_done:
                     if shard == "":
-                        out.append(StoreEvent(EventKind.SYNCED, "", None, event.revision))
+                        append(StoreEvent(EventKind.SYNCED, "", None, event.revision))
                     continue
                 key = event.key
                 bad: UnicodeDecodeError | None = None
@@ -102,23 +108,21 @@ class RecordCodec:
                     name = key[cut:].decode("utf-8")
                 except UnicodeDecodeError as exc:
                     name, bad = key[cut:].decode("utf-8", errors="replace"), exc
-                if event.type is EventType.DELETE:
-                    out.append(
-                        StoreEvent(EventKind.DELETE, name, last.pop(key, None), event.revision)
-                    )
+                if type_ is deleted:
+                    append(StoreEvent(delete, name, last.pop(key, None), event.revision))
                     continue
                 value = None
                 if bad is None:
-                    value = self.decode_named(key, prefix, name, event.value, build)
+                    value = decode(key, prefix, name, event.value, build)
                 else:
                     self.skip(key, bad)
                 if value is None:
                     # A key that turned malformed is gone as far as readers are concerned.
                     previous = last.pop(key, None)
                     if previous is not None:
-                        out.append(StoreEvent(EventKind.DELETE, name, previous, event.revision))
+                        append(StoreEvent(delete, name, previous, event.revision))
                     continue
                 last[key] = value
-                out.append(StoreEvent(EventKind.UPSERT, name, value, event.revision))
+                append(StoreEvent(upsert, name, value, event.revision))
             if out:
                 yield out

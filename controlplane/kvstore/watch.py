@@ -105,13 +105,12 @@ class ListWatcher:
         ):
             revision = page_revision
             batch: list[WatchEvent] = []
+            append, known_get, put = batch.append, known.get, EventType.PUT  # once per key
             for kv in page:
                 key, mod = kv.key, kv.mod_revision
                 seen[key] = mod
-                if known.get(key) != mod:
-                    batch.append(
-                        WatchEvent(EventType.PUT, key, kv.value, mod, kv.create_revision, kv.lease)
-                    )
+                if known_get(key) != mod:
+                    append(WatchEvent(put, key, kv.value, mod, kv.create_revision, kv.lease))
             if batch:
                 yield batch
         if not revision:
