@@ -72,8 +72,8 @@ from controlplane.kvstore.bench import (
     BenchError,
     bare_endpoint,
     delete_in_chunks,
+    latency_summary_ms,
     package_version,
-    percentile,
     utc_stamp,
 )
 from controlplane.kvstore.endpoints import ENDPOINT_KIND, KvEndpointStore
@@ -134,16 +134,6 @@ def bench_endpoint(i: int, identity: int | None = None) -> Endpoint:
 
 def _rate_stats(rates: list[float]) -> dict[str, Any]:
     return {"median": round(statistics.median(rates)), "rounds": [round(r) for r in rates]}
-
-
-def _latency_stats(samples: list[float]) -> dict[str, float]:
-    ms = [s * 1000 for s in samples]
-    return {
-        "p50_ms": round(percentile(ms, 50), 3),
-        "p99_ms": round(percentile(ms, 99), 3),
-        "max_ms": round(max(ms), 3),
-        "mean_ms": round(statistics.fmean(ms), 3),
-    }
 
 
 class _Datapath:
@@ -488,7 +478,7 @@ async def _latency(
         datapath.close(ipcache)
     if len(samples) != params.updates:
         raise BenchError("watch latency: the measurement did not complete")
-    stats = _latency_stats(samples)
+    stats = latency_summary_ms(samples, 3)
     progress(f"watch -> map latency: p50 {stats['p50_ms']} ms, p99 {stats['p99_ms']} ms")
     return {
         "updates": params.updates,

@@ -11,7 +11,6 @@ stamps compare directly. Same process count on both sides (BENCHMARKING.md).
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -22,19 +21,14 @@ from controlplane.agent.api import request
 from controlplane.cli.processes import Daemon, stop_all
 from controlplane.config import KvstoreConfig
 from controlplane.kvstore.backend import EtcdBackend
-from controlplane.kvstore.bench import BenchError, delete_in_chunks, percentile
+from controlplane.kvstore.bench import (
+    BenchError,
+    delete_in_chunks,
+    latency_summary_ms,
+    percentile,
+)
 
 Progress = Callable[[str], None]
-
-
-def _stats(samples: Sequence[float]) -> dict[str, float]:
-    ms = [s * 1000 for s in samples]
-    return {
-        "p50_ms": round(percentile(ms, 50), 2),
-        "p99_ms": round(percentile(ms, 99), 2),
-        "max_ms": round(max(ms), 2),
-        "mean_ms": round(statistics.fmean(ms), 2),
-    }
 
 
 async def _wait(what: str, check: Callable[[], Any], timeout: float, progress: Progress) -> None:
@@ -137,7 +131,10 @@ async def run_propagation_bench(
         finally:
             await stop_all(daemons)
             await delete_in_chunks(backend, f"{config.prefix}bench-propagation/".encode())
-    bare_all, ours_all = _stats(results["bare_all"]), _stats(results["ours_all"])
+    bare_all, ours_all = (
+        latency_summary_ms(results["bare_all"], 2),
+        latency_summary_ms(results["ours_all"], 2),
+    )
     return {
         "benchmark": "propagation",
         "etcd_version": status.version,
@@ -145,9 +142,9 @@ async def run_propagation_bench(
         "endpoints_per_round": endpoints,
         "rounds": rounds,
         "bare_all_watchers": bare_all,
-        "bare_each_watcher": _stats(results["bare_each"]),
+        "bare_each_watcher": latency_summary_ms(results["bare_each"], 2),
         "agents_all_datapaths": ours_all,
-        "agents_each_datapath": _stats(results["ours_each"]),
+        "agents_each_datapath": latency_summary_ms(results["ours_each"], 2),
         "ratio_p50": round(ours_all["p50_ms"] / bare_all["p50_ms"], 3),
         "ratio_p99": round(ours_all["p99_ms"] / bare_all["p99_ms"], 3),
         "notes": [

@@ -192,6 +192,18 @@ def percentile(samples: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
+def latency_summary_ms(samples: Sequence[float], digits: int) -> dict[str, float]:
+    """p50, p99, max and mean of latencies in seconds, as milliseconds rounded to
+    ``digits``."""
+    ms = [s * 1000 for s in samples]
+    return {
+        "p50_ms": round(percentile(ms, 50), digits),
+        "p99_ms": round(percentile(ms, 99), digits),
+        "max_ms": round(max(ms), digits),
+        "mean_ms": round(statistics.fmean(ms), digits),
+    }
+
+
 @dataclass(slots=True)
 class LatencyRow:
     """Watch latency: from just before a put is sent to the watcher yielding its event."""
