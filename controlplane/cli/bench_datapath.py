@@ -29,11 +29,11 @@ import platform
 import statistics
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aetcd
 from aetcd import rpc
@@ -87,6 +87,7 @@ from controlplane.runtime import GC_THRESHOLDS, tune_gc
 from controlplane.store_types import EventKind
 
 Progress = Callable[[str], None]
+R = TypeVar("R")
 
 PUTS_PER_TXN = 100
 """Puts per loading transaction (etcd allows 128 operations per txn)."""
@@ -353,31 +354,25 @@ async def _cold_sync(
             _check(got, params.count, "bare list")
             bare.append(got / seconds)
             progress(f"round {r}/{params.rounds} A bare list: {bare[-1]:,.0f} entries/s")
-            ipcache = datapath.new()
-            try:
-                started = time.perf_counter()
-                phase = await _ours_sync(backend, store, ipcache, params.page_size)
-                seconds = time.perf_counter() - started
-                got = len(ipcache)  # after the clock: counting reads the whole map
-            finally:
-                datapath.close(ipcache)
-            _check(got, params.count, "ipcache")
-            ours.append(got / seconds)
+            rate, phase = await _sync_rate(
+                datapath,
+                lambda ipcache: _ours_sync(backend, store, ipcache, params.page_size),
+                params.count,
+                "ipcache",
+            )
+            ours.append(rate)
             phases.append({k: round(v, 3) for k, v in phase.items()})
             progress(
                 f"round {r}/{params.rounds} B ours -> {_kind(datapath)} map: "
                 f"{ours[-1]:,.0f} entries/s ({phases[-1]})"
             )
-            ipcache = datapath.new()
-            try:
-                started = time.perf_counter()
-                await _watch_sync(store, ipcache)
-                seconds = time.perf_counter() - started
-                got = len(ipcache)
-            finally:
-                datapath.close(ipcache)
-            _check(got, params.count, "watched ipcache")
-            watched.append(got / seconds)
+            rate, _ = await _sync_rate(
+                datapath,
+                lambda ipcache: _watch_sync(store, ipcache),
+                params.count,
+                "watched ipcache",
+            )
+            watched.append(rate)
             progress(
                 f"round {r}/{params.rounds} C the agent's watch path -> {_kind(datapath)} map: "
                 f"{watched[-1]:,.0f} entries/s"
@@ -399,6 +394,23 @@ async def _cold_sync(
         "watch_path_page_size": LIST_PAGE_SIZE,
         "watch_path_ratio": round(statistics.median(watched) / statistics.median(bare), 3),
     }
+
+
+async def _sync_rate(
+    datapath: _Datapath, sync: Callable[[Ipcache], Awaitable[R]], count: int, what: str
+) -> tuple[float, R]:
+    """Run ``sync`` into a fresh map: (entries per second, what it returned). The clock
+    stops before the map is counted (counting reads the whole map back)."""
+    ipcache = datapath.new()
+    try:
+        started = time.perf_counter()
+        result = await sync(ipcache)
+        seconds = time.perf_counter() - started
+        got = len(ipcache)
+    finally:
+        datapath.close(ipcache)
+    _check(got, count, what)
+    return got / seconds, result
 
 
 def _kind(datapath: _Datapath) -> str:
