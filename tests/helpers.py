@@ -8,8 +8,10 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
+from controlplane.cli.main import build_parser
 from controlplane.config import ClientSettings, EtcdClusterConfig, TLSConfig
 from controlplane.kvstore.backend import EtcdBackend
+from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.kvstore.errors import KvstoreError
 
 T = TypeVar("T")
@@ -73,3 +75,10 @@ def ip(*args: str) -> str:
     proc = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, f"ip {' '.join(args)}: {proc.stderr}"
     return proc.stdout
+
+
+async def cpctl_in_process(etcd: EmbeddedEtcd, *argv: str) -> int:
+    """Run ``cpctl ARGV`` in this process (its real parser) against ``etcd``; the status."""
+    args = build_parser().parse_args([*argv, "--kvstore-endpoints", ",".join(etcd.client_urls)])
+    status: int = await args.run(args)
+    return status

@@ -14,8 +14,8 @@ import pytest
 from controlplane import codec
 from controlplane.agent.agent import Agent
 from controlplane.agent.settings import DatapathMode
-from controlplane.cli import bpf_cmd, policy_cmd
-from controlplane.cli.common import CommandError, Parser
+from controlplane.cli.common import CommandError
+from controlplane.cli.main import build_parser
 from controlplane.datapath.capabilities import detect_datapath
 from controlplane.datapath.kernel import BPF_MAP_TYPE_HASH, KernelMap
 from controlplane.datapath.layouts import (
@@ -35,7 +35,7 @@ from controlplane.model import InvalidRecord, Labels, NetworkPolicy
 from controlplane.policy.compute import Subject, compute
 from controlplane.policy.endpoint_id import EndpointIDError, endpoint_id
 from controlplane.store_types import EventKind
-from tests.helpers import eventually
+from tests.helpers import cpctl_in_process, eventually
 from tests.test_agent import agent_settings, api, create, give_cidrs, kv_config, running
 
 LAYOUT = KeyLayout()
@@ -301,20 +301,6 @@ async def test_agents_enforce_policy_and_follow_changes(
 # -- cpctl --------------------------------------------------------------------------------
 
 
-def cpctl_parser() -> Parser:
-    parser = Parser(prog="cpctl")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    policy_cmd.register(commands)
-    bpf_cmd.register(commands)
-    return parser
-
-
-async def cpctl(etcd: EmbeddedEtcd, *argv: str) -> int:
-    args = cpctl_parser().parse_args([*argv, "--kvstore-endpoints", ",".join(etcd.client_urls)])
-    status: int = await args.run(args)
-    return status
-
-
 async def test_cpctl_policy_put_list_delete(
     etcd1: EmbeddedEtcd, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -325,39 +311,39 @@ async def test_cpctl_policy_put_list_delete(
     )
     json_file = tmp_path / "more.json"
     json_file.write_text(json.dumps([policy("lock", ["app=x"], ns="prod").to_dict()]))
-    assert await cpctl(etcd1, "policy", "put", str(yaml_file)) == 0
-    assert await cpctl(etcd1, "policy", "put", str(json_file)) == 0
+    assert await cpctl_in_process(etcd1, "policy", "put", str(yaml_file)) == 0
+    assert await cpctl_in_process(etcd1, "policy", "put", str(json_file)) == 0
     assert "policy default/db stored" in capsys.readouterr().out
-    assert await cpctl(etcd1, "policy", "list") == 0
+    assert await cpctl_in_process(etcd1, "policy", "list") == 0
     out, err = capsys.readouterr()
     lines = out.splitlines()
     assert lines[0].split() == ["NAMESPACE/NAME", "SELECTOR", "INGRESS"]
     assert lines[1].split() == ["default/db", "any:app=db", "any:app=web", "->", "5432/TCP"]
     assert lines[2].split()[0] == "prod/lock" and "2 policies" in err
-    assert await cpctl(etcd1, "policy", "list", "--json") == 0
+    assert await cpctl_in_process(etcd1, "policy", "list", "--json") == 0
     data = json.loads(capsys.readouterr().out)
     assert [p["name"] for p in data["policies"]] == ["db", "lock"] and data["malformed"] == 0
     assert NetworkPolicy.from_dict(data["policies"][0]) == policy(
         "db", ["app=db"], (["app=web"], [{"port": 5432, "proto": "TCP"}])
     )
-    assert await cpctl(etcd1, "policy", "delete", "prod/lock") == 0
+    assert await cpctl_in_process(etcd1, "policy", "delete", "prod/lock") == 0
     with pytest.raises(CommandError, match="not found"):
-        await cpctl(etcd1, "policy", "delete", "prod/lock")
+        await cpctl_in_process(etcd1, "policy", "delete", "prod/lock")
     with pytest.raises(CommandError, match="NS/NAME"):
-        await cpctl(etcd1, "policy", "delete", "lock")
+        await cpctl_in_process(etcd1, "policy", "delete", "lock")
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: db\nnamespace: default\nendpoint_selector: app=db\ningress: []\n")
     with pytest.raises(CommandError, match="endpoint_selector") as info:
-        await cpctl(etcd1, "policy", "put", str(bad))
+        await cpctl_in_process(etcd1, "policy", "put", str(bad))
     assert info.value.status == 2
     capsys.readouterr()
-    assert await cpctl(etcd1, "policy", "list", "--json") == 0
+    assert await cpctl_in_process(etcd1, "policy", "list", "--json") == 0
     assert [p["name"] for p in json.loads(capsys.readouterr().out)["policies"]] == ["db"]
 
 
 async def test_cpctl_bpf_reports_a_missing_pin(tmp_path: Path) -> None:
     for argv in (["ipcache", "list"], ["policy", "list", "2"], ["metrics", "--json"]):
-        args = cpctl_parser().parse_args(["bpf", *argv, "--pin-dir", str(tmp_path / "none")])
+        args = build_parser().parse_args(["bpf", *argv, "--pin-dir", str(tmp_path / "none")])
         with pytest.raises(CommandError) as info:
             await args.run(args)
         message = str(info.value)
@@ -398,7 +384,7 @@ async def test_kernel_policy_maps_pinned_and_read_by_cpctl(
         )
         ep = db["endpoint_id"]
         await eventually(lambda: _entries(a, ep) == {(web["identity"], 5432, TCP)}, timeout=10)
-        args = cpctl_parser().parse_args(
+        args = build_parser().parse_args(
             ["bpf", "policy", "list", str(ep), "--pin-dir", str(bpf_pin_dir), "--json"]
         )
         assert await args.run(args) == 0
@@ -406,7 +392,7 @@ async def test_kernel_policy_maps_pinned_and_read_by_cpctl(
         assert shown["enforced"] and shown["entries"] == [
             {"identity": web["identity"], "port": 5432, "proto": TCP, "allow": True}
         ]
-        args = cpctl_parser().parse_args(
+        args = build_parser().parse_args(
             ["bpf", "ipcache", "list", "--pin-dir", str(bpf_pin_dir), "--json"]
         )
         assert await args.run(args) == 0

@@ -11,12 +11,10 @@ from typing import Any, TypeVar
 
 import pytest
 import pytest_asyncio
-from helpers import FAST, eventually
+from helpers import FAST, cpctl_in_process, eventually
 
 from controlplane import codec
-from controlplane.cli import views_cmd
 from controlplane.config import EtcdClusterConfig, KvstoreConfig
-from controlplane.flags import Parser
 from controlplane.kvstore.backend import EtcdBackend
 from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.kvstore.endpoints import IPConflict, KvEndpointStore, ReadOnlyStore
@@ -564,20 +562,6 @@ async def test_nodes_on_several_shards_are_deduplicated(
 # ---------------------------------------------------------------------------------------
 
 
-def cpctl_parser() -> Parser:
-    parser = Parser(prog="cpctl")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    views_cmd.register_endpoint(commands)
-    views_cmd.register_node(commands)
-    return parser
-
-
-async def cpctl(etcd: EmbeddedEtcd, *argv: str) -> int:
-    args = cpctl_parser().parse_args([*argv, "--kvstore-endpoints", ",".join(etcd.client_urls)])
-    status: int = await args.run(args)
-    return status
-
-
 async def test_cli_endpoint_and_node_list(
     etcd1: EmbeddedEtcd, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -593,7 +577,7 @@ async def test_cli_endpoint_and_node_list(
         backend: EtcdBackend = shards.backends["default"]
         await backend.put(EP_PREFIX + b"junk", b"\xc1")
 
-        assert await cpctl(etcd1, "endpoint", "list") == 0
+        assert await cpctl_in_process(etcd1, "endpoint", "list") == 0
         out, err = capsys.readouterr()
         lines = out.splitlines()
         assert lines[0].split() == ["IP/PREFIX", "IDENTITY", "NODE", "HOST", "IP", "NAMESPACE/NAME"]
@@ -607,7 +591,7 @@ async def test_cli_endpoint_and_node_list(
         assert lines[2].split()[0] == "10.0.1.10/32" and len(lines) == 3
         assert "2 endpoints; 1 malformed skipped" in err
 
-        assert await cpctl(etcd1, "endpoint", "list", "--json") == 0
+        assert await cpctl_in_process(etcd1, "endpoint", "list", "--json") == 0
         data = json.loads(capsys.readouterr().out)
         assert data["malformed"] == 1
         assert [e["ip"] for e in data["endpoints"]] == ["10.0.1.9", "10.0.1.10"]
@@ -615,18 +599,18 @@ async def test_cli_endpoint_and_node_list(
         assert first["prefix"] == "10.0.1.9/32" and first["identity"] == 2000
         assert first["node"] == "node-a" and first["revision"] > 0
 
-        assert await cpctl(etcd1, "node", "list") == 0
+        assert await cpctl_in_process(etcd1, "node", "list") == 0
         out, err = capsys.readouterr()
         lines = out.splitlines()
         assert lines[0].split() == ["NAME", "IPS", "POD", "CIDRS", "BOOT", "ID"]
         assert lines[1].split() == ["node-a", "192.168.0.1,fd00::1", "10.0.1.0/24", "boot-1"]
         assert "1 nodes" in err
 
-        assert await cpctl(etcd1, "node", "list", "--json") == 0
+        assert await cpctl_in_process(etcd1, "node", "list", "--json") == 0
         data = json.loads(capsys.readouterr().out)
         assert data["nodes"] == [
             {**node("node-a").to_dict(), "revision": data["nodes"][0]["revision"]}
         ]
 
-        assert await cpctl(etcd1, "node", "list", "--cluster-name", "other") == 0
+        assert await cpctl_in_process(etcd1, "node", "list", "--cluster-name", "other") == 0
         assert capsys.readouterr().out.splitlines()[1:] == []
