@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -10,6 +11,7 @@ from typing import TypeVar
 
 from controlplane.cli.main import build_parser
 from controlplane.config import ClientSettings, EtcdClusterConfig, TLSConfig
+from controlplane.datapath import loader
 from controlplane.kvstore.backend import EtcdBackend
 from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.kvstore.errors import KvstoreError
@@ -82,3 +84,13 @@ async def cpctl_in_process(etcd: EmbeddedEtcd, *argv: str) -> int:
     args = build_parser().parse_args([*argv, "--kvstore-endpoints", ",".join(etcd.client_urls)])
     status: int = await args.run(args)
     return status
+
+
+def kernel_tests_skip_reason(*tools: str) -> str | None:
+    """Why the tests that build and attach the datapath cannot run here (no root, eBPF or
+    clang; or one of ``tools`` not on PATH), or None when they can."""
+    reason = loader.datapath_unavailable_reason(need_build=True)
+    for tool in tools:
+        if reason is None and shutil.which(tool) is None:
+            reason = f"`{tool}` not found"
+    return reason

@@ -34,12 +34,10 @@ from controlplane.datapath import layouts, loader
 from controlplane.datapath.ipcache import IpcacheEntry, IpcacheKey, IpcacheValue, encode_key
 from controlplane.datapath.kernel import KernelMap
 from controlplane.model import NumericIdentity
-from tests.helpers import ip
+from tests.helpers import ip, kernel_tests_skip_reason
 from tests.icmp_echo import ping
 
-_REASON = loader.datapath_unavailable_reason(need_build=True)
-if _REASON is None and shutil.which("ip") is None:
-    _REASON = "iproute2 `ip` not found"
+_REASON = kernel_tests_skip_reason("ip")
 if _REASON is not None:
     print(f"test_bpf_program skipped: {_REASON}")
     pytest.skip(_REASON, allow_module_level=True)

@@ -24,7 +24,6 @@ import contextlib
 import json
 import secrets
 import select
-import shutil
 import socket
 import subprocess
 import threading
@@ -50,15 +49,12 @@ from controlplane.kvstore.policies import KvPolicyStore
 from controlplane.kvstore.shards import ShardMap
 from controlplane.metrics import StoreMetrics
 from controlplane.model import NetworkPolicy
-from tests.helpers import eventually, ip
+from tests.helpers import eventually, ip, kernel_tests_skip_reason
 from tests.icmp_echo import echo_reply, echo_request, ping, raw_icmp
 from tests.test_agent import agent_settings, api, give_cidrs, kv_config
 from tests.test_cni import Ran, cni
 
-_REASON = loader.datapath_unavailable_reason(need_build=True)
-for _tool in ("ip", "nsenter"):
-    if _REASON is None and shutil.which(_tool) is None:
-        _REASON = f"`{_tool}` not found"
+_REASON = kernel_tests_skip_reason("ip", "nsenter")
 if _REASON is not None:
     print(f"test_e2e_datapath skipped: {_REASON}")
     pytest.skip(_REASON, allow_module_level=True)
