@@ -158,6 +158,8 @@ def _is_int(value: object) -> TypeGuard[int]:
 _DNS_LABEL = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
 _DNS_LABEL_RE: Final = re.compile(_DNS_LABEL)
 _DNS_SUBDOMAIN_RE: Final = re.compile(rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
+_SIMPLE_LABEL_RE: Final = re.compile(r"[a-z0-9][-a-z0-9]*")
+"""With a last character that is not ``-``: exactly :data:`_DNS_LABEL_RE`, faster."""
 _LABEL_NAME_RE: Final = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?")
 _BOOT_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]*")
 _ENDPOINT_ID_RE: Final = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces
@@ -971,8 +973,8 @@ class EndpointRecord(msgspec.Struct, frozen=True, gc=False):
 
     ip: str
     prefix_len: int
-    identity: Annotated[int, msgspec.Meta(ge=1, le=MAX_NUMERIC_IDENTITY)]
-    node: Annotated[str, msgspec.Meta(min_length=1, max_length=_DNS_SUBDOMAIN_MAX)]
+    identity: Annotated[NumericIdentity, msgspec.Meta(ge=1, le=MAX_NUMERIC_IDENTITY)]
+    node: Annotated[NodeName, msgspec.Meta(min_length=1, max_length=_DNS_SUBDOMAIN_MAX)]
     host_ip: str
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=_DNS_SUBDOMAIN_MAX)]
     namespace: Annotated[str, msgspec.Meta(min_length=1, max_length=_DNS_LABEL_MAX)]
@@ -999,16 +1001,19 @@ def ip_identity_from_record(record: EndpointRecord) -> IPIdentity:
         prefix_len = _check_prefix(4 if len(ip) == 4 else 6, _from_bytes(ip), prefix_len)
     elif prefix_len == -1:
         prefix_len = 32
-    # node and namespace repeat across records (cached checks); pod names mostly do not
+    # node and namespace repeat across records (cached checks); pod names mostly do not,
+    # and most are one DNS label, which a simpler pattern takes in a third of the time
+    name = record.name
     if not (
         _is_dns_subdomain(record.node)
         and _is_dns_label(record.namespace)
-        and _DNS_SUBDOMAIN_RE.fullmatch(record.name)
+        and (
+            (_SIMPLE_LABEL_RE.fullmatch(name) is not None and name[-1] != "-")
+            or _DNS_SUBDOMAIN_RE.fullmatch(name) is not None
+        )
     ):
         raise InvalidRecord("endpoint: a node, name or namespace that is not a DNS-1123 name")
-    return IPIdentity(
-        ip, prefix_len, NumericIdentity(record.identity), NodeName(record.node), host_ip
-    )
+    return IPIdentity(ip, prefix_len, record.identity, record.node, host_ip)
 
 
 def _check_endpoint(

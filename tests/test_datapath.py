@@ -194,34 +194,54 @@ _PREFIXES = [ip_network(p) for p in ("10.0.0.1/32", "10.0.0.2/32", "10.0.0.0/24"
 _SOURCES = ["ep:a", "ep:b", "node:a", "node:b"]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(
     st.lists(
         st.tuples(
             st.sampled_from(_SOURCES),
             st.dictionaries(st.sampled_from(range(len(_PREFIXES))), st.integers(1, 5), max_size=3),
             st.integers(0, 2),
+            st.booleans(),
         ),
         max_size=30,
     )
 )
 def test_claims_resolve_like_a_from_scratch_computation(
-    ops: list[tuple[str, dict[int, int], int]],
+    ops: list[tuple[str, dict[int, int], int, bool]],
 ) -> None:
-    """Any sequence of set/set_entry/remove leaves the map equal to: for each prefix, the claim of
-    the highest priority, ties to the smallest source name."""
+    """Any sequence of set/set_entry/set_entries/remove leaves the map equal to: for each
+    prefix, the claim of the highest priority, ties to the smallest source name."""
     cache = userspace_ipcache()
     rec = IpcacheReconciler(cache)
     current: dict[str, tuple[int, dict[IPNetwork, IpcacheEntry]]] = {}
-    for source, picks, priority in ops:
+    batch: list[tuple[str, bytes, bytes]] = []  # single entries for one set_entries call
+    batch_priority = 0
+
+    def set_batch() -> None:
+        if batch:
+            rec.set_entries(batch, batch_priority)
+            batch.clear()
+            rec.flush()
+
+    for source, picks, priority, batched in ops:
         entries = {_PREFIXES[i]: entry(ident) for i, ident in picks.items()}
-        if len(entries) == 1 and priority != 1:  # some single entries by set_entry
+        if len(entries) == 1 and priority != 1:  # some single entries by set_entry(ies)
             ((prefix, one),) = entries.items()
-            rec.set_entry(source, encode_key(prefix), one.encode(), priority=priority)
+            triple = (source, encode_key(prefix), one.encode())
+            if batched:
+                if priority != batch_priority:
+                    set_batch()
+                batch.append(triple)
+                batch_priority = priority
+            else:
+                set_batch()
+                rec.set_entry(*triple, priority=priority)
         else:
+            set_batch()
             rec.set(source, entries, priority=priority)
         current[source] = (priority, entries)
         rec.flush()
+    set_batch()
     expected: dict[IPNetwork, IpcacheEntry] = {}
     for prefix in _PREFIXES:
         claims = [(-p, s, e[prefix]) for s, (p, e) in current.items() if prefix in e]

@@ -35,6 +35,7 @@ from controlplane.agent.datapath import (
     open_policy_maps,
     unpin_ipcache,
 )
+from controlplane.agent.endpoint_mirror import EndpointMirror
 from controlplane.agent.health import Failure, Observation, RestartArm, ShardHealth
 from controlplane.agent.metrics import AgentMetrics
 from controlplane.agent.settings import EXIT_RESTART, AgentSettings, RestartMode
@@ -44,8 +45,6 @@ from controlplane.datapath.ipcache import (
     FLAG_NODE,
     Ipcache,
     IpcacheEntry,
-    ip_identity_key,
-    ip_identity_value,
 )
 from controlplane.datapath.kernel import KernelMap
 from controlplane.datapath.policymap import PolicyMaps, close_policy_maps, unpin_policy_maps
@@ -90,7 +89,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 V = TypeVar("V")
 
-_ENDPOINT_PRIORITY = 2
 _NODE_PRIORITY = 1
 _OWN_NODE_PRIORITY = 3
 """This node's own IPs are the host, whatever another record claims (a recycled node's
@@ -1034,14 +1032,13 @@ class _Session:
                 cache.pop(event.name, None)
 
     async def _watch_endpoints(self) -> None:
-        cache = self.agent.cache.endpoints
-        reconciler = self.agent.reconciler
-        me = self.agent.settings.node
+        agent = self.agent
+        mirror = EndpointMirror(
+            agent.cache.endpoints, self._stale["endpoints"], agent.reconciler, agent.settings.node
+        )
         async for batch in self.endpoints.watch_ip_identities():
-            for event in batch:
-                pair = self._mirror("endpoints", "endpoint", cache, event)
-                if pair is not None:
-                    set_endpoint_entry(reconciler, event.name, pair, me)
+            if mirror.apply(batch):
+                self._synced_stream("endpoints")
 
     async def _watch_nodes(self) -> None:
         agent = self.agent
@@ -1138,17 +1135,6 @@ class _Session:
         m.kvstore_healthy.labels(name).set(1 if health.healthy else 0)
         m.kvstore_errors.labels(name).set(health.consecutive_errors)
         return failure
-
-
-def set_endpoint_entry(
-    reconciler: IpcacheReconciler, name: str, pair: IPIdentity, me: NodeName
-) -> None:
-    """The ipcache entry of the endpoint at key ``name``, as node ``me`` writes it (the
-    benchmarks measure this very step)."""
-    value = ip_identity_value(pair, FLAG_LOCAL if pair.node == me else 0)
-    reconciler.set_entry(
-        f"endpoint:{name}", ip_identity_key(pair), value, priority=_ENDPOINT_PRIORITY
-    )
 
 
 def _node_entries(node: Node, me: NodeName) -> dict[IPNetwork, IpcacheEntry]:

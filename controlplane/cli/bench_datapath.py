@@ -40,7 +40,7 @@ from aetcd import rpc
 from prometheus_client import CollectorRegistry
 
 from controlplane import codec
-from controlplane.agent.agent import set_endpoint_entry
+from controlplane.agent.endpoint_mirror import EndpointMirror, set_endpoint_entry
 from controlplane.cli.bench_common import (
     add_target_flags,
     measure,
@@ -84,7 +84,6 @@ from controlplane.kvstore.types import Put, prefix_range_end
 from controlplane.metrics import StoreMetrics
 from controlplane.model import Endpoint, NodeName, NumericIdentity
 from controlplane.runtime import GC_THRESHOLDS, tune_gc
-from controlplane.store_types import EventKind
 
 Progress = Callable[[str], None]
 R = TypeVar("R")
@@ -302,18 +301,14 @@ async def _ours_sync(
 async def _feed(
     store: KvEndpointStore, reconciler: IpcacheReconciler, synced: asyncio.Event
 ) -> None:
-    """The agent's endpoint watch loop: store events -> reconciler (SYNCED ends the resync)."""
+    """The agent's endpoint watch loop (its :class:`EndpointMirror`, into a cache of its
+    own): store events -> cache and reconciler; the first SYNCED ends the resync."""
     reconciler.begin_resync()
+    mirror = EndpointMirror({}, set(), reconciler, BENCH_NODE)
     async for batch in store.watch_ip_identities():
-        for event in batch:
-            if event.kind is EventKind.SYNCED:
-                reconciler.end_resync()
-                synced.set()
-                continue
-            if event.kind is EventKind.UPSERT and event.value is not None:
-                set_endpoint_entry(reconciler, event.name, event.value, BENCH_NODE)
-            else:
-                reconciler.remove(f"endpoint:{event.name}")
+        if mirror.apply(batch) and reconciler.resyncing:
+            reconciler.end_resync()
+            synced.set()
 
 
 async def _watch_sync(store: KvEndpointStore, ipcache: Ipcache) -> None:

@@ -154,16 +154,34 @@ class IpcacheReconciler:
             self._sources[source] = tuple(entries)
         self._wake.set()
 
-    def set_entry(self, source: str, key: bytes, value: bytes, *, priority: int = 0) -> None:
-        """:meth:`set_encoded` of a source with one entry (an endpoint's): the agent calls it
-        for every endpoint of the cluster on a cold sync."""
-        old = self._sources.get(source)
-        if old is None or len(old) != 1 or old[0] != key:
-            self._release(source, (key,))
-            self._sources[source] = (key,)
-        elif self._marked is not None:
-            self._marked.discard(source)
-        self._claim(key, source, priority, value)
+    def set_entry(self, source: str, key: bytes, value: bytes, priority: int = 0) -> None:
+        """:meth:`set_encoded` of a source with one entry (an endpoint's)."""
+        self.set_entries(((source, key, value),), priority)
+
+    def set_entries(self, entries: Iterable[tuple[str, bytes, bytes]], priority: int = 0) -> None:
+        """:meth:`set_entry` for each ``(source, key, value)``, in order. The agent calls it
+        for every endpoint of the cluster on a cold sync, a watch batch at a time, so the
+        common cases of :meth:`_release` and :meth:`_claim` are inlined."""
+        sources, claims, want, dirty = self._sources, self._claims, self._want, self._dirty
+        marked = self._marked
+        for source, key, value in entries:
+            old = sources.get(source)
+            if old is None or len(old) != 1 or old[0] != key:
+                if old is None:
+                    if marked:
+                        marked.discard(source)
+                else:
+                    self._release(source, (key,))
+                sources[source] = (key,)
+            elif marked:
+                marked.discard(source)
+            held = claims.get(key)
+            if held is None or (held.__class__ is tuple and held[0] == source):
+                claims[key] = (source, priority, value)
+                want[key] = value
+                dirty[key] = None
+            else:
+                self._claim(key, source, priority, value)
         self._wake.set()
 
     def _release(self, source: str, keep: Container[bytes]) -> None:

@@ -1,0 +1,85 @@
+"""The agent's endpoint watch, applied: each batch of store events into the agent's cache of
+the cluster's endpoints and into the ipcache reconciler.
+
+On a cold sync this runs once for every endpoint of the cluster, so the datapath benchmark
+runs this very code for its agent's-path figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from controlplane.datapath.ipcache import FLAG_LOCAL, ip_identity_key, ip_identity_value
+from controlplane.datapath.reconciler import IpcacheReconciler
+from controlplane.model import IPIdentity, NodeName
+from controlplane.store_types import EventKind, StoreEvent
+
+ENDPOINT_PRIORITY = 2
+"""An endpoint's ipcache claim: above another node's IPs (1), below our own (3)."""
+
+
+def endpoint_source(name: str) -> str:
+    """The reconciler source of the endpoint at key ``name``."""
+    return f"endpoint:{name}"
+
+
+@dataclass(slots=True)
+class EndpointMirror:
+    """Mirrors the endpoint watch of one kvstore session.
+
+    ``stale`` holds the names cached before this session's list; those the list does not
+    deliver again are swept (from the cache and the ipcache) when it ends.
+    """
+
+    cache: dict[str, IPIdentity]
+    stale: set[str]
+    reconciler: IpcacheReconciler
+    me: NodeName
+
+    def apply(self, batch: list[StoreEvent[IPIdentity]]) -> bool:
+        """Apply one batch; True when it ended a (re-)list (then the caller may end the
+        reconciler's resync, once its other streams have synced too)."""
+        synced = False
+        cache, stale, reconciler, me = self.cache, self.stale, self.reconciler, self.me
+        upsert, key_of, value_of = EventKind.UPSERT, ip_identity_key, ip_identity_value
+        entries: list[tuple[str, bytes, bytes]] = []  # upserts, set in one call
+        add = entries.append
+        for event in batch:
+            name, pair = event.name, event.value
+            if event.kind is upsert and pair is not None:
+                if stale:
+                    stale.discard(name)
+                cache[name] = pair
+                # endpoint_source(name), inlined: this runs for every endpoint of the cluster
+                flags = FLAG_LOCAL if pair.node == me else 0
+                add((f"endpoint:{name}", key_of(pair), value_of(pair, flags)))
+                continue
+            if entries:  # keep the batch's order
+                reconciler.set_entries(entries, ENDPOINT_PRIORITY)
+                entries.clear()
+            if event.kind is EventKind.SYNCED:
+                for gone in stale:
+                    cache.pop(gone, None)
+                    reconciler.remove(endpoint_source(gone))
+                stale.clear()
+                synced = True
+            else:
+                stale.discard(name)
+                cache.pop(name, None)
+                reconciler.remove(endpoint_source(name))
+        if entries:
+            reconciler.set_entries(entries, ENDPOINT_PRIORITY)
+        return synced
+
+
+def set_endpoint_entry(
+    reconciler: IpcacheReconciler, name: str, pair: IPIdentity, me: NodeName
+) -> None:
+    """The ipcache entry of the endpoint at key ``name``, as node ``me`` writes it: one
+    endpoint of :meth:`EndpointMirror.apply`."""
+    value = ip_identity_value(pair, _flags(pair, me))
+    reconciler.set_entry(endpoint_source(name), ip_identity_key(pair), value, ENDPOINT_PRIORITY)
+
+
+def _flags(pair: IPIdentity, me: NodeName) -> int:
+    return FLAG_LOCAL if pair.node == me else 0
