@@ -207,12 +207,13 @@ async def run_datapath_bench(
         "entries written behind on a worker thread; list_s includes the loop's share of "
         "them); the clock stops before the map is counted; same page size; C = the agent's "
         "watch path (KvEndpointStore.watch_ip_identities: ListWatcher batches -> store event "
-        "batches -> reconciler, flushed by reconciler.run) until SYNCED, at the agent's list "
-        "page size; rounds interleaved A B C A B C; one process; the agent's GC thresholds",
+        "batches -> the agent's EndpointMirror, its cache and reconciler.set_entries, "
+        "flushed by reconciler.run) until SYNCED, at the agent's list page size; rounds "
+        "interleaved A B C A B C; one process; the agent's GC thresholds",
         "watch latency: put issued (monotonic, just before the put) -> reconciler "
         "written_at for the entry (monotonic, when the write returned); the same watch path "
-        "as C -> reconciler.set_entry, reconciler.run flushing; each update changes the "
-        "identity",
+        "as C (EndpointMirror -> reconciler.set_entries), reconciler.run flushing; each "
+        "update changes the identity",
     ]
     if not datapath.kernel:
         record["notes"].append(f"USERSPACE map, not the kernel: {datapath.reason}")
@@ -388,6 +389,7 @@ async def _cold_sync(
         "watch_path_entries_per_s": _rate_stats(watched),
         "watch_path_page_size": LIST_PAGE_SIZE,
         "watch_path_ratio": round(statistics.median(watched) / statistics.median(bare), 3),
+        "watch_path_round_ratios": [round(w / b, 3) for w, b in zip(watched, bare, strict=True)],
     }
 
 
@@ -604,7 +606,11 @@ def print_record(record: dict[str, Any]) -> None:
                 f"{sync['watch_path_entries_per_s']['median']:,}",
                 ", ".join(f"{r:,}" for r in sync["watch_path_entries_per_s"]["rounds"]),
             ],
-            ["ratio watch path/bare", f"{sync['watch_path_ratio']:.3f}", "-"],
+            [
+                "ratio watch path/bare",
+                f"{sync['watch_path_ratio']:.3f}",
+                ", ".join(f"{r:.3f}" for r in sync["watch_path_round_ratios"]),
+            ],
             ["watch -> map latency p50", f"{lat['p50_ms']:.2f} ms", "-"],
             ["watch -> map latency p99", f"{lat['p99_ms']:.2f} ms", "-"],
             ["watch -> map latency max", f"{lat['max_ms']:.2f} ms", "-"],
