@@ -41,7 +41,7 @@ class EndpointMirror:
         reconciler's resync, once its other streams have synced too)."""
         synced = False
         cache, stale, reconciler, me = self.cache, self.stale, self.reconciler, self.me
-        upsert, key_of, value_of = EventKind.UPSERT, ip_identity_key, ip_identity_value
+        upsert, entry = EventKind.UPSERT, endpoint_entry
         entries: list[tuple[str, bytes, bytes]] = []  # upserts, set in one call
         add = entries.append
         for event in batch:
@@ -50,9 +50,7 @@ class EndpointMirror:
                 if stale:
                     stale.discard(name)
                 cache[name] = pair
-                # endpoint_source(name), inlined: this runs for every endpoint of the cluster
-                flags = FLAG_LOCAL if pair.node == me else 0
-                add((f"endpoint:{name}", key_of(pair), value_of(pair, flags)))
+                add(entry(name, pair, me))
                 continue
             if entries:  # keep the batch's order
                 reconciler.set_entries(entries, ENDPOINT_PRIORITY)
@@ -72,14 +70,9 @@ class EndpointMirror:
         return synced
 
 
-def set_endpoint_entry(
-    reconciler: IpcacheReconciler, name: str, pair: IPIdentity, me: NodeName
-) -> None:
-    """The ipcache entry of the endpoint at key ``name``, as node ``me`` writes it: one
-    endpoint of :meth:`EndpointMirror.apply`."""
-    value = ip_identity_value(pair, _flags(pair, me))
-    reconciler.set_entry(endpoint_source(name), ip_identity_key(pair), value, ENDPOINT_PRIORITY)
-
-
-def _flags(pair: IPIdentity, me: NodeName) -> int:
-    return FLAG_LOCAL if pair.node == me else 0
+def endpoint_entry(name: str, pair: IPIdentity, me: NodeName) -> tuple[str, bytes, bytes]:
+    """The endpoint at key ``name`` as node ``me`` writes it into the ipcache:
+    ``(source, map key, map value)`` for :meth:`IpcacheReconciler.set_entries`."""
+    flags = FLAG_LOCAL if pair.node == me else 0
+    # endpoint_source(name), inlined: this runs for every endpoint of the cluster
+    return f"endpoint:{name}", ip_identity_key(pair), ip_identity_value(pair, flags)

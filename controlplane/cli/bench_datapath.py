@@ -40,7 +40,7 @@ from aetcd import rpc
 from prometheus_client import CollectorRegistry
 
 from controlplane import codec
-from controlplane.agent.endpoint_mirror import EndpointMirror, set_endpoint_entry
+from controlplane.agent.endpoint_mirror import ENDPOINT_PRIORITY, EndpointMirror, endpoint_entry
 from controlplane.cli.bench_common import (
     add_target_flags,
     measure,
@@ -283,9 +283,10 @@ async def _ours_sync(
                 (name, decode(kv.key, prefix, name, kv.value, build)) for name, kv in named
             ]
             t_decoded = time.perf_counter()
-            for name, pair in endpoints:
-                if pair is not None:
-                    set_endpoint_entry(reconciler, name, pair, BENCH_NODE)
+            reconciler.set_entries(
+                [endpoint_entry(n, pair, BENCH_NODE) for n, pair in endpoints if pair is not None],
+                ENDPOINT_PRIORITY,
+            )
             t_set = time.perf_counter()
             phases["list_s"] += t_listed - mark
             phases["decode_s"] += t_decoded - t_listed
