@@ -40,8 +40,7 @@ import pytest_asyncio
 from controlplane.agent.agent import Agent
 from controlplane.agent.settings import AgentSettings, DatapathMode
 from controlplane.datapath import loader
-from controlplane.datapath.kernel import KernelMap
-from controlplane.datapath.layouts import METRICS_MAP_NAME, MetricReason, decode_percpu_metrics
+from controlplane.datapath.counters import pinned_verdict_counts
 from controlplane.datapath.routes import RTPROT_CP
 from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.kvstore.keys import KeyLayout
@@ -195,10 +194,15 @@ def _policy(*sources: str) -> NetworkPolicy:
     })  # fmt: skip
 
 
+def _exported_drops(agent: Agent) -> float:
+    """The agent's Prometheus export of the same counter (read from the map at scrape)."""
+    labels = {"reason": "drop_policy_deny", "verdict": "drop"}
+    return agent.metrics.registry.get_sample_value("cp_datapath_packets_total", labels) or 0.0
+
+
 def _drops(pin_dir: Path) -> int:
-    with KernelMap.open_pinned(pin_dir / METRICS_MAP_NAME) as kmap:
-        values = kmap.lookup_percpu(int(MetricReason.DROP_POLICY_DENY).to_bytes(4, "little"))
-    return 0 if values is None else decode_percpu_metrics(b"".join(values), len(values)).packets
+    counts = pinned_verdict_counts(pin_dir) or []
+    return next((c.packets for c in counts if c.reason == "drop_policy_deny"), 0)
 
 
 def _connect(src_ns: str, dst_ns: str, dst_ip: str, timeout: float) -> str:
@@ -370,16 +374,18 @@ async def test_two_nodes_policy_restart_and_del(cluster: Cluster) -> None:
             message="db's policy map holds web on 5432",
         )
         await _connects(c, "web", db_ip)
-        drops = await asyncio.to_thread(_drops, c.topo.pin_dirs["node2"])
+        drops = await asyncio.to_thread(_exported_drops, n2)
         got = await asyncio.to_thread(
             _connect, c.topo.netns["other"], c.topo.netns["db"], db_ip, 2.0
         )
         assert got == "timeout"
 
         async def dropped() -> bool:
-            return await asyncio.to_thread(_drops, c.topo.pin_dirs["node2"]) > drops
+            return await asyncio.to_thread(_exported_drops, n2) > drops
 
-        await _until(dropped, within=10, message="the policy-deny drop counter rises")
+        await _until(
+            dropped, within=10, message="the agent's exported policy-deny drop counter rises"
+        )
 
         # edit the policy: app=other allowed too, no agent restart
         await store.put(_policy("app=web", "app=other"))

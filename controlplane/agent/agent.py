@@ -37,7 +37,7 @@ from controlplane.agent.datapath import (
 )
 from controlplane.agent.endpoint_mirror import EndpointMirror
 from controlplane.agent.health import Failure, Observation, RestartArm, ShardHealth
-from controlplane.agent.metrics import AgentMetrics
+from controlplane.agent.metrics import AgentMetrics, DatapathCounters
 from controlplane.agent.settings import EXIT_RESTART, AgentSettings, RestartMode
 from controlplane.config import KvstoreConfig
 from controlplane.datapath.ipcache import (
@@ -193,6 +193,8 @@ class Agent:
             self.datapath = DatapathChoice(kernel, "ipcache given by the caller")
             self.ipcache = ipcache
         self.datapath_mode = self.datapath.mode
+        if self.datapath.kernel:
+            self.metrics.registry.register(DatapathCounters(settings.bpf_pin_dir))
         self.reconciler = IpcacheReconciler(self.ipcache)
         # cp_policy/cp_endpoints: pinned beside an ipcache this agent opened, else userspace
         self._own_policy_maps = policy_maps is None

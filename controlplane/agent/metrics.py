@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, Metric
 
+from controlplane.datapath.counters import pinned_verdict_counts
+from controlplane.datapath.kernel import KernelMapError
 from controlplane.metrics import StoreMetrics
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -84,5 +92,50 @@ class AgentMetrics:
                 "Local API requests",
                 ["route", "code"],
                 registry=registry,
+            ),
+        )
+
+
+class DatapathCounters:
+    """A collector of the tc programs' verdict counters, read from the pinned ``cp_metrics``
+    at each scrape: ``cp_datapath_packets_total`` and ``cp_datapath_bytes_total`` by reason
+    and verdict (``cpctl bpf metrics`` shows the same). Nothing until a program has been
+    loaded on this host; a map that cannot be read is logged once per failure streak and
+    leaves the scrape without these series, never failing it."""
+
+    def __init__(self, pin_dir: Path) -> None:
+        self.pin_dir = pin_dir
+        self._failing = False
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        packets, bytes_ = self._families()
+        try:
+            counts = pinned_verdict_counts(self.pin_dir) or []
+        except (KernelMapError, OSError, ValueError) as exc:
+            if not self._failing:
+                log.warning("datapath counters under %s unreadable: %s", self.pin_dir, exc)
+            self._failing = True
+            counts = []
+        else:
+            self._failing = False
+        for count in counts:
+            labels = [count.reason, count.verdict]
+            packets.add_metric(labels, count.packets)
+            bytes_.add_metric(labels, count.bytes)
+        yield packets
+        yield bytes_
+
+    @staticmethod
+    def _families() -> tuple[CounterMetricFamily, CounterMetricFamily]:
+        labels = ["reason", "verdict"]
+        return (
+            CounterMetricFamily(
+                "cp_datapath_packets", "Packets the tc programs passed or dropped", labels=labels
+            ),
+            CounterMetricFamily(
+                "cp_datapath_bytes", "Bytes the tc programs passed or dropped", labels=labels
             ),
         )

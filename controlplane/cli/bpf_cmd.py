@@ -11,19 +11,15 @@ import argparse
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from controlplane.cli.common import EXIT_OK, CommandError, add_json_flag, print_json, print_table
+from controlplane.datapath.counters import verdict_counts
 from controlplane.datapath.ipcache import IPCACHE_MAP_NAME, IpcacheEntry, decode_key
 from controlplane.datapath.kernel import KernelMap, KernelMapError
-from controlplane.datapath.layouts import (
-    ENDPOINTS_MAP_NAME,
-    METRICS_MAP_NAME,
-    POLICY_MAP_NAME,
-    MetricReason,
-    decode_percpu_metrics,
-)
+from controlplane.datapath.layouts import ENDPOINTS_MAP_NAME, METRICS_MAP_NAME, POLICY_MAP_NAME
 from controlplane.datapath.policymap import endpoint_flags, policy_rows
 from controlplane.model import PROTOCOLS
 
@@ -132,19 +128,8 @@ async def run_policy_list(args: argparse.Namespace) -> int:
 
 
 async def run_metrics(args: argparse.Namespace) -> int:
-    rows = []
     with _pinned(args.pin_dir, METRICS_MAP_NAME) as kmap:
-        for reason in MetricReason:
-            values = kmap.lookup_percpu(int(reason).to_bytes(4, "little"))
-            if values is None:
-                continue
-            total = decode_percpu_metrics(b"".join(values), len(values))
-            rows.append({
-                "reason": reason.name.lower(),
-                "verdict": "drop" if reason.name.startswith("DROP") else "allow",
-                "packets": total.packets,
-                "bytes": total.bytes,
-            })  # fmt: skip
+        rows = [asdict(count) for count in verdict_counts(kmap)]
     if args.json:
         print_json(rows)
         return EXIT_OK
