@@ -30,6 +30,8 @@ async def test_datapath_bench_reports_both_sides(etcd1: EmbeddedEtcd) -> None:
     for key in ("p50_ms", "p99_ms", "max_ms"):
         assert lat[key] > 0
     assert lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+    rtt = lat["put_rtt"]
+    assert 0 < rtt["p50_ms"] <= rtt["p99_ms"] <= rtt["max_ms"]
     assert sum(line.startswith("round ") for line in lines) == 6  # A, B and C per round
     async with ShardMap(config) as shards:  # the run cleans up after itself
         assert await shards.backends["a"].count_prefix(b"cp/bench-datapath/") == 0

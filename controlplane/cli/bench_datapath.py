@@ -1,7 +1,8 @@
 """`cpctl bench datapath`: endpoints from etcd into the ipcache map, next to a bare list.
 
 (a) Cold sync: N endpoint records (the agents' ``endpoint`` envelopes, written beforehand
-under a bench-only prefix) are read in interleaved rounds (A B C A B C): A is a bare
+under a bench-only prefix) are read in interleaved rounds, in rotating order (A B C, then
+B C A, then C A B): A is a bare
 paginated aetcd Range list of the prefix at one revision, decoding the envelope only; B is
 our pipeline: the same pages through :class:`EtcdBackend` (the next page requested while
 one is processed), each record checked and decoded as the agent's store does it
@@ -209,9 +210,11 @@ async def run_datapath_bench(
         "watch path (KvEndpointStore.watch_ip_identities: ListWatcher batches -> store event "
         "batches -> the agent's EndpointMirror, its cache and reconciler.set_entries, "
         "flushed by reconciler.run) until SYNCED, at the agent's list page size; rounds "
-        "interleaved A B C A B C; one process; the agent's GC thresholds",
+        "interleaved in rotating order (A B C, B C A, C A B, ...); one process; the agent's "
+        "GC thresholds",
         "watch latency: put issued (monotonic, just before the put) -> reconciler "
-        "written_at for the entry (monotonic, when the write returned); the same watch path "
+        "written_at for the entry (monotonic, when the write returned), beside each put's own "
+        "round trip; the same watch path "
         "as C (EndpointMirror -> reconciler.set_entries), reconciler.run flushing; each "
         "update changes the identity",
     ]
@@ -343,37 +346,47 @@ async def _cold_sync(
     ours: list[float] = []
     watched: list[float] = []
     phases: list[dict[str, float]] = []
+
+    async def side_a(r: int) -> None:
+        started = time.perf_counter()
+        got = await _bare_list(client, store.prefix, params.page_size)
+        seconds = time.perf_counter() - started
+        _check(got, params.count, "bare list")
+        bare.append(got / seconds)
+        progress(f"round {r}/{params.rounds} A bare list: {bare[-1]:,.0f} entries/s")
+
+    async def side_b(r: int) -> None:
+        rate, phase = await _sync_rate(
+            datapath,
+            lambda ipcache: _ours_sync(backend, store, ipcache, params.page_size),
+            params.count,
+            "ipcache",
+        )
+        ours.append(rate)
+        phases.append({k: round(v, 3) for k, v in phase.items()})
+        progress(
+            f"round {r}/{params.rounds} B ours -> {_kind(datapath)} map: "
+            f"{ours[-1]:,.0f} entries/s ({phases[-1]})"
+        )
+
+    async def side_c(r: int) -> None:
+        rate, _ = await _sync_rate(
+            datapath, lambda ipcache: _watch_sync(store, ipcache), params.count, "watched ipcache"
+        )
+        watched.append(rate)
+        progress(
+            f"round {r}/{params.rounds} C the agent's watch path -> {_kind(datapath)} map: "
+            f"{watched[-1]:,.0f} entries/s"
+        )
+
+    sides = [side_a, side_b, side_c]
     try:
         for r in range(1, params.rounds + 1):
-            started = time.perf_counter()
-            got = await _bare_list(client, store.prefix, params.page_size)
-            seconds = time.perf_counter() - started
-            _check(got, params.count, "bare list")
-            bare.append(got / seconds)
-            progress(f"round {r}/{params.rounds} A bare list: {bare[-1]:,.0f} entries/s")
-            rate, phase = await _sync_rate(
-                datapath,
-                lambda ipcache: _ours_sync(backend, store, ipcache, params.page_size),
-                params.count,
-                "ipcache",
-            )
-            ours.append(rate)
-            phases.append({k: round(v, 3) for k, v in phase.items()})
-            progress(
-                f"round {r}/{params.rounds} B ours -> {_kind(datapath)} map: "
-                f"{ours[-1]:,.0f} entries/s ({phases[-1]})"
-            )
-            rate, _ = await _sync_rate(
-                datapath,
-                lambda ipcache: _watch_sync(store, ipcache),
-                params.count,
-                "watched ipcache",
-            )
-            watched.append(rate)
-            progress(
-                f"round {r}/{params.rounds} C the agent's watch path -> {_kind(datapath)} map: "
-                f"{watched[-1]:,.0f} entries/s"
-            )
+            # Each side goes first, second and third in turn: whatever one run leaves
+            # behind (etcd's garbage collection after a list) falls on every side alike.
+            shift = (r - 1) % len(sides)
+            for side in sides[shift:] + sides[:shift]:
+                await side(r)
     finally:
         with contextlib.suppress(Exception):
             await client.close()
@@ -436,6 +449,8 @@ async def _latency(
     issued: dict[bytes, float] = {}
     wanted: dict[bytes, bytes] = {}
     samples: list[float] = []
+    put_rtts: list[float] = []
+    """Each put's round trip: etcd's share of the latency (its WAL fsync on this disk)."""
     watch_sync_s = 0.0
     try:
         async with asyncio.TaskGroup() as group:
@@ -462,6 +477,7 @@ async def _latency(
                     value = store.codec.encode(endpoint.to_dict())
                     issued[key] = time.monotonic()
                     await backend.put(store.key(endpoint.ip), value)
+                    put_rtts.append(time.monotonic() - issued[key])
                 deadline = time.monotonic() + params.wait_timeout
                 while True:
                     done = [
@@ -498,6 +514,7 @@ async def _latency(
         "watch_cold_sync_entries_per_s": round(params.count / watch_sync_s),
         "reconciler_flushes": reconciler.stats.flushes,
         **stats,
+        "put_rtt": latency_summary_ms(put_rtts, 3),
     }
 
 
@@ -522,7 +539,7 @@ def register_datapath(commands: Any) -> None:
         "--count", type=positive_int, default=100_000, help="endpoints (default 100000)"
     )
     cmd.add_argument(
-        "--rounds", type=positive_int, default=2, help="interleaved A B rounds (default 2)"
+        "--rounds", type=positive_int, default=2, help="interleaved A B C rounds (default 2)"
     )
     cmd.add_argument(
         "--page-size",
@@ -578,6 +595,7 @@ async def run_datapath(args: argparse.Namespace) -> int:
 
 def print_record(record: dict[str, Any]) -> None:
     sync, lat = record["cold_sync"], record["watch_latency"]
+    rtt = lat["put_rtt"]
     print(
         f"datapath on etcd {record['etcd_version']} ({record['etcd_members']} member(s)), "
         f"{record['datapath']} ipcache map ({record['datapath_reason']}), kernel "
@@ -615,6 +633,11 @@ def print_record(record: dict[str, Any]) -> None:
             ["watch -> map latency p50", f"{lat['p50_ms']:.2f} ms", "-"],
             ["watch -> map latency p99", f"{lat['p99_ms']:.2f} ms", "-"],
             ["watch -> map latency max", f"{lat['max_ms']:.2f} ms", "-"],
+            [
+                "  (the put's own round trip p50 / p99 / max)",
+                f"{rtt['p50_ms']:.2f} / {rtt['p99_ms']:.2f} / {rtt['max_ms']:.2f} ms",
+                "-",
+            ],
         ],
     )
     for note in record["notes"]:
