@@ -37,6 +37,7 @@ import threading
 import time
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
+from operator import itemgetter
 
 from controlplane.datapath.ipcache import Ipcache, IpcacheEntry, decode_key, encode_key
 from controlplane.datapath.maps import MapError
@@ -350,9 +351,14 @@ class IpcacheReconciler:
         if not self._dirty:
             return None
         dirty, self._dirty = self._dirty, {}
+        want, content, keys = self._want, self._map_content(), dirty.keys()
+        if content.keys().isdisjoint(keys) and want.keys() >= keys:
+            # Every key new to the map and wanted (a cold sync's pages): all writes, taken
+            # in C, in arrival order.
+            return list(zip(keys, map(want.__getitem__, keys), strict=True)), [], dirty
         writes: list[tuple[bytes, bytes]] = []
         deletes: list[bytes] = []
-        want_get, content_get = self._want.get, self._map_content().get
+        want_get, content_get = want.get, content.get
         unchanged = 0
         for key in dirty:
             value = want_get(key)
@@ -450,12 +456,10 @@ class IpcacheReconciler:
     ) -> None:
         self.stats.updates += counts[0]
         self.stats.deletes += counts[1]
-        now = time.monotonic()
         written_at = self.written_at
         for key in deletes:
             written_at.pop(key, None)
-        for key, _ in writes:
-            written_at[key] = now
+        written_at.update(dict.fromkeys(map(itemgetter(0), writes), time.monotonic()))
 
     def _write_failed(self, exc: MapError) -> None:
         self.stats.errors += 1
