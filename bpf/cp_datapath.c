@@ -82,6 +82,11 @@ const volatile struct cp_config cp_cfg = {};
 #define ICMPV6_ECHO_REPLY 129
 #define NSEC_PER_SEC 1000000000ULL
 #define CT_REFRESH_NS NSEC_PER_SEC /* rewrite a cp_ct entry's time at most once a second */
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
+#define TCP_FLAGS_OFF 13
 
 enum parse_result { PARSE_OK, PARSE_NON_IP, PARSE_MALFORMED, PARSE_FRAGMENT };
 enum flow_kind { FLOW_OTHER, FLOW_PORTS, FLOW_ECHO_REQUEST, FLOW_ECHO_REPLY, FLOW_ND };
@@ -93,6 +98,7 @@ struct flow {
 	__u16 dport;  /* host order; ICMP echo: the identifier */
 	__u8 proto;
 	__u8 kind;    /* enum flow_kind */
+	__u8 tcp_flags;
 };
 
 struct icmp_echo {
@@ -196,6 +202,9 @@ static __always_inline int parse_flow(struct __sk_buff *skb, struct flow *f)
 		f->sport = bpf_ntohs(ports[0]);
 		f->dport = bpf_ntohs(ports[1]);
 		f->kind = FLOW_PORTS;
+		if (f->proto == IPPROTO_TCP &&
+		    bpf_skb_load_bytes(skb, l4off + TCP_FLAGS_OFF, &f->tcp_flags, 1))
+			return PARSE_MALFORMED;
 		break;
 	}
 	case IPPROTO_ICMP:
@@ -231,11 +240,18 @@ static __always_inline void ct_key(const struct flow *f, int outbound, struct cp
 	key->proto = f->proto;
 }
 
+static __always_inline int ct_closes(const struct flow *f)
+{
+	return f->proto == IPPROTO_TCP && (f->tcp_flags & (TCP_FIN | TCP_RST));
+}
+
+/* Whether a packet toward the endpoint belongs to a flow it opened and that is still alive;
+ * a FIN or RST from the peer marks the flow closing. */
 static __always_inline int is_reply(const struct flow *f)
 {
 	struct cp_ct_key key = {};
 	struct cp_ct_value *v;
-	__u64 lifetime;
+	__u64 lifetime, now, stamp;
 
 	if (f->kind != FLOW_PORTS && f->kind != FLOW_ECHO_REPLY)
 		return 0;
@@ -243,8 +259,17 @@ static __always_inline int is_reply(const struct flow *f)
 	v = bpf_map_lookup_elem(&CP_CT_MAP, &key);
 	if (!v)
 		return 0;
-	lifetime = f->proto == IPPROTO_TCP ? CP_CT_LIFETIME_TCP_S : CP_CT_LIFETIME_ANY_S;
-	return bpf_ktime_get_ns() - v->last_seen_ns < lifetime * NSEC_PER_SEC;
+	stamp = v->last_seen_ns;
+	if (stamp & CP_CT_F_CLOSING)
+		lifetime = CP_CT_LIFETIME_CLOSING_S;
+	else
+		lifetime = f->proto == IPPROTO_TCP ? CP_CT_LIFETIME_TCP_S : CP_CT_LIFETIME_ANY_S;
+	now = bpf_ktime_get_ns();
+	if (now - stamp >= lifetime * NSEC_PER_SEC)
+		return 0;
+	if (ct_closes(f) && !(stamp & CP_CT_F_CLOSING))
+		v->last_seen_ns = (now & ~(__u64)CP_CT_F_CLOSING) | CP_CT_F_CLOSING;
+	return 1;
 }
 
 SEC("tc")
@@ -294,21 +319,26 @@ int cp_from_endpoint(struct __sk_buff *skb)
 	struct cp_ct_value fresh = {};
 	struct cp_ct_value *seen;
 	struct flow f = {};
-	__u64 now;
+	__u64 now, old, closing;
 
 	if (parse_flow(skb, &f) != PARSE_OK)
 		return TC_ACT_OK;
 	if (f.kind != FLOW_PORTS && f.kind != FLOW_ECHO_REQUEST)
 		return TC_ACT_OK;
 	ct_key(&f, 1, &key);
-	now = bpf_ktime_get_ns();
+	now = bpf_ktime_get_ns() & ~(__u64)CP_CT_F_CLOSING;
+	closing = ct_closes(&f) ? CP_CT_F_CLOSING : 0;
 	seen = bpf_map_lookup_elem(&CP_CT_MAP, &key);
 	if (seen) {
-		if (now - seen->last_seen_ns > CT_REFRESH_NS)
-			seen->last_seen_ns = now;
+		old = seen->last_seen_ns;
+		/* a new connection on the same ports (a bare SYN) is open again */
+		if (f.proto != IPPROTO_TCP || (f.tcp_flags & (TCP_SYN | TCP_ACK)) != TCP_SYN)
+			closing |= old & CP_CT_F_CLOSING;
+		if (closing != (old & CP_CT_F_CLOSING) || now - old > CT_REFRESH_NS)
+			seen->last_seen_ns = now | closing;
 		return TC_ACT_OK;
 	}
-	fresh.last_seen_ns = now;
+	fresh.last_seen_ns = now | closing;
 	bpf_map_update_elem(&CP_CT_MAP, &key, &fresh, BPF_ANY);
 	return TC_ACT_OK;
 }

@@ -108,11 +108,16 @@ struct cp_metrics_value {
  * endpoint's ingress policy does not drop the replies. cp_from_endpoint (host-side veth
  * ingress: packets from the pod) records every TCP/UDP/SCTP packet and ICMP echo request
  * with the time it saw it; cp_to_endpoint passes a packet whose reversed flow was seen
- * within the lifetime (TCP 6 h, others 60 s, as Cilium's defaults). 40-byte key, 8-byte
- * value. Addresses as in cp_ipcache (IPv4-mapped); ports host order; for ICMP echo both
- * ports are the echo identifier. */
+ * within the lifetime (TCP 6 h, others 60 s, as Cilium's defaults). A TCP FIN or RST in
+ * either direction marks the entry closing: it then lives 10 s after its last packet
+ * (Cilium's close timeout), and a new SYN from the pod opens it again. 40-byte key,
+ * 8-byte value: the time in ns, whose lowest bit is replaced by CP_CT_F_CLOSING.
+ * Addresses as in cp_ipcache (IPv4-mapped); ports host order; for ICMP echo both ports
+ * are the echo identifier. */
 #define CP_CT_LIFETIME_TCP_S 21600
 #define CP_CT_LIFETIME_ANY_S 60
+#define CP_CT_LIFETIME_CLOSING_S 10
+#define CP_CT_F_CLOSING 1
 
 struct cp_ct_key {
 	__u8 endpoint_addr[16];

@@ -22,7 +22,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -140,6 +140,8 @@ def _probe_source() -> str:
     lines.append('printf("const CP_ENDPOINTS_MAX_ENTRIES %d\\n", CP_ENDPOINTS_MAX_ENTRIES);')
     lines.append('printf("const CP_METRICS_MAX_ENTRIES %d\\n", CP_METRICS_MAX_ENTRIES);')
     lines.append('printf("const CP_CT_MAX_ENTRIES %d\\n", CP_CT_MAX_ENTRIES);')
+    lines.append('printf("const CP_CT_F_CLOSING %d\\n", CP_CT_F_CLOSING);')
+    lines.append('printf("const CP_CT_LIFETIME_CLOSING_S %d\\n", CP_CT_LIFETIME_CLOSING_S);')
     lines.append("return 0;}")
     return "\n".join(lines) + "\n"
 
@@ -176,6 +178,8 @@ def test_c_and_python_layouts_agree(tmp_path: Path) -> None:
     assert c[("const", "CP_ENDPOINTS_MAX_ENTRIES")] == (layouts.ENDPOINTS_MAX_ENTRIES,)
     assert c[("const", "CP_METRICS_MAX_ENTRIES")] == (layouts.METRICS_MAX_ENTRIES,)
     assert c[("const", "CP_CT_MAX_ENTRIES")] == (layouts.CT_MAX_ENTRIES,)
+    assert c[("const", "CP_CT_F_CLOSING")] == (layouts.CT_F_CLOSING,)
+    assert c[("const", "CP_CT_LIFETIME_CLOSING_S")] == (layouts.CT_LIFETIME_CLOSING_S,)
 
 
 def test_object_rodata_is_only_the_config() -> None:
@@ -454,3 +458,131 @@ def test_replies_to_flows_the_pod_opened_pass_its_ingress_policy(topology: Topol
             # What the pod did not open is still subject to its policy.
             assert _try_connect(t.pods["other"], t.ips["db"], 1.5) is None
             assert not ping(t.pods["web"], t.ips["db"], 1.0)
+
+
+def _ct_entry(ct: KernelMap, endpoint: str, peer: str, endpoint_port: int) -> tuple[bytes, int]:
+    """(raw key, ``last_seen_ns``) of the TCP flow ``endpoint:endpoint_port -> peer:PORT``
+    in cp_ct; (b"", -1) when it is not there."""
+    mapped = b"\0" * 10 + b"\xff\xff"
+    want = (
+        mapped + IPv4Address(endpoint).packed,
+        mapped + IPv4Address(peer).packed,
+        endpoint_port,
+        PORT,
+        IPPROTO_TCP,
+    )
+    for k, v in ct.items():
+        key = layouts.CtKey.from_buffer_copy(k)
+        got = (
+            bytes(key.endpoint_addr),
+            bytes(key.peer_addr),
+            key.endpoint_port,
+            key.peer_port,
+            key.proto,
+        )
+        if got == want:
+            return k, int(layouts.CtValue.from_buffer_copy(v).last_seen_ns)
+    return b"", -1
+
+
+def _ct_stamp(ct: KernelMap, endpoint: str, peer: str, endpoint_port: int) -> int | None:
+    stamp = _ct_entry(ct, endpoint, peer, endpoint_port)[1]
+    return None if stamp < 0 else stamp
+
+
+def _closing(stamp: int | None) -> bool:
+    return stamp is not None and bool(stamp & layouts.CT_F_CLOSING)
+
+
+def _connect_from(netns: str, ip: str, port: int) -> socket.socket:
+    with loader.in_netns(netns):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("", port))
+    s.settimeout(5.0)
+    s.connect((ip, PORT))
+    return s
+
+
+def test_a_closed_connection_is_marked_closing_and_a_new_one_reopens(topology: Topology) -> None:
+    """A FIN from either side marks the pod's cp_ct entry closing (it then lives
+    CT_LIFETIME_CLOSING_S, not 6 h) while the rest of the close still passes the enforced
+    ingress; a new connection on the same ports opens it again."""
+    t = topology
+    db, web = t.ips["db"], t.ips["web"]
+    with _on_db(t) as m, KernelMap.open_pinned(t.pin_dir / "cp_ct") as ct:
+        m.endpoints.update(*layouts.encode_endpoint(DB_EP, layouts.EP_F_INGRESS_ENFORCED))
+        web_srv = _tcp_listen(t.pods["web"], web)
+        web_srv.settimeout(5.0)
+        port = 0
+        with web_srv:
+            for first_closer in ("peer", "pod", "peer"):
+                s = _connect_from(t.pods["db"], web, port)  # port 0 first, then the same
+                conn, _ = web_srv.accept()
+                with s, conn:
+                    port = s.getsockname()[1]
+                    s.sendall(b"x")
+                    assert conn.recv(1) == b"x"
+                    conn.sendall(b"y")
+                    assert s.recv(1) == b"y"  # the reply passed the enforced ingress
+                    assert not _closing(_ct_stamp(ct, db, web, port)), "an open flow"
+                    first, second = (conn, s) if first_closer == "peer" else (s, conn)
+                    first.shutdown(socket.SHUT_WR)
+                    deadline = time.monotonic() + 10
+                    while not _closing(_ct_stamp(ct, db, web, port)):
+                        assert time.monotonic() < deadline, f"{first_closer}'s FIN marks closing"
+                        time.sleep(0.02)
+                    second.shutdown(socket.SHUT_WR)
+                    # both FINs arrived: the peer's passed the ingress of the closing flow
+                    assert s.recv(1) == b"" and conn.recv(1) == b""
+
+
+def _poll(condition: Callable[[], bool], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_a_closing_flow_lives_its_short_lifetime(topology: Topology) -> None:
+    """Replies pass an enforced ingress for 6 h after the pod's last TCP packet, but only
+    CT_LIFETIME_CLOSING_S once the flow is closing: the entry's time is set back (as if the
+    pod had been silent for longer) and the peer's next data passes or is dropped."""
+    t = topology
+    db, web = t.ips["db"], t.ips["web"]
+    with _on_db(t) as m, KernelMap.open_pinned(t.pin_dir / "cp_ct") as ct:
+        m.endpoints.update(*layouts.encode_endpoint(DB_EP, layouts.EP_F_INGRESS_ENFORCED))
+        web_srv = _tcp_listen(t.pods["web"], web)
+        web_srv.settimeout(5.0)
+        with web_srv:
+            s = _connect_from(t.pods["db"], web, 0)
+            conn, _ = web_srv.accept()
+            with s, conn:
+                port = s.getsockname()[1]
+                key, _ = _ct_entry(ct, db, web, port)
+                assert key, "db's connection in cp_ct"
+                silent_s = layouts.CT_LIFETIME_CLOSING_S + 5
+
+                def set_back(flags: int) -> int:
+                    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # bpf_ktime_get_ns
+                    stamp = (now - silent_s * 1_000_000_000) & ~layouts.CT_F_CLOSING | flags
+                    ct.update(key, bytes(layouts.CtValue(stamp)))
+                    return stamp
+
+                # open, silent for longer than a closing flow lives: still a reply
+                written = set_back(0)
+                conn.sendall(b"a")
+                assert s.recv(1) == b"a"
+                # db's ACK refreshes the entry; set it back again only after that
+                _poll(lambda: _ct_entry(ct, db, web, port)[1] != written, 5, "db's ACK")
+                set_back(layouts.CT_F_CLOSING)
+                drops = metric(m.metrics, layouts.MetricReason.DROP_POLICY_DENY)
+                conn.sendall(b"b")
+                _poll(
+                    lambda: metric(m.metrics, layouts.MetricReason.DROP_POLICY_DENY) > drops,
+                    5,
+                    "the peer's data to an expired closing flow is dropped",
+                )
+                s.settimeout(0.5)
+                with pytest.raises(TimeoutError):
+                    s.recv(1)

@@ -34,6 +34,8 @@ from typing import Final
 from controlplane.datapath.ipcache import IpcacheKey, IpcacheValue
 
 __all__ = [
+    "CT_F_CLOSING",
+    "CT_LIFETIME_CLOSING_S",
     "CT_MAP_NAME",
     "CT_MAX_ENTRIES",
     "ENDPOINTS_MAP_NAME",
@@ -70,6 +72,10 @@ METRICS_MAP_NAME: Final = "cp_metrics"
 METRICS_MAX_ENTRIES: Final = 16
 CT_MAP_NAME: Final = "cp_ct"
 CT_MAX_ENTRIES: Final = 64 * 1024
+CT_F_CLOSING: Final = 0x01
+"""The lowest bit of ``CtValue.last_seen_ns``: a TCP FIN or RST went by."""
+CT_LIFETIME_CLOSING_S: Final = 10
+"""How long a closing ``cp_ct`` entry lives after its last packet."""
 
 EP_F_INGRESS_ENFORCED: Final = 0x01
 """``cp_endpoints`` flag: a policy selects the endpoint, so its ingress is default-deny."""
@@ -117,6 +123,9 @@ class CtKey(ctypes.Structure):
 
 
 class CtValue(ctypes.Structure):
+    """When the flow was last seen (ns, ``bpf_ktime_get_ns``), its lowest bit replaced by
+    :data:`CT_F_CLOSING`."""
+
     _fields_ = (("last_seen_ns", ctypes.c_uint64),)
 
 

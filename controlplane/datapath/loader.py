@@ -123,17 +123,23 @@ def datapath_unavailable_reason(need_build: bool | None = None) -> str | None:
 
 
 def build_object(src_dir: Path = BPF_SRC_DIR, *, force: bool = False) -> Path:
-    """Run ``make -C bpf`` (only when the object is missing unless ``force``)."""
+    """Run ``make -C bpf`` when the object is missing or older than a source in
+    ``src_dir`` (always with ``force``). An object older than its sources is used as it
+    is where clang or make is missing (an installed copy whose files' times say little)."""
     obj = src_dir / OBJECT_PATH.name
     if obj.exists() and not force:
-        return obj
-    if shutil.which(os.environ.get("CLANG", "clang")) is None:
+        built = obj.stat().st_mtime
+        sources = [*src_dir.glob("*.c"), *src_dir.glob("*.h")]
+        if all(src.stat().st_mtime <= built for src in sources):
+            return obj
+    missing = [t for t in (os.environ.get("CLANG", "clang"), "make") if shutil.which(t) is None]
+    if missing:
+        if obj.exists() and not force:
+            return obj
         raise BpfUnavailableError(
-            f"{obj} is missing and clang is not installed: install clang and libbpf-dev, "
-            f"then run `make -C {src_dir}`"
+            f"{obj} is missing and {' and '.join(missing)} not installed: install clang, "
+            f"make and libbpf-dev, then run `make -C {src_dir}`"
         )
-    if shutil.which("make") is None:
-        raise BpfUnavailableError(f"{obj} is missing and make is not installed")
     proc = subprocess.run(["make", "-C", str(src_dir)], capture_output=True, text=True, check=False)
     if proc.returncode != 0 or not obj.exists():
         raise LoaderError(f"make -C {src_dir} failed:\n{proc.stdout}{proc.stderr}")
