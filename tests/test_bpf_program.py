@@ -15,7 +15,9 @@ setns on the network namespace.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import json
 import os
 import re
 import shutil
@@ -27,9 +29,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from controlplane.cli.main import build_parser
 from controlplane.datapath import layouts, loader
 from controlplane.datapath.ipcache import IpcacheEntry, IpcacheKey, IpcacheValue, encode_key
 from controlplane.datapath.kernel import KernelMap
@@ -141,7 +145,8 @@ def _probe_source() -> str:
     lines.append('printf("const CP_METRICS_MAX_ENTRIES %d\\n", CP_METRICS_MAX_ENTRIES);')
     lines.append('printf("const CP_CT_MAX_ENTRIES %d\\n", CP_CT_MAX_ENTRIES);')
     lines.append('printf("const CP_CT_F_CLOSING %d\\n", CP_CT_F_CLOSING);')
-    lines.append('printf("const CP_CT_LIFETIME_CLOSING_S %d\\n", CP_CT_LIFETIME_CLOSING_S);')
+    for name in ("CLOSING", "TCP", "ANY"):
+        lines.append(f'printf("const CP_CT_LIFETIME_{name}_S %d\\n", CP_CT_LIFETIME_{name}_S);')
     lines.append("return 0;}")
     return "\n".join(lines) + "\n"
 
@@ -180,6 +185,8 @@ def test_c_and_python_layouts_agree(tmp_path: Path) -> None:
     assert c[("const", "CP_CT_MAX_ENTRIES")] == (layouts.CT_MAX_ENTRIES,)
     assert c[("const", "CP_CT_F_CLOSING")] == (layouts.CT_F_CLOSING,)
     assert c[("const", "CP_CT_LIFETIME_CLOSING_S")] == (layouts.CT_LIFETIME_CLOSING_S,)
+    assert c[("const", "CP_CT_LIFETIME_TCP_S")] == (layouts.CT_LIFETIME_TCP_S,)
+    assert c[("const", "CP_CT_LIFETIME_ANY_S")] == (layouts.CT_LIFETIME_ANY_S,)
 
 
 def test_object_rodata_is_only_the_config() -> None:
@@ -504,7 +511,22 @@ def _connect_from(netns: str, ip: str, port: int) -> socket.socket:
     return s
 
 
-def test_a_closed_connection_is_marked_closing_and_a_new_one_reopens(topology: Topology) -> None:
+def _cpctl_ct_flow(pin_dir: Path, db: str, port: int, capsys: pytest.CaptureFixture[str]) -> Any:
+    """``cpctl bpf ct list --json``'s row for db's flow from ``port`` to web on PORT."""
+    args = build_parser().parse_args(["bpf", "ct", "list", "--json", "--pin-dir", str(pin_dir)])
+    capsys.readouterr()
+    assert asyncio.run(args.run(args)) == 0
+    rows = json.loads(capsys.readouterr().out)
+    mine = [
+        r for r in rows if (r["endpoint"], r["endpoint_port"], r["peer_port"]) == (db, port, PORT)
+    ]
+    assert len(mine) == 1, rows
+    return mine[0]
+
+
+def test_a_closed_connection_is_marked_closing_and_a_new_one_reopens(
+    topology: Topology, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A FIN from either side marks the pod's cp_ct entry closing (it then lives
     CT_LIFETIME_CLOSING_S, not 6 h) while the rest of the close still passes the enforced
     ingress; a new connection on the same ports opens it again."""
@@ -526,12 +548,33 @@ def test_a_closed_connection_is_marked_closing_and_a_new_one_reopens(topology: T
                     conn.sendall(b"y")
                     assert s.recv(1) == b"y"  # the reply passed the enforced ingress
                     assert not _closing(_ct_stamp(ct, db, web, port)), "an open flow"
+                    row = _cpctl_ct_flow(t.pin_dir, db, port, capsys)
+                    assert (row["peer"], row["proto"], row["closing"]) == (web, IPPROTO_TCP, False)
+                    assert row["expires_in_s"] > layouts.CT_LIFETIME_CLOSING_S
                     first, second = (conn, s) if first_closer == "peer" else (s, conn)
                     first.shutdown(socket.SHUT_WR)
                     deadline = time.monotonic() + 10
                     while not _closing(_ct_stamp(ct, db, web, port)):
                         assert time.monotonic() < deadline, f"{first_closer}'s FIN marks closing"
                         time.sleep(0.02)
+                    row = _cpctl_ct_flow(t.pin_dir, db, port, capsys)
+                    assert row["closing"] and row["expires_in_s"] <= layouts.CT_LIFETIME_CLOSING_S
+                    args = build_parser().parse_args(
+                        ["bpf", "ct", "list", "--pin-dir", str(t.pin_dir)]
+                    )
+                    assert asyncio.run(args.run(args)) == 0
+                    table = capsys.readouterr().out.splitlines()
+                    assert table[0].split() == [
+                        "ENDPOINT",
+                        "PEER",
+                        "PROTO",
+                        "STATE",
+                        "AGE",
+                        "EXPIRES",
+                    ]
+                    assert [f"{db}:{port}", f"{web}:{PORT}", "TCP", "closing"] in [
+                        line.split()[:4] for line in table[1:]
+                    ]
                     second.shutdown(socket.SHUT_WR)
                     # both FINs arrived: the peer's passed the ingress of the closing flow
                     assert s.recv(1) == b"" and conn.recv(1) == b""

@@ -342,7 +342,12 @@ async def test_cpctl_policy_put_list_delete(
 
 
 async def test_cpctl_bpf_reports_a_missing_pin(tmp_path: Path) -> None:
-    for argv in (["ipcache", "list"], ["policy", "list", "2"], ["metrics", "--json"]):
+    for argv in (
+        ["ipcache", "list"],
+        ["policy", "list", "2"],
+        ["metrics", "--json"],
+        ["ct", "list", "--json"],
+    ):
         args = build_parser().parse_args(["bpf", *argv, "--pin-dir", str(tmp_path / "none")])
         with pytest.raises(CommandError) as info:
             await args.run(args)

@@ -1,4 +1,4 @@
-"""`cpctl bpf ipcache list|policy list ENDPOINT_ID|metrics`: read the pinned datapath maps.
+"""`cpctl bpf ipcache list|policy list ENDPOINT_ID|metrics|ct list`: read the pinned maps.
 
 Reads the maps the agent and the tc program share, pinned under ``--pin-dir`` (default
 ``/sys/fs/bpf/cp``, the agent's ``--bpf-pin-dir``). Needs root; a missing pin (no agent in
@@ -16,10 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.cli.common import EXIT_OK, CommandError, add_json_flag, print_json, print_table
+from controlplane.datapath.conntrack import ct_flows
 from controlplane.datapath.counters import verdict_counts
 from controlplane.datapath.ipcache import IPCACHE_MAP_NAME, IpcacheEntry, decode_key
 from controlplane.datapath.kernel import KernelMap, KernelMapError
-from controlplane.datapath.layouts import ENDPOINTS_MAP_NAME, METRICS_MAP_NAME, POLICY_MAP_NAME
+from controlplane.datapath.layouts import (
+    CT_MAP_NAME,
+    ENDPOINTS_MAP_NAME,
+    METRICS_MAP_NAME,
+    POLICY_MAP_NAME,
+)
 from controlplane.datapath.policymap import endpoint_flags, policy_rows
 from controlplane.model import PROTOCOLS
 
@@ -43,7 +49,11 @@ def register(subparsers: Any) -> None:
     policy_list.set_defaults(run=run_policy_list)
     metrics = commands.add_parser("metrics", help="allow/drop counters by reason")
     metrics.set_defaults(run=run_metrics)
-    for parser in (ipcache_list, policy_list, metrics):
+    ct = commands.add_parser("ct", help="the connection tracking map")
+    ct_cmds = ct.add_subparsers(dest="ct_command", required=True)
+    ct_list = ct_cmds.add_parser("list", help="the flows endpoints opened, with their state")
+    ct_list.set_defaults(run=run_ct_list)
+    for parser in (ipcache_list, policy_list, metrics, ct_list):
         parser.add_argument(
             "--pin-dir", type=Path, default=DEFAULT_PIN_DIR, help="where the maps are pinned"
         )
@@ -138,3 +148,30 @@ async def run_metrics(args: argparse.Namespace) -> int:
         [[r["reason"], r["verdict"], r["packets"], r["bytes"]] for r in rows],
     )
     return EXIT_OK
+
+
+async def run_ct_list(args: argparse.Namespace) -> int:
+    with _pinned(args.pin_dir, CT_MAP_NAME) as kmap:
+        rows = [asdict(flow) for flow in ct_flows(kmap)]
+    if args.json:
+        print_json(rows)
+        return EXIT_OK
+    print_table(
+        ["ENDPOINT", "PEER", "PROTO", "STATE", "AGE", "EXPIRES"],
+        [
+            [
+                _host_port(r["endpoint"], r["endpoint_port"]),
+                _host_port(r["peer"], r["peer_port"]),
+                _PROTO_NAMES.get(int(r["proto"]), r["proto"]),
+                "closing" if r["closing"] else "open",
+                f"{r['age_s']:.0f}s",
+                f"{r['expires_in_s']:.0f}s" if r["expires_in_s"] else "expired",
+            ]
+            for r in rows
+        ],
+    )
+    return EXIT_OK
+
+
+def _host_port(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"

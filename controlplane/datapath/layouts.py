@@ -35,7 +35,9 @@ from controlplane.datapath.ipcache import IpcacheKey, IpcacheValue
 
 __all__ = [
     "CT_F_CLOSING",
+    "CT_LIFETIME_ANY_S",
     "CT_LIFETIME_CLOSING_S",
+    "CT_LIFETIME_TCP_S",
     "CT_MAP_NAME",
     "CT_MAX_ENTRIES",
     "ENDPOINTS_MAP_NAME",
@@ -72,6 +74,10 @@ METRICS_MAP_NAME: Final = "cp_metrics"
 METRICS_MAX_ENTRIES: Final = 16
 CT_MAP_NAME: Final = "cp_ct"
 CT_MAX_ENTRIES: Final = 64 * 1024
+CT_LIFETIME_TCP_S: Final = 21600
+"""How long a ``cp_ct`` TCP entry lives after its last packet from the pod."""
+CT_LIFETIME_ANY_S: Final = 60
+"""How long any other ``cp_ct`` entry (UDP, SCTP, ICMP echo) lives."""
 CT_F_CLOSING: Final = 0x01
 """The lowest bit of ``CtValue.last_seen_ns``: a TCP FIN or RST went by."""
 CT_LIFETIME_CLOSING_S: Final = 10
