@@ -511,6 +511,25 @@ def _connect_from(netns: str, ip: str, port: int) -> socket.socket:
     return s
 
 
+def _poll(condition: Callable[[], bool], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+@contextmanager
+def _db_enforced_web_listening(t: Topology) -> Iterator[tuple[_Maps, KernelMap, socket.socket]]:
+    """db's programs attached and its ingress enforced with no rule (only replies pass),
+    cp_ct open, and a listener on web:PORT."""
+    with _on_db(t) as m, KernelMap.open_pinned(t.pin_dir / "cp_ct") as ct:
+        m.endpoints.update(*layouts.encode_endpoint(DB_EP, layouts.EP_F_INGRESS_ENFORCED))
+        web_srv = _tcp_listen(t.pods["web"], t.ips["web"])
+        web_srv.settimeout(5.0)
+        with web_srv:
+            yield m, ct, web_srv
+
+
 def _cpctl_ct_flow(pin_dir: Path, db: str, port: int, capsys: pytest.CaptureFixture[str]) -> Any:
     """``cpctl bpf ct list --json``'s row for db's flow from ``port`` to web on PORT."""
     args = build_parser().parse_args(["bpf", "ct", "list", "--json", "--pin-dir", str(pin_dir)])
@@ -532,59 +551,47 @@ def test_a_closed_connection_is_marked_closing_and_a_new_one_reopens(
     ingress; a new connection on the same ports opens it again."""
     t = topology
     db, web = t.ips["db"], t.ips["web"]
-    with _on_db(t) as m, KernelMap.open_pinned(t.pin_dir / "cp_ct") as ct:
-        m.endpoints.update(*layouts.encode_endpoint(DB_EP, layouts.EP_F_INGRESS_ENFORCED))
-        web_srv = _tcp_listen(t.pods["web"], web)
-        web_srv.settimeout(5.0)
+    with _db_enforced_web_listening(t) as (_, ct, web_srv):
         port = 0
-        with web_srv:
-            for first_closer in ("peer", "pod", "peer"):
-                s = _connect_from(t.pods["db"], web, port)  # port 0 first, then the same
-                conn, _ = web_srv.accept()
-                with s, conn:
-                    port = s.getsockname()[1]
-                    s.sendall(b"x")
-                    assert conn.recv(1) == b"x"
-                    conn.sendall(b"y")
-                    assert s.recv(1) == b"y"  # the reply passed the enforced ingress
-                    assert not _closing(_ct_stamp(ct, db, web, port)), "an open flow"
-                    row = _cpctl_ct_flow(t.pin_dir, db, port, capsys)
-                    assert (row["peer"], row["proto"], row["closing"]) == (web, IPPROTO_TCP, False)
-                    assert row["expires_in_s"] > layouts.CT_LIFETIME_CLOSING_S
-                    first, second = (conn, s) if first_closer == "peer" else (s, conn)
-                    first.shutdown(socket.SHUT_WR)
-                    deadline = time.monotonic() + 10
-                    while not _closing(_ct_stamp(ct, db, web, port)):
-                        assert time.monotonic() < deadline, f"{first_closer}'s FIN marks closing"
-                        time.sleep(0.02)
-                    row = _cpctl_ct_flow(t.pin_dir, db, port, capsys)
-                    assert row["closing"] and row["expires_in_s"] <= layouts.CT_LIFETIME_CLOSING_S
-                    args = build_parser().parse_args(
-                        ["bpf", "ct", "list", "--pin-dir", str(t.pin_dir)]
-                    )
-                    assert asyncio.run(args.run(args)) == 0
-                    table = capsys.readouterr().out.splitlines()
-                    assert table[0].split() == [
-                        "ENDPOINT",
-                        "PEER",
-                        "PROTO",
-                        "STATE",
-                        "AGE",
-                        "EXPIRES",
-                    ]
-                    assert [f"{db}:{port}", f"{web}:{PORT}", "TCP", "closing"] in [
-                        line.split()[:4] for line in table[1:]
-                    ]
-                    second.shutdown(socket.SHUT_WR)
-                    # both FINs arrived: the peer's passed the ingress of the closing flow
-                    assert s.recv(1) == b"" and conn.recv(1) == b""
-
-
-def _poll(condition: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
+        for first_closer in ("peer", "pod", "peer"):
+            s = _connect_from(t.pods["db"], web, port)  # port 0 first, then the same
+            conn, _ = web_srv.accept()
+            with s, conn:
+                port = s.getsockname()[1]
+                s.sendall(b"x")
+                assert conn.recv(1) == b"x"
+                conn.sendall(b"y")
+                assert s.recv(1) == b"y"  # the reply passed the enforced ingress
+                assert not _closing(_ct_stamp(ct, db, web, port)), "an open flow"
+                row = _cpctl_ct_flow(t.pin_dir, db, port, capsys)
+                assert (row["peer"], row["proto"], row["closing"]) == (web, IPPROTO_TCP, False)
+                assert row["expires_in_s"] > layouts.CT_LIFETIME_CLOSING_S
+                first, second = (conn, s) if first_closer == "peer" else (s, conn)
+                first.shutdown(socket.SHUT_WR)
+                _poll(
+                    lambda port=port: _closing(_ct_stamp(ct, db, web, port)),
+                    10,
+                    f"{first_closer}'s FIN marks closing",
+                )
+                row = _cpctl_ct_flow(t.pin_dir, db, port, capsys)
+                assert row["closing"] and row["expires_in_s"] <= layouts.CT_LIFETIME_CLOSING_S
+                args = build_parser().parse_args(["bpf", "ct", "list", "--pin-dir", str(t.pin_dir)])
+                assert asyncio.run(args.run(args)) == 0
+                table = capsys.readouterr().out.splitlines()
+                assert table[0].split() == [
+                    "ENDPOINT",
+                    "PEER",
+                    "PROTO",
+                    "STATE",
+                    "AGE",
+                    "EXPIRES",
+                ]
+                assert [f"{db}:{port}", f"{web}:{PORT}", "TCP", "closing"] in [
+                    line.split()[:4] for line in table[1:]
+                ]
+                second.shutdown(socket.SHUT_WR)
+                # both FINs arrived: the peer's passed the ingress of the closing flow
+                assert s.recv(1) == b"" and conn.recv(1) == b""
 
 
 def test_a_closing_flow_lives_its_short_lifetime(topology: Topology) -> None:
@@ -593,39 +600,35 @@ def test_a_closing_flow_lives_its_short_lifetime(topology: Topology) -> None:
     pod had been silent for longer) and the peer's next data passes or is dropped."""
     t = topology
     db, web = t.ips["db"], t.ips["web"]
-    with _on_db(t) as m, KernelMap.open_pinned(t.pin_dir / "cp_ct") as ct:
-        m.endpoints.update(*layouts.encode_endpoint(DB_EP, layouts.EP_F_INGRESS_ENFORCED))
-        web_srv = _tcp_listen(t.pods["web"], web)
-        web_srv.settimeout(5.0)
-        with web_srv:
-            s = _connect_from(t.pods["db"], web, 0)
-            conn, _ = web_srv.accept()
-            with s, conn:
-                port = s.getsockname()[1]
-                key, _ = _ct_entry(ct, db, web, port)
-                assert key, "db's connection in cp_ct"
-                silent_s = layouts.CT_LIFETIME_CLOSING_S + 5
+    with _db_enforced_web_listening(t) as (m, ct, web_srv):
+        s = _connect_from(t.pods["db"], web, 0)
+        conn, _ = web_srv.accept()
+        with s, conn:
+            port = s.getsockname()[1]
+            key, _ = _ct_entry(ct, db, web, port)
+            assert key, "db's connection in cp_ct"
+            silent_s = layouts.CT_LIFETIME_CLOSING_S + 5
 
-                def set_back(flags: int) -> int:
-                    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # bpf_ktime_get_ns
-                    stamp = (now - silent_s * 1_000_000_000) & ~layouts.CT_F_CLOSING | flags
-                    ct.update(key, bytes(layouts.CtValue(stamp)))
-                    return stamp
+            def set_back(flags: int) -> int:
+                now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # bpf_ktime_get_ns
+                stamp = (now - silent_s * 1_000_000_000) & ~layouts.CT_F_CLOSING | flags
+                ct.update(key, bytes(layouts.CtValue(stamp)))
+                return stamp
 
-                # open, silent for longer than a closing flow lives: still a reply
-                written = set_back(0)
-                conn.sendall(b"a")
-                assert s.recv(1) == b"a"
-                # db's ACK refreshes the entry; set it back again only after that
-                _poll(lambda: _ct_entry(ct, db, web, port)[1] != written, 5, "db's ACK")
-                set_back(layouts.CT_F_CLOSING)
-                drops = metric(m.metrics, layouts.MetricReason.DROP_POLICY_DENY)
-                conn.sendall(b"b")
-                _poll(
-                    lambda: metric(m.metrics, layouts.MetricReason.DROP_POLICY_DENY) > drops,
-                    5,
-                    "the peer's data to an expired closing flow is dropped",
-                )
-                s.settimeout(0.5)
-                with pytest.raises(TimeoutError):
-                    s.recv(1)
+            # open, silent for longer than a closing flow lives: still a reply
+            written = set_back(0)
+            conn.sendall(b"a")
+            assert s.recv(1) == b"a"
+            # db's ACK refreshes the entry; set it back again only after that
+            _poll(lambda: _ct_entry(ct, db, web, port)[1] != written, 5, "db's ACK")
+            set_back(layouts.CT_F_CLOSING)
+            drops = metric(m.metrics, layouts.MetricReason.DROP_POLICY_DENY)
+            conn.sendall(b"b")
+            _poll(
+                lambda: metric(m.metrics, layouts.MetricReason.DROP_POLICY_DENY) > drops,
+                5,
+                "the peer's data to an expired closing flow is dropped",
+            )
+            s.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                s.recv(1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -97,14 +97,12 @@ async def run_ipcache_list(args: argparse.Namespace) -> int:
                 "flags": entry.flags,
             })  # fmt: skip
     rows.sort(key=lambda r: str(r["prefix"]))
-    if args.json:
-        print_json(rows)
-        return EXIT_OK
-    print_table(
+    return _show(
+        args,
+        rows,
         ["PREFIX", "IDENTITY", "TUNNEL", "FLAGS"],
-        [[r["prefix"], r["identity"], r["tunnel_endpoint"], r["flags"]] for r in rows],
+        lambda r: [r["prefix"], r["identity"], r["tunnel_endpoint"], r["flags"]],
     )
-    return EXIT_OK
 
 
 async def run_policy_list(args: argparse.Namespace) -> int:
@@ -140,36 +138,43 @@ async def run_policy_list(args: argparse.Namespace) -> int:
 async def run_metrics(args: argparse.Namespace) -> int:
     with _pinned(args.pin_dir, METRICS_MAP_NAME) as kmap:
         rows = [asdict(count) for count in verdict_counts(kmap)]
-    if args.json:
-        print_json(rows)
-        return EXIT_OK
-    print_table(
+    return _show(
+        args,
+        rows,
         ["REASON", "VERDICT", "PACKETS", "BYTES"],
-        [[r["reason"], r["verdict"], r["packets"], r["bytes"]] for r in rows],
+        lambda r: [r["reason"], r["verdict"], r["packets"], r["bytes"]],
     )
-    return EXIT_OK
 
 
 async def run_ct_list(args: argparse.Namespace) -> int:
     with _pinned(args.pin_dir, CT_MAP_NAME) as kmap:
         rows = [asdict(flow) for flow in ct_flows(kmap)]
-    if args.json:
-        print_json(rows)
-        return EXIT_OK
-    print_table(
+    return _show(
+        args,
+        rows,
         ["ENDPOINT", "PEER", "PROTO", "STATE", "AGE", "EXPIRES"],
-        [
-            [
-                _host_port(r["endpoint"], r["endpoint_port"]),
-                _host_port(r["peer"], r["peer_port"]),
-                _PROTO_NAMES.get(int(r["proto"]), r["proto"]),
-                "closing" if r["closing"] else "open",
-                f"{r['age_s']:.0f}s",
-                f"{r['expires_in_s']:.0f}s" if r["expires_in_s"] else "expired",
-            ]
-            for r in rows
+        lambda r: [
+            _host_port(r["endpoint"], r["endpoint_port"]),
+            _host_port(r["peer"], r["peer_port"]),
+            _PROTO_NAMES.get(int(r["proto"]), r["proto"]),
+            "closing" if r["closing"] else "open",
+            f"{r['age_s']:.0f}s",
+            f"{r['expires_in_s']:.0f}s" if r["expires_in_s"] else "expired",
         ],
     )
+
+
+def _show(
+    args: argparse.Namespace,
+    rows: list[dict[str, Any]],
+    headers: list[str],
+    cells: Callable[[dict[str, Any]], list[Any]],
+) -> int:
+    """``rows`` as JSON with ``--json``, else as a table of ``cells`` under ``headers``."""
+    if args.json:
+        print_json(rows)
+    else:
+        print_table(headers, [cells(r) for r in rows])
     return EXIT_OK
 
 
