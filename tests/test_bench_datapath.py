@@ -25,6 +25,7 @@ async def test_datapath_bench_reports_both_sides(etcd1: EmbeddedEtcd) -> None:
     assert sync["ratio"] > 0 and len(sync["round_ratios"]) == 2
     assert len(sync["ours_phases_s"]) == 2
     assert sync["watch_path_ratio"] > 0 and len(sync["watch_path_round_ratios"]) == 2
+    assert sync["watch_state_bytes_per_endpoint"] > 0
     lat = record["watch_latency"]
     assert lat["updates"] == 20
     for key in ("p50_ms", "p99_ms", "max_ms"):

@@ -26,9 +26,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import platform
 import statistics
 import time
+import tracemalloc
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
@@ -316,8 +318,11 @@ async def _feed(
             synced.set()
 
 
-async def _watch_sync(store: KvEndpointStore, ipcache: Ipcache) -> None:
-    """C: the agent's path (ListWatcher -> store events -> reconciler.run) until SYNCED."""
+async def _watch_sync(
+    store: KvEndpointStore, ipcache: Ipcache, at_synced: Callable[[], None] | None = None
+) -> None:
+    """C: the agent's path (ListWatcher -> store events -> reconciler.run) until SYNCED;
+    ``at_synced`` runs then, while the watch still holds its state."""
     reconciler = IpcacheReconciler(ipcache)
     synced = asyncio.Event()
     async with asyncio.TaskGroup() as group:
@@ -326,6 +331,8 @@ async def _watch_sync(store: KvEndpointStore, ipcache: Ipcache) -> None:
             group.create_task(reconciler.run()),
         ]
         await synced.wait()
+        if at_synced is not None:
+            at_synced()
         for task in tasks:
             task.cancel()
     if reconciler.stats.errors:
@@ -387,6 +394,10 @@ async def _cold_sync(
             shift = (r - 1) % len(sides)
             for side in sides[shift:] + sides[:shift]:
                 await side(r)
+        memory = await _watch_memory(store, datapath, params.count)
+        progress(
+            f"the agent's watch state at SYNCED: {memory / params.count:,.0f} bytes per endpoint"
+        )
     finally:
         with contextlib.suppress(Exception):
             await client.close()
@@ -404,7 +415,34 @@ async def _cold_sync(
         "watch_path_page_size": LIST_PAGE_SIZE,
         "watch_path_ratio": round(statistics.median(watched) / statistics.median(bare), 3),
         "watch_path_round_ratios": [round(w / b, 3) for w, b in zip(watched, bare, strict=True)],
+        "watch_state_bytes_per_endpoint": round(memory / params.count),
     }
+
+
+async def _watch_memory(store: KvEndpointStore, datapath: _Datapath, count: int) -> int:
+    """Bytes the agent's path holds at SYNCED (ListWatcher revisions, RecordCodec's last
+    values, the mirror's cache, the reconciler's claims and shadow; not the kernel map),
+    traced by tracemalloc in a pass of its own (tracing slows it: it is not timed)."""
+    held = 0
+
+    def measure() -> None:
+        nonlocal held
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - baseline
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        ipcache = datapath.new()
+        try:
+            await _watch_sync(store, ipcache, measure)
+            _check(len(ipcache), count, "watched ipcache")
+        finally:
+            datapath.close(ipcache)
+    finally:
+        tracemalloc.stop()
+    return held
 
 
 async def _sync_rate(
@@ -629,6 +667,11 @@ def print_record(record: dict[str, Any]) -> None:
                 "ratio watch path/bare",
                 f"{sync['watch_path_ratio']:.3f}",
                 ", ".join(f"{r:.3f}" for r in sync["watch_path_round_ratios"]),
+            ],
+            [
+                "the agent's watch state at SYNCED, bytes per endpoint",
+                f"{sync['watch_state_bytes_per_endpoint']:,}",
+                "-",
             ],
             ["watch -> map latency p50", f"{lat['p50_ms']:.2f} ms", "-"],
             ["watch -> map latency p99", f"{lat['p99_ms']:.2f} ms", "-"],
