@@ -46,6 +46,7 @@ from controlplane.model import (
     IPAddress,
     IPIdentity,
     ModelError,
+    NodeFields,
     NodeName,
     ip_identity_from_dict,
     ip_identity_from_record,
@@ -114,6 +115,7 @@ class KvEndpointStore:
         self.prefix = layout.ip_prefix(cluster)
         self.codec = RecordCodec(ENDPOINT_RESOURCE, ENDPOINT_KIND, metrics)
         self._records = codec.typed_decoder(ENDPOINT_KIND, EndpointRecord)
+        self._node_fields = NodeFields()
         self._owner: KeyOwner | None = None
         self._backend: EtcdBackend | None = None
         if owners is not None and node is not None:
@@ -191,7 +193,7 @@ class KvEndpointStore:
         text: str | None = None
         try:
             record = self._records(raw)
-            pair, text = ip_identity_from_record(record), record.ip
+            pair, text = ip_identity_from_record(record, self._node_fields), record.ip
         except (codec.DecodeError, ModelError):
             pair = ip_identity_from_dict(self.codec.payload(raw))  # decides, and says why
         # An IPv4 text that parsed is canonical: the key names the record's ip when equal.
