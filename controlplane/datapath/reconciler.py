@@ -111,8 +111,9 @@ class IpcacheReconciler:
         self.stats = ReconcilerStats()
         self.written_at: dict[bytes, float] = {}
         """Map key -> when we last wrote it (monotonic): for latency measurements."""
-        self._sources: dict[str, tuple[bytes, ...]] = {}
-        """Source -> the keys it claims."""
+        self._sources: dict[str, bytes | tuple[bytes, ...]] = {}
+        """Source -> the keys it claims: one key as itself (nearly every source: saves a
+        tuple per endpoint), several as a tuple."""
         self._claims: dict[bytes, _Claim | list[_Claim]] = {}
         """Key -> its claims: one tuple (nearly always), or a list when contested."""
         self._want: dict[bytes, bytes] = {}
@@ -151,7 +152,9 @@ class IpcacheReconciler:
         self._release(source, entries)
         for key, value in entries.items():
             self._claim(key, source, priority, value)
-        if entries:
+        if len(entries) == 1:
+            self._sources[source] = next(iter(entries))
+        elif entries:
             self._sources[source] = tuple(entries)
         self._wake.set()
 
@@ -167,13 +170,13 @@ class IpcacheReconciler:
         marked = self._marked
         for source, key, value in entries:
             old = sources.get(source)
-            if old is None or len(old) != 1 or old[0] != key:
+            if old != key:  # None, another key, or a tuple of several
                 if old is None:
                     if marked:
                         marked.discard(source)
                 else:
                     self._release(source, (key,))
-                sources[source] = (key,)
+                sources[source] = key
             elif marked:
                 marked.discard(source)
             held = claims.get(key)
@@ -191,7 +194,7 @@ class IpcacheReconciler:
             self._marked.discard(source)
         old = self._sources.pop(source, None)
         if old is not None:
-            for key in old:
+            for key in (old,) if isinstance(old, bytes) else old:
                 if key not in keep:
                     self._unclaim(key, source)
 
