@@ -19,8 +19,11 @@ ENDPOINT_PRIORITY = 2
 
 
 def endpoint_source(name: str) -> str:
-    """The reconciler source of the endpoint at key ``name``."""
-    return f"endpoint:{name}"
+    """The reconciler source of the endpoint at key ``name``: the name itself. An endpoint's
+    key name is its IP address, and every other source is ``<kind>:<name>`` (``node:a``),
+    which no address text equals; the cache's key string serves, with no string per
+    endpoint of the cluster."""
+    return name
 
 
 @dataclass(slots=True)
@@ -74,5 +77,4 @@ def endpoint_entry(name: str, pair: IPIdentity, me: NodeName) -> tuple[str, byte
     """The endpoint at key ``name`` as node ``me`` writes it into the ipcache:
     ``(source, map key, map value)`` for :meth:`IpcacheReconciler.set_entries`."""
     flags = FLAG_LOCAL if pair.node == me else 0
-    # endpoint_source(name), inlined: this runs for every endpoint of the cluster
-    return f"endpoint:{name}", ip_identity_key(pair), ip_identity_value(pair, flags)
+    return endpoint_source(name), ip_identity_key(pair), ip_identity_value(pair, flags)
