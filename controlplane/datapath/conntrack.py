@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
 
+from controlplane.datapath.ipcache import address_from16
 from controlplane.datapath.kernel import KernelMap
 from controlplane.datapath.layouts import (
     CT_F_CLOSING,
@@ -16,9 +16,9 @@ from controlplane.datapath.layouts import (
     CtKey,
     CtValue,
 )
+from controlplane.model import PROTOCOLS
 
-_IPPROTO_TCP = 6
-_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+_IPPROTO_TCP = PROTOCOLS["TCP"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +54,9 @@ def ct_flows(kmap: KernelMap, now_ns: int | None = None) -> list[CtFlow]:
         age = max(0, now - stamp) / 1e9
         out.append(
             CtFlow(
-                endpoint=_address(bytes(key.endpoint_addr)),
+                endpoint=str(address_from16(bytes(key.endpoint_addr))),
                 endpoint_port=key.endpoint_port,
-                peer=_address(bytes(key.peer_addr)),
+                peer=str(address_from16(bytes(key.peer_addr))),
                 peer_port=key.peer_port,
                 proto=key.proto,
                 closing=closing,
@@ -66,9 +66,3 @@ def ct_flows(kmap: KernelMap, now_ns: int | None = None) -> list[CtFlow]:
         )
     out.sort(key=lambda f: (f.endpoint, f.endpoint_port, f.peer, f.peer_port, f.proto))
     return out
-
-
-def _address(packed: bytes) -> str:
-    if packed.startswith(_V4_MAPPED):
-        return str(IPv4Address(packed[12:]))
-    return str(IPv6Address(packed))

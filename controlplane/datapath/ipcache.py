@@ -80,7 +80,8 @@ def _pack_key(packed: bytes, prefix_len: int) -> bytes:
     return _KEY_STRUCT.pack(bits, _mapped16(packed))
 
 
-def _from16(raw: bytes) -> IPAddress:
+def address_from16(raw: bytes) -> IPAddress:
+    """A 16-byte address as the maps hold it: IPv4-mapped back to IPv4, else IPv6."""
     if raw.startswith(_V4_MAPPED_PREFIX):
         return IPv4Address(raw[12:])
     return IPv6Address(raw)
@@ -131,7 +132,9 @@ class IpcacheEntry:
     def decode(cls, raw: bytes) -> IpcacheEntry:
         value = IpcacheValue.from_buffer_copy(raw)
         return cls(
-            NumericIdentity(value.sec_identity), _from16(bytes(value.tunnel_endpoint)), value.flags
+            NumericIdentity(value.sec_identity),
+            address_from16(bytes(value.tunnel_endpoint)),
+            value.flags,
         )
 
 
