@@ -1000,9 +1000,7 @@ class NodeFields:
         if shared is None:
             if not _is_dns_subdomain(name):
                 return None
-            if len(self._nodes) >= self.limit:
-                self._nodes.clear()
-            shared = self._nodes[name] = name
+            shared = self._keep(self._nodes, name, name)
         return shared
 
     def host(self, text: str) -> bytes:
@@ -1010,14 +1008,14 @@ class NodeFields:
         :func:`_packed_ip`)."""
         packed = self._hosts.get(text)
         if packed is None:
-            try:
-                packed = _inet_pton(_AF_INET, text)
-            except (OSError, ValueError):
-                packed = _packed_ip(text)
-            if len(self._hosts) >= self.limit:
-                self._hosts.clear()
-            self._hosts[text] = packed
+            packed = self._keep(self._hosts, text, _packed_ip(text))
         return packed
+
+    def _keep(self, table: dict[str, _T], key: str, value: _T) -> _T:
+        if len(table) >= self.limit:
+            table.clear()
+        table[key] = value
+        return value
 
 
 def ip_identity_from_record(record: EndpointRecord, shared: NodeFields) -> IPIdentity:
