@@ -35,7 +35,7 @@ from controlplane.agent.datapath import (
     open_policy_maps,
     unpin_ipcache,
 )
-from controlplane.agent.endpoint_mirror import EndpointMirror
+from controlplane.agent.endpoint_mirror import EndpointMirror, sweep_stale
 from controlplane.agent.health import Failure, Observation, RestartArm, ShardHealth
 from controlplane.agent.metrics import AgentMetrics, DatapathCounters
 from controlplane.agent.settings import EXIT_RESTART, AgentSettings, RestartMode
@@ -1077,11 +1077,7 @@ class _Session:
         return None
 
     def _sweep(self, resource: str, cache: dict[str, Any]) -> set[str]:
-        gone = self._stale.get(resource, set())
-        self._stale[resource] = set()
-        for name in gone:
-            cache.pop(name, None)
-        return gone
+        return sweep_stale(cache, self._stale.setdefault(resource, set()))
 
     def _synced_stream(self, stream: str) -> None:
         self._synced.add(stream)

@@ -8,11 +8,14 @@ runs this very code for its agent's-path figures.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 from controlplane.datapath.ipcache import FLAG_LOCAL, ip_identity_key, ip_identity_value
 from controlplane.datapath.reconciler import IpcacheReconciler
 from controlplane.model import IPIdentity, NodeName
 from controlplane.store_types import EventKind, StoreEvent
+
+V = TypeVar("V")
 
 ENDPOINT_PRIORITY = 2
 """An endpoint's ipcache claim: above another node's IPs (1), below our own (3)."""
@@ -59,10 +62,8 @@ class EndpointMirror:
                 reconciler.set_entries(entries, ENDPOINT_PRIORITY)
                 entries.clear()
             if event.kind is EventKind.SYNCED:
-                for gone in stale:
-                    cache.pop(gone, None)
+                for gone in sweep_stale(cache, stale):
                     reconciler.remove(endpoint_source(gone))
-                stale.clear()
                 synced = True
             else:
                 stale.discard(name)
@@ -71,6 +72,16 @@ class EndpointMirror:
         if entries:
             reconciler.set_entries(entries, ENDPOINT_PRIORITY)
         return synced
+
+
+def sweep_stale(cache: dict[str, V], stale: set[str]) -> set[str]:
+    """At the end of a re-list: drop from ``cache`` the names still in ``stale`` (the list
+    did not deliver them again) and empty ``stale`` in place; returns those names."""
+    gone = set(stale)
+    stale.clear()
+    for name in gone:
+        cache.pop(name, None)
+    return gone
 
 
 def endpoint_entry(name: str, pair: IPIdentity, me: NodeName) -> tuple[str, bytes, bytes]:
