@@ -11,9 +11,9 @@ ipcache entries and written by an :class:`IpcacheReconciler` (begin_resync, set 
 flushed by its ``run`` loop as in the agent, end_resync) into a fresh, unpinned kernel LPM
 trie made like the agent's ``cp_ipcache`` (or a userspace map without root/eBPF, which the
 record says), same page size as A; C is the agent's own path on a cold start:
-``watch_ip_identities()`` (ListWatcher list -> store events, one per key) feeding the
-reconciler as the agent does, flushed by its ``run`` loop, until SYNCED. The clock stops
-before the map is counted (counting reads the whole map back).
+``watch_ip_identities()`` (ListWatcher list -> store events, one per key) applied by the
+agent's :class:`EndpointMirror`, flushed by the reconciler's ``run`` loop, until SYNCED.
+The clock stops before the map is counted (counting reads the whole map back).
 
 (b) Watch event -> map update latency: KvEndpointStore's ListWatcher-based watch feeds the
 reconciler (its ``run`` loop) into the map; K single endpoint updates are put at a steady
@@ -434,12 +434,9 @@ async def _watch_memory(store: KvEndpointStore, datapath: _Datapath, count: int)
     tracemalloc.start()
     try:
         baseline = tracemalloc.get_traced_memory()[0]
-        ipcache = datapath.new()
-        try:
-            await _watch_sync(store, ipcache, measure)
-            _check(len(ipcache), count, "watched ipcache")
-        finally:
-            datapath.close(ipcache)
+        await _sync_rate(
+            datapath, lambda ipcache: _watch_sync(store, ipcache, measure), count, "traced ipcache"
+        )
     finally:
         tracemalloc.stop()
     return held
