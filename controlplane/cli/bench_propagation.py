@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.agent.api import request
-from controlplane.cli.processes import Daemon, stop_all
 from controlplane.config import KvstoreConfig
 from controlplane.kvstore.backend import EtcdBackend
 from controlplane.kvstore.bench import (
@@ -27,6 +26,7 @@ from controlplane.kvstore.bench import (
     latency_summary_ms,
     percentile,
 )
+from controlplane.processes import Daemon, stop_all
 
 Progress = Callable[[str], None]
 
