@@ -17,7 +17,7 @@ import pytest_asyncio
 from helpers import eventually
 
 from controlplane.agent.api import request
-from controlplane.cli.bench_propagation import run_propagation_bench
+from controlplane.bench.propagation import run_propagation_bench
 from controlplane.config import EtcdClusterConfig, KvstoreConfig
 from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.processes import Daemon, stop_all
