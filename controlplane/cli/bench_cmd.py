@@ -1,45 +1,42 @@
-"""`cpctl bench`: benchmarks that compare our layers with bare etcd in one run."""
+"""`cpctl bench`: benchmarks that compare our layers with bare etcd in one run.
+
+This module parses the arguments, runs a benchmark of :mod:`controlplane.bench` and prints
+its result; progress goes to stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
-import tempfile
+import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from controlplane.cli.bench_common import (
-    RESULTS_DIR,
-    add_target_flags,
-    measure,
-    progress,
-    write_record,
+from controlplane.bench.common import BenchError, Record, measure, record_path, write_record
+from controlplane.bench.datapath import DatapathBenchParams, prepare_datapath_run
+from controlplane.bench.identities import IdentityBenchParams, run_identity_bench
+from controlplane.bench.kvstore import (
+    OPERATIONS,
+    BenchParams,
+    BenchResult,
+    run_kvstore_bench,
+    run_kvstore_bench_embedded,
 )
-from controlplane.cli.bench_datapath import register_datapath
-from controlplane.cli.bench_propagation import run_propagation_bench
+from controlplane.bench.propagation import run_propagation_bench
 from controlplane.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     CommandError,
     add_json_flag,
+    add_kvstore_flags,
     kvstore_config,
     positive_float,
     positive_int,
     print_json,
     print_table,
 )
-from controlplane.cli.etcd_cmd import start_embedded
-from controlplane.config import ClientSettings, EtcdClusterConfig, KvstoreConfig, normalize_prefix
-from controlplane.kvstore.bench import (
-    OPERATIONS,
-    BenchError,
-    BenchParams,
-    BenchResult,
-    run_kvstore_bench,
-    utc_stamp,
-)
-from controlplane.kvstore.bench_identities import IdentityBenchParams, run_identity_bench
-from controlplane.kvstore.embedded import EmbeddedEtcd, find_etcd_binary
+from controlplane.config import ClientSettings, KvstoreConfig, normalize_prefix
 
 
 def register(subparsers: Any) -> None:
@@ -211,37 +208,27 @@ async def run_kvstore(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from exc
-    output = args.output or RESULTS_DIR / f"kvstore-{utc_stamp()}.json"
-    etcd: EmbeddedEtcd | None = None
-    extra: dict[str, Any] = {"embedded": args.embedded}
-    if args.embedded:
-        if args.kvstore_endpoints or args.kvstore_config:
-            raise CommandError(
-                "--embedded excludes --kvstore-endpoints/--kvstore-config", EXIT_USAGE
-            )
-        progress(f"starting an embedded etcd with {args.members} member(s)...")
-        etcd = await start_embedded(args.members)
-        cluster = EtcdClusterConfig("embedded", tuple(etcd.client_urls))
-        settings = ClientSettings(request_timeout=args.timeout, dial_timeout=args.timeout)
-        prefix = normalize_prefix(args.kvstore_prefix) if args.kvstore_prefix else params.prefix
-        params = replace(params, prefix=prefix)
-    else:
-        config = kvstore_config(args)
-        cluster, settings = config.clusters[0], config.client
-        params = replace(params, prefix=config.prefix)
+    output = args.output or record_path("kvstore")
+    config = target_config(args)
     try:
-        if etcd is not None:
-            extra["etcd_binary"] = str(find_etcd_binary())
-        result = await run_kvstore_bench(
-            cluster, params, settings, progress=progress, environment=extra
-        )
+        if config is None:
+            settings = ClientSettings(request_timeout=args.timeout, dial_timeout=args.timeout)
+            prefix = normalize_prefix(args.kvstore_prefix) if args.kvstore_prefix else params.prefix
+            result = await run_kvstore_bench_embedded(
+                args.members, replace(params, prefix=prefix), settings, progress=progress
+            )
+        else:
+            result = await run_kvstore_bench(
+                config.clusters[0],
+                replace(params, prefix=config.prefix),
+                config.client,
+                progress=progress,
+                environment={"embedded": False},
+            )
+        record = result.to_json()
+        write_record(output, record)
     except BenchError as exc:
         raise CommandError(str(exc)) from exc
-    finally:
-        if etcd is not None:
-            await etcd.stop()
-    record = result.to_json()
-    write_record(output, record)
     if args.json:
         print_json(record)
     else:
@@ -330,7 +317,7 @@ async def run_identities(args: argparse.Namespace) -> int:
         for note in record["notes"]:
             print(f"note: {note}")
 
-    return await measure(
+    return await run_measure(
         args, "identities", lambda config: run_identity_bench(config, params, progress), show
     )
 
@@ -338,7 +325,6 @@ async def run_identities(args: argparse.Namespace) -> int:
 async def run_propagation(args: argparse.Namespace) -> int:
     if args.agents < 2:
         raise CommandError("--agents must be at least 2 (one creates, the others receive)", 2)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cp-bench-prop-"))
 
     def show(record: dict[str, Any], config: KvstoreConfig) -> None:
         print(
@@ -359,7 +345,7 @@ async def run_propagation(args: argparse.Namespace) -> int:
         for note in record["notes"]:
             print(f"note: {note}")
 
-    return await measure(
+    return await run_measure(
         args,
         "propagation",
         lambda config: run_propagation_bench(
@@ -367,8 +353,183 @@ async def run_propagation(args: argparse.Namespace) -> int:
             agents=args.agents,
             endpoints=args.endpoints,
             rounds=args.rounds,
-            workdir=workdir,
+            workdir=args.workdir,
             progress=progress,
         ),
         show,
     )
+
+
+def register_datapath(commands: Any) -> None:
+    """Add ``datapath`` to the ``bench`` subcommands."""
+    cmd = commands.add_parser(
+        "datapath",
+        help="cold sync of endpoints into the kernel ipcache map next to a bare etcd list; "
+        "watch -> map latency",
+        description=(
+            "(a) Cold sync of N endpoint records from etcd into a fresh kernel ipcache map "
+            "(list + decode + reconciler), entries/s next to a bare paginated aetcd list in "
+            "interleaved rounds, same page size; (b) watch event -> map update latency. "
+            "Progress goes to stderr; a JSON record is written under bench/results/."
+        ),
+    )
+    add_target_flags(cmd)
+    cmd.add_argument(
+        "--count", type=positive_int, default=100_000, help="endpoints (default 100000)"
+    )
+    cmd.add_argument(
+        "--rounds", type=positive_int, default=2, help="interleaved A B C rounds (default 2)"
+    )
+    cmd.add_argument(
+        "--page-size",
+        type=positive_int,
+        default=10_000,
+        help="keys per list page, both sides (default 10000)",
+    )
+    cmd.add_argument(
+        "--updates",
+        type=positive_int,
+        default=500,
+        help="single endpoint updates for the latency measurement (default 500)",
+    )
+    cmd.add_argument(
+        "--rate", type=positive_float, default=100.0, help="updates per second (default 100)"
+    )
+    cmd.add_argument(
+        "--userspace", action="store_true", help="use a userspace map even when eBPF is usable"
+    )
+    cmd.add_argument(
+        "--output",
+        type=Path,
+        metavar="FILE",
+        help="JSON record path (default bench/results/datapath-<UTC>.json)",
+    )
+    add_json_flag(cmd)
+    cmd.set_defaults(run=run_datapath)
+
+
+async def run_datapath(args: argparse.Namespace) -> int:
+    try:
+        params = DatapathBenchParams(
+            count=args.count,
+            rounds=args.rounds,
+            page_size=args.page_size,
+            updates=min(args.updates, args.count),
+            rate=args.rate,
+            kernel=False if args.userspace else None,
+        )
+    except ValueError as exc:
+        raise CommandError(str(exc), 2) from exc
+
+    run = prepare_datapath_run(params, progress)  # the agent's GC settings from here on
+    return await run_measure(args, "datapath", run, lambda record, _config: print_datapath(record))
+
+
+def print_datapath(record: dict[str, Any]) -> None:
+    sync, lat = record["cold_sync"], record["watch_latency"]
+    rtt = lat["put_rtt"]
+    print(
+        f"datapath on etcd {record['etcd_version']} ({record['etcd_members']} member(s)), "
+        f"{record['datapath']} ipcache map ({record['datapath_reason']}), kernel "
+        f"{record['kernel']}; {sync['entries']} endpoints, {sync['page_size']}-key pages, "
+        f"{len(sync['round_ratios'])} interleaved rounds (medians)"
+    )
+    print_table(
+        ["MEASURE", "VALUE", "ROUNDS"],
+        [
+            [
+                "bare list + envelope decode, entries/s",
+                f"{sync['bare_entries_per_s']['median']:,}",
+                ", ".join(f"{r:,}" for r in sync["bare_entries_per_s"]["rounds"]),
+            ],
+            [
+                f"ours: list + decode + reconcile into {record['datapath']} map, entries/s",
+                f"{sync['ours_entries_per_s']['median']:,}",
+                ", ".join(f"{r:,}" for r in sync["ours_entries_per_s"]["rounds"]),
+            ],
+            [
+                "ratio ours/bare (goal >= 0.5)",
+                f"{sync['ratio']:.3f}",
+                ", ".join(f"{r:.3f}" for r in sync["round_ratios"]),
+            ],
+            [
+                f"the agent's watch path ({sync['watch_path_page_size']}-key pages), entries/s",
+                f"{sync['watch_path_entries_per_s']['median']:,}",
+                ", ".join(f"{r:,}" for r in sync["watch_path_entries_per_s"]["rounds"]),
+            ],
+            [
+                "ratio watch path/bare",
+                f"{sync['watch_path_ratio']:.3f}",
+                ", ".join(f"{r:.3f}" for r in sync["watch_path_round_ratios"]),
+            ],
+            [
+                "the agent's watch state at SYNCED, bytes per endpoint",
+                f"{sync['watch_state_bytes_per_endpoint']:,}",
+                "-",
+            ],
+            ["watch -> map latency p50", f"{lat['p50_ms']:.2f} ms", "-"],
+            ["watch -> map latency p99", f"{lat['p99_ms']:.2f} ms", "-"],
+            ["watch -> map latency max", f"{lat['max_ms']:.2f} ms", "-"],
+            [
+                "  (the put's own round trip p50 / p99 / max)",
+                f"{rtt['p50_ms']:.2f} / {rtt['p99_ms']:.2f} / {rtt['max_ms']:.2f} ms",
+                "-",
+            ],
+        ],
+    )
+    for note in record["notes"]:
+        print(f"note: {note}")
+
+
+# -- shared by the commands -----------------------------------------------------------
+
+
+def add_target_flags(parser: argparse.ArgumentParser) -> None:
+    """The kvstore flags, or --embedded [--members N] for an etcd started for the run."""
+    add_kvstore_flags(parser)
+    target = parser.add_argument_group("embedded etcd")
+    target.add_argument(
+        "--embedded",
+        action="store_true",
+        help="start a local etcd for the run and stop it afterwards",
+    )
+    target.add_argument(
+        "--members", type=positive_int, default=1, help="members of the embedded etcd (default 1)"
+    )
+
+
+def progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def target_config(args: argparse.Namespace) -> KvstoreConfig | None:
+    """The kvstore flags' config, or None for --embedded (an etcd started for the run)."""
+    if not args.embedded:
+        return kvstore_config(args)
+    if args.kvstore_endpoints or args.kvstore_config:
+        raise CommandError("--embedded excludes --kvstore-endpoints/--kvstore-config", EXIT_USAGE)
+    return None
+
+
+async def run_measure(
+    args: argparse.Namespace,
+    name: str,
+    run: Callable[[KvstoreConfig], Awaitable[Record]],
+    show: Callable[[Record, KvstoreConfig], None],
+) -> int:
+    """Run one benchmark on the target, write its JSON record, print it."""
+    output = args.output or record_path(name)
+    config = target_config(args)
+    try:
+        record, config = await measure(
+            run, config, members=args.members, timeout=args.timeout, progress=progress
+        )
+        write_record(output, record)
+    except BenchError as exc:
+        raise CommandError(str(exc)) from exc
+    if args.json:
+        print_json(record)
+    else:
+        show(record, config)
+    progress(f"wrote {output}")
+    return EXIT_OK

@@ -23,7 +23,6 @@ pace, each changing the identity, and the time from issuing the put to the recon
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import gc
@@ -35,7 +34,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address
-from pathlib import Path
 from typing import Any, TypeVar
 
 import aetcd
@@ -44,17 +42,15 @@ from prometheus_client import CollectorRegistry
 
 from controlplane import codec
 from controlplane.agent.endpoint_mirror import ENDPOINT_PRIORITY, EndpointMirror, endpoint_entry
-from controlplane.cli.bench_common import (
-    add_target_flags,
-    measure,
-    progress,
-)
-from controlplane.cli.common import (
-    CommandError,
-    add_json_flag,
-    positive_float,
-    positive_int,
-    print_table,
+from controlplane.bench.common import (
+    BenchError,
+    Progress,
+    Record,
+    bare_endpoint,
+    delete_in_chunks,
+    latency_summary_ms,
+    package_version,
+    utc_stamp,
 )
 from controlplane.config import KvstoreConfig
 from controlplane.datapath.capabilities import detect_datapath
@@ -71,14 +67,6 @@ from controlplane.datapath.ipcache import (
 from controlplane.datapath.kernel import BPF_MAP_TYPE_LPM_TRIE, KernelMap
 from controlplane.datapath.reconciler import IpcacheReconciler
 from controlplane.kvstore.backend import LIST_PAGE_SIZE, EtcdBackend
-from controlplane.kvstore.bench import (
-    BenchError,
-    bare_endpoint,
-    delete_in_chunks,
-    latency_summary_ms,
-    package_version,
-    utc_stamp,
-)
 from controlplane.kvstore.endpoints import ENDPOINT_KIND, KvEndpointStore
 from controlplane.kvstore.errors import KvstoreError
 from controlplane.kvstore.keys import KeyLayout
@@ -88,7 +76,6 @@ from controlplane.metrics import StoreMetrics
 from controlplane.model import Endpoint, NodeName, NumericIdentity
 from controlplane.runtime import GC_THRESHOLDS, tune_gc
 
-Progress = Callable[[str], None]
 R = TypeVar("R")
 
 PUTS_PER_TXN = 100
@@ -223,6 +210,23 @@ async def run_datapath_bench(
     if not datapath.kernel:
         record["notes"].append(f"USERSPACE map, not the kernel: {datapath.reason}")
     return record
+
+
+def prepare_datapath_run(
+    params: DatapathBenchParams, progress: Progress
+) -> Callable[[KvstoreConfig], Awaitable[Record]]:
+    """What `cpctl bench datapath` measures with: this process takes the agent's GC settings
+    now (its cold sync is what B and C stand in for), and the returned run reports store and
+    etcd errors as :class:`BenchError`."""
+    tune_gc()
+
+    async def run(config: KvstoreConfig) -> Record:
+        try:
+            return await run_datapath_bench(config, params, progress)
+        except (KvstoreError, aetcd.ClientError) as exc:
+            raise BenchError(f"bench datapath: {type(exc).__name__}: {exc}") from exc
+
+    return run
 
 
 async def _load(
@@ -551,134 +555,3 @@ async def _latency(
         **stats,
         "put_rtt": latency_summary_ms(put_rtts, 3),
     }
-
-
-# -- the command ----------------------------------------------------------------------
-
-
-def register_datapath(commands: Any) -> None:
-    """Add ``datapath`` to the ``bench`` subcommands."""
-    cmd = commands.add_parser(
-        "datapath",
-        help="cold sync of endpoints into the kernel ipcache map next to a bare etcd list; "
-        "watch -> map latency",
-        description=(
-            "(a) Cold sync of N endpoint records from etcd into a fresh kernel ipcache map "
-            "(list + decode + reconciler), entries/s next to a bare paginated aetcd list in "
-            "interleaved rounds, same page size; (b) watch event -> map update latency. "
-            "Progress goes to stderr; a JSON record is written under bench/results/."
-        ),
-    )
-    add_target_flags(cmd)
-    cmd.add_argument(
-        "--count", type=positive_int, default=100_000, help="endpoints (default 100000)"
-    )
-    cmd.add_argument(
-        "--rounds", type=positive_int, default=2, help="interleaved A B C rounds (default 2)"
-    )
-    cmd.add_argument(
-        "--page-size",
-        type=positive_int,
-        default=10_000,
-        help="keys per list page, both sides (default 10000)",
-    )
-    cmd.add_argument(
-        "--updates",
-        type=positive_int,
-        default=500,
-        help="single endpoint updates for the latency measurement (default 500)",
-    )
-    cmd.add_argument(
-        "--rate", type=positive_float, default=100.0, help="updates per second (default 100)"
-    )
-    cmd.add_argument(
-        "--userspace", action="store_true", help="use a userspace map even when eBPF is usable"
-    )
-    cmd.add_argument(
-        "--output",
-        type=Path,
-        metavar="FILE",
-        help="JSON record path (default bench/results/datapath-<UTC>.json)",
-    )
-    add_json_flag(cmd)
-    cmd.set_defaults(run=run_datapath)
-
-
-async def run_datapath(args: argparse.Namespace) -> int:
-    try:
-        params = DatapathBenchParams(
-            count=args.count,
-            rounds=args.rounds,
-            page_size=args.page_size,
-            updates=min(args.updates, args.count),
-            rate=args.rate,
-            kernel=False if args.userspace else None,
-        )
-    except ValueError as exc:
-        raise CommandError(str(exc), 2) from exc
-
-    tune_gc()  # as the agent does: its cold sync is what B and C stand in for
-
-    async def run(config: KvstoreConfig) -> dict[str, Any]:
-        try:
-            return await run_datapath_bench(config, params, progress)
-        except (KvstoreError, aetcd.ClientError) as exc:
-            raise BenchError(f"bench datapath: {type(exc).__name__}: {exc}") from exc
-
-    return await measure(args, "datapath", run, lambda record, _config: print_record(record))
-
-
-def print_record(record: dict[str, Any]) -> None:
-    sync, lat = record["cold_sync"], record["watch_latency"]
-    rtt = lat["put_rtt"]
-    print(
-        f"datapath on etcd {record['etcd_version']} ({record['etcd_members']} member(s)), "
-        f"{record['datapath']} ipcache map ({record['datapath_reason']}), kernel "
-        f"{record['kernel']}; {sync['entries']} endpoints, {sync['page_size']}-key pages, "
-        f"{len(sync['round_ratios'])} interleaved rounds (medians)"
-    )
-    print_table(
-        ["MEASURE", "VALUE", "ROUNDS"],
-        [
-            [
-                "bare list + envelope decode, entries/s",
-                f"{sync['bare_entries_per_s']['median']:,}",
-                ", ".join(f"{r:,}" for r in sync["bare_entries_per_s"]["rounds"]),
-            ],
-            [
-                f"ours: list + decode + reconcile into {record['datapath']} map, entries/s",
-                f"{sync['ours_entries_per_s']['median']:,}",
-                ", ".join(f"{r:,}" for r in sync["ours_entries_per_s"]["rounds"]),
-            ],
-            [
-                "ratio ours/bare (goal >= 0.5)",
-                f"{sync['ratio']:.3f}",
-                ", ".join(f"{r:.3f}" for r in sync["round_ratios"]),
-            ],
-            [
-                f"the agent's watch path ({sync['watch_path_page_size']}-key pages), entries/s",
-                f"{sync['watch_path_entries_per_s']['median']:,}",
-                ", ".join(f"{r:,}" for r in sync["watch_path_entries_per_s"]["rounds"]),
-            ],
-            [
-                "ratio watch path/bare",
-                f"{sync['watch_path_ratio']:.3f}",
-                ", ".join(f"{r:.3f}" for r in sync["watch_path_round_ratios"]),
-            ],
-            [
-                "the agent's watch state at SYNCED, bytes per endpoint",
-                f"{sync['watch_state_bytes_per_endpoint']:,}",
-                "-",
-            ],
-            ["watch -> map latency p50", f"{lat['p50_ms']:.2f} ms", "-"],
-            ["watch -> map latency p99", f"{lat['p99_ms']:.2f} ms", "-"],
-            ["watch -> map latency max", f"{lat['max_ms']:.2f} ms", "-"],
-            [
-                "  (the put's own round trip p50 / p99 / max)",
-                f"{rtt['p50_ms']:.2f} / {rtt['p99_ms']:.2f} / {rtt['max_ms']:.2f} ms",
-                "-",
-            ],
-        ],
-    )
-    for note in record["notes"]:
-        print(f"note: {note}")

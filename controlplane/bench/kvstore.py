@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.metadata
 import os
 import platform
 import statistics
@@ -30,35 +29,34 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import aetcd
 
+from controlplane.bench.common import (
+    BenchError,
+    Progress,
+    bare_endpoint,
+    delete_in_chunks,
+    embedded_etcd,
+    package_version,
+    percentile,
+    utc_stamp,
+)
 from controlplane.config import ClientSettings, EtcdClusterConfig
 from controlplane.kvstore.backend import EtcdBackend
+from controlplane.kvstore.embedded import find_etcd_binary
 from controlplane.kvstore.errors import KvstoreError
-from controlplane.kvstore.types import Delete, EventType
+from controlplane.kvstore.types import EventType
 from controlplane.kvstore.watch import ListWatcher
 
 Side = Literal["ours", "bare"]
 SIDES: tuple[Side, Side] = ("ours", "bare")
 THROUGHPUT_OPS: tuple[str, ...] = ("put", "get", "txn")
 OPERATIONS: tuple[str, ...] = (*THROUGHPUT_OPS, "watch")
-CLEANUP_PAGE = 1000
-"""Keys listed per page when cleaning up."""
-TXN_DELETES = 100
-"""Single-key deletes per cleanup transaction (etcd allows 128 operations per txn)."""
-
 SHARED_CONNECTION_NOTE = (
     "each side uses one client object: all of its concurrent workers share one gRPC "
     "connection (ours: EtcdBackend with its own subchannel pool; bare: aetcd.Client)"
 )
-
-Progress = Callable[[str], None]
-
-
-class BenchError(Exception):
-    """The benchmark could not run or an operation failed; one line for the operator."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,29 +179,6 @@ class ThroughputRow:
         }
 
 
-def percentile(samples: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100) by linear interpolation between closest ranks."""
-    if not samples:
-        return 0.0
-    ordered = sorted(samples)
-    pos = (len(ordered) - 1) * q / 100
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
-def latency_summary_ms(samples: Sequence[float], digits: int) -> dict[str, float]:
-    """p50, p99, max and mean of latencies in seconds, as milliseconds rounded to
-    ``digits``."""
-    ms = [s * 1000 for s in samples]
-    return {
-        "p50_ms": round(percentile(ms, 50), digits),
-        "p99_ms": round(percentile(ms, 99), digits),
-        "max_ms": round(max(ms), digits),
-        "mean_ms": round(statistics.fmean(ms), digits),
-    }
-
-
 @dataclass(slots=True)
 class LatencyRow:
     """Watch latency: from just before a put is sent to the watcher yielding its event."""
@@ -291,18 +266,6 @@ class BenchResult:
             "keys_deleted": self.keys_deleted,
             "notes": self.notes,
         }
-
-
-def utc_stamp(moment: datetime | None = None) -> str:
-    """A UTC timestamp for file names: 20250101T120000Z."""
-    return (moment or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
-
-
-def package_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 # -- the two sides --------------------------------------------------------------------------
@@ -480,34 +443,6 @@ async def drive(
     return Measurement(sum(counts), elapsed, time.process_time() - cpu_start), failures
 
 
-async def delete_in_chunks(backend: EtcdBackend, prefix: bytes, page: int = CLEANUP_PAGE) -> int:
-    """Delete every key under ``prefix`` in small transactions; returns how many.
-
-    One range delete of many keys would leave etcd 3.4 slower until it restarts (see
-    BENCHMARKING.md), so each transaction deletes at most ``TXN_DELETES`` single keys.
-    """
-    deleted = 0
-    while True:
-        kvs, _, _ = await backend.list_page(prefix, limit=page)
-        if not kvs:
-            return deleted
-        for start in range(0, len(kvs), TXN_DELETES):
-            chunk = kvs[start : start + TXN_DELETES]
-            result = await backend.txn([], [Delete(kv.key) for kv in chunk])
-            deleted += sum(r.deleted for r in result.results)
-
-
-def bare_endpoint(cluster: EtcdClusterConfig) -> tuple[str, int]:
-    """Host and port of ``cluster``'s first endpoint, for a bare (plaintext) aetcd client."""
-    url = cluster.endpoints[0]
-    parts = urlsplit(url)
-    if parts.scheme != "http":
-        raise BenchError(f"bare aetcd speaks plaintext only; {url} is {parts.scheme}://")
-    if parts.hostname is None or parts.port is None:
-        raise BenchError(f"endpoint {url}: want host:port")
-    return parts.hostname, parts.port
-
-
 async def run_kvstore_bench(
     cluster: EtcdClusterConfig,
     params: BenchParams,
@@ -570,6 +505,23 @@ async def run_kvstore_bench(
     result.seconds = time.perf_counter() - started
     result.finished_at = datetime.now(UTC).isoformat(timespec="seconds")
     return result
+
+
+async def run_kvstore_bench_embedded(
+    members: int,
+    params: BenchParams,
+    settings: ClientSettings,
+    *,
+    progress: Progress,
+) -> BenchResult:
+    """:func:`run_kvstore_bench` on an etcd of ``members`` started for the run (stopped
+    after it); the environment names the etcd binary."""
+    async with embedded_etcd(members, progress) as etcd:
+        cluster = EtcdClusterConfig("embedded", tuple(etcd.client_urls))
+        environment = {"embedded": True, "etcd_binary": str(find_etcd_binary())}
+        return await run_kvstore_bench(
+            cluster, params, settings, progress=progress, environment=environment
+        )
 
 
 async def _run(
