@@ -29,6 +29,7 @@ from controlplane.agent.settings import (
     settings_from_args,
 )
 from controlplane.config import EtcdClusterConfig, KvstoreConfig
+from controlplane.datapath.bpf_syscall import BPF_F_NO_PREALLOC, BPF_MAP_TYPE_LPM_TRIE
 from controlplane.datapath.capabilities import DatapathSupport, detect_datapath
 from controlplane.datapath.ipcache import (
     IPCACHE_MAP_NAME,
@@ -36,11 +37,7 @@ from controlplane.datapath.ipcache import (
     IpcacheEntry,
     encode_key,
 )
-from controlplane.datapath.kernel import (
-    BPF_F_NO_PREALLOC,
-    BPF_MAP_TYPE_LPM_TRIE,
-    KernelMap,
-)
+from controlplane.datapath.kernel import KernelMap
 from controlplane.kvstore.embedded import EmbeddedEtcd
 from tests.helpers import eventually
 from tests.test_agent import agent_settings, api, create, give_cidrs, kv_config, running

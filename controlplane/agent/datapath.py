@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from controlplane.agent.settings import DatapathMode
+from controlplane.datapath.bpf_syscall import KernelMapError
 from controlplane.datapath.capabilities import DatapathSupport, detect_datapath
 from controlplane.datapath.ipcache import IPCACHE_MAP_NAME, Ipcache, userspace_ipcache
-from controlplane.datapath.kernel import KernelMap, KernelMapError, pinned_ipcache
+from controlplane.datapath.kernel import KernelMap, pinned_ipcache
 from controlplane.datapath.policymap import (
     PolicyMaps,
     pinned_policy_maps,

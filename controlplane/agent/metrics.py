@@ -10,8 +10,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, Metric
 
+from controlplane.datapath.bpf_syscall import KernelMapError
 from controlplane.datapath.counters import pinned_verdict_counts
-from controlplane.datapath.kernel import KernelMapError
 from controlplane.metrics import StoreMetrics
 
 log = logging.getLogger(__name__)

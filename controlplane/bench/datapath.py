@@ -53,6 +53,7 @@ from controlplane.bench.common import (
     utc_stamp,
 )
 from controlplane.config import KvstoreConfig
+from controlplane.datapath.bpf_syscall import BPF_MAP_TYPE_LPM_TRIE
 from controlplane.datapath.capabilities import detect_datapath
 from controlplane.datapath.ipcache import (
     IPCACHE_MAP_NAME,
@@ -64,7 +65,7 @@ from controlplane.datapath.ipcache import (
     ip_identity_value,
     userspace_ipcache,
 )
-from controlplane.datapath.kernel import BPF_MAP_TYPE_LPM_TRIE, KernelMap
+from controlplane.datapath.kernel import KernelMap
 from controlplane.datapath.reconciler import IpcacheReconciler
 from controlplane.kvstore.backend import LIST_PAGE_SIZE, EtcdBackend
 from controlplane.kvstore.endpoints import ENDPOINT_KIND, KvEndpointStore

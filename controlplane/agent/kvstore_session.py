@@ -1,0 +1,187 @@
+"""The agent's store session in kvstore mode: etcd clusters (shards), leases, heartbeats.
+
+One :class:`KvstoreSession` per generation holds its own connections to every cluster of
+the :class:`~controlplane.kvstore.shards.ShardMap` (``own_connection``: never shared with
+another agent of the process), the leases of the keys this node owns (``Owners``), the
+kvstore implementations of every store, one heartbeat monitor per cluster and the status
+checks: every ``status_check_interval`` a quorum read per cluster and the heartbeat's age
+feed :class:`~controlplane.agent.health.ShardHealth`, which decides (with the
+:class:`~controlplane.agent.health.RestartArm` the connector keeps across sessions)
+whether the session must restart.
+
+The connector carries the last session's heartbeat monitors and health into the next, so
+a restart never makes an outage look healthy (the same old heartbeat re-listed is no
+news) and one outage costs one restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+
+from controlplane.agent.health import Failure, Observation, RestartArm, ShardHealth
+from controlplane.agent.metrics import AgentMetrics
+from controlplane.agent.settings import AgentSettings
+from controlplane.agent.store_session import RestartNeeded, Stores
+from controlplane.config import KvstoreConfig
+from controlplane.kvstore.endpoints import KvEndpointStore
+from controlplane.kvstore.errors import KvstoreError, NoLeader, Timeout, Unreachable
+from controlplane.kvstore.heartbeat import HeartbeatMonitor
+from controlplane.kvstore.identities import KvIdentityStore
+from controlplane.kvstore.ipam import KvCIDRStore, KvIPLeaseStore
+from controlplane.kvstore.keys import KeyLayout
+from controlplane.kvstore.nodes import KvNodeStore
+from controlplane.kvstore.owner import Owners
+from controlplane.kvstore.policies import KvPolicyStore
+from controlplane.kvstore.shards import ShardMap
+from controlplane.model import Identity
+
+log = logging.getLogger(__name__)
+
+
+class KvstoreConnector:
+    """Opens kvstore sessions for one node; keeps restart arms and heartbeat evidence."""
+
+    def __init__(
+        self, config: KvstoreConfig, settings: AgentSettings, metrics: AgentMetrics
+    ) -> None:
+        self.config = config
+        self.settings = settings
+        self.metrics = metrics
+        self.layout = KeyLayout(config.prefix)
+        self.arms: dict[str, RestartArm] = {}
+        self.last_monitors: dict[str, HeartbeatMonitor] = {}
+        self.last_health: dict[str, ShardHealth] = {}
+
+    @property
+    def describe(self) -> str:
+        n = len(self.config.clusters)
+        return f"kvstore: {n} etcd cluster{'s' if n != 1 else ''}"
+
+    def open(self, generation: int) -> KvstoreSession:
+        return KvstoreSession(self, generation)
+
+
+class KvstoreSession:
+    """One generation of etcd connections, leases, stores, monitors and checks."""
+
+    def __init__(self, connector: KvstoreConnector, generation: int) -> None:
+        self.connector = connector
+        self.generation = generation
+        s = connector.settings
+        layout = connector.layout
+        metrics = connector.metrics.store
+        self.shards = ShardMap(connector.config, own_connection=True)
+        self.owners = Owners(metrics, ttl=s.lease_ttl)
+        self.identity_store = KvIdentityStore(
+            self.shards, layout, metrics, self.owners, node=s.node
+        )
+        self._stores = Stores(
+            identities=self.identity_store,
+            endpoints=KvEndpointStore(
+                self.shards, layout, metrics, self.owners, node=s.node, cluster=s.cluster
+            ),
+            nodes=KvNodeStore(
+                self.shards, layout, metrics, self.owners, node=s.node, cluster=s.cluster
+            ),
+            cidrs=KvCIDRStore(self.shards, layout, metrics),
+            leases=KvIPLeaseStore(self.shards, layout, metrics, self.owners, node=s.node),
+            policies=KvPolicyStore(self.shards, layout, metrics),
+        )
+        self.monitors = {
+            b.name: HeartbeatMonitor(
+                b,
+                layout,
+                interval=s.heartbeat_interval,
+                metrics_malformed=metrics.malformed.labels("heartbeat").inc,
+                previous=connector.last_monitors.get(b.name),
+            )
+            for b in self.shards.all()
+        }
+        connector.last_monitors = dict(self.monitors)
+        self._health = {
+            name: ShardHealth(
+                name, s.max_consecutive_quorum_errors, connector.arms.setdefault(name, RestartArm())
+            ).carry(connector.last_health.get(name))
+            for name in self.monitors
+        }
+        connector.last_health = dict(self._health)
+
+    @property
+    def stores(self) -> Stores:
+        return self._stores
+
+    async def connect(self) -> None:
+        await self.shards.connect()
+
+    def tasks(self) -> Mapping[str, Callable[[], Awaitable[None]]]:
+        tasks: dict[str, Callable[[], Awaitable[None]]] = {
+            "owners": self.owners.run,
+            "checks": self._checks,
+        }
+        for name, monitor in self.monitors.items():
+            tasks[f"heartbeat:{name}"] = monitor.run
+        return tasks
+
+    def health(self) -> list[ShardHealth]:
+        return list(self._health.values())
+
+    def on_identity_changed(self, callback: Callable[[Identity, Identity], None]) -> None:
+        self.identity_store.changed.append(callback)
+
+    async def release_all(self) -> None:
+        for owner in self.owners.all():
+            await owner.leases.revoke_all()
+
+    async def close(self) -> None:
+        await self.shards.close()
+
+    # -- status checks ---------------------------------------------------------------
+
+    async def _checks(self) -> None:
+        interval = self.connector.settings.status_check_interval
+        while True:
+            await asyncio.sleep(interval)
+            failures = await asyncio.gather(*(self._check(name) for name in self._health))
+            for name, failure in zip(self._health, failures, strict=True):
+                if failure is not None:
+                    log.warning(
+                        "%s: kvstore shard %s unhealthy: %s",
+                        self.connector.settings.node,
+                        name,
+                        self._health[name].reason,
+                    )
+                    raise RestartNeeded(failure.value)
+
+    async def _check(self, name: str) -> Failure | None:
+        s = self.connector.settings
+        backend = self.shards.backends[name]
+        monitor = self.monitors[name]
+        quorum: Failure | None = None
+        detail = ""
+        try:
+            async with asyncio.timeout(s.quorum_check_timeout):
+                await backend.current_revision()
+        except TimeoutError:
+            quorum, detail = Failure.NO_QUORUM, f"quorum read timed out ({s.quorum_check_timeout}s)"
+        except (NoLeader, Timeout) as exc:
+            quorum, detail = Failure.NO_QUORUM, str(exc)
+        except (Unreachable, KvstoreError) as exc:
+            quorum, detail = Failure.UNREACHABLE, str(exc)
+        beat = monitor.last
+        obs = Observation(
+            quorum_error=quorum,
+            error_detail=detail,
+            heartbeat_age=monitor.age(),
+            heartbeat_threshold=monitor.threshold,
+            heartbeat_stale=monitor.stale(),
+            beat=None if beat is None else (beat.writer, beat.seq),
+        )
+        health = self._health[name]
+        failure = health.record(obs)
+        m = self.connector.metrics
+        m.heartbeat_age.labels(name).set(obs.heartbeat_age)
+        m.kvstore_healthy.labels(name).set(1 if health.healthy else 0)
+        m.kvstore_errors.labels(name).set(health.consecutive_errors)
+        return failure
