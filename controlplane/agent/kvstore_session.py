@@ -53,6 +53,8 @@ class KvstoreConnector:
         self.arms: dict[str, RestartArm] = {}
         self.last_monitors: dict[str, HeartbeatMonitor] = {}
         self.last_health: dict[str, ShardHealth] = {}
+        self.raft_terms: dict[str, int] = {}
+        """Each cluster's raft term at the last successful status check."""
 
     @property
     def describe(self) -> str:
@@ -60,6 +62,9 @@ class KvstoreConnector:
         return f"kvstore: {n} etcd cluster{'s' if n != 1 else ''}"
 
     def open(self, generation: int) -> KvstoreSession:
+        if generation > 1:  # the previous session ended: a restart
+            for arm in self.arms.values():
+                arm.restarted()
         return KvstoreSession(self, generation)
 
 
@@ -161,22 +166,33 @@ class KvstoreSession:
         quorum: Failure | None = None
         detail = ""
         try:
+            # The quorum read is the heartbeat's key: what etcd holds counts as seen even
+            # while the watch catches up (after a member it was connected to died).
             async with asyncio.timeout(s.quorum_check_timeout):
-                await backend.current_revision()
+                read = await backend.quorum_read(self.connector.layout.heartbeat)
         except TimeoutError:
             quorum, detail = Failure.NO_QUORUM, f"quorum read timed out ({s.quorum_check_timeout}s)"
         except (NoLeader, Timeout) as exc:
             quorum, detail = Failure.NO_QUORUM, str(exc)
         except (Unreachable, KvstoreError) as exc:
             quorum, detail = Failure.UNREACHABLE, str(exc)
-        beat = monitor.last
+        else:
+            term = self.connector.raft_terms.get(name)
+            self.connector.raft_terms[name] = read.raft_term
+            if term is not None and term != read.raft_term:
+                monitor.disturbed()  # etcd elected a leader since the last check
+            if read.kv is not None:
+                monitor.note(read.kv.value, read.kv.mod_revision)
+        if quorum is not None:
+            monitor.disturbed()
         obs = Observation(
             quorum_error=quorum,
             error_detail=detail,
             heartbeat_age=monitor.age(),
             heartbeat_threshold=monitor.threshold,
             heartbeat_stale=monitor.stale(),
-            beat=None if beat is None else (beat.writer, beat.seq),
+            read_revision=None if quorum is not None else read.revision,
+            beat_revision=monitor.revision or None,
         )
         health = self._health[name]
         failure = health.record(obs)

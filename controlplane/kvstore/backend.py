@@ -45,6 +45,7 @@ from controlplane.kvstore.types import (
     Op,
     OpResult,
     Put,
+    QuorumRead,
     TxnResult,
     absent,
     prefix_range_end,
@@ -281,6 +282,13 @@ class EtcdBackend:
         response = await self.read(self._kv.Range, request)
         revision: int = response.header.revision
         return revision
+
+    async def quorum_read(self, key: bytes) -> QuorumRead:
+        """``key`` by a linearizable read (proving a quorum), with the revision and the raft
+        term of the answer."""
+        response = await self.read(self._kv.Range, rpc.RangeRequest(key=key))
+        kv = KeyValue.from_pb(response.kvs[0]) if response.kvs else None
+        return QuorumRead(response.header.revision, response.header.raft_term, kv)
 
     async def count_prefix(self, prefix: bytes) -> int:
         request = rpc.RangeRequest(key=prefix, range_end=prefix_range_end(prefix), count_only=True)

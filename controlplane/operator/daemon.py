@@ -4,7 +4,8 @@ Every replica campaigns (:class:`~controlplane.kvstore.election.Election`), watc
 heartbeat on every shard (counting malformed values) and serves /metrics, /healthz and
 /readyz. The leader runs one TaskGroup per term:
 
-- heartbeat on every shard every ``heartbeat_interval``;
+- heartbeat on every shard every ``heartbeat_interval``, each shard on its own loop with a
+  deadline within the interval (a dead shard never delays another's beat);
 - per-node CIDR allocation from the cluster pool (restore, then watch the nodes);
 - identity GC every ``gc_interval`` (two rounds, rate limited);
 - GC of the CIDR claims, IP leases and endpoints of nodes gone for ``node_gc_grace``.
@@ -222,31 +223,44 @@ class Operator:
     # -- (a) heartbeat ---------------------------------------------------------------
 
     async def _heartbeats(self, shards: ShardMap, term: Term) -> None:
+        """One heartbeat loop per cluster: a slow or dead cluster never delays another's."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                for backend in shards.all():
+                    group.create_task(
+                        self._heartbeat(backend, term), name=f"heartbeat:{backend.name}"
+                    )
+        except* Fenced as fenced:  # the term is over: the first says why
+            raise fenced.exceptions[0] from None
+
+    async def _heartbeat(self, backend: EtcdBackend, term: Term) -> None:
         interval = self.settings.heartbeat_interval
         while True:
             started = self.clock()
             self._seq += 1
             beat = Heartbeat(time.time(), self._seq, self.settings.id, interval)
-            results = await asyncio.gather(
-                *(self._beat(backend, term, beat) for backend in shards.all()),
-                return_exceptions=True,
-            )
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result  # Fenced (the term ends) or a bug
+            await self._beat(backend, term, beat)  # Fenced ends the term
             await asyncio.sleep(max(0.0, interval - (self.clock() - started)))
+
+    @property
+    def _beat_deadline(self) -> float:
+        return 0.8 * self.settings.heartbeat_interval
 
     async def _beat(self, backend: EtcdBackend, term: Term, beat: Heartbeat) -> None:
         counter = self.metrics.heartbeat_writes
         try:
             fence = term.fence(backend)
-            written = await write_heartbeat(backend, self.layout, beat, fence)
+            # A deadline within the interval: the next beat is due on time, whatever this
+            # one met (a write to a member that just died can wait for etcd's own timeout).
+            async with asyncio.timeout(self._beat_deadline):
+                written = await write_heartbeat(backend, self.layout, beat, fence)
         except Fenced:
             counter.labels(backend.name, "fenced").inc()
             raise
-        except KvstoreError as exc:
+        except (KvstoreError, TimeoutError) as exc:
             counter.labels(backend.name, "error").inc()
-            log.warning("heartbeat %d on %s failed: %s", beat.seq, backend.name, exc)
+            reason = str(exc) or f"no answer within {self._beat_deadline:g}s"
+            log.warning("heartbeat %d on %s failed: %s", beat.seq, backend.name, reason)
             return
         if not written:
             counter.labels(backend.name, "fenced").inc()
