@@ -18,7 +18,7 @@ from helpers import eventually, holds_for
 
 from controlplane.agent.agent import Agent
 from controlplane.kvstore.embedded import EmbeddedEtcd
-from tests.test_agent import agent_settings, give_cidrs, kv_config, running
+from tests.test_agent import agent_settings, api, give_cidrs, kv_config, running
 from tests.test_operator import OperatorProcess, operators
 
 BEAT = 1.0
@@ -135,4 +135,26 @@ async def test_killed_etcd_leader_costs_no_restart(
             assert _healthy(agents)
         finally:
             await etcd3.start_member(leader)
+    _no_tracebacks(caplog)
+
+
+async def test_a_request_in_flight_when_the_session_restarts_gets_a_clean_503(
+    etcd1: EmbeddedEtcd, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    await give_cidrs(etcd1, "node-a")
+    agent = Agent(agent_settings(tmp_path, "node-a", "127.0.0.11"), kv_config(etcd1))
+    async with running(agent):
+        await asyncio.wait_for(agent.wait_ready(), 30)
+        etcd1.pause_member(0)
+        try:
+            body = {"namespace": "default", "name": "web", "labels": ["k8s:app=web"]}
+            pending = asyncio.create_task(api(agent, "POST", "/v1/endpoints", body))
+            await eventually(lambda: agent.restarts == 1, timeout=20, message="restarted")
+            status, answer = await asyncio.wait_for(pending, 20)
+            assert status == 503 and "error" in answer, (status, answer)
+        finally:
+            etcd1.resume_member(0)
+        await eventually(lambda: agent.ready, timeout=30, message="ready again")
+        status, _ = await api(agent, "POST", "/v1/endpoints", body)
+        assert status == 201
     _no_tracebacks(caplog)

@@ -86,6 +86,7 @@ class EtcdBackend:
         self.name = cluster.name
         self._own_connection = own_connection
         self._channel: grpc.aio.Channel | None = None
+        self._closed = False
         self._token: str | None = None
         self._limiter = (
             RateLimiter(self.settings.qps, self.settings.burst) if self.settings.qps > 0 else None
@@ -102,6 +103,7 @@ class EtcdBackend:
     async def connect(self) -> None:
         if self._channel is not None:
             return
+        self._closed = False
         channel = await open_channel(
             self.cluster, self.settings, own_connection=self._own_connection
         )
@@ -120,6 +122,7 @@ class EtcdBackend:
                 raise
 
     async def close(self) -> None:
+        self._closed = True  # no lazy reconnect by a call still in flight
         channel, self._channel = self._channel, None
         if channel is not None:
             await channel.close()
@@ -167,6 +170,8 @@ class EtcdBackend:
     ) -> T:
         """Run one unary RPC: rate limit, deadline, auth token refresh, error translation."""
         if self._channel is None:
+            if self._closed:
+                raise Unreachable(f"the connection to {self.name} was closed")
             await self.connect()
         if self._limiter is not None:
             await self._limiter.acquire()
@@ -178,6 +183,13 @@ class EtcdBackend:
                     metadata=self.metadata(require_leader),
                     wait_for_ready=self._wait_for_ready,
                 )
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # our caller is being cancelled
+                # grpc cancels the calls in flight when their channel closes (a session
+                # restarting under a request): a connection error, not our cancellation.
+                raise Unreachable(f"the connection to {self.name} was closed") from None
             except grpc.aio.AioRpcError as exc:
                 error = translate(exc, self.name)
                 expired = "invalid auth token" in (exc.details() or "")
