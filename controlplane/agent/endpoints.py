@@ -122,7 +122,9 @@ class OwnedEndpoints:
             )
         except ModelError as exc:
             raise APIError(400, str(exc)) from None
-        publisher()
+        reason = publisher().unavailable(wanted)
+        if reason is not None and eid not in self.items:
+            raise APIError(503, f"store unavailable: {reason}")
         async with self.lock:
             session = publisher()
             existing = self.items.get(eid)
@@ -171,9 +173,16 @@ class OwnedEndpoints:
 class EndpointPublisher:
     """One session's store work for the owned endpoints."""
 
-    def __init__(self, owned: OwnedEndpoints, stores: Stores) -> None:
+    def __init__(
+        self,
+        owned: OwnedEndpoints,
+        stores: Stores,
+        unavailable: Callable[[Labels], str | None],
+    ) -> None:
         self.owned = owned
         self.stores = stores
+        self.unavailable = unavailable
+        """Why the store cannot take a new endpoint with these labels now (fail fast)."""
         self.identities = IdentityAllocator(stores.identities)
         self._ips: NodeIPAllocator | None = None
 

@@ -62,6 +62,8 @@ class RestartArm:
     floor: int | None = None
     """A heartbeat written after this store revision proves the operator alive since the
     last restart (None: not known yet; the first successful quorum read sets it)."""
+    recoveries: int = 0
+    """Restarts of this shard alone (its connection), the others carrying on."""
 
     def restarted(self) -> None:
         """The control plane restarted (for whatever reason): a stale heartbeat restarts
@@ -107,6 +109,11 @@ class ShardHealth:
             self.consecutive_errors = previous.consecutive_errors
             self.failure, self.reason, self.last = previous.failure, previous.reason, previous.last
         return self
+
+    @property
+    def failing(self) -> bool:
+        """The last quorum read failed: requests that need this shard fail fast."""
+        return self.last is not None and self.last.quorum_error is not None
 
     @property
     def reachable(self) -> bool | None:
@@ -161,5 +168,6 @@ class ShardHealth:
             "heartbeat_threshold": None if last is None else last.heartbeat_threshold,
             "heartbeat_stale": None if last is None else last.heartbeat_stale,
             "restart_armed": {"connection": self.arm.connection, "heartbeat": self.arm.heartbeat},
+            "recoveries": self.arm.recoveries,
             "checks": self.checks,
         }

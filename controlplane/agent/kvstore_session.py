@@ -35,7 +35,7 @@ from controlplane.kvstore.nodes import KvNodeStore
 from controlplane.kvstore.owner import Owners
 from controlplane.kvstore.policies import KvPolicyStore
 from controlplane.kvstore.shards import ShardMap
-from controlplane.model import Identity
+from controlplane.model import Identity, Labels, reserved_identity_for
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,20 @@ class KvstoreSession:
     def health(self) -> list[ShardHealth]:
         return list(self._health.values())
 
+    def unavailable(self, labels: Labels) -> str | None:
+        node = self.connector.settings.node
+        needed = {
+            self.shards.shard_for("endpoints", node).name,
+            self.shards.shard_for("ipam", node).name,
+        }
+        if reserved_identity_for(labels) is None:
+            needed.add(self.shards.shard_for("identities", labels.canonical()).name)
+        for name in sorted(needed):
+            health = self._health[name]
+            if health.failing:
+                return f"kvstore shard {name}: {health.reason}"
+        return None
+
     def on_identity_changed(self, callback: Callable[[Identity, Identity], None]) -> None:
         self.identity_store.changed.append(callback)
 
@@ -149,15 +163,41 @@ class KvstoreSession:
         while True:
             await asyncio.sleep(interval)
             failures = await asyncio.gather(*(self._check(name) for name in self._health))
-            for name, failure in zip(self._health, failures, strict=True):
-                if failure is not None:
-                    log.warning(
-                        "%s: kvstore shard %s unhealthy: %s",
-                        self.connector.settings.node,
-                        name,
-                        self._health[name].reason,
-                    )
-                    raise RestartNeeded(failure.value)
+            failed = {
+                name: failure
+                for name, failure in zip(self._health, failures, strict=True)
+                if failure is not None
+            }
+            for name in failed:
+                log.warning(
+                    "%s: kvstore shard %s unhealthy: %s",
+                    self.connector.settings.node,
+                    name,
+                    self._health[name].reason,
+                )
+            if not failed:
+                continue
+            if all(not h.healthy for h in self._health.values()):
+                raise RestartNeeded(next(iter(failed.values())).value)
+            for name, failure in failed.items():
+                await self._recover(name, failure)
+
+    async def _recover(self, name: str, failure: Failure) -> None:
+        """One shard of several is unhealthy, the others are well: restart only that
+        shard's part (a fresh connection; its watches resume and its owned keys are
+        re-created or repaired on it), so the healthy shards' watches, owned keys and
+        maps carry on untouched."""
+        arm = self._health[name].arm
+        arm.restarted()
+        arm.recoveries += 1
+        self.connector.metrics.shard_recoveries.labels(name, failure.value).inc()
+        log.warning(
+            "%s: restarting kvstore shard %s alone (%s); the other shards carry on",
+            self.connector.settings.node,
+            name,
+            failure.value,
+        )
+        await self.shards.backends[name].reconnect()
 
     async def _check(self, name: str) -> Failure | None:
         s = self.connector.settings

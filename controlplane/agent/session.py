@@ -60,7 +60,7 @@ class Session:
         self.store = store
         self.stores = store.stores
         self.generation = generation
-        self.publisher = EndpointPublisher(host.owned, self.stores)
+        self.publisher = EndpointPublisher(host.owned, self.stores, store.unavailable)
         store.on_identity_changed(self._identity_changed)
         self.watches: CacheWatches | None = None
         self.ready = asyncio.Event()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from controlplane.agent.health import ShardHealth
-from controlplane.model import Identity
+from controlplane.model import Identity, Labels
 from controlplane.store import (
     CIDRStore,
     EndpointStore,
@@ -70,6 +70,11 @@ class StoreSession(Protocol):
 
     def health(self) -> list[ShardHealth]:
         """The latest health of each part of the store (a kvstore shard, the API server)."""
+        ...
+
+    def unavailable(self, labels: Labels) -> str | None:
+        """Why a new endpoint with ``labels`` on this node cannot be published now (a part
+        of the store it needs failed its last check: which and why), else None."""
         ...
 
     def on_identity_changed(self, callback: Callable[[Identity, Identity], None]) -> None:

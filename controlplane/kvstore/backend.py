@@ -121,6 +121,14 @@ class EtcdBackend:
                 await self.close()
                 raise
 
+    async def reconnect(self) -> None:
+        """A fresh channel in place of the current one: calls and streams in flight on the
+        old one fail as Unreachable, and their retries and resumes use the new one."""
+        old, self._channel = self._channel, None
+        await self.connect()
+        if old is not None:
+            await old.close()
+
     async def close(self) -> None:
         self._closed = True  # no lazy reconnect by a call still in flight
         channel, self._channel = self._channel, None
