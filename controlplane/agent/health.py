@@ -94,6 +94,9 @@ class ShardHealth:
     reason: str = ""
     checks: int = 0
     last: Observation | None = None
+    failing: bool = False
+    """This session's last quorum read failed: requests that need the shard fail fast.
+    (Not carried to the next session, which starts from what it sees itself.)"""
 
     @property
     def healthy(self) -> bool:
@@ -110,10 +113,6 @@ class ShardHealth:
             self.failure, self.reason, self.last = previous.failure, previous.reason, previous.last
         return self
 
-    @property
-    def failing(self) -> bool:
-        """The last quorum read failed: requests that need this shard fail fast."""
-        return self.last is not None and self.last.quorum_error is not None
 
     @property
     def reachable(self) -> bool | None:
@@ -125,6 +124,7 @@ class ShardHealth:
         """Count one check; returns the failure that should restart the agent, if any."""
         self.checks += 1
         self.last = obs
+        self.failing = obs.quorum_error is not None
         self.arm.note(obs.read_revision, obs.beat_revision, obs.heartbeat_stale)
         if obs.quorum_error is None:
             self.arm.connection = True

@@ -22,8 +22,9 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from controlplane import codec
 from controlplane.config import KvstoreConfig
@@ -223,15 +224,7 @@ class Operator:
     # -- (a) heartbeat ---------------------------------------------------------------
 
     async def _heartbeats(self, shards: ShardMap, term: Term) -> None:
-        """One heartbeat loop per cluster: a slow or dead cluster never delays another's."""
-        try:
-            async with asyncio.TaskGroup() as group:
-                for backend in shards.all():
-                    group.create_task(
-                        self._heartbeat(backend, term), name=f"heartbeat:{backend.name}"
-                    )
-        except* Fenced as fenced:  # the term is over: the first says why
-            raise fenced.exceptions[0] from None
+        await _per_cluster("heartbeat", shards.all(), lambda b: self._heartbeat(b, term))
 
     async def _heartbeat(self, backend: EtcdBackend, term: Term) -> None:
         interval = self.settings.heartbeat_interval
@@ -319,26 +312,38 @@ class Operator:
     # -- (c) identity GC -------------------------------------------------------------
 
     async def _identity_gc(self, shards: ShardMap, term: Term) -> None:
-        collectors = [
-            KvIdentityCollector(
-                _one_cluster_view(shards, backend),
-                self.layout,
-                self.metrics.store,
-                deletes_per_second=self.settings.identity_gc_rate,
-                fence=functools.partial(term.fence, backend),
-            )
-            for backend in shards.shards("identities")
-        ]
+        await _per_cluster(
+            "identity-gc",
+            shards.shards("identities"),
+            lambda b: self._identity_gc_on(shards, b, term),
+        )
+
+    async def _identity_gc_on(self, shards: ShardMap, backend: EtcdBackend, term: Term) -> None:
+        collector = KvIdentityCollector(
+            _one_cluster_view(shards, backend),
+            self.layout,
+            self.metrics.store,
+            deletes_per_second=self.settings.identity_gc_rate,
+            fence=functools.partial(term.fence, backend),
+        )
         while True:
-            for collector in collectors:
+            try:
                 stats = await collector.collect()
-                if stats.deleted or stats.skipped:
-                    log.info(
-                        "identity GC: %d deleted, %d skipped, %d candidate(s)",
-                        stats.deleted,
-                        stats.skipped,
-                        stats.candidates,
-                    )
+            except Fenced:
+                raise
+            except KvstoreError as exc:  # this cluster only; the others go on
+                retry = self.settings.retry_period
+                log.warning("identity GC on %s: %s; retrying in %gs", backend.name, exc, retry)
+                await asyncio.sleep(retry)
+                continue
+            if stats.deleted or stats.skipped:
+                log.info(
+                    "identity GC on %s: %d deleted, %d skipped, %d candidate(s)",
+                    backend.name,
+                    stats.deleted,
+                    stats.skipped,
+                    stats.candidates,
+                )
             await asyncio.sleep(self.settings.gc_interval)
 
     # -- (d) GC of gone nodes --------------------------------------------------------
@@ -475,3 +480,18 @@ def _one_cluster_view(shards: ShardMap, backend: EtcdBackend) -> ShardMap:
     view = ShardMap(config)
     view.backends = {backend.name: backend}
     return view
+
+
+async def _per_cluster(
+    job: str,
+    backends: list[EtcdBackend],
+    body: Callable[[EtcdBackend], Coroutine[Any, Any, None]],
+) -> None:
+    """Run a leader job on each cluster as a task of its own, so a slow or dead cluster
+    never delays another's work; the first Fenced (the term is over) ends them all."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for backend in backends:
+                group.create_task(body(backend), name=f"{job}:{backend.name}")
+    except* Fenced as fenced:
+        raise fenced.exceptions[0] from None
