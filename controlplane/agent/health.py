@@ -113,7 +113,6 @@ class ShardHealth:
             self.failure, self.reason, self.last = previous.failure, previous.reason, previous.last
         return self
 
-
     @property
     def reachable(self) -> bool | None:
         if self.last is None:
