@@ -235,7 +235,7 @@ class Agent:
         if self._own_policy_maps:
             unpin_policy_maps(self.policy_maps, self.settings.bpf_pin_dir)
         if self._own_ipcache and unpin_ipcache(self.ipcache, self.settings.bpf_pin_dir):
-            log.info("%s: unpinned the kernel ipcache", self.settings.node)
+            log.info("%s: unpinned the kernel maps", self.settings.node)
 
     async def _sessions(self) -> None:
         while not self.stopping.is_set():

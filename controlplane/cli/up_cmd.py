@@ -158,6 +158,9 @@ async def start_daemons(args: argparse.Namespace, workdir: Path, endpoints: str)
                 # mode would make them share the machine-wide pinned ipcache)
                 "--datapath",
                 "userspace",
+                # a local demo never touches the host's networking: no routes to the other
+                # nodes' pod CIDRs (they would land in the host's main table)
+                "--no-routes",
                 "--metrics-address",
                 "0",
                 "--heartbeat-interval",
