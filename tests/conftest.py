@@ -93,3 +93,10 @@ def bpf_pin_dir() -> Iterator[Path]:
             for child in path.iterdir():
                 child.unlink()
             path.rmdir()
+
+
+@pytest_asyncio.fixture
+async def second_etcd() -> AsyncIterator[EmbeddedEtcd]:
+    """A second cluster (one member, named "b") for sharding tests."""
+    async with EmbeddedEtcd(1, name="b") as etcd:
+        yield etcd

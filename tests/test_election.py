@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from helpers import FAST, eventually
 
 from controlplane.config import EtcdClusterConfig, KvstoreConfig
@@ -28,12 +27,6 @@ from controlplane.kvstore.types import Put
 
 SETTINGS = ElectionSettings(lease_duration=3, renew_deadline=2.0, retry_period=0.5)
 LAYOUT = KeyLayout()
-
-
-@pytest_asyncio.fixture
-async def second_etcd() -> AsyncIterator[EmbeddedEtcd]:
-    async with EmbeddedEtcd(1) as etcd:
-        yield etcd
 
 
 def shard_map(*clusters: EmbeddedEtcd) -> ShardMap:

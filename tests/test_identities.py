@@ -8,7 +8,6 @@ import random
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-import pytest_asyncio
 from helpers import FAST, eventually, holds_for
 
 from controlplane import codec
@@ -204,12 +203,6 @@ async def run_allocators(
 
 async def test_invariant_1_with_32_allocators(etcd3: EmbeddedEtcd) -> None:
     await run_allocators(config_for(etcd3), count=32, ops=25, label_sets=40)
-
-
-@pytest_asyncio.fixture
-async def second_etcd() -> AsyncIterator[EmbeddedEtcd]:
-    async with EmbeddedEtcd(1, name="ids-b") as etcd:
-        yield etcd
 
 
 async def test_invariant_1_on_two_shards(etcd1: EmbeddedEtcd, second_etcd: EmbeddedEtcd) -> None:

@@ -13,11 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 import yaml
 from helpers import FAST, eventually
 
@@ -31,12 +29,6 @@ from tests.test_operator import OperatorProcess, operators
 
 BEAT = 1.0
 SHARDED = ("identities", "endpoints", "ipam")
-
-
-@pytest_asyncio.fixture
-async def etcd_b() -> AsyncIterator[EmbeddedEtcd]:
-    async with EmbeddedEtcd(1, name="b") as etcd:
-        yield etcd
 
 
 def _config(main: EmbeddedEtcd, b: EmbeddedEtcd) -> KvstoreConfig:
@@ -90,11 +82,11 @@ def _pick(config: KvstoreConfig) -> tuple[list[str], str, str, list[str], list[s
 
 
 async def test_a_paused_shard_costs_only_its_own_resources(
-    etcd1: EmbeddedEtcd, etcd_b: EmbeddedEtcd, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    etcd1: EmbeddedEtcd, second_etcd: EmbeddedEtcd, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = _config(etcd1, etcd_b)
+    config = _config(etcd1, second_etcd)
     nodes, healthy_node, b_node, labels_main, labels_b = _pick(config)
-    config_file = _config_file(tmp_path, etcd1, etcd_b)
+    config_file = _config_file(tmp_path, etcd1, second_etcd)
     ops = [
         OperatorProcess(
             tmp_path,
@@ -153,7 +145,7 @@ async def test_a_paused_shard_costs_only_its_own_resources(
             status, _ = await create(node, f"before-{i}", labels_main[0])
             assert status == 201
 
-        etcd_b.pause_member(0)
+        second_etcd.pause_member(0)
         main_stale: list[str] = []
         try:
             await eventually(
@@ -180,7 +172,7 @@ async def test_a_paused_shard_costs_only_its_own_resources(
                 assert status == 503 and "shard b" in str(answer["error"]), answer
                 await asyncio.sleep(0.5)
         finally:
-            etcd_b.resume_member(0)
+            second_etcd.resume_member(0)
         assert main_stale == [], f"main's heartbeat looked stale to {sorted(set(main_stale))}"
 
         def converged() -> bool:

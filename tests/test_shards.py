@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 
-import pytest_asyncio
 from helpers import FAST, eventually
 
 from controlplane.config import EtcdClusterConfig, KvstoreConfig
 from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.kvstore.shards import ShardEvent, ShardMap, stable_hash
 from controlplane.kvstore.types import EventType
-
-
-@pytest_asyncio.fixture
-async def second_etcd() -> AsyncIterator[EmbeddedEtcd]:
-    async with EmbeddedEtcd(1, name="b") as etcd:
-        yield etcd
 
 
 def two_cluster_config(a: EmbeddedEtcd, b: EmbeddedEtcd) -> KvstoreConfig:
