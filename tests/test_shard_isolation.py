@@ -167,7 +167,8 @@ async def test_a_paused_shard_costs_only_its_own_resources(
                 asked = time.monotonic()
                 status, answer = await create(b_node, f"refused-{len(created)}", labels_main[1])
                 assert status == 503 and "shard b" in str(answer["error"]), answer
-                assert time.monotonic() - asked < 1.0
+                # at once: well within a request timeout (5 s), whatever the load
+                assert time.monotonic() - asked < 2.0
                 status, answer = await create(healthy_node, "on-b-identity", labels_b[0])
                 assert status == 503 and "shard b" in str(answer["error"]), answer
                 await asyncio.sleep(0.5)
