@@ -8,6 +8,8 @@ and ``type``::
     pinDir       where the datapath maps are pinned  (default /sys/fs/bpf/cp)
     mtu          MTU of both veth ends               (default: the kernel's)
     labels       endpoint labels, e.g. ["k8s:app=web"] (added to CNI_ARGS CP_LABELS)
+    bpfObject    the datapath object to load (default: $CP_BPF_OBJECT, else the one
+                 built into the package, or a source tree's bpf/cp_datapath.o)
 
 The endpoint is ``K8S_POD_NAMESPACE/K8S_POD_NAME`` from ``CNI_ARGS`` (``default`` and the
 container id when absent).
@@ -81,6 +83,7 @@ class NetConf:
     pin_dir: Path = DEFAULT_PIN_DIR
     mtu: int | None = None
     labels: tuple[str, ...] = ()
+    bpf_object: Path | None = None
     prev_result: Mapping[str, Any] | None = None
 
 
@@ -117,6 +120,9 @@ def parse_netconf(data: Mapping[str, Any]) -> NetConf:
     labels = data.get("labels", [])
     if not isinstance(labels, list) or not all(isinstance(x, str) and x for x in labels):
         raise CNIError(E_INVALID_CONFIG, "network configuration: labels must be a string list")
+    bpf_object = data.get("bpfObject")
+    if bpf_object is not None and (not isinstance(bpf_object, str) or not bpf_object):
+        raise CNIError(E_INVALID_CONFIG, "network configuration: bpfObject must be a path")
     prev = data.get("prevResult")
     if prev is not None and not isinstance(prev, dict):
         raise CNIError(E_INVALID_CONFIG, "network configuration: prevResult must be an object")
@@ -128,6 +134,7 @@ def parse_netconf(data: Mapping[str, Any]) -> NetConf:
         pin_dir=Path(_str_field(data, "pinDir", str(DEFAULT_PIN_DIR))),
         mtu=mtu,
         labels=tuple(labels),
+        bpf_object=Path(bpf_object) if bpf_object is not None else None,
         prev_result=prev,
     )
 
@@ -271,7 +278,9 @@ def cmd_add(conf: NetConf, inv: Invocation) -> dict[str, Any]:
         except netlink.NetlinkFailure as e:
             raise CNIError(E_NETLINK, "setting up the pod's network failed", str(e)) from None
         try:
-            loader.load_and_attach(eid, link.host_ifname, pin_dir=conf.pin_dir)
+            loader.load_and_attach(
+                eid, link.host_ifname, pin_dir=conf.pin_dir, obj_path=conf.bpf_object
+            )
         except BaseException as e:
             netlink.delete_host_veth(inv.container_id)
             if isinstance(e, loader.LoaderError | OSError | ValueError):

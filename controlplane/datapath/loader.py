@@ -42,7 +42,9 @@ __all__ = [
     "BPF_SRC_DIR",
     "DEFAULT_PIN_DIR",
     "FROM_PROGRAM_NAME",
+    "OBJECT_ENV",
     "OBJECT_PATH",
+    "PACKAGED_OBJECT",
     "PROGRAM_NAME",
     "SHARED_MAPS",
     "BpfUnavailableError",
@@ -53,14 +55,20 @@ __all__ = [
     "datapath_unavailable_reason",
     "detach",
     "ensure_bpffs",
+    "find_object",
     "in_netns",
     "is_attached",
     "load_and_attach",
     "load_program",
 ]
 
+# The source tree's bpf/ (a checkout or an editable install), built by `make` when stale.
 BPF_SRC_DIR: Final = Path(__file__).resolve().parents[2] / "bpf"
 OBJECT_PATH: Final = BPF_SRC_DIR / "cp_datapath.o"
+# Built into the wheel by setup.py (with the C sources and Makefile beside it).
+PACKAGED_OBJECT: Final = Path(__file__).resolve().parent / "bpf" / "cp_datapath.o"
+# Points the loader at another object (a rebuilt one); cp-cni's netconf `bpfObject` wins.
+OBJECT_ENV: Final = "CP_BPF_OBJECT"
 PROGRAM_NAME: Final = "cp_to_endpoint"
 FROM_PROGRAM_NAME: Final = "cp_from_endpoint"
 DEFAULT_PIN_DIR: Final = Path("/sys/fs/bpf/cp")
@@ -106,20 +114,49 @@ def _find_libbpf() -> str | None:
 def datapath_unavailable_reason(need_build: bool | None = None) -> str | None:
     """Why the kernel datapath cannot be used here, or None when it can.
 
-    ``need_build`` (default: whether ``bpf/cp_datapath.o`` is missing) also requires clang.
+    ``need_build`` (default: whether no object is found without building one, see
+    :func:`find_object`) also requires clang.
     """
     if os.geteuid() != 0:
         return "not root (loading eBPF programs and pinning maps needs CAP_BPF/CAP_NET_ADMIN)"
     if _find_libbpf() is None:
         return "libbpf.so.1 not found (install libbpf1 / libbpf-dev)"
     if need_build is None:
-        need_build = not OBJECT_PATH.exists()
+        need_build = not (
+            os.environ.get(OBJECT_ENV)
+            or OBJECT_PATH.exists()
+            or (not _in_source_tree() and PACKAGED_OBJECT.exists())
+        )
     if need_build and shutil.which(os.environ.get("CLANG", "clang")) is None:
         return "clang not found: cannot build bpf/cp_datapath.o (install clang, libbpf-dev)"
     return None
 
 
 # --- build ----------------------------------------------------------------------------
+
+
+def _in_source_tree() -> bool:
+    return (BPF_SRC_DIR / "cp_datapath.c").is_file() and (BPF_SRC_DIR / "Makefile").is_file()
+
+
+def find_object(override: Path | None = None) -> Path:
+    """The datapath object to load: ``override`` (cp-cni's ``bpfObject``), else
+    ``$CP_BPF_OBJECT``, else the source tree's ``bpf/cp_datapath.o`` (built when missing or
+    stale: a checkout or an editable install), else the one packaged in the wheel."""
+    if override is None and os.environ.get(OBJECT_ENV):
+        override = Path(os.environ[OBJECT_ENV])
+    if override is not None:
+        if not override.is_file():
+            raise BpfUnavailableError(f"datapath object {override} does not exist")
+        return override
+    if _in_source_tree():
+        return build_object()
+    if PACKAGED_OBJECT.is_file():
+        return PACKAGED_OBJECT
+    raise BpfUnavailableError(
+        f"no datapath object: {PACKAGED_OBJECT} is missing (a package built without clang?); "
+        f"rebuild it with `make -C {PACKAGED_OBJECT.parent}` or set {OBJECT_ENV}"
+    )
 
 
 def build_object(src_dir: Path = BPF_SRC_DIR, *, force: bool = False) -> Path:
@@ -247,10 +284,11 @@ def load_program(
     endpoint_id: int, pin_dir: Path = DEFAULT_PIN_DIR, obj_path: Path | None = None
 ) -> LoadedProgram:
     """Open the object, point its maps at ``pin_dir`` (reuse or create+pin), set the
-    endpoint id in ``.rodata``, and load it. Builds the object first when missing."""
+    endpoint id in ``.rodata``, and load it. ``obj_path`` defaults to :func:`find_object`'s
+    choice (a source tree's object is built first when missing or stale)."""
     if not 0 <= endpoint_id < 2**32:
         raise ValueError(f"endpoint id {endpoint_id} out of range")
-    path = obj_path if obj_path is not None else build_object()
+    path = find_object(obj_path)
     ensure_bpffs(pin_dir)
     lib = _libbpf().lib
     obj = lib.bpf_object__open_file(os.fsencode(path), None)
