@@ -404,7 +404,12 @@ Configuration fields besides cniVersion, name and type:
   pinDir       where the datapath maps are pinned  (default /sys/fs/bpf/cp)
   mtu          MTU of both veth ends               (default: the kernel's)
   labels       endpoint labels, e.g. ["k8s:app=web"]
-Any failure prints a CNI error {"cniVersion", "code", "msg", "details"} and exits 1."""
+  bpfObject    the datapath object (default: $CP_BPF_OBJECT, else the packaged one)
+Any failure prints a CNI error {"cniVersion", "code", "msg", "details"} and exits 1.
+
+  cp-cni install [--bin-dir /opt/cni/bin] [--conf-dir /etc/cni/net.d] [--uninstall]
+  cp-cni uninstall [--bin-dir ...] [--conf-dir ...]
+install the plugin and its conflist on the node (see cp-cni install --help)."""
 
 
 def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> int:
@@ -415,6 +420,10 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> 
         if args[0] in ("-h", "--help"):
             out.write(USAGE + "\n")
             return 0
+        if args[0] in ("install", "uninstall"):
+            from controlplane.cni import install
+
+            return install.main(args)
         print(f"cp-cni: takes no arguments (got {args[0]!r}); see cp-cni --help", file=sys.stderr)
         return 2
     payload: dict[str, Any] | None
