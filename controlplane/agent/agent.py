@@ -53,6 +53,9 @@ from controlplane.datapath.kernel import KernelMap
 from controlplane.datapath.policymap import PolicyMaps, close_policy_maps, unpin_policy_maps
 from controlplane.datapath.reconciler import IpcacheReconciler, describe
 from controlplane.datapath.routes import RouteManager
+from controlplane.datapath.sysctls import apply as apply_sysctls
+from controlplane.datapath.sysctls import summary as sysctl_summary
+from controlplane.datapath.sysctls import warning as sysctl_warning
 from controlplane.model import IPNetwork
 from controlplane.telemetry import Check, TelemetryServer
 
@@ -120,6 +123,10 @@ class Agent:
             )
         else:
             log.info("%s: datapath: userspace maps (%s)", settings.node, self.datapath.reason)
+        # ip_forward: checked (set with --set-sysctls) once; a wrong value is one warning
+        self.sysctls = apply_sysctls(set_values=settings.set_sysctls, root=settings.sysctl_root)
+        if (wrong := sysctl_warning(self.sysctls)) is not None:
+            log.warning("%s: %s", settings.node, wrong)
         # a restart on a pinned map: keep every entry, sweep only after the first sync
         self.reconciler.adopt_map()
         self.cache = AgentCache()
@@ -360,6 +367,7 @@ class Agent:
                 "reason": self.datapath.reason,
                 "pin_dir": str(self.settings.bpf_pin_dir) if self.datapath.kernel else None,
                 "adopted": stats.adopted,
+                "sysctls": sysctl_summary(self.sysctls, self.settings.sysctl_root),
                 "maps": {
                     self.ipcache.map.name: {
                         "entries": self.reconciler.map_entries,

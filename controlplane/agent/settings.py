@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from controlplane.datapath.sysctls import PROC_SYS
 from controlplane.flags import (
     Parser,
     add_kvstore_flags,
@@ -101,6 +102,11 @@ class AgentSettings:
     routes_netns: str | None = None
     """Program those routes inside this network namespace (a name under /run/netns or a
     path) instead of the agent's own: for hosts whose node network lives in a netns."""
+    set_sysctls: bool = False
+    """At start, set the sysctls the datapath needs (``net.ipv4.ip_forward=1``) when they
+    differ; off: only check and warn. The DaemonSet turns it on."""
+    sysctl_root: Path = PROC_SYS
+    """Where the sysctls are read and written (a test's directory instead of /proc/sys)."""
 
     def restart_jitter(self) -> float:
         """The per-node restart delay: base + a fixed fraction of the spread."""
@@ -272,6 +278,13 @@ def add_agent_flags(parser: argparse.ArgumentParser) -> None:
         help="program the routes inside this network namespace (/run/netns/NAME or a path) "
         "instead of the agent's own",
     )
+    datapath.add_argument(
+        "--set-sysctls",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="at start set the sysctls the datapath needs (net.ipv4.ip_forward=1) when they "
+        "differ (default off: check, warn in one line, report in cpctl status)",
+    )
     local.add_argument("-v", "--verbose", action="store_true", help="log debug details")
 
 
@@ -311,4 +324,5 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         bpf_pin_dir=args.bpf_pin_dir,
         routes=args.routes,
         routes_netns=args.routes_netns or None,
+        set_sysctls=args.set_sysctls,
     )

@@ -81,6 +81,11 @@ def _print(status: dict[str, Any]) -> None:
         f"{cache.get('endpoints', 0)} endpoints, {cache.get('nodes', 0)} nodes"
     )
     datapath = status.get("datapath", {})
+    sysctls = datapath.get("sysctls") or {}
+    for s in sysctls.get("required", []):
+        state = "ok" if s.get("ok") else f"WRONG, want {s.get('want')}: {s.get('error')}"
+        changed = " (set at start)" if s.get("changed") else ""
+        print(f"sysctl:     {s.get('name')}={s.get('value')} {state}{changed}")
     for name, m in datapath.get("maps", {}).items():
         print(f"map:        {name} ({datapath.get('mode')}): {m.get('entries')} entries")
     if status.get("malformed_skipped"):
