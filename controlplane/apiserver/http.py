@@ -1,0 +1,408 @@
+"""The HTTP side: one handler for every path, request decoding, responses, errors, auth.
+
+Every response is JSON. Every failure is a Kubernetes Status with kube's code and reason:
+handlers raise :class:`ApiError`; malformed bodies, oversized bodies and unknown paths
+become 400, 413 and 404 Statuses; anything unexpected is logged and answered with a 500
+Status, so a client never sees a traceback or a dropped connection. Requests need a known
+bearer token (401 otherwise); a read-only token may only read (403 otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from controlplane.apiserver import discovery, openapi, table
+from controlplane.apiserver.errors import (
+    ApiError,
+    bad_request,
+    internal,
+    qualified,
+    status_body,
+    unsupported_media,
+)
+from controlplane.apiserver.resources import Registry, Resource
+from controlplane.apiserver.rest import Rest, Result, Target, WriteOptions
+from controlplane.apiserver.routes import Route, parse
+from controlplane.apiserver.selectors import Selector
+from controlplane.apiserver.storage import Obj
+from controlplane.apiserver.watchcache import WatchCache
+from controlplane.apiserver.watchstream import WatchParams, WatchStream
+from controlplane.kvstore.errors import KvstoreError
+
+log = logging.getLogger(__name__)
+MAX_BODY_BYTES = 3 * 1024 * 1024
+_READ_VERBS = ("GET", "HEAD")
+_FIELD_VALIDATION = ("Strict", "Warn", "Ignore")
+OPENAPI_V2_PROTOBUF = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf"
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    read_only: bool = False
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(
+    body: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=json.dumps(body, separators=(",", ":")).encode(),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def error_response(error: ApiError) -> web.Response:
+    return json_response(status_body(error), error.code)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc)
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(
+            ApiError(
+                413, "RequestEntityTooLarge", f"Request entity too large: limit is {MAX_BODY_BYTES}"
+            )
+        )
+    except KvstoreError as exc:
+        log.warning("%s %s: storage error: %s", request.method, request.path, exc)
+        return error_response(internal(f"storage: {exc}"))
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(internal(type(exc).__name__))
+
+
+def auth_middleware(tokens: dict[str, User]) -> Any:
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = parse(request.path)
+        if route is not None and route.kind == "health":
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        user = tokens.get(token) if token else None
+        if user is None:
+            return error_response(ApiError(401, "Unauthorized", "Unauthorized"))
+        if user.read_only and request.method not in _READ_VERBS:
+            return error_response(_forbidden(user, request, route))
+        return await handler(request)
+
+    return check
+
+
+def _forbidden(user: User, request: web.Request, route: Route | None) -> ApiError:
+    verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(
+        request.method, request.method.lower()
+    )
+    if route is None or route.kind != "objects":
+        return ApiError(
+            403, "Forbidden", f'forbidden: User "{user.name}" cannot {verb} path "{request.path}"'
+        )
+    where = f' in the namespace "{route.namespace}"' if route.namespace else ""
+    subject = qualified(route.plural, route.group)
+    if route.name:
+        subject += f' "{route.name}"'
+    return ApiError(
+        403,
+        "Forbidden",
+        f'{subject} is forbidden: User "{user.name}" cannot {verb} resource "{route.plural}" '
+        f'in API group "{route.group}"{where}',
+        route.name,
+        route.group,
+        route.plural,
+    )
+
+
+def _warning_headers(warnings: list[str]) -> dict[str, str]:
+    # aiohttp joins repeated headers poorly; kube sends one Warning per message, and
+    # clients accept them comma-separated in one header too.
+    if not warnings:
+        return {}
+    return {"Warning": ", ".join('299 - "' + w.replace('"', '\\"') + '"' for w in warnings)}
+
+
+def _wants_table(accept: str) -> bool:
+    return any("as=Table" in part and "g=meta.k8s.io" in part for part in accept.split(","))
+
+
+class Api:
+    """Routes a request to discovery, OpenAPI or the object verbs."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        rest: Rest,
+        caches: dict[str, WatchCache],
+        bookmark_interval: float = 60.0,
+    ) -> None:
+        self.registry = registry
+        self.rest = rest
+        self.caches = caches
+        self.bookmark_interval = bookmark_interval
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        route = parse(request.path)
+        if route is None:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        if route.kind == "objects":
+            return await self._objects(request, route)
+        if request.method not in _READ_VERBS:
+            raise ApiError(
+                405,
+                "MethodNotAllowed",
+                "the server does not allow this method on the requested resource",
+            )
+        body = self._document(request, route)
+        if body is None:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        if isinstance(body, web.StreamResponse):
+            return body
+        return json_response(body)
+
+    def _document(self, request: web.Request, route: Route) -> Any:
+        registry = self.registry
+        accept = request.headers.get("Accept", "")
+        if route.kind == "version":
+            return discovery.version()
+        if route.kind == "health":
+            return web.Response(text="ok")
+        if route.kind in ("api", "apis"):
+            media = discovery.aggregated_wanted(accept)
+            if media:
+                body = discovery.aggregated(registry, core=route.kind == "api", media_type=media)
+                return web.Response(body=json.dumps(body).encode(), headers={"Content-Type": media})
+            if route.kind == "api":
+                return discovery.api_versions()
+            return discovery.api_group_list(registry)
+        if route.kind == "group":
+            return discovery.api_group(registry, route.group)
+        if route.kind == "resources":
+            return discovery.resource_list(registry, route.group, route.version)
+        if route.kind == "openapi":
+            return openapi.root(registry)
+        if route.kind == "openapi-v2":
+            # An empty gnostic Document: old kubectl fetches it, finds nothing, and goes on.
+            return web.Response(body=b"", headers={"Content-Type": OPENAPI_V2_PROTOBUF})
+        if route.kind == "openapi-doc":
+            return openapi.group_version_document(registry, route.group, route.version)
+        return None
+
+    # -- objects --------------------------------------------------------------------------
+
+    def _target(self, route: Route) -> Target:
+        resource = self.registry.get(route.group, route.version, route.plural)
+        if resource is None:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        if route.namespace and not resource.namespaced:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        if route.subresource and not (
+            route.subresource == "status" and resource.status_subresource
+        ):
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        return Target(resource, route.namespace, route.name, route.subresource)
+
+    async def _objects(self, request: web.Request, route: Route) -> web.StreamResponse:
+        target = self._target(route)
+        query = request.query
+        method = request.method
+        watch = route.legacy_watch or query.get("watch") in ("true", "1")
+        if method in _READ_VERBS and (watch or not target.name):
+            return await self._collection(request, target, watch)
+        if method in _READ_VERBS:
+            obj = await self.rest.get(target)
+            return self._render_one(request, target.resource, obj)
+        if target.name == "" and method != "POST":
+            raise ApiError(
+                405,
+                "MethodNotAllowed",
+                "the server does not allow this method on the requested resource",
+            )
+        options = self._write_options(query)
+        if method == "POST":
+            if target.name:
+                raise ApiError(
+                    405,
+                    "MethodNotAllowed",
+                    "the server does not allow this method on the requested resource",
+                )
+            result = await self.rest.create(target, await _body(request), options)
+        elif method == "PUT":
+            result = await self.rest.update(target, await _body(request), options)
+        elif method == "PATCH":
+            content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
+            result = await self.rest.patch(target, content_type, await _body(request), options)
+        elif method == "DELETE":
+            raw = await _body(request, optional=True)
+            delete_options = raw if isinstance(raw, dict) else {}
+            dry = options.dry_run or bool(delete_options.get("dryRun"))
+            result = await self.rest.delete(target, delete_options, dry)
+        else:
+            raise ApiError(
+                405,
+                "MethodNotAllowed",
+                "the server does not allow this method on the requested resource",
+            )
+        return self._result(result)
+
+    def _result(self, result: Result) -> web.Response:
+        return json_response(result.body, result.code, _warning_headers(result.warnings))
+
+    def _write_options(self, query: Any) -> WriteOptions:
+        validation = query.get("fieldValidation", "Warn") or "Warn"
+        if validation not in _FIELD_VALIDATION:
+            raise bad_request(
+                f'fieldValidation must be one of "Ignore", "Warn", "Strict", got "{validation}"'
+            )
+        return WriteOptions(
+            field_validation=validation,
+            dry_run="All" in query.getall("dryRun", []),
+            field_manager=query.get("fieldManager", ""),
+            force=query.get("force") == "true",
+        )
+
+    def _render_one(self, request: web.Request, resource: Resource, obj: Obj) -> web.Response:
+        if _wants_table(request.headers.get("Accept", "")):
+            include = request.query.get("includeObject", "Metadata")
+            return json_response(
+                table.table(
+                    resource,
+                    [obj],
+                    {"resourceVersion": obj["metadata"].get("resourceVersion", "")},
+                    include,
+                )
+            )
+        return json_response(obj)
+
+    async def _collection(
+        self, request: web.Request, target: Target, watch: bool
+    ) -> web.StreamResponse:
+        query = request.query
+        if target.name:
+            fields = f"metadata.name={target.name}"
+            if query.get("fieldSelector"):
+                fields += "," + query["fieldSelector"]
+            target = Target(target.resource, target.namespace)
+        else:
+            fields = query.get("fieldSelector", "")
+        selector = Selector(query.get("labelSelector"), fields)
+        resource = target.resource
+        as_table = _wants_table(request.headers.get("Accept", ""))
+        include = query.get("includeObject", "Metadata")
+        if watch:
+            cache = self.caches.get(resource.storage_prefix)
+            if cache is None:
+                raise ApiError(503, "ServiceUnavailable", "the watch cache is not ready")
+            params = WatchParams(
+                resource_version=query.get("resourceVersion", ""),
+                bookmarks=query.get("allowWatchBookmarks") in ("true", "1"),
+                timeout=_float(query.get("timeoutSeconds"), 1800.0),
+                send_initial=query.get("sendInitialEvents") == "true",
+                bookmark_interval=self.bookmark_interval,
+            )
+            if params.send_initial and query.get("resourceVersionMatch") != "NotOlderThan":
+                raise bad_request(
+                    "sendInitialEvents is forbidden for watch unless resourceVersionMatch is "
+                    "set to NotOlderThan"
+                )
+
+            def render(obj: Obj) -> Any:
+                if as_table:
+                    return table.table(
+                        resource,
+                        [obj],
+                        {"resourceVersion": obj.get("metadata", {}).get("resourceVersion", "")},
+                        include,
+                    )
+                return obj
+
+            stream = WatchStream(self.rest, cache, target, selector, params, render)
+            return await stream.serve(request, {"Cache-Control": "no-cache, private"})
+        limit, token, revision = _list_window(query)
+        items, read_at, next_token = await self.rest.list_objects(
+            target, selector, limit=limit, token=token, revision=revision
+        )
+        metadata: dict[str, Any] = {"resourceVersion": str(read_at)}
+        if next_token:
+            metadata["continue"] = next_token
+        if as_table:
+            return json_response(table.table(resource, items, metadata, include))
+        return json_response(
+            {
+                "apiVersion": resource.api_version,
+                "kind": resource.list_kind,
+                "metadata": metadata,
+                "items": items,
+            }
+        )
+
+
+def _float(text: str | None, default: float) -> float:
+    if not text:
+        return default
+    try:
+        return float(text)
+    except ValueError:
+        raise bad_request(f"invalid timeoutSeconds {text!r}") from None
+
+
+def _list_window(query: Any) -> tuple[int, str, int]:
+    """(limit, continue token, revision to read at) of a list, with kube's rules."""
+    rv = query.get("resourceVersion", "")
+    match = query.get("resourceVersionMatch", "")
+    token = query.get("continue", "")
+    try:
+        limit = int(query.get("limit") or 0)
+    except ValueError:
+        raise bad_request("limit must be an integer") from None
+    if token and rv not in ("", "0"):
+        raise bad_request("specifying resource version is not allowed when using continue")
+    if match and not rv:
+        raise bad_request("resourceVersionMatch is forbidden unless resourceVersion is provided")
+    if match and match not in ("Exact", "NotOlderThan"):
+        raise bad_request(f'resourceVersionMatch "{match}" is not supported')
+    if rv in ("", "0"):
+        if match == "Exact":
+            raise bad_request('resourceVersionMatch "exact" is forbidden for resourceVersion "0"')
+        # "0" means any state: kube serves it from its cache and ignores limit.
+        return (0 if rv == "0" else limit), token, 0
+    try:
+        revision = int(rv)
+    except ValueError:
+        raise bad_request(f'invalid resource version "{rv}"') from None
+    exact = match == "Exact" or (not match and limit > 0)
+    return limit, token, revision if exact else 0
+
+
+async def _body(request: web.Request, *, optional: bool = False) -> Any:
+    raw = await request.read()
+    if not raw.strip():
+        if optional:
+            return None
+        raise bad_request("the request body is empty")
+    content_type = request.headers.get("Content-Type", "application/json").split(";")[0].strip()
+    if "protobuf" in content_type or "cbor" in content_type:
+        raise unsupported_media("application/json, application/yaml")
+    try:
+        if "yaml" in content_type:
+            return yaml.safe_load(raw)
+        return json.loads(raw)
+    except (ValueError, yaml.YAMLError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise bad_request(f"couldn't get version/kind; json parse error: {message}") from None

@@ -1,0 +1,234 @@
+"""One etcd watch per resource, fanned out to every client watch of that resource.
+
+The cache watches the resource's key prefix from the revision it started at and keeps the
+last ``capacity`` changes in a ring. A client watch from resourceVersion X replays the
+ring's changes after X, then follows live ones, in revision order, with no gap and no
+repeat. X older than the ring's floor is refused (410, "too old resource version"), as is
+X older than etcd's compaction. A client that falls ``capacity`` changes behind is closed
+(it re-lists, as with kube-apiserver) rather than slowing everyone else down. A watch from
+a revision the cache has not seen yet waits until etcd confirms, by a progress request,
+that every change up to it has been delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+from aetcd import rpc
+
+from controlplane.apiserver.storage import Obj, decode
+from controlplane.kvstore.backend import EtcdBackend
+from controlplane.kvstore.errors import KvstoreError, translate
+from controlplane.kvstore.types import prefix_range_end
+
+log = logging.getLogger(__name__)
+FRESHNESS_TIMEOUT_S = 3.0
+
+
+class TooOld(Exception):
+    """The requested revision is older than the cache's history."""
+
+    def __init__(self, requested: int, oldest: int) -> None:
+        super().__init__(f"too old resource version: {requested} ({oldest})")
+        self.requested = requested
+        self.oldest = oldest
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    type: str
+    """ADDED, MODIFIED or DELETED."""
+    key: str
+    obj: Obj
+    """The object after the change; for DELETED, its last state at the deleting revision."""
+    prev: Obj | None
+    revision: int
+
+
+@dataclass(eq=False)
+class Subscription:
+    prefix: str
+    queue: asyncio.Queue[Change | None] = field(default_factory=asyncio.Queue)
+    closed: bool = False
+
+
+class WatchCache:
+    """Watches ``prefix`` in etcd from the moment it starts; see the module docstring."""
+
+    def __init__(self, backend: EtcdBackend, prefix: str, *, capacity: int = 10_000) -> None:
+        self.backend = backend
+        self.prefix = prefix
+        self.capacity = capacity
+        self.revision = 0
+        """Every change up to this revision is in the ring (or was evicted from it)."""
+        self.floor = 0
+        """The oldest revision a client watch may start from."""
+        self._ring: deque[Change] = deque()
+        self._subscribers: set[Subscription] = set()
+        self._listeners: list[Callable[[Change], None]] = []
+        self._advanced = asyncio.Condition()
+        self._call: object | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def add_listener(self, listener: Callable[[Change], None]) -> None:
+        self._listeners.append(listener)
+
+    async def start(self, revision: int = 0) -> None:
+        self.revision = self.floor = revision or await self.backend.current_revision()
+        self._task = asyncio.create_task(self._run(), name=f"watchcache {self.prefix}")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for sub in list(self._subscribers):
+            self._close(sub)
+
+    # -- clients -----------------------------------------------------------------------
+
+    def subscribe(self, after: int, prefix: str) -> Subscription:
+        """Changes under ``prefix`` after revision ``after``: the ring's, then live ones."""
+        if after < self.floor:
+            raise TooOld(after, self.floor)
+        sub = Subscription(prefix)
+        for change in self._ring:
+            if change.revision > after and change.key.startswith(prefix):
+                sub.queue.put_nowait(change)
+        self._subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self._subscribers.discard(sub)
+
+    async def wait_fresh(self, revision: int, timeout: float = FRESHNESS_TIMEOUT_S) -> bool:
+        """Wait until every change up to ``revision`` is in the cache; False on timeout."""
+        if self.revision >= revision:
+            return True
+        self._request_progress()
+        async with self._advanced:
+            try:
+                await asyncio.wait_for(
+                    self._advanced.wait_for(lambda: self.revision >= revision), timeout
+                )
+            except TimeoutError:
+                return False
+        return True
+
+    def _request_progress(self) -> None:
+        call = self._call
+        if call is None:
+            return
+        request = rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())
+        write = call.write(request)  # type: ignore[attr-defined]
+        task = asyncio.ensure_future(write)
+        task.add_done_callback(_ignore_result)
+
+    def _close(self, sub: Subscription) -> None:
+        if not sub.closed:
+            sub.closed = True
+            sub.queue.put_nowait(None)
+        self._subscribers.discard(sub)
+
+    # -- the etcd side -----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            try:
+                await self._watch()
+            except KvstoreError as exc:
+                failures += 1
+                delay = min(2.0, 0.05 * 2**failures)
+                log.info("watch cache %s: %s; resuming in %.2fs", self.prefix, exc, delay)
+                await asyncio.sleep(delay)
+
+    async def _watch(self) -> None:
+        call = self.backend.watch_stream()
+        self._call = call
+        try:
+            create = rpc.WatchCreateRequest(
+                key=self.prefix.encode(),
+                range_end=prefix_range_end(self.prefix.encode()),
+                start_revision=self.revision + 1,
+                progress_notify=True,
+                prev_kv=True,
+            )
+            await call.write(rpc.WatchRequest(create_request=create))
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    raise KvstoreError(f"watch of {self.prefix} ended")
+                if response.canceled:
+                    if response.compact_revision:
+                        await self._reset(response.compact_revision)
+                        return
+                    raise KvstoreError(f"watch canceled by etcd: {response.cancel_reason}")
+                if response.events:
+                    self._deliver(response.events)
+                elif not response.created and response.header.revision > self.revision:
+                    self.revision = response.header.revision
+                async with self._advanced:
+                    self._advanced.notify_all()
+        except grpc.aio.AioRpcError as exc:
+            raise translate(exc, self.backend.name) from exc
+        except asyncio.InvalidStateError as exc:
+            raise KvstoreError(f"watch of {self.prefix} ended") from exc
+        finally:
+            self._call = None
+            call.cancel()
+
+    async def _reset(self, compacted: int) -> None:
+        """etcd compacted past our position: history is lost, so every client re-lists."""
+        log.warning("watch cache %s: revision compacted (%d); resetting", self.prefix, compacted)
+        for sub in list(self._subscribers):
+            self._close(sub)
+        self._ring.clear()
+        self.revision = self.floor = await self.backend.current_revision()
+
+    def _deliver(self, events: object) -> None:
+        for event in events:  # type: ignore[attr-defined]
+            change = _change(event)
+            if change.revision <= self.revision:
+                continue  # replayed after a resume
+            self._ring.append(change)
+            if len(self._ring) > self.capacity:
+                self.floor = self._ring.popleft().revision
+            for listener in self._listeners:
+                listener(change)
+            for sub in list(self._subscribers):
+                if not change.key.startswith(sub.prefix):
+                    continue
+                if sub.queue.qsize() >= self.capacity:
+                    log.info("watch cache %s: a client fell behind; closing it", self.prefix)
+                    self._close(sub)
+                else:
+                    sub.queue.put_nowait(change)
+        # Every event of one revision arrives in one response.
+        last = events[-1].kv.mod_revision  # type: ignore[index]
+        self.revision = max(self.revision, last)
+
+
+def _change(event: object) -> Change:
+    kv = event.kv  # type: ignore[attr-defined]
+    prev_kv = event.prev_kv  # type: ignore[attr-defined]
+    key = kv.key.decode()
+    prev = decode(prev_kv.value, prev_kv.mod_revision) if prev_kv.value else None
+    if event.type == rpc.Event.PUT:  # type: ignore[attr-defined]
+        obj = decode(kv.value, kv.mod_revision)
+        kind = "ADDED" if kv.create_revision == kv.mod_revision else "MODIFIED"
+        return Change(kind, key, obj, prev, kv.mod_revision)
+    last = decode(prev_kv.value, kv.mod_revision) if prev_kv.value else {"metadata": {}}
+    return Change("DELETED", key, last, prev, kv.mod_revision)
+
+
+def _ignore_result(task: asyncio.Future[object]) -> None:
+    if not task.cancelled():
+        task.exception()
