@@ -50,6 +50,12 @@ def check_type(resource: Resource, obj: Any) -> Obj:
     """The body is an object of this resource's apiVersion and kind (400 otherwise)."""
     if not isinstance(obj, dict):
         raise bad_request("the body of the request must be a JSON or YAML object")
+    if not resource.custom:
+        # Built-in kinds decode with the endpoint's version and kind as defaults.
+        obj.setdefault("apiVersion", resource.api_version)
+        obj.setdefault("kind", resource.kind)
+        obj["apiVersion"] = obj["apiVersion"] or resource.api_version
+        obj["kind"] = obj["kind"] or resource.kind
     api_version, kind = obj.get("apiVersion"), obj.get("kind")
     if not kind:
         raise bad_request("Object 'Kind' is missing in the request body")
