@@ -254,6 +254,11 @@ async def widgets(client: KubeClient) -> KubeClient:
     return client
 
 
+def kubectl_flags(kubeconfig: Path) -> list[str]:
+    """The kubeconfig, and a discovery cache of this server's own (not ~/.kube/cache)."""
+    return ["--kubeconfig", str(kubeconfig), "--cache-dir", str(kubeconfig.parent / "kube-cache")]
+
+
 def kubectl(
     kubeconfig: Path,
     *args: str,
@@ -263,7 +268,7 @@ def kubectl(
 ) -> subprocess.CompletedProcess[str]:
     """Run kubectl against ``kubeconfig``; fail the test on a non-zero exit when ``check``."""
     done = subprocess.run(
-        [binary, "--kubeconfig", str(kubeconfig), *args],
+        [binary, *kubectl_flags(kubeconfig), *args],
         input=stdin,
         capture_output=True,
         text=True,

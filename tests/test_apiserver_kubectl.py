@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 pytest.register_assert_rewrite("tests.kube_fixtures")
-from tests.kube_fixtures import KUBECTL_OTHER, WIDGET_CRD, kubectl  # noqa: E402
+from tests.kube_fixtures import KUBECTL_OTHER, WIDGET_CRD, kubectl, kubectl_flags  # noqa: E402
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
 
@@ -171,7 +171,7 @@ def test_kubectl_watch_sees_another_clients_change(server: dict[str, Any], tmp_p
     kc = Path(server["kubeconfig"])
     kubectl(kc, "apply", "-f", str(_manifest(tmp_path, "watched", {"size": 1})))
     watch = subprocess.Popen(
-        ["kubectl", "--kubeconfig", str(kc), "get", "wd", "-w", "--output-watch-events"],
+        ["kubectl", *kubectl_flags(kc), "get", "wd", "-w", "--output-watch-events"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -322,15 +322,19 @@ class Api:
                     "set to NotOlderThan"
                 )
 
+            headers_sent = False
+
             def render(obj: Obj) -> Any:
-                if as_table:
-                    return table.table(
-                        resource,
-                        [obj],
-                        {"resourceVersion": obj.get("metadata", {}).get("resourceVersion", "")},
-                        include,
-                    )
-                return obj
+                # As kube does: a Table's column definitions go with the first event only.
+                nonlocal headers_sent
+                if not as_table:
+                    return obj
+                metadata = {"resourceVersion": obj.get("metadata", {}).get("resourceVersion", "")}
+                rendered = table.table(
+                    resource, [obj], metadata, include, with_columns=not headers_sent
+                )
+                headers_sent = True
+                return rendered
 
             stream = WatchStream(self.rest, cache, target, selector, params, render)
             return await stream.serve(request, {"Cache-Control": "no-cache, private"})
