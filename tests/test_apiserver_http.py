@@ -29,6 +29,7 @@ pytest_plugins = ["tests.kube_fixtures"]
 
 MERGE = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
+APPLY = "application/apply-patch+yaml"
 CRDS = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
 
 
@@ -540,3 +541,52 @@ async def test_one_etcd_watch_per_resource(kube: KubeServer, widgets: KubeClient
 
 async def _subscribers(cache: Any, count: int) -> bool:
     return len(cache._subscribers) >= count
+
+
+async def test_server_side_apply_owns_fields(widgets: KubeClient) -> None:
+    client = widgets
+    path = f"{WIDGETS}/ssa"
+
+    async def apply(manager: str, spec: dict[str, Any], **params: str) -> Any:
+        body = {**widget("ssa"), "spec": spec}
+        return await client.patch(path, body, APPLY, params={"fieldManager": manager, **params})
+
+    created = await apply("alice", {"size": 2, "color": "red"})
+    assert created.status == 201, created.body
+    managed = created.body["metadata"]["managedFields"]
+    assert [(m["manager"], m["operation"]) for m in managed] == [("alice", "Apply")]
+    assert managed[0]["fieldsV1"] == {"f:spec": {"f:color": {}, "f:size": {}}}
+
+    bob = await client.patch(path, {"spec": {"size": 5}}, MERGE, params={"fieldManager": "bob"})
+    owners = {m["manager"]: m for m in bob.body["metadata"]["managedFields"]}
+    assert owners["bob"]["operation"] == "Update"
+    assert owners["bob"]["fieldsV1"] == {"f:spec": {"f:size": {}}}
+    assert owners["alice"]["fieldsV1"] == {"f:spec": {"f:color": {}}}
+
+    refused = await apply("alice", {"size": 3, "color": "red"})
+    _status(refused, 409, "Conflict")
+    assert refused.body["message"] == (
+        'Apply failed with 1 conflict: conflict with "bob" using example.com/v1: .spec.size'
+    )
+    assert refused.body["details"]["causes"] == [
+        {
+            "reason": "FieldManagerConflict",
+            "message": 'conflict with "bob" using example.com/v1',
+            "field": ".spec.size",
+        }
+    ]
+    forced = await apply("alice", {"size": 3, "color": "red"}, force="true")
+    assert forced.body["spec"]["size"] == 3
+    assert [m["manager"] for m in forced.body["metadata"]["managedFields"]] == ["alice"]
+
+    # Carol applies the same color: shared ownership, no conflict.
+    shared = await apply("carol", {"size": 3, "color": "red"})
+    assert shared.status == 200, shared.body
+    # Alice stops applying color: carol still owns it, so it stays.
+    kept = await apply("alice", {"size": 3})
+    assert kept.body["spec"]["color"] == "red"
+    carol_drops = await apply("carol", {"size": 3})
+    assert "color" not in carol_drops.body["spec"]  # its last owner stopped applying it
+    rv = carol_drops.body["metadata"]["resourceVersion"]
+    again = await apply("carol", {"size": 3})
+    assert again.body["metadata"]["resourceVersion"] == rv  # a no-op apply writes nothing

@@ -131,9 +131,16 @@ def test_kubectl_apply_get_patch_label_delete(server: dict[str, Any], tmp_path: 
     strict = kubectl(kc, "apply", "-f", str(unknown), check=False)
     assert strict.returncode != 0 and 'unknown field "spec.bogus"' in strict.stderr
 
-    ssa = _manifest(tmp_path, "ssa", {"size": 4})
+    ssa = _manifest(tmp_path, "ssa", {"size": 4, "color": "red"})
     assert "serverside-applied" in kubectl(kc, "apply", "--server-side", "-f", str(ssa)).stdout
-    assert kubectl(kc, "get", "wd", "ssa", "-o", "jsonpath={.spec.size}").stdout == "4"
+    kubectl(kc, "patch", "wd", "ssa", "--type", "merge", "-p", '{"spec":{"size":6}}')
+    changed = _manifest(tmp_path, "ssa", {"size": 8})
+    conflict = kubectl(kc, "apply", "--server-side", "-f", str(changed), check=False)
+    assert conflict.returncode != 0
+    assert 'conflict with "kubectl-patch"' in conflict.stderr and ".spec.size" in conflict.stderr
+    kubectl(kc, "apply", "--server-side", "--force-conflicts", "-f", str(changed))
+    spec = json.loads(kubectl(kc, "get", "wd", "ssa", "-o", "jsonpath={.spec}").stdout)
+    assert spec == {"size": 8, "shape": "round"}  # color: no longer applied, so removed
 
     explained = kubectl(kc, "explain", "widgets.spec").stdout
     assert "What the widget should be." in explained and "size" in explained

@@ -27,6 +27,7 @@ from controlplane.apiserver.errors import (
     status_body,
     unsupported_media,
 )
+from controlplane.apiserver.fieldmanager import manager_from_user_agent
 from controlplane.apiserver.resources import Registry, Resource
 from controlplane.apiserver.rest import Rest, Result, Target, WriteOptions
 from controlplane.apiserver.routes import Route, parse
@@ -234,7 +235,7 @@ class Api:
                 "MethodNotAllowed",
                 "the server does not allow this method on the requested resource",
             )
-        options = self._write_options(query)
+        options = self._write_options(query, request.headers.get("User-Agent", ""))
         if method == "POST":
             if target.name:
                 raise ApiError(
@@ -264,7 +265,7 @@ class Api:
     def _result(self, result: Result) -> web.Response:
         return json_response(result.body, result.code, _warning_headers(result.warnings))
 
-    def _write_options(self, query: Any) -> WriteOptions:
+    def _write_options(self, query: Any, user_agent: str) -> WriteOptions:
         validation = query.get("fieldValidation", "Warn") or "Warn"
         if validation not in _FIELD_VALIDATION:
             raise bad_request(
@@ -274,6 +275,7 @@ class Api:
             field_validation=validation,
             dry_run="All" in query.getall("dryRun", []),
             field_manager=query.get("fieldManager", ""),
+            default_manager=manager_from_user_agent(user_agent),
             force=query.get("force") == "true",
         )
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from controlplane.apiserver import crds
+from controlplane.apiserver import crds, fieldmanager
 from controlplane.apiserver.errors import (
     ApiError,
     Cause,
@@ -67,7 +68,16 @@ class WriteOptions:
     field_validation: str = "Warn"
     dry_run: bool = False
     field_manager: str = ""
+    """The fieldManager parameter, as given."""
+    default_manager: str = "unknown"
+    """The manager when none is given (kube: the User-Agent's product)."""
     force: bool = False
+    applying: bool = False
+    """The write is a server-side apply (its manager's operation is Apply)."""
+
+    @property
+    def manager(self) -> str:
+        return self.field_manager or self.default_manager
 
 
 @dataclass
@@ -149,6 +159,7 @@ class Rest:
             warnings = self._unknown(target, checked, options)
             new = checked.obj
             self._complete_builtin(resource, new, None)
+            new["metadata"]["managedFields"] = _created_fields(resource, obj, new, options)
             name = new["metadata"]["name"]
             key = resource.key(target.namespace, name)
             if options.dry_run:
@@ -210,14 +221,33 @@ class Rest:
                     raise conflict(resource.plural, resource.group, target.name) from None
         raise conflict(resource.plural, resource.group, target.name)
 
-    async def _write(self, target: Target, new: Obj, current: Obj, options: WriteOptions) -> Result:
-        """Store ``new`` over ``current`` (or delete it, when its last finalizer went)."""
+    async def _write(
+        self,
+        target: Target,
+        new: Obj,
+        current: Obj,
+        options: WriteOptions,
+        managed: list[dict[str, Any]] | None = None,
+    ) -> Result:
+        """Store ``new`` over ``current`` (or delete it, when its last finalizer went).
+
+        ``managed`` is the managedFields an apply computed; other writes record theirs here.
+        """
         resource = target.resource
         checked = prepare_update(resource, new, current, subresource=target.subresource)
         warnings = self._unknown(target, checked, options)
         obj = checked.obj
         if not target.subresource:
             self._complete_builtin(resource, obj, current)
+        if managed is None:
+            managed = fieldmanager.record_update(
+                current,
+                obj,
+                options.manager,
+                subresource=target.subresource,
+                status_split=resource.status_subresource,
+            )
+        obj["metadata"]["managedFields"] = managed
         if unchanged(obj, current):
             return Result(as_version(current, resource), 200, warnings)
         expected = int(current["metadata"]["resourceVersion"])
@@ -260,6 +290,7 @@ class Rest:
                 )
             if not isinstance(patch, dict):
                 raise bad_request("an apply patch must be an object")
+            options = dataclasses.replace(options, applying=True)
         elif content_type == MERGE and not isinstance(patch, dict):
             raise bad_request("a merge patch must be a JSON object")
         for _ in range(_PATCH_RETRIES):
@@ -268,9 +299,21 @@ class Rest:
                 if content_type == APPLY and not target.subresource:
                     return await self.create(target, copy.deepcopy(patch), options)
                 raise not_found(resource.plural, resource.group, target.name)
+            managed: list[dict[str, Any]] | None = None
             try:
                 if content_type == JSON_PATCH:
                     new = json_patch(current, patch)
+                elif content_type == APPLY:
+                    check_type(resource, copy.deepcopy(patch))
+                    new = fieldmanager.apply(
+                        current,
+                        patch,
+                        options.manager,
+                        force=options.force,
+                        subresource=target.subresource,
+                        status_split=resource.status_subresource,
+                    )
+                    managed = new["metadata"]["managedFields"]
                 else:
                     new = merge_patch(current, patch)
             except PatchError as exc:
@@ -282,7 +325,7 @@ class Rest:
                 raise conflict(resource.plural, resource.group, target.name)
             check_type(resource, new)
             try:
-                return await self._write(target, new, current, options)
+                return await self._write(target, new, current, options, managed)
             except WriteConflict:
                 if _names_version(content_type, patch):
                     raise conflict(resource.plural, resource.group, target.name) from None
@@ -390,3 +433,18 @@ def _names_version(content_type: str, patch: Any) -> bool:
             isinstance(op, dict) and op.get("path") == "/metadata/resourceVersion" for op in patch
         )
     return isinstance(patch, dict) and bool((patch.get("metadata") or {}).get("resourceVersion"))
+
+
+def _created_fields(
+    resource: Resource, body: Obj, created: Obj, options: WriteOptions
+) -> list[dict[str, Any]]:
+    """managedFields of a new object: its creator owns what it set (Apply or Update)."""
+    if options.applying:
+        applied = fieldmanager.apply(
+            {"metadata": {}}, body, options.manager, status_split=resource.status_subresource
+        )
+        managed: list[dict[str, Any]] = applied["metadata"]["managedFields"]
+        return managed
+    return fieldmanager.record_update(
+        None, created, options.manager, status_split=resource.status_subresource
+    )
