@@ -321,6 +321,13 @@ async def test_builtin_kinds(client: KubeClient) -> None:
     assert (await client.post("/api/v1/namespaces/default/events", event)).status == 201
     events = (await client.get("/api/v1/namespaces/default/events")).body
     assert [e["reason"] for e in events["items"]] == ["Tested"]
+    # The field labels kubectl describe uses to find an object's events.
+    about = "involvedObject.kind=Pod,involvedObject.name="
+    assert (
+        await client.get("/api/v1/namespaces/default/events", params={"fieldSelector": about})
+    ).body["items"]
+    other = {"fieldSelector": "involvedObject.kind=Node"}
+    assert (await client.get("/api/v1/namespaces/default/events", params=other)).body["items"] == []
 
 
 async def test_bad_input_is_a_status(widgets: KubeClient) -> None:

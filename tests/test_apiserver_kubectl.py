@@ -142,6 +142,8 @@ def test_kubectl_apply_get_patch_label_delete(server: dict[str, Any], tmp_path: 
     spec = json.loads(kubectl(kc, "get", "wd", "ssa", "-o", "jsonpath={.spec}").stdout)
     assert spec == {"size": 8, "shape": "round"}  # color: no longer applied, so removed
 
+    described = kubectl(kc, "describe", "wd", "w1").stdout
+    assert "Events:" in described and "Color:" in described and "blue" in described
     explained = kubectl(kc, "explain", "widgets.spec").stdout
     assert "What the widget should be." in explained and "size" in explained
 

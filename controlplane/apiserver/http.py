@@ -9,7 +9,6 @@ bearer token (401 otherwise); a read-only token may only read (403 otherwise).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -31,8 +30,8 @@ from controlplane.apiserver.fieldmanager import manager_from_user_agent
 from controlplane.apiserver.resources import Registry, Resource
 from controlplane.apiserver.rest import Rest, Result, Target, WriteOptions
 from controlplane.apiserver.routes import Route, parse
-from controlplane.apiserver.selectors import Selector
-from controlplane.apiserver.storage import Obj
+from controlplane.apiserver.selectors import EVENT_FIELDS, FIELDS, Selector
+from controlplane.apiserver.storage import JSONError, Obj, from_json, to_json
 from controlplane.apiserver.watchcache import WatchCache
 from controlplane.apiserver.watchstream import WatchParams, WatchStream
 from controlplane.kvstore.errors import KvstoreError
@@ -57,7 +56,7 @@ def json_response(
     body: Any, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
     return web.Response(
-        body=json.dumps(body, separators=(",", ":")).encode(),
+        body=to_json(body),
         status=status,
         content_type="application/json",
         headers=headers,
@@ -188,7 +187,7 @@ class Api:
             media = discovery.aggregated_wanted(accept)
             if media:
                 body = discovery.aggregated(registry, core=route.kind == "api", media_type=media)
-                return web.Response(body=json.dumps(body).encode(), headers={"Content-Type": media})
+                return web.Response(body=to_json(body), headers={"Content-Type": media})
             if route.kind == "api":
                 return discovery.api_versions()
             return discovery.api_group_list(registry)
@@ -303,7 +302,8 @@ class Api:
             target = Target(target.resource, target.namespace)
         else:
             fields = query.get("fieldSelector", "")
-        selector = Selector(query.get("labelSelector"), fields)
+        supported = EVENT_FIELDS if target.resource.kind == "Event" else FIELDS
+        selector = Selector(query.get("labelSelector"), fields, supported)
         resource = target.resource
         as_table = _wants_table(request.headers.get("Accept", ""))
         include = query.get("includeObject", "Metadata")
@@ -338,7 +338,9 @@ class Api:
                 headers_sent = True
                 return rendered
 
-            stream = WatchStream(self.rest, cache, target, selector, params, render)
+            stream = WatchStream(
+                self.rest, cache, target, selector, params, render if as_table else None
+            )
             return await stream.serve(request, {"Cache-Control": "no-cache, private"})
         limit, token, revision = _list_window(query)
         items, read_at, next_token = await self.rest.list_objects(
@@ -408,7 +410,7 @@ async def _body(request: web.Request, *, optional: bool = False) -> Any:
     try:
         if "yaml" in content_type:
             return yaml.safe_load(raw)
-        return json.loads(raw)
-    except (ValueError, yaml.YAMLError) as exc:
+        return from_json(raw)
+    except (ValueError, JSONError, yaml.YAMLError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise bad_request(f"couldn't get version/kind; json parse error: {message}") from None

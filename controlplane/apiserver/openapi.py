@@ -2,10 +2,11 @@
 
 A custom resource's schema is its CRD version's ``openAPIV3Schema`` with apiVersion, kind
 and metadata added, tagged with ``x-kubernetes-group-version-kind``; its paths carry the
-operations kube publishes, the PATCH one with the ``fieldValidation`` parameter and only
-the patch types the server accepts (so kubectl validates on the server and sends JSON
-merge patches, not strategic ones, to custom resources). Documents are rebuilt on request:
-they cannot go stale after a CRD changes.
+operations kube publishes, the PATCH one with the ``fieldValidation`` parameter and the
+JSON, merge and apply patch types (so kubectl validates on the server, sends JSON merge
+patches to custom resources, and computes strategic ones for built-in kinds from its own
+type information). Documents are rebuilt on request: they cannot go stale after a CRD
+changes.
 """
 
 from __future__ import annotations
@@ -182,11 +183,10 @@ def _paths(resource: Resource) -> dict[str, Any]:
         if resource.namespaced
         else (f"{root}/{resource.plural}")
     )
-    patch_types = (
-        _PATCH_TYPES
-        if resource.custom
-        else (*_PATCH_TYPES, "application/strategic-merge-patch+json")
-    )
+    # Strategic merge patches are accepted for built-in kinds, but not advertised: the
+    # schemas here are too thin for kubectl to compute one from, and without the content
+    # type it uses its compiled-in type information instead (as with an old server).
+    patch_types = _PATCH_TYPES
     ns_param = [_param("namespace", "path")] if resource.namespaced else []
     paths: dict[str, Any] = {
         base: {

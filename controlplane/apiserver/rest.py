@@ -91,11 +91,19 @@ CrdHook = Callable[[str, Obj | None], Awaitable[None]]
 
 
 class Rest:
-    """Object verbs over :class:`ObjectStorage`; ``on_crd`` serves or retires a CRD."""
+    """Object verbs over :class:`ObjectStorage`; ``on_crd`` serves or retires a CRD.
 
-    def __init__(self, storage: ObjectStorage, on_crd: CrdHook) -> None:
+    ``namespaces`` holds the names the namespace watch has seen exist (as kube's
+    NamespaceLifecycle admission uses an informer): a namespace found there needs no etcd
+    read; one that is not there is looked up in etcd, so a new one is never refused.
+    """
+
+    def __init__(
+        self, storage: ObjectStorage, on_crd: CrdHook, namespaces: set[str] | None = None
+    ) -> None:
         self.storage = storage
         self.on_crd = on_crd
+        self.namespaces = namespaces if namespaces is not None else set()
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -133,7 +141,7 @@ class Rest:
 
     async def _check_namespace_exists(self, target: Target) -> None:
         namespace = target.namespace
-        if not (target.resource.namespaced and namespace):
+        if not (target.resource.namespaced and namespace) or namespace in self.namespaces:
             return
         if await self.storage.get(NAMESPACES.key("", namespace)) is None:
             raise not_found("namespaces", "", namespace)
@@ -154,7 +162,8 @@ class Rest:
         await self._check_namespace_exists(target)
         generated = not (obj["metadata"].get("name"))
         for _ in range(3 if generated else 1):
-            candidate = copy.deepcopy(obj)
+            # The body itself when it is used once; a copy to retry or to keep as applied.
+            candidate = copy.deepcopy(obj) if generated or options.applying else obj
             checked = prepare_create(resource, candidate)
             warnings = self._unknown(target, checked, options)
             new = checked.obj
@@ -374,6 +383,7 @@ class Rest:
                     )
                 )
             if resource.kind == "Namespace":
+                self.namespaces.discard(target.name)  # no more creates in it from now on
                 await self._delete_namespace_contents(target.name)
             elif resource.kind == "CustomResourceDefinition":
                 await self._delete_crd_contents(current)

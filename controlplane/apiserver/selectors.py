@@ -18,6 +18,21 @@ Predicate = Callable[[Mapping[str, str]], bool]
 _SET_RE = re.compile(r"^\s*(!?)\s*([A-Za-z0-9./_-]+)\s*(?:(notin|in)\s*\(([^)]*)\))?\s*$")
 _OP_RE = re.compile(r"^\s*([A-Za-z0-9./_-]+)\s*(==|=|!=)\s*([A-Za-z0-9._-]*)\s*$")
 FIELDS = ("metadata.name", "metadata.namespace")
+EVENT_FIELDS = (
+    *FIELDS,
+    "involvedObject.kind",
+    "involvedObject.namespace",
+    "involvedObject.name",
+    "involvedObject.uid",
+    "involvedObject.apiVersion",
+    "involvedObject.resourceVersion",
+    "involvedObject.fieldPath",
+    "reason",
+    "reportingComponent",
+    "source",
+    "type",
+)
+"""The field labels kube-apiserver supports for v1 Events (kubectl describe uses them)."""
 
 
 def _split_terms(text: str) -> list[str]:
@@ -70,8 +85,8 @@ def label_selector(text: str | None) -> Predicate | None:
     return lambda labels: all(t(labels) for t in terms)
 
 
-def field_selector(text: str | None) -> Predicate | None:
-    """A predicate over ``{"metadata.name": ..., "metadata.namespace": ...}``."""
+def field_selector(text: str | None, supported: tuple[str, ...] = FIELDS) -> Predicate | None:
+    """A predicate over ``{"metadata.name": ..., ...}``; 400 for a field not ``supported``."""
     if not text or not text.strip():
         return None
     terms: list[Predicate] = []
@@ -80,7 +95,7 @@ def field_selector(text: str | None) -> Predicate | None:
         if not match:
             raise bad_request(f"invalid field selector: {term!r}")
         key, operator, value = match.groups()
-        if key not in FIELDS:
+        if key not in supported:
             raise ApiError(
                 400,
                 "BadRequest",
@@ -100,9 +115,12 @@ def _field_term(key: str, value: str, *, negated: bool) -> Predicate:
 class Selector:
     """A label and a field selector together, applied to whole objects."""
 
-    def __init__(self, labels: str | None, fields: str | None) -> None:
+    def __init__(
+        self, labels: str | None, fields: str | None, supported: tuple[str, ...] = FIELDS
+    ) -> None:
         self._labels = label_selector(labels)
-        self._fields = field_selector(fields)
+        self._fields = field_selector(fields, supported)
+        self._supported = supported
 
     @property
     def everything(self) -> bool:
@@ -113,10 +131,16 @@ class Selector:
         if self._labels is not None and not self._labels(metadata.get("labels") or {}):
             return False
         if self._fields is not None:
-            fields = {
-                "metadata.name": metadata.get("name", ""),
-                "metadata.namespace": metadata.get("namespace", ""),
-            }
+            fields = {name: _field_value(obj, name) for name in self._supported}
             if not self._fields(fields):
                 return False
         return True
+
+
+def _field_value(obj: Mapping[str, Any], name: str) -> str:
+    node: Any = obj
+    for part in name.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    if name == "source" and isinstance(node, Mapping):
+        node = node.get("component")
+    return "" if node is None else str(node)

@@ -34,7 +34,7 @@ from controlplane.apiserver.objects import now
 from controlplane.apiserver.resources import BUILTINS, CRDS, NAMESPACES, Registry
 from controlplane.apiserver.rest import Rest
 from controlplane.apiserver.storage import Obj, ObjectStorage, WriteConflict
-from controlplane.apiserver.watchcache import WatchCache
+from controlplane.apiserver.watchcache import Change, WatchCache
 from controlplane.config import EtcdClusterConfig
 from controlplane.kvstore.backend import EtcdBackend
 from controlplane.kvstore.embedded import EmbeddedEtcd
@@ -74,6 +74,8 @@ class KubeServer:
         self.backend: EtcdBackend | None = None
         self.registry = Registry()
         self.caches: dict[str, WatchCache] = {}
+        self.namespaces: set[str] = set()
+        """Namespaces known to exist, kept by the namespace watch."""
         self.token = ""
         self.url = ""
         self.kubeconfig = Path()
@@ -123,16 +125,18 @@ class KubeServer:
         storage = self._storage = ObjectStorage(self.backend)
         for resource in BUILTINS:
             await self._ensure_cache(resource.storage_prefix)
+        self.caches[NAMESPACES.storage_prefix].add_listener(self._track_namespace)
         for crd in (await storage.list(CRDS.storage_prefix)).items:
             await self._on_crd(crd["metadata"]["name"], crd)
         await self._ensure_namespaces(storage)
+        page = await storage.list(NAMESPACES.storage_prefix)
+        self.namespaces.update(ns["metadata"]["name"] for ns in page.items)
         self.token = settings.token or pki.ensure_token(self.data_dir / "token")
         tokens = {self.token: User("admin")}
         if settings.read_only_token:
             tokens[settings.read_only_token] = User("viewer", read_only=True)
-        api = Api(
-            self.registry, Rest(storage, self._on_crd), self.caches, settings.bookmark_interval
-        )
+        rest = Rest(storage, self._on_crd, self.namespaces)
+        api = Api(self.registry, rest, self.caches, settings.bookmark_interval)
         app = web.Application(
             client_max_size=MAX_BODY_BYTES,
             middlewares=[errors_middleware, auth_middleware(tokens)],
@@ -154,6 +158,13 @@ class KubeServer:
         self.kubeconfig = pki.write_kubeconfig(
             self.data_dir / "kubeconfig", self.url, self.token, self.ca_file
         )
+
+    def _track_namespace(self, change: Change) -> None:
+        name = change.key.rsplit("/", 1)[-1]
+        if change.type == "DELETED":
+            self.namespaces.discard(name)
+        else:
+            self.namespaces.add(name)
 
     async def _ensure_cache(self, prefix: str) -> None:
         if prefix in self.caches or self.backend is None:

@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from controlplane.apiserver.errors import CONTINUE_EXPIRED, bad_request, expired
 from controlplane.kvstore.backend import EtcdBackend
 from controlplane.kvstore.errors import Compacted
@@ -27,15 +29,24 @@ class WriteConflict(Exception):
     """The key changed (or appeared, or vanished) since the caller read it."""
 
 
+to_json = msgspec.json.encode
+"""Compact JSON bytes (msgspec: several times faster than the json module)."""
+JSONError = msgspec.DecodeError
+
+
+def from_json(raw: bytes) -> Any:
+    return msgspec.json.decode(raw)
+
+
 def encode(obj: Obj) -> bytes:
     metadata = obj.get("metadata") or {}
     if "resourceVersion" in metadata:
         obj = {**obj, "metadata": {k: v for k, v in metadata.items() if k != "resourceVersion"}}
-    return json.dumps(obj, separators=(",", ":")).encode()
+    return to_json(obj)
 
 
 def decode(value: bytes, revision: int) -> Obj:
-    obj: Obj = json.loads(value)
+    obj: Obj = msgspec.json.decode(value)
     obj.setdefault("metadata", {})["resourceVersion"] = str(revision)
     return obj
 

@@ -49,6 +49,9 @@ class Change:
     """The object after the change; for DELETED, its last state at the deleting revision."""
     prev: Obj | None
     revision: int
+    lines: dict[tuple[str, str], bytes] = field(default_factory=dict, compare=False)
+    """Encoded watch events of this change, by (event type, apiVersion): encoded once,
+    sent to every watcher that sees it the same way."""
 
 
 @dataclass(eq=False)

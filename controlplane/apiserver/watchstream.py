@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from aiohttp import web
 from controlplane.apiserver.errors import ApiError, bad_request, status_body, too_old
 from controlplane.apiserver.rest import Rest, Target, as_version
 from controlplane.apiserver.selectors import Selector
-from controlplane.apiserver.storage import Obj
+from controlplane.apiserver.storage import Obj, to_json
 from controlplane.apiserver.watchcache import Change, Subscription, TooOld, WatchCache
 
 INITIAL_EVENTS_END = "k8s.io/initial-events-end"
@@ -44,7 +43,7 @@ Render = Callable[[Obj], Any]
 
 
 def _line(kind: str, obj: Any) -> bytes:
-    return json.dumps({"type": kind, "object": obj}, separators=(",", ":")).encode() + b"\n"
+    return to_json({"type": kind, "object": obj}) + b"\n"
 
 
 def _visible(change: Change, selector: Selector) -> tuple[str, Obj] | None:
@@ -74,7 +73,7 @@ class WatchStream:
         target: Target,
         selector: Selector,
         params: WatchParams,
-        render: Render,
+        render: Render | None,
     ) -> None:
         self.rest = rest
         self.cache = cache
@@ -128,7 +127,8 @@ class WatchStream:
         self._sent_revision = after
         try:
             for obj in initial:
-                await response.write(_line("ADDED", self.render(obj)))
+                rendered = self.render(obj) if self.render is not None else obj
+                await response.write(_line("ADDED", rendered))
             if self.params.send_initial:
                 await self._bookmark(response, end_of_initial=True)
             await self._follow(request, response, sub, after)
@@ -164,7 +164,17 @@ class WatchStream:
             if seen is None:
                 continue
             kind, obj = seen
-            await response.write(_line(kind, self.render(as_version(obj, self.target.resource))))
+            await response.write(self._encode(change, kind, obj))
+
+    def _encode(self, change: Change, kind: str, obj: Obj) -> bytes:
+        resource = self.target.resource
+        if self.render is not None:
+            return _line(kind, self.render(as_version(obj, resource)))
+        key = (kind, resource.api_version)
+        line = change.lines.get(key)
+        if line is None:
+            line = change.lines[key] = _line(kind, as_version(obj, resource))
+        return line
 
     async def _bookmark(
         self, response: web.StreamResponse, *, end_of_initial: bool = False

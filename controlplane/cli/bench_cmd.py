@@ -16,6 +16,7 @@ from controlplane.cli.bench_common import (
     write_record,
 )
 from controlplane.cli.bench_datapath import register_datapath
+from controlplane.cli.bench_kube import register_kube
 from controlplane.cli.bench_propagation import run_propagation_bench
 from controlplane.cli.common import (
     EXIT_OK,
@@ -179,6 +180,7 @@ def register(subparsers: Any) -> None:
     add_json_flag(prop)
     prop.set_defaults(run=run_propagation)
     register_datapath(commands)
+    register_kube(commands)
 
 
 def concurrency_list(text: str) -> tuple[int, ...]:
