@@ -597,3 +597,32 @@ async def test_server_side_apply_owns_fields(widgets: KubeClient) -> None:
     rv = carol_drops.body["metadata"]["resourceVersion"]
     again = await apply("carol", {"size": 3})
     assert again.body["metadata"]["resourceVersion"] == rv  # a no-op apply writes nothing
+
+
+async def test_delete_collection_and_future_versions(widgets: KubeClient) -> None:
+    client = widgets
+    for name, team in (("a", "x"), ("b", "x"), ("c", "y")):
+        body = {**widget(name), "metadata": {"name": name, "labels": {"team": team}}}
+        assert (await client.post(WIDGETS, body)).status == 201
+    held = {
+        **widget("held"),
+        "metadata": {"name": "held", "labels": {"team": "x"}, "finalizers": ["example.com/hold"]},
+    }
+    await client.post(WIDGETS, held)
+    deleted = await client.delete(WIDGETS, params={"labelSelector": "team=x"})
+    assert deleted.status == 200 and deleted.body["kind"] == "WidgetList"
+    assert sorted(i["metadata"]["name"] for i in deleted.body["items"]) == ["a", "b", "held"]
+    left = (await client.get(WIDGETS)).body["items"]
+    assert {i["metadata"]["name"]: bool(i["metadata"].get("deletionTimestamp")) for i in left} == {
+        "c": False,
+        "held": True,
+    }
+
+    future = str(int((await client.get(WIDGETS)).body["metadata"]["resourceVersion"]) + 1000)
+    too_large = await client.get(
+        WIDGETS, params={"resourceVersion": future, "resourceVersionMatch": "NotOlderThan"}
+    )
+    _status(too_large, 504, "Timeout")
+    assert too_large.body["details"]["causes"][0]["reason"] == "ResourceVersionTooLarge"
+    watch = await client.get(WIDGETS, params={"watch": "true", "resourceVersion": future})
+    _status(watch, 504, "Timeout")

@@ -163,6 +163,17 @@ CONTINUE_EXPIRED = (
 )
 
 
+def too_large_resource_version(requested: int, current: int) -> ApiError:
+    """A resourceVersion newer than the store (kube answers after waiting 3 s for it)."""
+    return ApiError(
+        504,
+        "Timeout",
+        f"Too large resource version: {requested}, current: {current}",
+        causes=[Cause("ResourceVersionTooLarge", "Too large resource version")],
+        retry_after=1,
+    )
+
+
 def unsupported_media(accepted: str) -> ApiError:
     return ApiError(
         415,

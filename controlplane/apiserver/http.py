@@ -24,6 +24,7 @@ from controlplane.apiserver.errors import (
     internal,
     qualified,
     status_body,
+    too_large_resource_version,
     unsupported_media,
 )
 from controlplane.apiserver.fieldmanager import manager_from_user_agent
@@ -228,6 +229,8 @@ class Api:
         if method in _READ_VERBS:
             obj = await self.rest.get(target)
             return self._render_one(request, target.resource, obj)
+        if target.name == "" and method == "DELETE":
+            return await self._delete_collection(request, target)
         if target.name == "" and method != "POST":
             raise ApiError(
                 405,
@@ -260,6 +263,36 @@ class Api:
                 "the server does not allow this method on the requested resource",
             )
         return self._result(result)
+
+    async def _delete_collection(self, request: web.Request, target: Target) -> web.Response:
+        """DELETE on a collection: delete (or mark, with finalizers) each selected object."""
+        query = request.query
+        supported = EVENT_FIELDS if target.resource.kind == "Event" else FIELDS
+        selector = Selector(query.get("labelSelector"), query.get("fieldSelector"), supported)
+        raw = await _body(request, optional=True)
+        options = raw if isinstance(raw, dict) else {}
+        dry_run = "All" in query.getall("dryRun", []) or bool(options.get("dryRun"))
+        items, read_at, _ = await self.rest.list_objects(target, selector)
+        deleted: list[Obj] = []
+        for obj in items:
+            metadata = obj["metadata"]
+            one = Target(target.resource, metadata.get("namespace", ""), metadata["name"])
+            try:
+                await self.rest.delete(one, {}, dry_run)
+            except ApiError as exc:
+                if exc.code != 404:  # gone meanwhile: nothing left to delete
+                    raise
+                continue
+            deleted.append(obj)
+        resource = target.resource
+        return json_response(
+            {
+                "apiVersion": resource.api_version,
+                "kind": resource.list_kind,
+                "metadata": {"resourceVersion": str(read_at)},
+                "items": deleted,
+            }
+        )
 
     def _result(self, result: Result) -> web.Response:
         return json_response(result.body, result.code, _warning_headers(result.warnings))
@@ -342,7 +375,11 @@ class Api:
                 self.rest, cache, target, selector, params, render if as_table else None
             )
             return await stream.serve(request, {"Cache-Control": "no-cache, private"})
-        limit, token, revision = _list_window(query)
+        limit, token, revision, oldest = _list_window(query)
+        if oldest:
+            current = await self.rest.storage.backend.current_revision()
+            if oldest > current:
+                raise too_large_resource_version(oldest, current)
         items, read_at, next_token = await self.rest.list_objects(
             target, selector, limit=limit, token=token, revision=revision
         )
@@ -370,8 +407,9 @@ def _float(text: str | None, default: float) -> float:
         raise bad_request(f"invalid timeoutSeconds {text!r}") from None
 
 
-def _list_window(query: Any) -> tuple[int, str, int]:
-    """(limit, continue token, revision to read at) of a list, with kube's rules."""
+def _list_window(query: Any) -> tuple[int, str, int, int]:
+    """(limit, continue token, revision to read at, oldest acceptable revision) of a list,
+    with kube's rules."""
     rv = query.get("resourceVersion", "")
     match = query.get("resourceVersionMatch", "")
     token = query.get("continue", "")
@@ -389,13 +427,13 @@ def _list_window(query: Any) -> tuple[int, str, int]:
         if match == "Exact":
             raise bad_request('resourceVersionMatch "exact" is forbidden for resourceVersion "0"')
         # "0" means any state: kube serves it from its cache and ignores limit.
-        return (0 if rv == "0" else limit), token, 0
+        return (0 if rv == "0" else limit), token, 0, 0
     try:
         revision = int(rv)
     except ValueError:
         raise bad_request(f'invalid resource version "{rv}"') from None
     exact = match == "Exact" or (not match and limit > 0)
-    return limit, token, revision if exact else 0
+    return limit, token, revision if exact else 0, revision
 
 
 async def _body(request: web.Request, *, optional: bool = False) -> Any:

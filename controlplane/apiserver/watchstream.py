@@ -20,7 +20,13 @@ from typing import Any
 
 from aiohttp import web
 
-from controlplane.apiserver.errors import ApiError, bad_request, status_body, too_old
+from controlplane.apiserver.errors import (
+    ApiError,
+    bad_request,
+    status_body,
+    too_large_resource_version,
+    too_old,
+)
 from controlplane.apiserver.rest import Rest, Target, as_version
 from controlplane.apiserver.selectors import Selector
 from controlplane.apiserver.storage import Obj, to_json
@@ -95,9 +101,7 @@ class WatchStream:
             raise bad_request(f'invalid resource version "{rv}"') from None
         current = await self.cache.backend.current_revision()
         if after > current:
-            raise ApiError(
-                504, "Timeout", f"Too large resource version: {after}, current: {current}"
-            )
+            raise too_large_resource_version(after, current)
         if after < self.cache.floor:
             return [], after, too_old(after, self.cache.floor)
         if after < current and not await self.rest.storage.revision_kept(after + 1):
