@@ -346,6 +346,12 @@ async def test_bad_input_is_a_status(widgets: KubeClient) -> None:
         400,
         "BadRequest",
     )
+    protobuf = "application/vnd.kubernetes.protobuf"
+    _status(
+        await client.post(WIDGETS, None, raw=b"k8s\x00\x0a\x02", content_type=protobuf),
+        415,
+        "UnsupportedMediaType",
+    )
     huge = b'{"x":"' + b"a" * (4 * 1024 * 1024) + b'"}'
     _status(await client.post(WIDGETS, None, raw=huge), 413, "RequestEntityTooLarge")
     yaml_body = b"apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: y}\nspec: {size: 2}\n"

@@ -147,6 +147,12 @@ def test_kubectl_apply_get_patch_label_delete(server: dict[str, Any], tmp_path: 
     explained = kubectl(kc, "explain", "widgets.spec").stdout
     assert "What the widget should be." in explained and "size" in explained
 
+    # kubectl's typed commands send protobuf.
+    kubectl(kc, "create", "namespace", "typed")
+    labels = kubectl(kc, "get", "ns", "typed", "-o", "jsonpath={.metadata.labels}").stdout
+    assert json.loads(labels) == {"kubernetes.io/metadata.name": "typed"}
+    kubectl(kc, "delete", "namespace", "typed")
+
     kubectl(kc, "delete", "wd", "w1", "ssa")
     assert kubectl(kc, "get", "wd", "-o", "name").stdout.strip() == ""
 

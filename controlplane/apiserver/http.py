@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from controlplane.apiserver import discovery, openapi, table
+from controlplane.apiserver import discovery, openapi, protobuf, table
 from controlplane.apiserver.errors import (
     ApiError,
     bad_request,
@@ -28,6 +28,7 @@ from controlplane.apiserver.errors import (
     unsupported_media,
 )
 from controlplane.apiserver.fieldmanager import manager_from_user_agent
+from controlplane.apiserver.protobuf import ProtobufError
 from controlplane.apiserver.resources import Registry, Resource
 from controlplane.apiserver.rest import Rest, Result, Target, WriteOptions
 from controlplane.apiserver.routes import Route, parse
@@ -443,6 +444,11 @@ async def _body(request: web.Request, *, optional: bool = False) -> Any:
             return None
         raise bad_request("the request body is empty")
     content_type = request.headers.get("Content-Type", "application/json").split(";")[0].strip()
+    if content_type == "application/vnd.kubernetes.protobuf":
+        try:
+            return protobuf.decode(raw)
+        except ProtobufError:
+            raise unsupported_media("application/json, application/yaml") from None
     if "protobuf" in content_type or "cbor" in content_type:
         raise unsupported_media("application/json, application/yaml")
     try:

@@ -186,6 +186,9 @@ class Rest:
 
     def _complete_builtin(self, resource: Resource, obj: Obj, old: Obj | None) -> None:
         if resource.kind == "Namespace":
+            name = obj["metadata"].get("name", "")
+            labels = obj["metadata"].get("labels") or {}
+            obj["metadata"]["labels"] = {**labels, "kubernetes.io/metadata.name": name}
             obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
             obj["status"] = (old or {}).get("status") or {"phase": "Active"}
         elif resource.kind == "CustomResourceDefinition":
