@@ -6,8 +6,8 @@ ring's changes after X, then follows live ones, in revision order, with no gap a
 repeat. X older than the ring's floor is refused (410, "too old resource version"), as is
 X older than etcd's compaction. A client that falls ``capacity`` changes behind is closed
 (it re-lists, as with kube-apiserver) rather than slowing everyone else down. A watch from
-a revision the cache has not seen yet waits until etcd confirms, by a progress request,
-that every change up to it has been delivered.
+a revision newer than the cache's own (another key's write) simply starts after it: each
+client skips changes at or below its revision, so none is sent twice or out of order.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from controlplane.kvstore.errors import KvstoreError, translate
 from controlplane.kvstore.types import prefix_range_end
 
 log = logging.getLogger(__name__)
-FRESHNESS_TIMEOUT_S = 3.0
 
 
 class TooOld(Exception):
@@ -75,8 +74,6 @@ class WatchCache:
         self._ring: deque[Change] = deque()
         self._subscribers: set[Subscription] = set()
         self._listeners: list[Callable[[Change], None]] = []
-        self._advanced = asyncio.Condition()
-        self._call: object | None = None
         self._task: asyncio.Task[None] | None = None
 
     def add_listener(self, listener: Callable[[Change], None]) -> None:
@@ -111,29 +108,6 @@ class WatchCache:
     def unsubscribe(self, sub: Subscription) -> None:
         self._subscribers.discard(sub)
 
-    async def wait_fresh(self, revision: int, timeout: float = FRESHNESS_TIMEOUT_S) -> bool:
-        """Wait until every change up to ``revision`` is in the cache; False on timeout."""
-        if self.revision >= revision:
-            return True
-        self._request_progress()
-        async with self._advanced:
-            try:
-                await asyncio.wait_for(
-                    self._advanced.wait_for(lambda: self.revision >= revision), timeout
-                )
-            except TimeoutError:
-                return False
-        return True
-
-    def _request_progress(self) -> None:
-        call = self._call
-        if call is None:
-            return
-        request = rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())
-        write = call.write(request)  # type: ignore[attr-defined]
-        task = asyncio.ensure_future(write)
-        task.add_done_callback(_ignore_result)
-
     def _close(self, sub: Subscription) -> None:
         if not sub.closed:
             sub.closed = True
@@ -155,7 +129,6 @@ class WatchCache:
 
     async def _watch(self) -> None:
         call = self.backend.watch_stream()
-        self._call = call
         try:
             create = rpc.WatchCreateRequest(
                 key=self.prefix.encode(),
@@ -178,14 +151,11 @@ class WatchCache:
                     self._deliver(response.events)
                 elif not response.created and response.header.revision > self.revision:
                     self.revision = response.header.revision
-                async with self._advanced:
-                    self._advanced.notify_all()
         except grpc.aio.AioRpcError as exc:
             raise translate(exc, self.backend.name) from exc
         except asyncio.InvalidStateError as exc:
             raise KvstoreError(f"watch of {self.prefix} ended") from exc
         finally:
-            self._call = None
             call.cancel()
 
     async def _reset(self, compacted: int) -> None:
@@ -230,8 +200,3 @@ def _change(event: object) -> Change:
         return Change(kind, key, obj, prev, kv.mod_revision)
     last = decode(prev_kv.value, kv.mod_revision) if prev_kv.value else {"metadata": {}}
     return Change("DELETED", key, last, prev, kv.mod_revision)
-
-
-def _ignore_result(task: asyncio.Future[object]) -> None:
-    if not task.cancelled():
-        task.exception()
