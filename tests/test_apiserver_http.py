@@ -346,6 +346,15 @@ async def test_bad_input_is_a_status(widgets: KubeClient) -> None:
         400,
         "BadRequest",
     )
+    laughs = b"a: &a [x, x]\nb: &b [*a, *a]\nc: [*b, *b]\n"
+    _status(
+        await client.post(WIDGETS, None, raw=laughs, content_type="application/yaml"),
+        400,
+        "BadRequest",
+    )
+    deep = b'{"a":' * 3000 + b"1" + b"}" * 3000
+    _status(await client.post(WIDGETS, None, raw=deep), 400, "BadRequest")
+    _status(await client.post(WIDGETS, None, raw=b'{"a":"\xff"}'), 400, "BadRequest")
     protobuf = "application/vnd.kubernetes.protobuf"
     _status(
         await client.post(WIDGETS, None, raw=b"k8s\x00\x0a\x02", content_type=protobuf),
