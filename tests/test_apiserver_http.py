@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from controlplane.apiserver import KubeServer
+from controlplane.apiserver import KubeServer, KubeServerSettings
 
 pytest.register_assert_rewrite("tests.kube_fixtures")
 from tests.kube_fixtures import (  # noqa: E402
@@ -641,3 +642,32 @@ async def test_delete_collection_and_future_versions(widgets: KubeClient) -> Non
     assert too_large.body["details"]["causes"][0]["reason"] == "ResourceVersionTooLarge"
     watch = await client.get(WIDGETS, params={"watch": "true", "resourceVersion": future})
     _status(watch, 504, "Timeout")
+
+
+async def test_two_servers_on_one_etcd(
+    kube: KubeServer, widgets: KubeClient, tmp_path: Any
+) -> None:
+    """A CRD created through one server is served by another on the same etcd."""
+    settings = KubeServerSettings(
+        data_dir=tmp_path / "second", etcd_endpoints=tuple(kube.etcd_endpoints)
+    )
+    async with KubeServer(settings) as second:
+        other = KubeClient(second)
+        try:
+            assert (await other.post(WIDGETS, widget("from-b"))).status == 201
+            assert (await widgets.get(f"{WIDGETS}/from-b")).status == 200
+            gadgets = "/apis/example.com/v1/gadgets"
+            assert (await widgets.post(CRDS, copy.deepcopy(GADGET_CRD))).status == 201
+
+            async def served() -> bool:
+                return (await other.get(gadgets)).status == 200
+
+            await eventually(served, message="the second server serving gadgets")
+            await widgets.delete(f"{CRDS}/gadgets.example.com")
+
+            async def retired() -> bool:
+                return (await other.get(gadgets)).status == 404
+
+            await eventually(retired, message="the second server retiring gadgets")
+        finally:
+            await other.close()

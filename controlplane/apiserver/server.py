@@ -3,7 +3,8 @@
 It stores everything in one etcd (an embedded one unless endpoints are given), serves
 HTTPS with a CA of its own and bearer-token auth, and writes a kubeconfig with both. On
 start it serves the built-in kinds, every stored CRD, and creates the namespaces a real
-cluster has (default, kube-system, kube-public, kube-node-lease). ``stop()`` ends client
+cluster has (default, kube-system, kube-public, kube-node-lease). CRDs are followed through
+their watch, so several servers on one etcd serve the same resources. ``stop()`` ends client
 watches, the watch caches, the HTTP server and the embedded etcd, in that order, and
 leaves no task behind. For development and tests only: see docs/apiserver.md.
 """
@@ -84,6 +85,8 @@ class KubeServer:
         self._temp_dir: str | None = None
         self._runner: web.AppRunner | None = None
         self._storage: ObjectStorage | None = None
+        self._crd_tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
 
     @property
     def etcd_endpoints(self) -> list[str]:
@@ -126,6 +129,7 @@ class KubeServer:
         for resource in BUILTINS:
             await self._ensure_cache(resource.storage_prefix)
         self.caches[NAMESPACES.storage_prefix].add_listener(self._track_namespace)
+        self.caches[CRDS.storage_prefix].add_listener(self._crd_changed)
         for crd in (await storage.list(CRDS.storage_prefix)).items:
             await self._on_crd(crd["metadata"]["name"], crd)
         await self._ensure_namespaces(storage)
@@ -167,11 +171,21 @@ class KubeServer:
             self.namespaces.add(name)
 
     async def _ensure_cache(self, prefix: str) -> None:
-        if prefix in self.caches or self.backend is None:
+        if prefix in self.caches or self.backend is None or self._stopping:
             return
         cache = WatchCache(self.backend, prefix, capacity=self.settings.watch_cache_capacity)
         self.caches[prefix] = cache
         await cache.start()
+
+    def _crd_changed(self, change: Change) -> None:
+        """A CRD changed in etcd (through this server or another one on the same etcd)."""
+        if self._stopping:
+            return
+        name = change.key.rsplit("/", 1)[-1]
+        crd = None if change.type == "DELETED" else change.obj
+        task = asyncio.create_task(self._on_crd(name, crd), name=f"serve crd {name}")
+        self._crd_tasks.add(task)
+        task.add_done_callback(self._crd_tasks.discard)
 
     async def _on_crd(self, name: str, crd: Obj | None) -> None:
         """Serve (or stop serving) what CRD ``name`` defines."""
@@ -203,6 +217,10 @@ class KubeServer:
                 await storage.create(NAMESPACES.key("", name), namespace)
 
     async def stop(self) -> None:
+        self._stopping = True
+        for task in list(self._crd_tasks):
+            task.cancel()
+        await asyncio.gather(*self._crd_tasks, return_exceptions=True)
         for cache in list(self.caches.values()):
             await cache.stop()  # ends every client watch
         self.caches.clear()
