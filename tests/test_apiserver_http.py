@@ -645,7 +645,7 @@ async def test_delete_collection_and_future_versions(widgets: KubeClient) -> Non
 
 
 async def test_two_servers_on_one_etcd(
-    kube: KubeServer, widgets: KubeClient, tmp_path: Any
+    kube: KubeServer, widgets: KubeClient, tmp_path: Path
 ) -> None:
     """A CRD created through one server is served by another on the same etcd."""
     settings = KubeServerSettings(
