@@ -1,135 +1,36 @@
-"""The HTTP side: one handler for every path, request decoding, responses, errors, auth.
+"""The HTTP API: one handler for every path, routed to discovery, OpenAPI or objects.
 
-Every response is JSON. Every failure is a Kubernetes Status with kube's code and reason:
-handlers raise :class:`ApiError`; malformed bodies, oversized bodies and unknown paths
-become 400, 413 and 404 Statuses; anything unexpected is logged and answered with a 500
-Status, so a client never sees a traceback or a dropped connection. Requests need a known
-bearer token (401 otherwise); a read-only token may only read (403 otherwise).
+Every response is JSON (or a Table when asked for one). Paths and query parameters are
+read with kube's rules (list windows, watch options, fieldValidation, dryRun); an unknown
+path or resource is a 404 Status and a verb a path does not take a 405 Status, raised as
+:class:`ApiError` for the middleware (middleware.py) to answer.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
-import yaml
 from aiohttp import web
 
-from controlplane.apiserver import discovery, openapi, protobuf, table
+from controlplane.apiserver import discovery, openapi, table
+from controlplane.apiserver.decoding import read_body
 from controlplane.apiserver.errors import (
     ApiError,
     bad_request,
-    internal,
-    qualified,
-    status_body,
     too_large_resource_version,
-    unsupported_media,
 )
 from controlplane.apiserver.fieldmanager import manager_from_user_agent
-from controlplane.apiserver.protobuf import ProtobufError
+from controlplane.apiserver.middleware import READ_VERBS, json_response
 from controlplane.apiserver.resources import Registry, Resource
 from controlplane.apiserver.rest import Rest, Result, Target, WriteOptions
 from controlplane.apiserver.routes import Route, parse
 from controlplane.apiserver.selectors import EVENT_FIELDS, FIELDS, Selector
-from controlplane.apiserver.storage import JSONError, Obj, from_json, to_json
+from controlplane.apiserver.storage import Obj, to_json
 from controlplane.apiserver.watchcache import WatchCache
 from controlplane.apiserver.watchstream import WatchParams, WatchStream
-from controlplane.kvstore.errors import KvstoreError
 
-log = logging.getLogger(__name__)
-MAX_BODY_BYTES = 3 * 1024 * 1024
-_READ_VERBS = ("GET", "HEAD")
 _FIELD_VALIDATION = ("Strict", "Warn", "Ignore")
 OPENAPI_V2_PROTOBUF = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf"
-
-
-@dataclass(frozen=True)
-class User:
-    name: str
-    read_only: bool = False
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def json_response(
-    body: Any, status: int = 200, headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.Response(
-        body=to_json(body),
-        status=status,
-        content_type="application/json",
-        headers=headers,
-    )
-
-
-def error_response(error: ApiError) -> web.Response:
-    return json_response(status_body(error), error.code)
-
-
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        return error_response(exc)
-    except web.HTTPRequestEntityTooLarge:
-        return error_response(
-            ApiError(
-                413, "RequestEntityTooLarge", f"Request entity too large: limit is {MAX_BODY_BYTES}"
-            )
-        )
-    except KvstoreError as exc:
-        log.warning("%s %s: storage error: %s", request.method, request.path, exc)
-        return error_response(internal(f"storage: {exc}"))
-    except web.HTTPException:
-        raise
-    except Exception as exc:
-        log.exception("%s %s failed", request.method, request.path)
-        return error_response(internal(type(exc).__name__))
-
-
-def auth_middleware(tokens: dict[str, User]) -> Any:
-    @web.middleware
-    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        route = parse(request.path)
-        if route is not None and route.kind == "health":
-            return await handler(request)
-        header = request.headers.get("Authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        user = tokens.get(token) if token else None
-        if user is None:
-            return error_response(ApiError(401, "Unauthorized", "Unauthorized"))
-        if user.read_only and request.method not in _READ_VERBS:
-            return error_response(_forbidden(user, request, route))
-        return await handler(request)
-
-    return check
-
-
-def _forbidden(user: User, request: web.Request, route: Route | None) -> ApiError:
-    verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(
-        request.method, request.method.lower()
-    )
-    if route is None or route.kind != "objects":
-        return ApiError(
-            403, "Forbidden", f'forbidden: User "{user.name}" cannot {verb} path "{request.path}"'
-        )
-    where = f' in the namespace "{route.namespace}"' if route.namespace else ""
-    subject = qualified(route.plural, route.group)
-    if route.name:
-        subject += f' "{route.name}"'
-    return ApiError(
-        403,
-        "Forbidden",
-        f'{subject} is forbidden: User "{user.name}" cannot {verb} resource "{route.plural}" '
-        f'in API group "{route.group}"{where}',
-        route.name,
-        route.group,
-        route.plural,
-    )
 
 
 def _warning_headers(warnings: list[str]) -> dict[str, str]:
@@ -165,7 +66,7 @@ class Api:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         if route.kind == "objects":
             return await self._objects(request, route)
-        if request.method not in _READ_VERBS:
+        if request.method not in READ_VERBS:
             raise ApiError(
                 405,
                 "MethodNotAllowed",
@@ -225,9 +126,9 @@ class Api:
         query = request.query
         method = request.method
         watch = route.legacy_watch or query.get("watch") in ("true", "1")
-        if method in _READ_VERBS and (watch or not target.name):
+        if method in READ_VERBS and (watch or not target.name):
             return await self._collection(request, target, watch)
-        if method in _READ_VERBS:
+        if method in READ_VERBS:
             obj = await self.rest.get(target)
             return self._render_one(request, target.resource, obj)
         if target.name == "" and method == "DELETE":
@@ -246,14 +147,14 @@ class Api:
                     "MethodNotAllowed",
                     "the server does not allow this method on the requested resource",
                 )
-            result = await self.rest.create(target, await _body(request), options)
+            result = await self.rest.create(target, await read_body(request), options)
         elif method == "PUT":
-            result = await self.rest.update(target, await _body(request), options)
+            result = await self.rest.update(target, await read_body(request), options)
         elif method == "PATCH":
             content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
-            result = await self.rest.patch(target, content_type, await _body(request), options)
+            result = await self.rest.patch(target, content_type, await read_body(request), options)
         elif method == "DELETE":
-            raw = await _body(request, optional=True)
+            raw = await read_body(request, optional=True)
             delete_options = raw if isinstance(raw, dict) else {}
             dry = options.dry_run or bool(delete_options.get("dryRun"))
             result = await self.rest.delete(target, delete_options, dry)
@@ -270,7 +171,7 @@ class Api:
         query = request.query
         supported = EVENT_FIELDS if target.resource.kind == "Event" else FIELDS
         selector = Selector(query.get("labelSelector"), query.get("fieldSelector"), supported)
-        raw = await _body(request, optional=True)
+        raw = await read_body(request, optional=True)
         options = raw if isinstance(raw, dict) else {}
         dry_run = "All" in query.getall("dryRun", []) or bool(options.get("dryRun"))
         items, read_at, _ = await self.rest.list_objects(target, selector)
@@ -435,60 +336,3 @@ def _list_window(query: Any) -> tuple[int, str, int, int]:
         raise bad_request(f'invalid resource version "{rv}"') from None
     exact = match == "Exact" or (not match and limit > 0)
     return limit, token, revision if exact else 0, revision
-
-
-async def _body(request: web.Request, *, optional: bool = False) -> Any:
-    raw = await request.read()
-    if not raw.strip():
-        if optional:
-            return None
-        raise bad_request("the request body is empty")
-    content_type = request.headers.get("Content-Type", "application/json").split(";")[0].strip()
-    if content_type == "application/vnd.kubernetes.protobuf":
-        try:
-            return protobuf.decode(raw)
-        except ProtobufError:
-            raise unsupported_media("application/json, application/yaml") from None
-    if "protobuf" in content_type or "cbor" in content_type:
-        raise unsupported_media("application/json, application/yaml")
-    try:
-        body = yaml.load(raw, Loader=_BodyLoader) if "yaml" in content_type else from_json(raw)
-    except RecursionError:
-        raise bad_request(f"the object is nested more than {MAX_DEPTH} levels deep") from None
-    except (ValueError, JSONError, yaml.YAMLError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise bad_request(f"couldn't get version/kind; json parse error: {message}") from None
-    if _depth(body) > MAX_DEPTH:
-        raise bad_request(f"the object is nested more than {MAX_DEPTH} levels deep")
-    return body
-
-
-MAX_DEPTH = 100
-"""Deepest nesting of a request body (kube's objects are far shallower; recursion in the
-server's checks stays bounded)."""
-
-
-class _BodyLoader(yaml.SafeLoader):
-    """SafeLoader without aliases: an alias shares a node, and a few nested ones make a
-    document that expands exponentially when encoded ("billion laughs")."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            raise yaml.YAMLError("YAML aliases are not supported in request bodies")
-        return super().compose_node(parent, index)
-
-
-def _depth(value: Any) -> int:
-    """Nesting depth of a JSON value, without recursion."""
-    deepest = 0
-    stack = [(value, 1)]
-    while stack:
-        node, level = stack.pop()
-        deepest = max(deepest, level)
-        if deepest > MAX_DEPTH:
-            return deepest
-        if isinstance(node, dict):
-            stack.extend((v, level + 1) for v in node.values())
-        elif isinstance(node, list):
-            stack.extend((v, level + 1) for v in node)
-    return deepest

@@ -24,9 +24,9 @@ from types import TracebackType
 from aiohttp import web
 
 from controlplane.apiserver import pki
-from controlplane.apiserver.http import (
+from controlplane.apiserver.http import Api
+from controlplane.apiserver.middleware import (
     MAX_BODY_BYTES,
-    Api,
     User,
     auth_middleware,
     errors_middleware,
