@@ -241,6 +241,18 @@ async def test_validation_pruning_and_field_validation(widgets: KubeClient) -> N
     ignored = await client.post(WIDGETS, widget("i", bogus=1), params={"fieldValidation": "Ignore"})
     assert ignored.status == 201 and "Warning" not in ignored.headers
 
+    bad_label = {**widget("lbl"), "metadata": {"name": "lbl", "labels": {"ok": "not ok!"}}}
+    label_reply = await client.post(WIDGETS, bad_label)
+    _status(label_reply, 422, "Invalid")
+    assert label_reply.body["details"]["causes"][0]["field"] == "metadata.labels"
+    bad_key = {**widget("key"), "metadata": {"name": "key", "annotations": {"a b": "x"}}}
+    _status(await client.post(WIDGETS, bad_key), 422, "Invalid")
+    stored = (await client.get(f"{WIDGETS}/w")).body
+    stored["metadata"]["uid"] = "another-uid"
+    uid_change = await client.put(f"{WIDGETS}/w", stored)
+    _status(uid_change, 422, "Invalid")
+    assert uid_change.body["details"]["causes"][0]["field"] == "metadata.uid"
+
     bad_crd = copy.deepcopy(WIDGET_CRD)
     bad_crd["metadata"]["name"] = "wrong.example.com"
     _status(await client.post(CRDS, bad_crd), 422, "Invalid")

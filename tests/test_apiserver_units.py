@@ -172,3 +172,19 @@ def test_schema_validation_and_pruning() -> None:
     doc = {"spec": {"n": 1, "x": 1, "keep": {"y": 2}}, "other": True}
     assert sorted(schema.prune(doc, spec_schema)) == ["other", "spec.x"]
     assert doc == {"spec": {"n": 1, "keep": {"y": 2}}}
+
+
+def test_list_types() -> None:
+    sets = {"type": "array", "x-kubernetes-list-type": "set", "items": {"type": "string"}}
+    assert schema.validate(["a", "b"], sets, "spec.tags") == []
+    duplicate = schema.validate(["a", "b", "a"], sets, "spec.tags")
+    assert [(c.reason, c.field) for c in duplicate] == [("FieldValueDuplicate", "spec.tags[2]")]
+    maps = {
+        "type": "array",
+        "x-kubernetes-list-type": "map",
+        "x-kubernetes-list-map-keys": ["name"],
+        "items": {"type": "object", "properties": {"name": {"type": "string"}}},
+    }
+    assert schema.validate([{"name": "a"}, {"name": "b"}], maps, "spec.ports") == []
+    twice = schema.validate([{"name": "a"}, {"name": "a"}], maps, "spec.ports")
+    assert [c.field for c in twice] == ["spec.ports[1]"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import re
 import secrets
 import uuid
 from dataclasses import dataclass, field
@@ -21,11 +20,10 @@ from typing import Any
 
 from controlplane.apiserver import schema as structural
 from controlplane.apiserver.errors import ApiError, Cause, bad_request, invalid
+from controlplane.apiserver.metadata import immutable_uid, validate_metadata, validate_name
 from controlplane.apiserver.resources import Resource
 from controlplane.apiserver.storage import Obj
 
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _GENERATE_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 _SERVER_SET = ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds")
 
@@ -90,47 +88,6 @@ def check_namespace(resource: Resource, obj: Obj, namespace: str) -> None:
         metadata.pop("namespace", None)
 
 
-def _validate_name(resource: Resource, name: str) -> list[Cause]:
-    pattern = _DNS_LABEL if resource.kind == "Namespace" else _DNS_SUBDOMAIN
-    limit = 63 if resource.kind == "Namespace" else 253
-    if len(name) > limit or not pattern.match(name):
-        what = "RFC 1123 label" if resource.kind == "Namespace" else "RFC 1123 subdomain"
-        return [
-            Cause(
-                "FieldValueInvalid",
-                f'Invalid value: "{name}": a lowercase {what} must consist of lower case '
-                "alphanumeric characters, '-' or '.', and must start and end with an "
-                "alphanumeric character",
-                "metadata.name",
-            )
-        ]
-    return []
-
-
-def _metadata_causes(metadata: dict[str, Any]) -> list[Cause]:
-    causes: list[Cause] = []
-    for what in ("labels", "annotations"):
-        value = metadata.get(what)
-        if value is None:
-            continue
-        if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-        ):
-            causes.append(
-                Cause(
-                    "FieldValueTypeInvalid", "must be a map of string to string", f"metadata.{what}"
-                )
-            )
-    finalizers = metadata.get("finalizers")
-    if finalizers is not None and not (
-        isinstance(finalizers, list) and all(isinstance(f, str) for f in finalizers)
-    ):
-        causes.append(
-            Cause("FieldValueTypeInvalid", "must be a list of strings", "metadata.finalizers")
-        )
-    return causes
-
-
 def _check_schema(resource: Resource, obj: Obj, name: str) -> list[str]:
     """Default, prune and validate a custom resource; returns the pruned field paths."""
     schema = resource.schema
@@ -170,7 +127,7 @@ def prepare_create(resource: Resource, obj: Obj, *, status_write: bool = False) 
                 ],
             )
         name = metadata["name"] = generate_name(prefix)
-    causes = _validate_name(resource, name) + _metadata_causes(metadata)
+    causes = validate_name(resource.kind, name) + validate_metadata(metadata)
     if causes:
         raise invalid(resource.kind, resource.group, name, causes)
     if resource.status_subresource and resource.custom and not status_write:
@@ -196,6 +153,7 @@ def prepare_update(resource: Resource, new: Obj, old: Obj, *, subresource: str =
     new = copy.deepcopy(new)
     new_meta = new.setdefault("metadata", {})
     old_meta = old.get("metadata") or {}
+    uid_causes = immutable_uid(new_meta, old_meta)
     if subresource == "status":
         status = new.get("status")
         new = copy.deepcopy(old)
@@ -225,7 +183,7 @@ def prepare_update(resource: Resource, new: Obj, old: Obj, *, subresource: str =
     new_meta.pop("managedFields", None)
     new["apiVersion"] = new.get("apiVersion") or old.get("apiVersion")
     new["kind"] = old.get("kind", resource.kind)
-    causes = _metadata_causes(new_meta)
+    causes = uid_causes + validate_metadata(new_meta)
     if causes:
         raise invalid(resource.kind, resource.group, new_meta.get("name", ""), causes)
     if old_meta.get("deletionTimestamp"):

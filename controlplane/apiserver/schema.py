@@ -3,7 +3,8 @@
 A custom resource is checked against its CRD version's ``openAPIV3Schema`` the way the
 apiextensions server does: defaults are applied, fields the schema does not declare are
 pruned (unless ``x-kubernetes-preserve-unknown-fields``) and reported by path, and the
-value is validated (type, required, enum, pattern, bounds, lengths, items, properties).
+value is validated (type, required, enum, pattern, bounds, lengths, items, properties,
+``x-kubernetes-list-type`` set and map uniqueness).
 Failures come back as field causes with kube's messages; nothing here raises or stores.
 """
 
@@ -181,6 +182,42 @@ def _check_array(value: list[Any], schema: Schema, path: str, causes: list[Cause
     if isinstance(items, dict):
         for i, item in enumerate(value):
             _validate(item, items, f"{path}[{i}]", causes)
+    _check_list_type(value, schema, path, causes)
+
+
+def _check_list_type(value: list[Any], schema: Schema, path: str, causes: list[Cause]) -> None:
+    """``x-kubernetes-list-type``: a set has no duplicates; a map no two items with the
+    same ``x-kubernetes-list-map-keys``."""
+    kind = schema.get("x-kubernetes-list-type")
+    if kind == "set":
+        seen: list[Any] = []
+        for i, item in enumerate(value):
+            if item in seen:
+                causes.append(
+                    Cause(
+                        "FieldValueDuplicate", f"Duplicate value: {_display(item)}", f"{path}[{i}]"
+                    )
+                )
+            else:
+                seen.append(item)
+    elif kind == "map":
+        keys = schema.get("x-kubernetes-list-map-keys") or []
+        seen_keys: list[tuple[Any, ...]] = []
+        for i, item in enumerate(value):
+            if not isinstance(item, dict):
+                continue
+            key = tuple(item.get(k) for k in keys)
+            if key in seen_keys:
+                shown = ", ".join(f'"{k}":{_display(v)}' for k, v in zip(keys, key, strict=True))
+                causes.append(
+                    Cause(
+                        "FieldValueDuplicate",
+                        f"Duplicate value: map[string]interface {{}}{{{shown}}}",
+                        f"{path}[{i}]",
+                    )
+                )
+            else:
+                seen_keys.append(key)
 
 
 def _check_object(value: dict[str, Any], schema: Schema, path: str, causes: list[Cause]) -> None:
