@@ -683,3 +683,22 @@ async def test_two_servers_on_one_etcd(
             await eventually(retired, message="the second server retiring gadgets")
         finally:
             await other.close()
+
+
+async def test_selectable_fields_and_deprecated_versions(client: KubeClient) -> None:
+    crd = copy.deepcopy(WIDGET_CRD)
+    v1 = crd["spec"]["versions"][0]
+    v1["selectableFields"] = [{"jsonPath": ".spec.color"}]
+    beta = {**copy.deepcopy(v1), "name": "v1beta1", "storage": False, "deprecated": True}
+    crd["spec"]["versions"].append(beta)
+    assert (await client.post(CRDS, crd)).status == 201
+    await client.post(WIDGETS, widget("r", color="red"))
+    await client.post(WIDGETS, widget("g", color="green"))
+    red = await client.get(WIDGETS, params={"fieldSelector": "spec.color=red"})
+    assert [i["metadata"]["name"] for i in red.body["items"]] == ["r"]
+    _status(await client.get(WIDGETS, params={"fieldSelector": "spec.size=3"}), 400, "BadRequest")
+
+    old = await client.get("/apis/example.com/v1beta1/namespaces/default/widgets/r")
+    assert old.body["apiVersion"] == "example.com/v1beta1"
+    assert old.headers["Warning"] == '299 - "example.com/v1beta1 Widget is deprecated"'
+    assert "Warning" not in (await client.get(f"{WIDGETS}/r")).headers

@@ -33,12 +33,23 @@ _FIELD_VALIDATION = ("Strict", "Warn", "Ignore")
 OPENAPI_V2_PROTOBUF = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf"
 
 
+def _field_labels(resource: Resource) -> tuple[str, ...]:
+    if resource.kind == "Event":
+        return EVENT_FIELDS
+    return (*FIELDS, *resource.selectable_fields)
+
+
+def _warning(text: str) -> str:
+    """One RFC 7234 warning value, as kube-apiserver writes them."""
+    return '299 - "' + text.replace('"', '\\"') + '"'
+
+
 def _warning_headers(warnings: list[str]) -> dict[str, str]:
-    # aiohttp joins repeated headers poorly; kube sends one Warning per message, and
-    # clients accept them comma-separated in one header too.
+    # kube sends one Warning header per message; clients accept them comma-separated in
+    # one header too.
     if not warnings:
         return {}
-    return {"Warning": ", ".join('299 - "' + w.replace('"', '\\"') + '"' for w in warnings)}
+    return {"Warning": ", ".join(_warning(w) for w in warnings)}
 
 
 def _wants_table(accept: str) -> bool:
@@ -123,6 +134,13 @@ class Api:
 
     async def _objects(self, request: web.Request, route: Route) -> web.StreamResponse:
         target = self._target(route)
+        response = await self._verb(request, route, target)
+        warning = target.resource.deprecation
+        if warning and not response.prepared:  # a watch sent its own headers already
+            response.headers.add("Warning", _warning(warning))
+        return response
+
+    async def _verb(self, request: web.Request, route: Route, target: Target) -> web.StreamResponse:
         query = request.query
         method = request.method
         watch = route.legacy_watch or query.get("watch") in ("true", "1")
@@ -169,7 +187,7 @@ class Api:
     async def _delete_collection(self, request: web.Request, target: Target) -> web.Response:
         """DELETE on a collection: delete (or mark, with finalizers) each selected object."""
         query = request.query
-        supported = EVENT_FIELDS if target.resource.kind == "Event" else FIELDS
+        supported = _field_labels(target.resource)
         selector = Selector(query.get("labelSelector"), query.get("fieldSelector"), supported)
         raw = await read_body(request, optional=True)
         options = raw if isinstance(raw, dict) else {}
@@ -237,7 +255,7 @@ class Api:
             target = Target(target.resource, target.namespace)
         else:
             fields = query.get("fieldSelector", "")
-        supported = EVENT_FIELDS if target.resource.kind == "Event" else FIELDS
+        supported = _field_labels(target.resource)
         selector = Selector(query.get("labelSelector"), fields, supported)
         resource = target.resource
         as_table = _wants_table(request.headers.get("Accept", ""))
@@ -276,7 +294,10 @@ class Api:
             stream = WatchStream(
                 self.rest, cache, target, selector, params, render if as_table else None
             )
-            return await stream.serve(request, {"Cache-Control": "no-cache, private"})
+            headers = {"Cache-Control": "no-cache, private"}
+            if resource.deprecation:
+                headers["Warning"] = _warning(resource.deprecation)
+            return await stream.serve(request, headers)
         limit, token, revision, oldest = _list_window(query)
         if oldest:
             current = await self.rest.storage.backend.current_revision()

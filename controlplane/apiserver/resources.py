@@ -37,6 +37,10 @@ class Resource:
     schema: dict[str, Any] | None = None
     printer_columns: tuple[dict[str, Any], ...] = ()
     verbs: tuple[str, ...] = VERBS
+    selectable_fields: tuple[str, ...] = ()
+    """Field labels a field selector may use beyond metadata.name/namespace."""
+    deprecation: str = ""
+    """The Warning every request of a deprecated version gets ("" when not deprecated)."""
 
     @property
     def api_version(self) -> str:
@@ -140,6 +144,12 @@ def from_crd(crd: dict[str, Any]) -> list[Resource]:
                 custom=True,
                 schema=schema if isinstance(schema, dict) else None,
                 printer_columns=tuple(version.get("additionalPrinterColumns") or ()),
+                selectable_fields=tuple(
+                    str(f.get("jsonPath", "")).lstrip(".")
+                    for f in version.get("selectableFields") or ()
+                    if isinstance(f, dict)
+                ),
+                deprecation=_deprecation(group, version, names.get("kind", "")),
             )
         )
     return resources
@@ -189,6 +199,13 @@ class Registry:
 
     def crd_resources(self, name: str) -> list[Resource]:
         return list(self._crds.get(name, ()))
+
+
+def _deprecation(group: str, version: dict[str, Any], kind: str) -> str:
+    if not version.get("deprecated"):
+        return ""
+    default = f"{group}/{version.get('name', '')} {kind} is deprecated"
+    return str(version.get("deprecationWarning") or default)
 
 
 def _version_priority(version: str) -> tuple[int, int, int]:
