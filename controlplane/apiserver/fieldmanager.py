@@ -149,7 +149,11 @@ def record_update(
     """
     api_version = str(new.get("apiVersion", ""))
     new_paths = field_set(new, subresource, status_split)
-    old_obj = old or {}
+    if old is None:  # a create: its manager owns everything it set
+        if not new_paths:
+            return []
+        return [_entry(manager, "Update", api_version, subresource, new_paths)]
+    old_obj = old
     changed = {p for p in new_paths if _get(old_obj, p) != _get(new, p)}
     live = field_set(new, "", False) | field_set(new, "status", False)
     mine: dict[str, Any] | None = None

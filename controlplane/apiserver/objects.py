@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import datetime
 import secrets
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,8 +29,17 @@ _GENERATE_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 _SERVER_SET = ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds")
 
 
+_last_stamp: tuple[int, str] = (0, "")
+
+
 def now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """The current time as kube writes timestamps (RFC 3339, seconds, UTC)."""
+    global _last_stamp
+    second = int(time.time())
+    if _last_stamp[0] != second:  # one strftime per second, however many writes
+        stamp = datetime.datetime.fromtimestamp(second, datetime.UTC)
+        _last_stamp = (second, stamp.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    return _last_stamp[1]
 
 
 def generate_name(prefix: str) -> str:
