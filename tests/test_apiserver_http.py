@@ -702,3 +702,24 @@ async def test_selectable_fields_and_deprecated_versions(client: KubeClient) -> 
     assert old.body["apiVersion"] == "example.com/v1beta1"
     assert old.headers["Warning"] == '299 - "example.com/v1beta1 Widget is deprecated"'
     assert "Warning" not in (await client.get(f"{WIDGETS}/r")).headers
+
+
+async def test_restart_keeps_objects_credentials_and_crds(tmp_path: Path) -> None:
+    """`cpctl kube up --data-dir D` twice: the same etcd data, CA, token and CRDs."""
+    settings = KubeServerSettings(data_dir=tmp_path / "kube")
+    async with KubeServer(settings) as first:
+        client = KubeClient(first)
+        try:
+            assert (await client.post(CRDS, copy.deepcopy(WIDGET_CRD))).status == 201
+            assert (await client.post(WIDGETS, widget("kept"))).status == 201
+        finally:
+            await client.close()
+        token, ca = first.token, first.ca_file.read_bytes() if first.ca_file else b""
+    async with KubeServer(settings) as second:
+        assert second.token == token and second.ca_file is not None
+        assert second.ca_file.read_bytes() == ca  # kubeconfigs written before still work
+        client = KubeClient(second)
+        try:
+            assert (await client.get(f"{WIDGETS}/kept")).body["spec"]["size"] == 3
+        finally:
+            await client.close()
