@@ -256,6 +256,10 @@ async def test_validation_pruning_and_field_validation(widgets: KubeClient) -> N
     bad_crd = copy.deepcopy(WIDGET_CRD)
     bad_crd["metadata"]["name"] = "wrong.example.com"
     _status(await client.post(CRDS, bad_crd), 422, "Invalid")
+    rescoped = await client.patch(
+        f"{CRDS}/widgets.example.com", {"spec": {"scope": "Cluster"}}, MERGE
+    )
+    _status(rescoped, 422, "Invalid")
 
 
 async def test_delete_preconditions_finalizers_and_namespaces(widgets: KubeClient) -> None:

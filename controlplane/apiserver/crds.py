@@ -89,6 +89,17 @@ def check(crd: Obj) -> None:
         raise invalid("CustomResourceDefinition", "apiextensions.k8s.io", name, causes)
 
 
+def check_update(crd: Obj, old: Obj) -> None:
+    """422 when an update changes what kube keeps fixed: the scope."""
+    scope, old_scope = (crd.get("spec") or {}).get("scope"), (old.get("spec") or {}).get("scope")
+    if old_scope and scope != old_scope:
+        name = (crd.get("metadata") or {}).get("name", "")
+        cause = Cause(
+            "FieldValueInvalid", f'Invalid value: "{scope}": field is immutable', "spec.scope"
+        )
+        raise invalid("CustomResourceDefinition", "apiextensions.k8s.io", name, [cause])
+
+
 def _condition(kind: str, reason: str, message: str) -> dict[str, Any]:
     return {
         "type": kind,

@@ -194,6 +194,8 @@ class Rest:
         elif resource.kind == "CustomResourceDefinition":
             crds.default(obj)
             crds.check(obj)
+            if old is not None:
+                crds.check_update(obj, old)
             crds.establish(obj, old)
 
     async def update(self, target: Target, body: Any, options: WriteOptions) -> Result:
