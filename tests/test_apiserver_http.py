@@ -493,15 +493,16 @@ async def test_watch(kube: KubeServer, widgets: KubeClient) -> None:
     first = (await client.post(WIDGETS, widget("a"))).body
     rv = first["metadata"]["resourceVersion"]
 
-    async def change_later() -> None:
-        await asyncio.sleep(0.2)
-        await client.patch(f"{WIDGETS}/a", {"spec": {"size": 9}}, MERGE)
-        await client.post(WIDGETS, widget("b"))
-        await client.delete(f"{WIDGETS}/a")
-
-    task = asyncio.create_task(change_later())
-    events = await client.watch(WIDGETS, {"resourceVersion": rv}, until=lambda e: len(e) >= 3)
-    await task
+    # One change before the watch connects (replayed from the watch cache), two after.
+    await client.patch(f"{WIDGETS}/a", {"spec": {"size": 9}}, MERGE)
+    cache = kube.caches["/registry/example.com/widgets/"]
+    watching = asyncio.create_task(
+        client.watch(WIDGETS, {"resourceVersion": rv}, until=lambda e: len(e) >= 3)
+    )
+    await eventually(lambda: _subscribers(cache, 1), message="the watch connected")
+    await client.post(WIDGETS, widget("b"))
+    await client.delete(f"{WIDGETS}/a")
+    events = await watching
     assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [
         ("MODIFIED", "a"),
         ("ADDED", "b"),
