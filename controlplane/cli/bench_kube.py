@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import json
 import ssl
 import statistics
@@ -34,10 +35,9 @@ import yaml
 from aetcd import rpc
 
 from controlplane.cli.bench_common import Record, add_target_flags, measure, progress
-from controlplane.cli.common import add_json_flag, positive_int, print_table
+from controlplane.cli.common import CommandError, add_json_flag, positive_int, print_table
 from controlplane.config import KvstoreConfig
 from controlplane.kvstore.backend import EtcdBackend
-from controlplane.kvstore.bench import BenchError, utc_stamp
 from controlplane.kvstore.types import prefix_range_end
 
 GROUP, PLURAL, KIND = "bench.controlplane.io", "items", "Item"
@@ -106,7 +106,7 @@ async def _start_server(endpoints: list[str], data_dir: Path) -> tuple[Any, dict
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), 60)
     if not line:
-        raise BenchError("cpctl kube up did not start")
+        raise CommandError("cpctl kube up did not start")
     return proc, json.loads(line)
 
 
@@ -144,7 +144,7 @@ async def _creates(
     async def api_create(i: int) -> None:
         async with http.post(COLLECTION, json=_item(base + i)) as response:
             if response.status != 201:
-                raise BenchError(f"create failed: {response.status} {await response.text()}")
+                raise CommandError(f"create failed: {response.status} {await response.text()}")
 
     async def bare_put(i: int) -> None:
         key = f"{BARE_PREFIX}item-{base + i:06d}".encode()
@@ -200,7 +200,7 @@ async def _lists(
             body = await response.json()
         api_times.append(time.perf_counter() - start)
         if len(body["items"]) != size:
-            raise BenchError(f"listed {len(body['items'])} objects, expected {size}")
+            raise CommandError(f"listed {len(body['items'])} objects, expected {size}")
         start = time.perf_counter()
         listed = await backend.list_prefix(BARE_PREFIX.encode())
         [json.loads(kv.value) for kv in listed.kvs]
@@ -298,7 +298,7 @@ async def _fanout(
                 deadline = time.monotonic() + 10
                 while any(seq not in slot for slot in seen):
                     if time.monotonic() > deadline:
-                        raise BenchError(f"{side} watchers missed update {seq}")
+                        raise CommandError(f"{side} watchers missed update {seq}")
                     await asyncio.sleep(0.001)
                 latencies.extend(slot[seq] - sent for slot in seen)
         finally:
@@ -315,7 +315,8 @@ async def _fanout(
 
 async def run_kube_bench(config: KvstoreConfig, args: argparse.Namespace) -> Record:
     cluster = config.clusters[0]
-    record: Record = {"bench": "kube", "started": utc_stamp(), "etcd": list(cluster.endpoints)}
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    record: Record = {"bench": "kube", "started": started, "etcd": list(cluster.endpoints)}
     with tempfile.TemporaryDirectory(prefix="cp-bench-kube-") as data_dir:
         proc, info = await _start_server(list(cluster.endpoints), Path(data_dir))
         backend = EtcdBackend(cluster, config.client)
@@ -326,7 +327,7 @@ async def run_kube_bench(config: KvstoreConfig, args: argparse.Namespace) -> Rec
                 "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", json=_CRD
             ) as response:
                 if response.status not in (201, 409):
-                    raise BenchError(f"CRD create failed: {await response.text()}")
+                    raise CommandError(f"CRD create failed: {await response.text()}")
             progress(f"creates: {args.creates} objects, {args.concurrency} at once, each side")
             record["creates"] = await _creates(http, backend, args)
             progress(f"list: {args.list_size} objects, {args.rounds} rounds")
