@@ -188,3 +188,27 @@ def test_list_types() -> None:
     assert schema.validate([{"name": "a"}, {"name": "b"}], maps, "spec.ports") == []
     twice = schema.validate([{"name": "a"}, {"name": "a"}], maps, "spec.ports")
     assert [c.field for c in twice] == ["spec.ports[1]"]
+
+
+@pytest.mark.parametrize(
+    ("format_name", "good", "bad"),
+    [
+        ("ipv4", "10.0.0.1", "300.1.1.1"),
+        ("ipv6", "fd00::1", "fd00::zz"),
+        ("cidr", "10.0.0.0/24", "10.0.0.1"),
+        ("mac", "aa:bb:cc:dd:ee:ff", "aa:bb:cc"),
+        ("uuid", "123e4567-e89b-12d3-a456-426614174000", "not-a-uuid"),
+        ("hostname", "node-1.example.com", "-bad-.com"),
+        ("byte", "aGVsbG8=", "not base64!"),
+        ("date", "2026-12-07", "2026-13-40"),
+        ("date-time", "2026-12-07T21:00:00Z", "yesterday"),
+        ("no-such-format", "anything", None),
+    ],
+)
+def test_string_formats(format_name: str, good: str, bad: str | None) -> None:
+    field = {"type": "string", "format": format_name}
+    assert schema.validate(good, field, "spec.x") == []
+    if bad is not None:
+        [cause] = schema.validate(bad, field, "spec.x")
+        assert cause.field == "spec.x"
+        assert cause.message.endswith(f'spec.x in body must be of type {format_name}: "{bad}"')

@@ -3,8 +3,8 @@
 A custom resource is checked against its CRD version's ``openAPIV3Schema`` the way the
 apiextensions server does: defaults are applied, fields the schema does not declare are
 pruned (unless ``x-kubernetes-preserve-unknown-fields``) and reported by path, and the
-value is validated (type, required, enum, pattern, bounds, lengths, items, properties,
-``x-kubernetes-list-type`` set and map uniqueness).
+value is validated (type, required, enum, pattern, known string formats, bounds, lengths, items,
+properties, ``x-kubernetes-list-type`` set and map uniqueness).
 Failures come back as field causes with kube's messages; nothing here raises or stores.
 """
 
@@ -15,6 +15,7 @@ import json
 import re
 from typing import Any
 
+from controlplane.apiserver import formats
 from controlplane.apiserver.errors import Cause
 
 Schema = dict[str, Any]
@@ -138,6 +139,13 @@ def _check_string(value: str, schema: Schema, path: str, causes: list[Cause]) ->
                 "FieldValueTooLong",
                 f"Too long: may not be more than {schema['maxLength']} bytes",
                 path,
+            )
+        )
+    format_name = schema.get("format")
+    if isinstance(format_name, str) and not formats.conforms(format_name, value):
+        causes.append(
+            _invalid(
+                path, value, f"{path} in body must be of type {format_name}: {_display(value)}"
             )
         )
     pattern = schema.get("pattern")
