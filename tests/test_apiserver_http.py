@@ -728,3 +728,31 @@ async def test_restart_keeps_objects_credentials_and_crds(tmp_path: Path) -> Non
             assert (await client.get(f"{WIDGETS}/kept")).body["spec"]["size"] == 3
         finally:
             await client.close()
+
+
+async def test_scale_subresource(widgets: KubeClient) -> None:
+    client = widgets
+    resources = (await client.get("/apis/example.com/v1")).body["resources"]
+    scale_entry = next(r for r in resources if r["name"] == "widgets/scale")
+    assert (scale_entry["group"], scale_entry["version"], scale_entry["kind"]) == (
+        "autoscaling",
+        "v1",
+        "Scale",
+    )
+    created = (await client.post(WIDGETS, widget("s", 2))).body
+    scale = (await client.get(f"{WIDGETS}/s/scale")).body
+    assert scale["kind"] == "Scale" and scale["apiVersion"] == "autoscaling/v1"
+    assert scale["spec"] == {"replicas": 2} and scale["status"] == {"replicas": 0}
+    assert scale["metadata"]["resourceVersion"] == created["metadata"]["resourceVersion"]
+
+    scale["spec"]["replicas"] = 4
+    put = await client.put(f"{WIDGETS}/s/scale", scale)
+    assert put.status == 200 and put.body["spec"]["replicas"] == 4
+    _status(await client.put(f"{WIDGETS}/s/scale", scale), 409, "Conflict")  # stale
+    patched = await client.patch(f"{WIDGETS}/s/scale", {"spec": {"replicas": 5}}, MERGE)
+    assert patched.body["spec"]["replicas"] == 5
+    obj = (await client.get(f"{WIDGETS}/s")).body
+    assert obj["spec"]["size"] == 5 and obj["metadata"]["generation"] == 3
+    too_big = await client.patch(f"{WIDGETS}/s/scale", {"spec": {"replicas": 500}}, MERGE)
+    _status(too_big, 422, "Invalid")  # the object's own schema still applies
+    _status(await client.get("/api/v1/namespaces/default/scale"), 404, "NotFound")

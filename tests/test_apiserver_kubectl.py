@@ -118,6 +118,8 @@ def test_kubectl_apply_get_patch_label_delete(server: dict[str, Any], tmp_path: 
 
     kubectl(kc, "patch", "wd", "w1", "--type", "merge", "-p", '{"spec":{"color":"blue"}}')
     kubectl(kc, "label", "wd", "w1", "tier=gold")
+    kubectl(kc, "scale", "wd", "w1", "--replicas=7")  # the scale subresource
+    assert kubectl(kc, "get", "wd", "w1", "-o", "jsonpath={.spec.size}").stdout == "7"
     selected = kubectl(kc, "get", "wd", "-l", "tier=gold", "-o", "name").stdout.split()
     assert selected == ["widget.example.com/w1"]
     spec = json.loads(kubectl(kc, "get", "wd", "w1", "-o", "jsonpath={.spec}").stdout)

@@ -94,6 +94,18 @@ def _legacy_resource(resource: Resource) -> list[dict[str, Any]]:
                 "verbs": ["get", "patch", "update"],
             }
         )
+    if resource.scale is not None:
+        out.append(
+            {
+                "name": f"{resource.plural}/scale",
+                "singularName": "",
+                "namespaced": resource.namespaced,
+                "group": "autoscaling",
+                "version": "v1",
+                "kind": "Scale",
+                "verbs": ["get", "patch", "update"],
+            }
+        )
     return out
 
 
@@ -121,14 +133,25 @@ def _aggregated_resource(resource: Resource) -> dict[str, Any]:
         out["shortNames"] = list(resource.short_names)
     if resource.categories:
         out["categories"] = list(resource.categories)
+    subresources = []
     if resource.status_subresource:
-        out["subresources"] = [
+        subresources.append(
             {
                 "subresource": "status",
                 "responseKind": {"group": "", "version": "", "kind": resource.kind},
                 "verbs": ["get", "patch", "update"],
             }
-        ]
+        )
+    if resource.scale is not None:
+        subresources.append(
+            {
+                "subresource": "scale",
+                "responseKind": {"group": "autoscaling", "version": "v1", "kind": "Scale"},
+                "verbs": ["get", "patch", "update"],
+            }
+        )
+    if subresources:
+        out["subresources"] = subresources
     return out
 
 

@@ -18,12 +18,24 @@ from controlplane.apiserver.errors import (
     ApiError,
     bad_request,
     too_large_resource_version,
+    unsupported_media,
 )
 from controlplane.apiserver.fieldmanager import manager_from_user_agent
 from controlplane.apiserver.middleware import READ_VERBS, json_response
+from controlplane.apiserver.patch import PatchError, json_patch, merge_patch, strip_directives
 from controlplane.apiserver.resources import Registry, Resource
-from controlplane.apiserver.rest import Rest, Result, Target, WriteOptions
+from controlplane.apiserver.rest import (
+    JSON_PATCH,
+    MERGE,
+    STRATEGIC,
+    Rest,
+    Result,
+    Target,
+    WriteOptions,
+    names_version,
+)
 from controlplane.apiserver.routes import Route, parse
+from controlplane.apiserver.scale import apply_scale, to_scale
 from controlplane.apiserver.selectors import EVENT_FIELDS, FIELDS, Selector
 from controlplane.apiserver.storage import Obj, to_json
 from controlplane.apiserver.watchcache import WatchCache
@@ -126,9 +138,8 @@ class Api:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         if route.namespace and not resource.namespaced:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        if route.subresource and not (
-            route.subresource == "status" and resource.status_subresource
-        ):
+        served = {"status": resource.status_subresource, "scale": resource.scale is not None}
+        if route.subresource and not served.get(route.subresource):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         return Target(resource, route.namespace, route.name, route.subresource)
 
@@ -141,6 +152,8 @@ class Api:
         return response
 
     async def _verb(self, request: web.Request, route: Route, target: Target) -> web.StreamResponse:
+        if target.subresource == "scale":
+            return await self._scale(request, target)
         query = request.query
         method = request.method
         watch = route.legacy_watch or query.get("watch") in ("true", "1")
@@ -183,6 +196,43 @@ class Api:
                 "the server does not allow this method on the requested resource",
             )
         return self._result(result)
+
+    async def _scale(self, request: web.Request, target: Target) -> web.Response:
+        """GET, PUT or patch the Scale view; writes go through the object's update."""
+        resource = target.resource
+        main = Target(resource, target.namespace, target.name)
+        if request.method in READ_VERBS:
+            return json_response(to_scale(resource, await self.rest.get(main)))
+        if request.method not in ("PUT", "PATCH"):
+            raise ApiError(
+                405,
+                "MethodNotAllowed",
+                "the server does not allow this method on the requested resource",
+            )
+        options = self._write_options(request.query, request.headers.get("User-Agent", ""))
+        content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
+        body = await read_body(request)
+        for _ in range(16):
+            current = await self.rest.get(main)
+            scale = (
+                body
+                if request.method == "PUT"
+                else _patched_scale(to_scale(resource, current), content_type, body)
+            )
+            if request.method == "PUT":
+                pinned = bool(((scale or {}).get("metadata") or {}).get("resourceVersion"))
+            else:
+                pinned = names_version(content_type, body)
+            try:
+                result = await self.rest.update(
+                    main, apply_scale(resource, current, scale), options
+                )
+            except ApiError as exc:
+                if exc.reason == "Conflict" and not pinned:
+                    continue  # someone wrote in between: apply the patch to the new object
+                raise
+            return json_response(to_scale(resource, result.body))
+        raise ApiError(409, "Conflict", "too many concurrent writes to the scale subresource")
 
     async def _delete_collection(self, request: web.Request, target: Target) -> web.Response:
         """DELETE on a collection: delete (or mark, with finalizers) each selected object."""
@@ -357,3 +407,17 @@ def _list_window(query: Any) -> tuple[int, str, int, int]:
         raise bad_request(f'invalid resource version "{rv}"') from None
     exact = match == "Exact" or (not match and limit > 0)
     return limit, token, revision if exact else 0, revision
+
+
+def _patched_scale(scale: Obj, content_type: str, patch: Any) -> Any:
+    """A Scale after a patch (Scale is a built-in kind: a strategic patch merges)."""
+    try:
+        if content_type == JSON_PATCH:
+            return json_patch(scale, patch)
+        if content_type == MERGE:
+            return merge_patch(scale, patch)
+        if content_type == STRATEGIC:
+            return merge_patch(scale, strip_directives(patch))
+    except PatchError as exc:
+        raise ApiError(422, "Invalid", str(exc)) from None
+    raise unsupported_media(f"{JSON_PATCH}, {MERGE}, {STRATEGIC}")

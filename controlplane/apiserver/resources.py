@@ -37,6 +37,8 @@ class Resource:
     schema: dict[str, Any] | None = None
     printer_columns: tuple[dict[str, Any], ...] = ()
     verbs: tuple[str, ...] = VERBS
+    scale: dict[str, Any] | None = None
+    """The version's ``subresources.scale`` (replica paths), when it has one."""
     selectable_fields: tuple[str, ...] = ()
     """Field labels a field selector may use beyond metadata.name/namespace."""
     deprecation: str = ""
@@ -141,6 +143,7 @@ def from_crd(crd: dict[str, Any]) -> list[Resource]:
                 short_names=tuple(names.get("shortNames") or ()),
                 categories=tuple(names.get("categories") or ()),
                 status_subresource="status" in (version.get("subresources") or {}),
+                scale=(version.get("subresources") or {}).get("scale"),
                 custom=True,
                 schema=schema if isinstance(schema, dict) else None,
                 printer_columns=tuple(version.get("additionalPrinterColumns") or ()),

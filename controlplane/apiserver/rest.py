@@ -341,7 +341,7 @@ class Rest:
             try:
                 return await self._write(target, new, current, options, managed)
             except WriteConflict:
-                if _names_version(content_type, patch):
+                if names_version(content_type, patch):
                     raise conflict(resource.plural, resource.group, target.name) from None
                 await asyncio.sleep(0)
         raise conflict(resource.plural, resource.group, target.name)
@@ -441,7 +441,7 @@ def as_version(obj: Obj, resource: Resource) -> Obj:
     return obj
 
 
-def _names_version(content_type: str, patch: Any) -> bool:
+def names_version(content_type: str, patch: Any) -> bool:
     """Whether the patch itself sets metadata.resourceVersion (a precondition)."""
     if content_type == JSON_PATCH:
         return isinstance(patch, list) and any(
