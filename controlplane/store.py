@@ -119,6 +119,10 @@ class CIDRStore(Protocol):
         """Delete the claim if it is unchanged since it was read."""
         ...
 
+    def watch(self, pool: str) -> AsyncIterator[StoreEvent[CIDRClaim]]:
+        """List-then-watch the claims of ``pool`` (each node's agent waits for its own)."""
+        ...
+
 
 class IPLeaseStore(Protocol):
     """One node's IP leases (written by its agent)."""

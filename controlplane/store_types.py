@@ -24,6 +24,16 @@ class Versioned(NamedTuple, Generic[T]):
     version: int
 
 
+class StoreError(Exception):
+    """Base of the errors every store raises when it cannot do what was asked now (its
+    backend is unreachable, times out, has no leader...): the caller may retry later.
+    Each store's own errors (``KvstoreError``, the CRD store's) derive from it."""
+
+
+class AddressConflict(StoreError):
+    """An endpoint's address is published by another node; it was not overwritten."""
+
+
 class EventKind(enum.Enum):
     UPSERT = "upsert"
     DELETE = "delete"

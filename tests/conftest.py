@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from pki import TestPKI, make_test_pki
 
-from controlplane.datapath.kernel import BPFFS_ROOT
+from controlplane.datapath.bpf_syscall import BPFFS_ROOT
 from controlplane.kvstore.embedded import EmbeddedEtcd, ServerTLS
-from controlplane.kvstore.testing_tls import TestPKI, make_test_pki
 
 _TASK_GRACE_S = 1.0
 

@@ -29,6 +29,7 @@ from controlplane.agent.settings import (
     settings_from_args,
 )
 from controlplane.config import EtcdClusterConfig, KvstoreConfig
+from controlplane.datapath.bpf_syscall import BPF_F_NO_PREALLOC, BPF_MAP_TYPE_LPM_TRIE
 from controlplane.datapath.capabilities import DatapathSupport, detect_datapath
 from controlplane.datapath.ipcache import (
     IPCACHE_MAP_NAME,
@@ -36,11 +37,8 @@ from controlplane.datapath.ipcache import (
     IpcacheEntry,
     encode_key,
 )
-from controlplane.datapath.kernel import (
-    BPF_F_NO_PREALLOC,
-    BPF_MAP_TYPE_LPM_TRIE,
-    KernelMap,
-)
+from controlplane.datapath.kernel import KernelMap
+from controlplane.datapath.loader import load_program
 from controlplane.kvstore.embedded import EmbeddedEtcd
 from tests.helpers import eventually
 from tests.test_agent import agent_settings, api, create, give_cidrs, kv_config, running
@@ -131,6 +129,10 @@ def _dump(pin: Path) -> dict[bytes, bytes]:
 
 def _exists(path: Path) -> bool:
     return path.exists()
+
+
+def _pins(pin_dir: Path) -> set[str]:
+    return {p.name for p in pin_dir.iterdir()}
 
 
 def _key(ip: str) -> bytes:
@@ -256,11 +258,14 @@ async def test_cleanup_on_exit_unpins(etcd1: EmbeddedEtcd, tmp_path: Path, pin_d
     )
     a = Agent(replace(settings, cleanup_on_exit=True), kv_config(etcd1))
     assert a.datapath_mode == "kernel"
+    # cp-cni loaded the tc program here: its maps (cp_ct, cp_metrics too) are pinned beside
+    load_program(1, pin_dir).close()
+    assert _pins(pin_dir) >= {"cp_ipcache", "cp_ct", "cp_metrics"}
     async with running(a):
         await asyncio.wait_for(a.wait_ready(), 20)
         await eventually(lambda: _key("127.0.0.11") in _dump(pin_dir), message="own node IP")
     assert not _exists(pin_dir / IPCACHE_MAP_NAME)
-    assert not _exists(pin_dir)  # the emptied pin dir goes too
+    assert not _exists(pin_dir), _pins(pin_dir)  # every pin, then the dir
 
 
 @needs_kernel

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from helpers import FAST
 
-from controlplane.cli.bench_datapath import DatapathBenchParams, run_datapath_bench
+from controlplane.bench.datapath import DatapathBenchParams, run_datapath_bench
 from controlplane.config import EtcdClusterConfig, KvstoreConfig
 from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.kvstore.shards import ShardMap

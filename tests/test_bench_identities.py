@@ -6,8 +6,8 @@ from statistics import median
 
 from helpers import FAST
 
+from controlplane.bench.identities import IdentityBenchParams, run_identity_bench
 from controlplane.config import EtcdClusterConfig, KvstoreConfig
-from controlplane.kvstore.bench_identities import IdentityBenchParams, run_identity_bench
 from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.kvstore.shards import ShardMap
 

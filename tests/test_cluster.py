@@ -17,10 +17,10 @@ import pytest_asyncio
 from helpers import eventually
 
 from controlplane.agent.api import request
-from controlplane.cli.bench_propagation import run_propagation_bench
-from controlplane.cli.processes import Daemon, stop_all
+from controlplane.bench.propagation import run_propagation_bench
 from controlplane.config import EtcdClusterConfig, KvstoreConfig
 from controlplane.kvstore.embedded import EmbeddedEtcd
+from controlplane.processes import Daemon, stop_all
 
 HEARTBEAT = 0.5
 CHECK = 0.3

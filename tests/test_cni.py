@@ -340,3 +340,13 @@ async def test_check_notices_a_detached_program(env: Env) -> None:
     err = assert_cni_error(await env.run("CHECK", "web"), 103)
     assert "attached" in err["msg"]
     assert (await env.run("DEL", "web")).rc == 0
+
+
+def test_help_prints_usage_and_arguments_are_refused() -> None:
+    cmd = [sys.executable, "-m", "controlplane.cni.main"]
+    shown = subprocess.run([*cmd, "--help"], capture_output=True, text=True, check=False)
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: cp-cni"), shown
+    assert "agentSocket" in shown.stdout and shown.stderr == ""
+    bad = subprocess.run([*cmd, "ADD"], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert len(bad.stderr.strip().splitlines()) == 1 and "--help" in bad.stderr

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import yaml
 from helpers import backend_for
+from pki import TestPKI
 
 from controlplane.config import TLSConfig, config_from_mapping
 from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.kvstore.errors import PermissionDenied
-from controlplane.kvstore.testing_tls import TestPKI
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "etcd"
 SCRIPT = DEPLOY / "auth-bootstrap.sh"

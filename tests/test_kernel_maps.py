@@ -16,7 +16,20 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.datapath import kernel
+from controlplane.datapath import bpf_syscall, kernel
+from controlplane.datapath.bpf_syscall import (
+    BPF_MAP_TYPE_HASH,
+    BPF_MAP_TYPE_LPM_TRIE,
+    BPF_MAP_TYPE_PERCPU_ARRAY,
+    BPF_NOEXIST,
+    KernelMapError,
+    MapFullError,
+    MapMismatchError,
+    MapNotFoundError,
+    MapUnsupportedError,
+    ensure_bpffs,
+    possible_cpus,
+)
 from controlplane.datapath.capabilities import DatapathSupport, detect_datapath
 from controlplane.datapath.ipcache import (
     IPCACHE_MAP_NAME,
@@ -26,21 +39,7 @@ from controlplane.datapath.ipcache import (
     IpcacheEntry,
     encode_key,
 )
-from controlplane.datapath.kernel import (
-    BPF_MAP_TYPE_HASH,
-    BPF_MAP_TYPE_LPM_TRIE,
-    BPF_MAP_TYPE_PERCPU_ARRAY,
-    BPF_NOEXIST,
-    KernelMap,
-    KernelMapError,
-    MapFullError,
-    MapMismatchError,
-    MapNotFoundError,
-    MapUnsupportedError,
-    ensure_bpffs,
-    pinned_ipcache,
-    possible_cpus,
-)
+from controlplane.datapath.kernel import KernelMap, pinned_ipcache
 from controlplane.datapath.maps import Map, MapError, MapStats
 from controlplane.datapath.reconciler import IpcacheReconciler
 from controlplane.model import IPNetwork, NumericIdentity
@@ -348,12 +347,12 @@ def test_batch_falls_back_per_element_when_kernel_lacks_batch_ops(
 
     def no_batch(cmd: int, attr: ctypes.Structure) -> tuple[int, int]:
         if cmd in (
-            kernel.BPF_MAP_LOOKUP_BATCH,
-            kernel.BPF_MAP_UPDATE_BATCH,
-            kernel.BPF_MAP_DELETE_BATCH,
+            bpf_syscall.BPF_MAP_LOOKUP_BATCH,
+            bpf_syscall.BPF_MAP_UPDATE_BATCH,
+            bpf_syscall.BPF_MAP_DELETE_BATCH,
         ):
             batch_calls.append(cmd)
-            return -1, kernel.ENOTSUPP
+            return -1, bpf_syscall.ENOTSUPP
         return real_bpf(cmd, attr)
 
     monkeypatch.setattr(kernel, "bpf", no_batch)
@@ -362,7 +361,7 @@ def test_batch_falls_back_per_element_when_kernel_lacks_batch_ops(
     assert m.batch_update(entries) == 50
     assert m.batch_update_supported is False
     assert m.batch_update(entries[:5]) == 5  # no second batch attempt
-    assert batch_calls == [kernel.BPF_MAP_UPDATE_BATCH]
+    assert batch_calls == [bpf_syscall.BPF_MAP_UPDATE_BATCH]
     assert dict(m.items()) == dict(entries)
     assert m.batch_lookup_supported is False and len(m) == 50
     assert m.batch_delete([k for k, _ in entries[:10]] + [encode_key(net("11.0.0.0/8"))]) == 10
@@ -417,7 +416,8 @@ print(json.dumps({{"info": m.info(), "items": {{k.hex(): v.hex() for k, v in m.i
 """
 
 _CREATE_PINNED = """
-from controlplane.datapath.kernel import KernelMap, BPF_MAP_TYPE_HASH
+from controlplane.datapath.kernel import KernelMap
+from controlplane.datapath.bpf_syscall import BPF_MAP_TYPE_HASH
 m = KernelMap.create("cp_t_child", BPF_MAP_TYPE_HASH, 4, 4, 64)
 m.batch_update([(i.to_bytes(4, "little"), (i * i).to_bytes(4, "little")) for i in range(20)])
 m.pin({path!r})
@@ -477,12 +477,12 @@ def test_pinned_ipcache_creates_then_reopens(pin_dir: Path) -> None:
     rel = pinned_ipcache(name, max_entries=64).map
     assert isinstance(rel, KernelMap)
     try:
-        assert Path(kernel.BPFFS_ROOT, name, IPCACHE_MAP_NAME).exists()
+        assert Path(bpf_syscall.BPFFS_ROOT, name, IPCACHE_MAP_NAME).exists()
         assert rel.max_entries == 64
     finally:
         rel.close()
-        os.unlink(Path(kernel.BPFFS_ROOT, name, IPCACHE_MAP_NAME))
-        os.rmdir(Path(kernel.BPFFS_ROOT, name))
+        os.unlink(Path(bpf_syscall.BPFFS_ROOT, name, IPCACHE_MAP_NAME))
+        os.rmdir(Path(bpf_syscall.BPFFS_ROOT, name))
 
 
 def test_pinned_ipcache_refuses_a_foreign_map(pin_dir: Path) -> None:

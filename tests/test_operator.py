@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from controlplane.kvstore.heartbeat import Heartbeat
 from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.types import EventType
 from controlplane.kvstore.watch import ListWatcher
-from controlplane.model import Endpoint, IPv4Address, Node, NodeName, NumericIdentity
+from controlplane.model import Endpoint, Node, NodeName, NumericIdentity
 from controlplane.telemetry import http_get
 
 LAYOUT = KeyLayout()

@@ -16,8 +16,9 @@ from controlplane.agent.agent import Agent
 from controlplane.agent.settings import DatapathMode
 from controlplane.cli.common import CommandError
 from controlplane.cli.main import build_parser
+from controlplane.datapath.bpf_syscall import BPF_MAP_TYPE_HASH
 from controlplane.datapath.capabilities import detect_datapath
-from controlplane.datapath.kernel import BPF_MAP_TYPE_HASH, KernelMap
+from controlplane.datapath.kernel import KernelMap
 from controlplane.datapath.layouts import (
     ENDPOINTS_MAP_NAME,
     ENDPOINTS_MAX_ENTRIES,

@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 from helpers import FAST, backend_for, eventually
+from pki import TestPKI
 
 from controlplane.config import ClientSettings, ConfigError, TLSConfig
 from controlplane.kvstore.backend import EtcdBackend
 from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.kvstore.errors import KvstoreError, PermissionDenied
 from controlplane.kvstore.session import LeaseManager
-from controlplane.kvstore.testing_tls import TestPKI
 
 
 async def test_tls_with_client_certificate(etcd_tls: EmbeddedEtcd, pki: TestPKI) -> None:

@@ -102,3 +102,46 @@ async def test_one_cluster_is_one_connection(etcd1: EmbeddedEtcd) -> None:
             id(shards.shard_for(kind, "x")) for kind in ("identities", "endpoints", "nodes")
         }
         assert len(backends) == 1 and len(shards.all()) == 1
+
+
+async def test_closing_a_merged_watch_is_clean(
+    etcd1: EmbeddedEtcd, second_etcd: EmbeddedEtcd
+) -> None:
+    """Closing the merged watch (as a consumer that stops early does) stops every shard's
+    pump without an exception group, and the next consumer's cancellation is its own."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        async with ShardMap(two_cluster_config(etcd1, second_etcd)) as shards:
+            await shards.backends["a"].put(b"ids/a1", b"1")
+
+            def pumps() -> set[asyncio.Task[object]]:
+                return {
+                    t
+                    for t in asyncio.all_tasks()
+                    if t.get_name().startswith("watch:") and not t.done()
+                }
+
+            # Stop early without closing the generator: the loop's finalizer closes it.
+            async for shard, _ in shards.watch_batches("identities", b"ids/"):
+                if shard == "":  # every shard listed
+                    break
+            await eventually(lambda: not pumps(), message="the shards' pumps stopped")
+
+            # A consumer cancelled while it waits inside the merged watch: cancelled alone.
+            seen: list[str] = []
+
+            async def consume() -> None:
+                async for shard, _ in shards.watch_batches("identities", b"ids/"):
+                    seen.append(shard)
+
+            task = asyncio.create_task(consume())
+            await eventually(lambda: "" in seen, message="listed; now waiting for changes")
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            assert task.cancelled()
+    finally:
+        loop.set_exception_handler(None)
+    assert errors == []

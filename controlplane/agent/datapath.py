@@ -16,14 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from controlplane.agent.settings import DatapathMode
+from controlplane.datapath.bpf_syscall import KernelMapError
 from controlplane.datapath.capabilities import DatapathSupport, detect_datapath
 from controlplane.datapath.ipcache import IPCACHE_MAP_NAME, Ipcache, userspace_ipcache
-from controlplane.datapath.kernel import KernelMap, KernelMapError, pinned_ipcache
+from controlplane.datapath.kernel import KernelMap, pinned_ipcache
+from controlplane.datapath.layouts import CT_MAP_NAME, METRICS_MAP_NAME
 from controlplane.datapath.policymap import (
     PolicyMaps,
     pinned_policy_maps,
     userspace_policy_maps,
 )
+
+PROGRAM_ONLY_MAPS = (CT_MAP_NAME, METRICS_MAP_NAME)
+"""Maps the tc program pins beside ours and the agent never writes."""
 
 
 class DatapathUnavailable(Exception):
@@ -84,19 +89,21 @@ def open_policy_maps(choice: DatapathChoice, pin_dir: Path) -> PolicyMaps:
 
 
 def unpin_ipcache(ipcache: Ipcache, pin_dir: Path) -> bool:
-    """``--cleanup-on-exit``: remove the ipcache pin (and the pin dir when left empty).
+    """``--cleanup-on-exit``: remove the ipcache pin, the pins of the maps only the tc
+    program uses (``cp_ct``, ``cp_metrics``: the loader created them for ``cp-cni``), and
+    the pin dir when left empty.
 
-    Programs still attached keep their reference to the map; only the name goes."""
+    Programs still attached keep their reference to the maps; only the names go."""
     if not isinstance(ipcache.map, KernelMap):
         return False
-    path = pin_dir / IPCACHE_MAP_NAME
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return False
+    removed = False
+    for name in (IPCACHE_MAP_NAME, *PROGRAM_ONLY_MAPS):
+        with contextlib.suppress(FileNotFoundError):
+            (pin_dir / name).unlink()
+            removed = True
     with contextlib.suppress(OSError):
-        pin_dir.rmdir()  # only when empty: the tc program's maps may live here too
-    return True
+        pin_dir.rmdir()  # only when empty: someone else's pins stay, and so does the dir
+    return removed
 
 
 def close_ipcache(ipcache: Ipcache) -> None:

@@ -9,9 +9,12 @@ unhealthy state *restarts* the agent's control-plane side is decided by
 * a connection or quorum failure restarts only while the arm is set; the restart disarms
   it and the next successful quorum read re-arms it (while etcd stays down, the fresh
   session just reports "unhealthy" and waits);
-* a stale heartbeat restarts only if the heartbeat was seen *advancing* (a new writer or
-  sequence number) since the last restart: a dead operator is not a reason to restart
-  again and again. A beat that the new session merely re-lists is not an advance.
+* a stale heartbeat restarts only if a heartbeat *written after* the last restart (an etcd
+  revision above the first quorum read that followed it) was seen, whatever that
+  restart's reason: a dead operator is not a reason to restart again and again, and
+  neither is an operator still re-electing after the etcd outage that caused the last
+  restart. A beat that the new session merely re-lists, or that a lagging watch delivers
+  late, is not an advance.
 
 A new session carries the last one's error count and heartbeat evidence (the same old
 heartbeat record re-listed is no news), so a restart never makes an outage look healthy;
@@ -44,8 +47,10 @@ class Observation:
     heartbeat_age: float
     heartbeat_threshold: float
     heartbeat_stale: bool
-    beat: tuple[str, int] | None
-    """(writer, seq) of the last heartbeat the session's monitor holds."""
+    read_revision: int | None
+    """The store's revision at the quorum read (None when it failed)."""
+    beat_revision: int | None
+    """The etcd revision that wrote the newest heartbeat the session has seen."""
 
 
 @dataclass(slots=True)
@@ -54,18 +59,27 @@ class RestartArm:
 
     connection: bool = True
     heartbeat: bool = False
-    known_beat: tuple[str, int] | None = None
-    """The last heartbeat (writer, seq) seen, in any session."""
+    floor: int | None = None
+    """A heartbeat written after this store revision proves the operator alive since the
+    last restart (None: not known yet; the first successful quorum read sets it)."""
+    recoveries: int = 0
+    """Restarts of this shard alone (its connection), the others carrying on."""
 
-    def note_beat(self, beat: tuple[str, int] | None, stale: bool) -> None:
-        if beat is None:
-            return
-        if self.known_beat is None:
-            self.known_beat = beat  # the first one seen may be an old record: no proof yet
-        elif beat != self.known_beat:
-            self.known_beat = beat
-            if not stale:
-                self.heartbeat = True
+    def restarted(self) -> None:
+        """The control plane restarted (for whatever reason): a stale heartbeat restarts
+        it again only once a beat *written after* this restart was seen. After an etcd
+        outage the operator re-elects, so its heartbeat is late for a while: that is the
+        same outage, which has had its restart. (A beat written before the outage but
+        seen late, as a lagging watch delivers it, proves nothing: hence revisions, not
+        arrival.)"""
+        self.heartbeat = False
+        self.floor = None
+
+    def note(self, read_revision: int | None, beat_revision: int | None, stale: bool) -> None:
+        if self.floor is None:
+            self.floor = read_revision  # beats written later than this read are news
+        elif beat_revision is not None and beat_revision > self.floor and not stale:
+            self.heartbeat = True
 
 
 @dataclass(slots=True)
@@ -80,6 +94,9 @@ class ShardHealth:
     reason: str = ""
     checks: int = 0
     last: Observation | None = None
+    failing: bool = False
+    """This session's last quorum read failed: requests that need the shard fail fast.
+    (Not carried to the next session, which starts from what it sees itself.)"""
 
     @property
     def healthy(self) -> bool:
@@ -106,7 +123,8 @@ class ShardHealth:
         """Count one check; returns the failure that should restart the agent, if any."""
         self.checks += 1
         self.last = obs
-        self.arm.note_beat(obs.beat, obs.heartbeat_stale)
+        self.failing = obs.quorum_error is not None
+        self.arm.note(obs.read_revision, obs.beat_revision, obs.heartbeat_stale)
         if obs.quorum_error is None:
             self.arm.connection = True
         if obs.quorum_error is not None:
@@ -149,5 +167,6 @@ class ShardHealth:
             "heartbeat_threshold": None if last is None else last.heartbeat_threshold,
             "heartbeat_stale": None if last is None else last.heartbeat_stale,
             "restart_armed": {"connection": self.arm.connection, "heartbeat": self.arm.heartbeat},
+            "recoveries": self.arm.recoveries,
             "checks": self.checks,
         }

@@ -10,8 +10,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, Metric
 
+from controlplane.datapath.bpf_syscall import KernelMapError
 from controlplane.datapath.counters import pinned_verdict_counts
-from controlplane.datapath.kernel import KernelMapError
 from controlplane.metrics import StoreMetrics
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,8 @@ class AgentMetrics:
     """The store layer's metrics (malformed values skipped, repairs) on the same registry."""
     restarts: Counter
     """Control-plane restarts (in-process or exit), by reason."""
+    shard_recoveries: Counter
+    """Restarts of one shard's connection alone (several shards, the others healthy)."""
     endpoints: Gauge
     """Endpoints this agent owns."""
     cache_objects: Gauge
@@ -51,6 +53,12 @@ class AgentMetrics:
                 "cp_agent_kvstore_restarts_total",
                 "Restarts of the agent's control-plane side after the kvstore went unhealthy",
                 ["reason"],
+                registry=registry,
+            ),
+            shard_recoveries=Counter(
+                "cp_agent_kvstore_shard_recoveries_total",
+                "Reconnections of one unhealthy kvstore shard while the others carried on",
+                ["shard", "reason"],
                 registry=registry,
             ),
             endpoints=Gauge("cp_agent_endpoints", "Endpoints this agent owns", registry=registry),

@@ -1,31 +1,31 @@
-"""What every `cpctl bench` command shares: where it measures, progress, the JSON record."""
+"""What every `cpctl bench` subcommand shares: where it measures (the kvstore flags, or
+--embedded for an etcd started for the run), progress on stderr, comma-list arguments,
+and running a benchmark to write and print its JSON record."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any
 
+from controlplane.bench.common import BenchError, Record, measure, record_path, write_record
 from controlplane.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     CommandError,
     add_kvstore_flags,
+    kvstore_config,
     positive_int,
     print_json,
 )
-from controlplane.cli.etcd_cmd import start_embedded
-from controlplane.config import ClientSettings, EtcdClusterConfig, KvstoreConfig
-from controlplane.flags import kvstore_config
-from controlplane.kvstore.bench import BenchError, utc_stamp
-from controlplane.kvstore.embedded import EmbeddedEtcd
+from controlplane.config import KvstoreConfig
 
-Record = dict[str, Any]
 
-RESULTS_DIR = Path("bench/results")
+def concurrency_list(text: str) -> tuple[int, ...]:
+    levels = tuple(positive_int(part.strip()) for part in text.split(",") if part.strip())
+    if not levels:
+        raise argparse.ArgumentTypeError("want a comma list like 1,32")
+    return tuple(dict.fromkeys(levels))
 
 
 def add_target_flags(parser: argparse.ArgumentParser) -> None:
@@ -46,45 +46,31 @@ def progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def write_record(path: Path, record: dict[str, Any]) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2) + "\n")
-    except OSError as exc:
-        raise CommandError(f"cannot write {path}: {exc.strerror}") from exc
-
-
-async def bench_target(args: argparse.Namespace) -> tuple[KvstoreConfig, EmbeddedEtcd | None]:
-    """The etcd to measure: the kvstore flags' cluster, or an embedded one (then stop it)."""
+def target_config(args: argparse.Namespace) -> KvstoreConfig | None:
+    """The kvstore flags' config, or None for --embedded (an etcd started for the run)."""
     if not args.embedded:
-        return kvstore_config(args), None
+        return kvstore_config(args)
     if args.kvstore_endpoints or args.kvstore_config:
         raise CommandError("--embedded excludes --kvstore-endpoints/--kvstore-config", EXIT_USAGE)
-    progress(f"starting an embedded etcd with {args.members} member(s)...")
-    etcd = await start_embedded(args.members)
-    settings = ClientSettings(request_timeout=max(10.0, args.timeout))
-    cluster = EtcdClusterConfig("embedded", tuple(etcd.client_urls))
-    return KvstoreConfig((cluster,), client=settings), etcd
+    return None
 
 
-async def measure(
+async def run_measure(
     args: argparse.Namespace,
     name: str,
     run: Callable[[KvstoreConfig], Awaitable[Record]],
     show: Callable[[Record, KvstoreConfig], None],
 ) -> int:
-    """Run one benchmark against the target, write its JSON record, print it."""
-    output = args.output or RESULTS_DIR / f"{name}-{utc_stamp()}.json"
-    config, etcd = await bench_target(args)
+    """Run one benchmark on the target, write its JSON record, print it."""
+    output = args.output or record_path(name)
+    config = target_config(args)
     try:
-        record = await run(config)
+        record, config = await measure(
+            run, config, members=args.members, timeout=args.timeout, progress=progress
+        )
+        write_record(output, record)
     except BenchError as exc:
         raise CommandError(str(exc)) from exc
-    finally:
-        if etcd is not None:
-            await etcd.stop()
-    record["embedded_members"] = args.members if args.embedded else None
-    write_record(output, record)
     if args.json:
         print_json(record)
     else:

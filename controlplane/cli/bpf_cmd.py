@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.cli.common import EXIT_OK, CommandError, add_json_flag, print_json, print_table
+from controlplane.datapath.bpf_syscall import KernelMapError
 from controlplane.datapath.conntrack import ct_flows
 from controlplane.datapath.counters import verdict_counts
 from controlplane.datapath.ipcache import IPCACHE_MAP_NAME, IpcacheEntry, decode_key
-from controlplane.datapath.kernel import KernelMap, KernelMapError
+from controlplane.datapath.kernel import KernelMap
 from controlplane.datapath.layouts import (
     CT_MAP_NAME,
     ENDPOINTS_MAP_NAME,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -48,6 +50,33 @@ def build_parser() -> Parser:
     return parser
 
 
+async def run_command(args: argparse.Namespace) -> int:
+    """Run the command; SIGTERM and SIGHUP stop it as Ctrl-C does: it is cancelled, so it
+    stops its children (etcd members, daemons) on its way out, and cpctl exits with
+    128 + the signal's number."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    signalled: list[int] = []
+
+    def stop(sig: signal.Signals) -> None:
+        signalled.append(sig)
+        task.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        status: int = await args.run(args)
+        return status
+    except asyncio.CancelledError:
+        if signalled and task.uncancel() == 0:
+            return 128 + signalled[0]
+        raise
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -55,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        status: int = asyncio.run(args.run(args))
+        status = asyncio.run(run_command(args))
     except CommandError as exc:
         print(f"cpctl: {exc}", file=sys.stderr)
         return exc.status

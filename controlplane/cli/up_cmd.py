@@ -21,7 +21,6 @@ from controlplane import codec
 from controlplane.agent.api import request
 from controlplane.cli.common import CommandError, positive_float, positive_int, print_table
 from controlplane.cli.etcd_cmd import start_embedded
-from controlplane.cli.processes import Daemon, stop_all
 from controlplane.config import ClientSettings, EtcdClusterConfig, KvstoreConfig
 from controlplane.datapath.ipcache import IPCACHE_MAP_NAME
 from controlplane.kvstore.embedded import EmbeddedEtcd
@@ -32,6 +31,7 @@ from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.nodes import KvNodeStore
 from controlplane.kvstore.shards import ShardMap
 from controlplane.metrics import StoreMetrics
+from controlplane.processes import Daemon, stop_all
 
 DEMO_ENDPOINTS = (  # (namespace, name, labels), spread over the agents round-robin
     ("shop", "web-1", ["k8s:app=web", "k8s:tier=frontend"]),
@@ -158,6 +158,9 @@ async def start_daemons(args: argparse.Namespace, workdir: Path, endpoints: str)
                 # mode would make them share the machine-wide pinned ipcache)
                 "--datapath",
                 "userspace",
+                # a local demo never touches the host's networking: no routes to the other
+                # nodes' pod CIDRs (they would land in the host's main table)
+                "--no-routes",
                 "--metrics-address",
                 "0",
                 "--heartbeat-interval",

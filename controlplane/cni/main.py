@@ -386,9 +386,28 @@ def _error(version: str, code: int, msg: str, details: str) -> dict[str, Any]:
     return {"cniVersion": version, "code": code, "msg": msg, "details": details}
 
 
+USAGE = """usage: cp-cni (run by the container runtime: CNI_COMMAND=ADD|DEL|CHECK|VERSION and the
+CNI_* variables in the environment, the network configuration as JSON on stdin)
+
+The CNI plugin of the control plane (CNI spec 1.0; results also in 0.4.0 form).
+Configuration fields besides cniVersion, name and type:
+  agentSocket  the agent's local API socket        (default /var/run/cp/agent.sock)
+  pinDir       where the datapath maps are pinned  (default /sys/fs/bpf/cp)
+  mtu          MTU of both veth ends               (default: the kernel's)
+  labels       endpoint labels, e.g. ["k8s:app=web"]
+Any failure prints a CNI error {"cniVersion", "code", "msg", "details"} and exits 1."""
+
+
 def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> int:
-    del argv  # CNI passes everything through the environment and stdin
+    # CNI passes everything through the environment and stdin; arguments are for people.
+    args = sys.argv[1:] if argv is None else list(argv)
     out = sys.stdout if stdout is None else stdout
+    if args:
+        if args[0] in ("-h", "--help"):
+            out.write(USAGE + "\n")
+            return 0
+        print(f"cp-cni: takes no arguments (got {args[0]!r}); see cp-cni --help", file=sys.stderr)
+        return 2
     payload: dict[str, Any] | None
     try:
         interactive = os.environ.get("CNI_COMMAND") == "VERSION" and sys.stdin.isatty()

@@ -11,14 +11,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from controlplane.datapath.kernel import (
+from controlplane.datapath.bpf_syscall import (
     BPF_MAP_TYPE_HASH,
     BPFFS_ROOT,
-    KernelMap,
     KernelMapError,
     bpffs_mounted,
     errno_name,
 )
+from controlplane.datapath.kernel import KernelMap
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,13 +28,44 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
-import re
 import weakref
 from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import Final
 
+from controlplane.datapath.bpf_syscall import (
+    BPF_ANY,
+    BPF_F_NO_PREALLOC,
+    BPF_MAP_CREATE,
+    BPF_MAP_DELETE_BATCH,
+    BPF_MAP_DELETE_ELEM,
+    BPF_MAP_GET_NEXT_KEY,
+    BPF_MAP_LOOKUP_BATCH,
+    BPF_MAP_LOOKUP_ELEM,
+    BPF_MAP_TYPE_LPM_TRIE,
+    BPF_MAP_UPDATE_BATCH,
+    BPF_MAP_UPDATE_ELEM,
+    BPF_OBJ_GET,
+    BPF_OBJ_PIN,
+    BPFFS_ROOT,
+    DUMP_CHUNK,
+    NAME_RE,
+    NO_BATCH_ERRNOS,
+    PERCPU_TYPES,
+    KernelMapError,
+    MapBatchAttr,
+    MapCreateAttr,
+    MapElemAttr,
+    MapMismatchError,
+    MapUnsupportedError,
+    ObjAttr,
+    addr,
+    bpf,
+    bpf_error,
+    ensure_bpffs,
+    map_info,
+    no_batch,
+    possible_cpus,
+    round8,
+)
 from controlplane.datapath.ipcache import (
     IPCACHE_MAP_NAME,
     IPCACHE_MAX_ENTRIES,
@@ -42,257 +73,9 @@ from controlplane.datapath.ipcache import (
     VALUE_SIZE,
     Ipcache,
 )
-from controlplane.datapath.maps import MapError, SizedMap
+from controlplane.datapath.maps import SizedMap
 
-# -- constants (include/uapi/linux/bpf.h) ---------------------------------------------
-
-BPF_MAP_CREATE: Final = 0
-BPF_MAP_LOOKUP_ELEM: Final = 1
-BPF_MAP_UPDATE_ELEM: Final = 2
-BPF_MAP_DELETE_ELEM: Final = 3
-BPF_MAP_GET_NEXT_KEY: Final = 4
-BPF_OBJ_PIN: Final = 6
-BPF_OBJ_GET: Final = 7
-BPF_OBJ_GET_INFO_BY_FD: Final = 15
-BPF_MAP_LOOKUP_BATCH: Final = 24
-BPF_MAP_UPDATE_BATCH: Final = 26
-BPF_MAP_DELETE_BATCH: Final = 27
-
-BPF_MAP_TYPE_HASH: Final = 1
-BPF_MAP_TYPE_ARRAY: Final = 2
-BPF_MAP_TYPE_PERCPU_HASH: Final = 5
-BPF_MAP_TYPE_PERCPU_ARRAY: Final = 6
-BPF_MAP_TYPE_LPM_TRIE: Final = 11
-
-BPF_F_NO_PREALLOC: Final = 1 << 0
-
-BPF_ANY: Final = 0
-BPF_NOEXIST: Final = 1
-BPF_EXIST: Final = 2
-
-ENOTSUPP: Final = 524
-"""The kernel-internal "operation not supported" (not in userspace ``errno``)."""
-
-BPFFS_ROOT: Final = "/sys/fs/bpf"
-BPF_FS_MAGIC: Final = 0xCAFE4A11
-
-_SYSCALL_NR: Final = {"x86_64": 321, "aarch64": 280, "arm64": 280}
-_PERCPU_TYPES: Final = frozenset({BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY})
-_ARRAY_TYPES: Final = frozenset({BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY})
-_NO_BATCH_ERRNOS: Final = frozenset({errno.EINVAL, errno.EOPNOTSUPP, ENOTSUPP})
-_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_.]{0,15}$")
-_DUMP_CHUNK: Final = 4096
-"""Entries per ``BPF_MAP_LOOKUP_BATCH`` call when reading a whole map."""
-
-_CMD_NAMES: Final = {
-    BPF_MAP_CREATE: "BPF_MAP_CREATE",
-    BPF_MAP_LOOKUP_ELEM: "BPF_MAP_LOOKUP_ELEM",
-    BPF_MAP_UPDATE_ELEM: "BPF_MAP_UPDATE_ELEM",
-    BPF_MAP_DELETE_ELEM: "BPF_MAP_DELETE_ELEM",
-    BPF_MAP_GET_NEXT_KEY: "BPF_MAP_GET_NEXT_KEY",
-    BPF_OBJ_PIN: "BPF_OBJ_PIN",
-    BPF_OBJ_GET: "BPF_OBJ_GET",
-    BPF_OBJ_GET_INFO_BY_FD: "BPF_OBJ_GET_INFO_BY_FD",
-    BPF_MAP_LOOKUP_BATCH: "BPF_MAP_LOOKUP_BATCH",
-    BPF_MAP_UPDATE_BATCH: "BPF_MAP_UPDATE_BATCH",
-    BPF_MAP_DELETE_BATCH: "BPF_MAP_DELETE_BATCH",
-}
-
-# -- bpf_attr layouts -----------------------------------------------------------------
-
-
-class _MapCreateAttr(ctypes.Structure):
-    _fields_ = (
-        ("map_type", ctypes.c_uint32),
-        ("key_size", ctypes.c_uint32),
-        ("value_size", ctypes.c_uint32),
-        ("max_entries", ctypes.c_uint32),
-        ("map_flags", ctypes.c_uint32),
-        ("inner_map_fd", ctypes.c_uint32),
-        ("numa_node", ctypes.c_uint32),
-        ("map_name", ctypes.c_char * 16),
-    )
-
-
-class _MapElemAttr(ctypes.Structure):
-    _fields_ = (
-        ("map_fd", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
-        ("key", ctypes.c_uint64),
-        ("value", ctypes.c_uint64),  # also next_key
-        ("flags", ctypes.c_uint64),
-    )
-
-
-class _MapBatchAttr(ctypes.Structure):
-    _fields_ = (
-        ("in_batch", ctypes.c_uint64),
-        ("out_batch", ctypes.c_uint64),
-        ("keys", ctypes.c_uint64),
-        ("values", ctypes.c_uint64),
-        ("count", ctypes.c_uint32),
-        ("map_fd", ctypes.c_uint32),
-        ("elem_flags", ctypes.c_uint64),
-        ("flags", ctypes.c_uint64),
-    )
-
-
-class _ObjAttr(ctypes.Structure):
-    _fields_ = (
-        ("pathname", ctypes.c_uint64),
-        ("bpf_fd", ctypes.c_uint32),
-        ("file_flags", ctypes.c_uint32),
-    )
-
-
-class _InfoAttr(ctypes.Structure):
-    _fields_ = (
-        ("bpf_fd", ctypes.c_uint32),
-        ("info_len", ctypes.c_uint32),
-        ("info", ctypes.c_uint64),
-    )
-
-
-class _MapInfo(ctypes.Structure):
-    _fields_ = (
-        ("type", ctypes.c_uint32),
-        ("id", ctypes.c_uint32),
-        ("key_size", ctypes.c_uint32),
-        ("value_size", ctypes.c_uint32),
-        ("max_entries", ctypes.c_uint32),
-        ("map_flags", ctypes.c_uint32),
-        ("name", ctypes.c_char * 16),
-        ("ifindex", ctypes.c_uint32),
-        ("btf_vmlinux_value_type_id", ctypes.c_uint32),
-        ("netns_dev", ctypes.c_uint64),
-        ("netns_ino", ctypes.c_uint64),
-        ("btf_id", ctypes.c_uint32),
-        ("btf_key_type_id", ctypes.c_uint32),
-        ("btf_value_type_id", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
-        ("map_extra", ctypes.c_uint64),
-    )
-
-
-# -- errors ---------------------------------------------------------------------------
-
-
-class KernelMapError(MapError):
-    """A ``bpf()`` call failed; ``errno`` is the kernel's answer (0: a userspace check)."""
-
-    def __init__(self, message: str, err: int = 0) -> None:
-        super().__init__(message)
-        self.errno = err
-
-
-class MapFullError(KernelMapError):
-    """The map has no room (``E2BIG``/``ENOSPC``/``ENOMEM``)."""
-
-
-class MapPermissionError(KernelMapError):
-    """The kernel refused the caller (``EPERM``/``EACCES``)."""
-
-
-class MapUnsupportedError(KernelMapError):
-    """The kernel does not do this for this map type (``EINVAL``/``ENOTSUPP``/...)."""
-
-
-class MapNotFoundError(KernelMapError):
-    """No pinned object at the path, or no such key (``ENOENT``)."""
-
-
-class MapMismatchError(KernelMapError):
-    """A pinned map exists but has another type or layout than wanted."""
-
-
-def _strerror(err: int) -> str:
-    return "Operation not supported" if err == ENOTSUPP else os.strerror(err)
-
-
-def errno_name(err: int) -> str:
-    if err == ENOTSUPP:
-        return "ENOTSUPP"
-    return errno.errorcode.get(err, f"errno {err}")
-
-
-def _error_class(err: int) -> type[KernelMapError]:
-    if err in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
-        return MapFullError
-    if err in (errno.EPERM, errno.EACCES):
-        return MapPermissionError
-    if err in _NO_BATCH_ERRNOS:
-        return MapUnsupportedError
-    if err == errno.ENOENT:
-        return MapNotFoundError
-    return KernelMapError
-
-
-def _error(cmd: int, err: int, what: str) -> KernelMapError:
-    msg = f"bpf({_CMD_NAMES.get(cmd, str(cmd))}) {what}: {errno_name(err)} ({_strerror(err)})"
-    return _error_class(err)(msg, err)
-
-
-# -- the syscall ----------------------------------------------------------------------
-
-_libc: ctypes.CDLL | None = None
-
-
-def _syscall_nr() -> int:
-    machine = platform.machine()
-    nr = _SYSCALL_NR.get(machine)
-    if nr is None:
-        raise MapUnsupportedError(f"bpf(): no syscall number known for {machine}")
-    return nr
-
-
-def _get_libc() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        lib = ctypes.CDLL(None, use_errno=True)
-        lib.syscall.restype = ctypes.c_long
-        lib.mount.argtypes = (
-            ctypes.c_char_p,
-            ctypes.c_char_p,
-            ctypes.c_char_p,
-            ctypes.c_ulong,
-            ctypes.c_void_p,
-        )
-        lib.mount.restype = ctypes.c_int
-        _libc = lib
-    return _libc
-
-
-def bpf(cmd: int, attr: ctypes.Structure) -> tuple[int, int]:
-    """One ``bpf(cmd, &attr, sizeof attr)`` call: (return value, errno); -1 on failure."""
-    libc = _get_libc()
-    ctypes.set_errno(0)
-    ret = int(
-        libc.syscall(
-            ctypes.c_long(_syscall_nr()),
-            ctypes.c_int(cmd),
-            ctypes.byref(attr),
-            ctypes.c_uint(ctypes.sizeof(attr)),
-        )
-    )
-    return ret, (ctypes.get_errno() if ret < 0 else 0)
-
-
-def _addr(buf: ctypes.Array[ctypes.c_char] | None) -> int:
-    return ctypes.addressof(buf) if buf is not None else 0
-
-
-def possible_cpus() -> int:
-    """CPUs the kernel may bring up (``/sys/devices/system/cpu/possible``: "0-3,5")."""
-    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
-    count = 0
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        count += (int(hi) - int(lo) + 1) if hi else 1
-    return count
-
-
-def _round8(n: int) -> int:
-    return (n + 7) & ~7
+__all__ = ["KernelMap", "pinned_ipcache"]
 
 
 # -- the map --------------------------------------------------------------------------
@@ -301,7 +84,7 @@ def _round8(n: int) -> int:
 class KernelMap(SizedMap):
     """A kernel BPF map behind the :class:`~controlplane.datapath.maps.Map` Protocol."""
 
-    _error = KernelMapError
+    bpf_error = KernelMapError
     thread_safe = True
 
     def __init__(
@@ -320,9 +103,9 @@ class KernelMap(SizedMap):
         self.map_type = map_type
         self.max_entries = max_entries
         self.flags = flags
-        self.percpu = map_type in _PERCPU_TYPES
+        self.percpu = map_type in PERCPU_TYPES
         self.ncpus = possible_cpus() if self.percpu else 1
-        self._slot = _round8(value_size) if self.percpu else value_size
+        self._slot = round8(value_size) if self.percpu else value_size
         """Bytes per value in the syscall buffer (all CPUs' values for per-CPU maps)."""
         self._buf_size = self._slot * self.ncpus
         self.batch_update_supported: bool | None = None
@@ -345,11 +128,11 @@ class KernelMap(SizedMap):
     ) -> KernelMap:
         """Create a map (``BPF_MAP_CREATE``). LPM tries need ``BPF_F_NO_PREALLOC``, which
         is added for them; ``name`` is at most 15 characters of ``[A-Za-z0-9_.]``."""
-        if not _NAME_RE.match(name):
+        if not NAME_RE.match(name):
             raise KernelMapError(f"map name {name!r}: at most 15 of [A-Za-z0-9_.]")
         if map_type == BPF_MAP_TYPE_LPM_TRIE:
             flags |= BPF_F_NO_PREALLOC
-        attr = _MapCreateAttr(
+        attr = MapCreateAttr(
             map_type=map_type,
             key_size=key_size,
             value_size=value_size,
@@ -359,7 +142,7 @@ class KernelMap(SizedMap):
         )
         fd, err = bpf(BPF_MAP_CREATE, attr)
         if fd < 0:
-            raise _error(BPF_MAP_CREATE, err, f"creating map {name} (type {map_type})")
+            raise bpf_error(BPF_MAP_CREATE, err, f"creating map {name} (type {map_type})")
         return cls(
             fd,
             name=name,
@@ -374,11 +157,11 @@ class KernelMap(SizedMap):
     def open_pinned(cls, path: str | os.PathLike[str]) -> KernelMap:
         """Open a pinned map (``BPF_OBJ_GET``) and learn its layout from the kernel."""
         cpath = ctypes.create_string_buffer(os.fsencode(path))
-        fd, err = bpf(BPF_OBJ_GET, _ObjAttr(pathname=ctypes.addressof(cpath)))
+        fd, err = bpf(BPF_OBJ_GET, ObjAttr(pathname=ctypes.addressof(cpath)))
         if fd < 0:
-            raise _error(BPF_OBJ_GET, err, f"opening {os.fspath(path)}")
+            raise bpf_error(BPF_OBJ_GET, err, f"opening {os.fspath(path)}")
         try:
-            info = _map_info(fd)
+            info = map_info(fd)
         except BaseException:
             os.close(fd)
             raise
@@ -395,13 +178,13 @@ class KernelMap(SizedMap):
     def pin(self, path: str | os.PathLike[str]) -> None:
         """Pin the map at ``path`` (on a bpffs) so it outlives this process."""
         cpath = ctypes.create_string_buffer(os.fsencode(path))
-        ret, err = bpf(BPF_OBJ_PIN, _ObjAttr(pathname=ctypes.addressof(cpath), bpf_fd=self.fd))
+        ret, err = bpf(BPF_OBJ_PIN, ObjAttr(pathname=ctypes.addressof(cpath), bpf_fd=self.fd))
         if ret < 0:
-            raise _error(BPF_OBJ_PIN, err, f"pinning map {self._name} at {os.fspath(path)}")
+            raise bpf_error(BPF_OBJ_PIN, err, f"pinning map {self._name} at {os.fspath(path)}")
 
     def info(self) -> dict[str, int | str]:
         """What the kernel says about the map (``BPF_OBJ_GET_INFO_BY_FD``)."""
-        info = _map_info(self.fd)
+        info = map_info(self.fd)
         return {
             "id": info.id,
             "type": info.type,
@@ -457,19 +240,19 @@ class KernelMap(SizedMap):
         self._check_key(key)
         kbuf = ctypes.create_string_buffer(key, len(key))
         vbuf = ctypes.create_string_buffer(self._pack_value(value), self._buf_size)
-        attr = _MapElemAttr(map_fd=self.fd, key=_addr(kbuf), value=_addr(vbuf), flags=flags)
+        attr = MapElemAttr(map_fd=self.fd, key=addr(kbuf), value=addr(vbuf), flags=flags)
         ret, err = bpf(BPF_MAP_UPDATE_ELEM, attr)
         if ret < 0:
-            raise _error(BPF_MAP_UPDATE_ELEM, err, f"on map {self._name}")
+            raise bpf_error(BPF_MAP_UPDATE_ELEM, err, f"on map {self._name}")
 
     def delete(self, key: bytes) -> bool:
         self._check_key(key)
         kbuf = ctypes.create_string_buffer(key, len(key))
-        ret, err = bpf(BPF_MAP_DELETE_ELEM, _MapElemAttr(map_fd=self.fd, key=_addr(kbuf)))
+        ret, err = bpf(BPF_MAP_DELETE_ELEM, MapElemAttr(map_fd=self.fd, key=addr(kbuf)))
         if ret < 0:
             if err == errno.ENOENT:
                 return False
-            raise _error(BPF_MAP_DELETE_ELEM, err, f"on map {self._name}")
+            raise bpf_error(BPF_MAP_DELETE_ELEM, err, f"on map {self._name}")
         return True
 
     def keys(self) -> list[bytes]:
@@ -503,7 +286,7 @@ class KernelMap(SizedMap):
         """The whole map by ``BPF_MAP_LOOKUP_BATCH``; None when the kernel has no batch
         lookup for this map type (remembered in ``batch_lookup_supported``)."""
         ks, vs = self._key_size, self._value_size
-        chunk = max(1, min(self.max_entries, _DUMP_CHUNK))
+        chunk = max(1, min(self.max_entries, DUMP_CHUNK))
         keys = ctypes.create_string_buffer(ks * chunk)
         values = ctypes.create_string_buffer(vs * chunk)
         # The resume token is a key for generic batch ops and a bucket index for hashes.
@@ -512,20 +295,20 @@ class KernelMap(SizedMap):
         out: list[tuple[bytes, bytes]] = []
         first = True
         while True:
-            attr = _MapBatchAttr(
-                in_batch=0 if first else _addr(token_in),
-                out_batch=_addr(token_out),
-                keys=_addr(keys),
-                values=_addr(values),
+            attr = MapBatchAttr(
+                in_batch=0 if first else addr(token_in),
+                out_batch=addr(token_out),
+                keys=addr(keys),
+                values=addr(values),
                 count=chunk,
                 map_fd=self.fd,
             )
             ret, err = bpf(BPF_MAP_LOOKUP_BATCH, attr)
             if ret < 0 and err != errno.ENOENT:  # ENOENT: the end of the map
-                if first and self.batch_lookup_supported is None and err in _NO_BATCH_ERRNOS:
+                if first and self.batch_lookup_supported is None and err in NO_BATCH_ERRNOS:
                     self.batch_lookup_supported = False
                     return None
-                raise _error(BPF_MAP_LOOKUP_BATCH, err, f"on map {self._name}")
+                raise bpf_error(BPF_MAP_LOOKUP_BATCH, err, f"on map {self._name}")
             self.batch_lookup_supported = True
             count = int(attr.count)
             kraw, vraw = keys.raw, values.raw
@@ -558,15 +341,15 @@ class KernelMap(SizedMap):
             )
             keys = ctypes.create_string_buffer(key_blob, len(key_blob))
             values = ctypes.create_string_buffer(value_blob, len(value_blob))
-            attr = _MapBatchAttr(
-                keys=_addr(keys), values=_addr(values), count=len(entries), map_fd=self.fd
+            attr = MapBatchAttr(
+                keys=addr(keys), values=addr(values), count=len(entries), map_fd=self.fd
             )
             ret, err = bpf(BPF_MAP_UPDATE_BATCH, attr)
             if ret == 0:
                 self.batch_update_supported = True
                 return len(entries)
-            if not (self.batch_update_supported is None and _no_batch(err, attr.count, entries)):
-                raise _error(
+            if not (self.batch_update_supported is None and no_batch(err, attr.count, entries)):
+                raise bpf_error(
                     BPF_MAP_UPDATE_BATCH,
                     err,
                     f"on map {self._name} at element {attr.count} of {len(entries)}",
@@ -591,7 +374,7 @@ class KernelMap(SizedMap):
         rest = list(keys)
         while rest:
             kbuf = ctypes.create_string_buffer(b"".join(rest))
-            attr = _MapBatchAttr(keys=_addr(kbuf), count=len(rest), map_fd=self.fd)
+            attr = MapBatchAttr(keys=addr(kbuf), count=len(rest), map_fd=self.fd)
             ret, err = bpf(BPF_MAP_DELETE_BATCH, attr)
             if ret == 0:
                 self.batch_delete_supported = True
@@ -602,10 +385,10 @@ class KernelMap(SizedMap):
                 removed += done
                 rest = rest[done + 1 :]  # skip the absent key
                 continue
-            if self.batch_delete_supported is None and _no_batch(err, done, rest):
+            if self.batch_delete_supported is None and no_batch(err, done, rest):
                 self.batch_delete_supported = False
                 return removed + sum(self.delete(k) for k in rest)
-            raise _error(
+            raise bpf_error(
                 BPF_MAP_DELETE_BATCH, err, f"on map {self._name} at element {done} of {len(rest)}"
             )
         return removed
@@ -638,10 +421,10 @@ class KernelMap(SizedMap):
         packed = b"".join(v.ljust(self._slot, b"\0") for v in values)
         kbuf = ctypes.create_string_buffer(key, len(key))
         vbuf = ctypes.create_string_buffer(packed, len(packed))
-        attr = _MapElemAttr(map_fd=self.fd, key=_addr(kbuf), value=_addr(vbuf), flags=flags)
+        attr = MapElemAttr(map_fd=self.fd, key=addr(kbuf), value=addr(vbuf), flags=flags)
         ret, err = bpf(BPF_MAP_UPDATE_ELEM, attr)
         if ret < 0:
-            raise _error(BPF_MAP_UPDATE_ELEM, err, f"on map {self._name}")
+            raise bpf_error(BPF_MAP_UPDATE_ELEM, err, f"on map {self._name}")
 
     # -- internals -------------------------------------------------------------------
 
@@ -649,23 +432,23 @@ class KernelMap(SizedMap):
         self._check_key(key)
         kbuf = ctypes.create_string_buffer(key, len(key))
         vbuf = ctypes.create_string_buffer(self._buf_size)
-        attr = _MapElemAttr(map_fd=self.fd, key=_addr(kbuf), value=_addr(vbuf))
+        attr = MapElemAttr(map_fd=self.fd, key=addr(kbuf), value=addr(vbuf))
         ret, err = bpf(BPF_MAP_LOOKUP_ELEM, attr)
         if ret < 0:
             if err == errno.ENOENT:
                 return None
-            raise _error(BPF_MAP_LOOKUP_ELEM, err, f"on map {self._name}")
+            raise bpf_error(BPF_MAP_LOOKUP_ELEM, err, f"on map {self._name}")
         return vbuf.raw
 
     def _next_key(self, key: bytes | None) -> bytes | None:
         kbuf = ctypes.create_string_buffer(key, len(key)) if key is not None else None
         nbuf = ctypes.create_string_buffer(self._key_size)
-        attr = _MapElemAttr(map_fd=self.fd, key=_addr(kbuf), value=_addr(nbuf))
+        attr = MapElemAttr(map_fd=self.fd, key=addr(kbuf), value=addr(nbuf))
         ret, err = bpf(BPF_MAP_GET_NEXT_KEY, attr)
         if ret < 0:
             if err == errno.ENOENT:
                 return None
-            raise _error(BPF_MAP_GET_NEXT_KEY, err, f"on map {self._name}")
+            raise bpf_error(BPF_MAP_GET_NEXT_KEY, err, f"on map {self._name}")
         return nbuf.raw
 
     def _lpm_has(self, key: bytes) -> bool:
@@ -689,57 +472,6 @@ class KernelMap(SizedMap):
             raise MapUnsupportedError(
                 f"map {self._name}: {op} on a per-CPU map, use lookup_percpu()"
             )
-
-
-def _no_batch(err: int, count: int, elements: Sequence[object]) -> bool:
-    """Whether a failed batch call means "no batch op for this map type": ``ENOTSUPP``
-    (no handler: the count is left as passed), or ``EINVAL`` before any element."""
-    if err in (ENOTSUPP, errno.EOPNOTSUPP):
-        return True
-    return err == errno.EINVAL and count in (0, len(elements))
-
-
-def _map_info(fd: int) -> _MapInfo:
-    info = _MapInfo()
-    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
-    ret, err = bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
-    if ret < 0:
-        raise _error(BPF_OBJ_GET_INFO_BY_FD, err, f"on fd {fd}")
-    return info
-
-
-# -- bpffs ----------------------------------------------------------------------------
-
-
-def bpffs_mounted(path: str = BPFFS_ROOT) -> bool:
-    """Whether a bpf filesystem is mounted exactly at ``path``."""
-    want = os.path.realpath(path)
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        fields = line.split()
-        if " - " not in line or len(fields) < 5:
-            continue
-        fstype = line.split(" - ", 1)[1].split()[0]
-        mountpoint = fields[4].replace("\\040", " ")
-        if fstype == "bpf" and mountpoint == want:
-            return True
-    return False
-
-
-def ensure_bpffs(path: str = BPFFS_ROOT) -> None:
-    """Mount a bpf filesystem at ``path`` unless one is mounted there already."""
-    if bpffs_mounted(path):
-        return
-    os.makedirs(path, exist_ok=True)
-    libc = _get_libc()
-    ctypes.set_errno(0)
-    if libc.mount(b"bpf", os.fsencode(path), b"bpf", 0, None) != 0:
-        err = ctypes.get_errno()
-        msg = f"mount -t bpf bpf {path}: {errno_name(err)} ({_strerror(err)})"
-        raise _error_class(err)(msg, err)
 
 
 def pinned_ipcache(

@@ -20,12 +20,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from controlplane.datapath.kernel import (
-    BPF_MAP_TYPE_HASH,
-    KernelMap,
-    MapMismatchError,
-    ensure_bpffs,
-)
+from controlplane.datapath.bpf_syscall import BPF_MAP_TYPE_HASH, MapMismatchError, ensure_bpffs
+from controlplane.datapath.kernel import KernelMap
 from controlplane.datapath.layouts import (
     ENDPOINTS_MAP_NAME,
     ENDPOINTS_MAX_ENTRIES,

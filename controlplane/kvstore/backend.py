@@ -45,6 +45,7 @@ from controlplane.kvstore.types import (
     Op,
     OpResult,
     Put,
+    QuorumRead,
     TxnResult,
     absent,
     prefix_range_end,
@@ -85,6 +86,7 @@ class EtcdBackend:
         self.name = cluster.name
         self._own_connection = own_connection
         self._channel: grpc.aio.Channel | None = None
+        self._closed = False
         self._token: str | None = None
         self._limiter = (
             RateLimiter(self.settings.qps, self.settings.burst) if self.settings.qps > 0 else None
@@ -101,6 +103,7 @@ class EtcdBackend:
     async def connect(self) -> None:
         if self._channel is not None:
             return
+        self._closed = False
         channel = await open_channel(
             self.cluster, self.settings, own_connection=self._own_connection
         )
@@ -118,7 +121,16 @@ class EtcdBackend:
                 await self.close()
                 raise
 
+    async def reconnect(self) -> None:
+        """A fresh channel in place of the current one: calls and streams in flight on the
+        old one fail as Unreachable, and their retries and resumes use the new one."""
+        old, self._channel = self._channel, None
+        await self.connect()
+        if old is not None:
+            await old.close()
+
     async def close(self) -> None:
+        self._closed = True  # no lazy reconnect by a call still in flight
         channel, self._channel = self._channel, None
         if channel is not None:
             await channel.close()
@@ -166,6 +178,8 @@ class EtcdBackend:
     ) -> T:
         """Run one unary RPC: rate limit, deadline, auth token refresh, error translation."""
         if self._channel is None:
+            if self._closed:
+                raise Unreachable(f"the connection to {self.name} was closed")
             await self.connect()
         if self._limiter is not None:
             await self._limiter.acquire()
@@ -177,6 +191,13 @@ class EtcdBackend:
                     metadata=self.metadata(require_leader),
                     wait_for_ready=self._wait_for_ready,
                 )
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # our caller is being cancelled
+                # grpc cancels the calls in flight when their channel closes (a session
+                # restarting under a request): a connection error, not our cancellation.
+                raise Unreachable(f"the connection to {self.name} was closed") from None
             except grpc.aio.AioRpcError as exc:
                 error = translate(exc, self.name)
                 expired = "invalid auth token" in (exc.details() or "")
@@ -281,6 +302,13 @@ class EtcdBackend:
         response = await self.read(self._kv.Range, request)
         revision: int = response.header.revision
         return revision
+
+    async def quorum_read(self, key: bytes) -> QuorumRead:
+        """``key`` by a linearizable read (proving a quorum), with the revision and the raft
+        term of the answer."""
+        response = await self.read(self._kv.Range, rpc.RangeRequest(key=key))
+        kv = KeyValue.from_pb(response.kvs[0]) if response.kvs else None
+        return QuorumRead(response.header.revision, response.header.raft_term, kv)
 
     async def count_prefix(self, prefix: bytes) -> int:
         request = rpc.RangeRequest(key=prefix, range_end=prefix_range_end(prefix), count_only=True)

@@ -14,6 +14,10 @@ compares that key with our value (and, on the primary, our leader key's create r
 so a deposed leader, however long it was paused, can never write after a newer leader
 bumped the epoch.
 
+Re-election after an etcd outage is as fast as the lease rules allow: a leader that
+stepped down because it could not renew revokes its lease as soon as etcd answers again
+(before it campaigns anew), so its key does not block the next leader for a whole TTL.
+
 Timing is judged by our own monotonic clock: the lease is kept alive every
 ``retry_period``; the leader stops its work when no keepalive succeeded for
 ``renew_deadline`` (shorter than the lease), i.e. before etcd can expire the lease, and
@@ -24,7 +28,6 @@ Timing is judged by our own monotonic clock: the lease is kept alive every
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
@@ -36,7 +39,7 @@ import grpc
 from aetcd import rpc
 
 from controlplane.kvstore.backend import EtcdBackend
-from controlplane.kvstore.errors import KvstoreError, translate
+from controlplane.kvstore.errors import KvstoreError, NoLeader, Timeout, Unreachable, translate
 from controlplane.kvstore.ipam import Fenced
 from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.shards import ShardMap
@@ -198,6 +201,8 @@ class Election:
         self._synced = False
         self._key: bytes | None = None
         self._revision = 0
+        self._unrevoked: list[int] = []
+        """Leases of ended candidacies whose revocation failed (etcd was down)."""
         self._renewed_at = 0.0
         self._changed = asyncio.Event()
         self._over = asyncio.Event()
@@ -239,6 +244,7 @@ class Election:
 
     async def _candidacy(self, lead: LeaderWork) -> None:
         settings = self.settings
+        await self._revoke_ended()
         asked = self.clock()
         lease = await self.primary.grant(settings.lease_duration)
         self._renewed_at = asked
@@ -282,10 +288,23 @@ class Election:
             log.info("election: candidacy of %s ended: %s", self.candidate_id, self._over_reason)
         finally:
             self._key = None
-            with contextlib.suppress(KvstoreError, TimeoutError):
-                # Resign: the key goes with the lease, so the next candidate leads at once.
+            # Resign: the key goes with the lease, so the next candidate leads at once.
+            self._unrevoked.append(lease.id)
+            await self._revoke_ended()
+
+    async def _revoke_ended(self) -> None:
+        """Revoke the leases of ended candidacies. One that could not be revoked when it
+        ended (etcd down: the usual reason to step down) is revoked as soon as etcd
+        answers again, so its key does not hold off the next leader for a whole TTL."""
+        for lease_id in list(self._unrevoked):
+            try:
                 async with asyncio.timeout(self.primary.settings.request_timeout):
-                    await self.primary.revoke(lease.id)
+                    await self.primary.revoke(lease_id)
+            except (Unreachable, NoLeader, Timeout, TimeoutError):
+                return  # etcd still down: try again before the next candidacy
+            except KvstoreError:
+                pass  # not found: expired meanwhile
+            self._unrevoked.remove(lease_id)
 
     def _end(self, reason: str) -> None:
         if not self._over.is_set():

@@ -304,6 +304,15 @@ class EmbeddedEtcd:
         awake = [m for m in self._members if m.running and not m.paused]
         await asyncio.gather(*(self._wait_until(m, deadline, self._probe) for m in awake))
 
+    async def leader_index(self) -> int | None:
+        """The index of the member that says it is the raft leader now, None if none does
+        (read from each running, unpaused member's own metrics)."""
+        awake = [(i, m) for i, m in enumerate(self._members) if m.running and not m.paused]
+        views = await asyncio.gather(*(self._raft_view(m) for _, m in awake))
+        return next(
+            (i for (i, _), view in zip(awake, views, strict=True) if view and view[0]), None
+        )
+
     async def healthy(self, i: int, timeout: float = 2) -> bool:
         """One `GET /health` probe of member i."""
         try:

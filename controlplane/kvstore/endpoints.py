@@ -52,7 +52,7 @@ from controlplane.model import (
     ip_identity_from_record,
     parse_canonical_ip,
 )
-from controlplane.store_types import StoreEvent, Versioned
+from controlplane.store_types import AddressConflict, StoreEvent, Versioned
 
 __all__ = ["ENDPOINT_KIND", "ENDPOINT_RESOURCE", "IPConflict", "KvEndpointStore", "ReadOnlyStore"]
 
@@ -71,7 +71,7 @@ class ReadOnlyStore(RuntimeError):
     """A write method was called on a store built without an owner (a read-only view)."""
 
 
-class IPConflict(KvstoreError):
+class IPConflict(KvstoreError, AddressConflict):
     """The IP's key holds another node's endpoint; it was not overwritten.
 
     A :class:`KvstoreError` so that :class:`KeyOwner`'s repair path logs it and carries on;

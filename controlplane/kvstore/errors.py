@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import grpc
 
+from controlplane.store_types import StoreError
 
-class KvstoreError(Exception):
+
+class KvstoreError(StoreError):
     """Base of every error the kvstore layer raises."""
 
     def __init__(self, message: str, *, endpoint: str | None = None) -> None:

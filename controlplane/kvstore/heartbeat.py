@@ -91,21 +91,28 @@ class HeartbeatMonitor:
         self.updates = 0
         self.malformed = 0
         self._on_malformed = metrics_malformed
+        self.grace_from = float("-inf")
+        """When etcd was last seen disturbed (see :meth:`disturbed`)."""
+        self.revision = 0
+        """The etcd revision that wrote :attr:`last`."""
+        self._seen = 0
+        """The newest revision of the key seen, valid or not."""
         if previous is not None:
             # A restarted session keeps what the last one knew: re-listing the same old
             # record is no news, so its age goes on from when it really arrived.
             self.last, self.received_at = previous.last, previous.received_at
-            self.started_at = previous.started_at
+            self.started_at, self.grace_from = previous.started_at, previous.grace_from
+            self.revision, self._seen = previous.revision, previous._seen
 
     @property
     def threshold(self) -> float:
         return 2 * (self.last.interval if self.last is not None else self.interval)
 
     def age(self) -> float:
-        """Seconds since the last update arrived (or since the monitor started)."""
-        return self.clock() - (
-            self.received_at if self.received_at is not None else self.started_at
-        )
+        """Seconds since the last update arrived (or since the monitor started), counted
+        from etcd's last disturbance if that came later."""
+        since = self.received_at if self.received_at is not None else self.started_at
+        return self.clock() - max(since, self.grace_from)
 
     def stale(self) -> bool:
         return self.age() > self.threshold
@@ -113,18 +120,34 @@ class HeartbeatMonitor:
     async def run(self) -> None:
         key = self.layout.heartbeat
         async for event in ListWatcher(self.backend, key).events():
-            if event.key != key or event.type is not EventType.PUT:
-                continue
-            try:
-                beat = Heartbeat.decode(event.value)
-            except codec.DecodeError as exc:
-                self.malformed += 1
-                if self._on_malformed is not None:
-                    self._on_malformed()
-                log.warning("malformed heartbeat on %s skipped: %s", self.backend.name, exc)
-                continue
-            if beat == self.last:
-                continue  # the same record again (a re-list): not a new beat
-            self.last = beat
-            self.received_at = self.clock()
-            self.updates += 1
+            if event.key == key and event.type is EventType.PUT:
+                self.note(event.value, event.revision)
+
+    def note(self, raw: bytes, revision: int) -> None:
+        """The heartbeat record written at ``revision``, seen by the watch or by a read: a
+        new beat when written later than the last one (the same record again, re-listed or
+        read, is no news, and an older one arriving late is ignored)."""
+        if revision <= self._seen:
+            return
+        self._seen = revision
+        try:
+            beat = Heartbeat.decode(raw)
+        except codec.DecodeError as exc:
+            self.malformed += 1  # once per write, whether the watch or a read saw it
+            if self._on_malformed is not None:
+                self._on_malformed()
+            log.warning("malformed heartbeat on %s skipped: %s", self.backend.name, exc)
+            return
+        self.revision = revision
+        if beat == self.last:
+            return
+        self.last = beat
+        self.received_at = self.clock()
+        self.updates += 1
+
+    def disturbed(self) -> None:
+        """etcd itself was disturbed just now (a failed quorum read, a leader election):
+        the operator's writes were disturbed too, so its heartbeat gets a full window from
+        now before it counts as stale. A stale heartbeat is evidence against the operator
+        only while etcd is well."""
+        self.grace_from = self.clock()

@@ -121,28 +121,36 @@ class ShardMap:
                     synced = True
                     yield "", [WatchEvent(EventType.LIST_DONE, b"", b"", batch[-1].revision)]
             return
-        queue: asyncio.Queue[tuple[str, list[WatchEvent]]] = asyncio.Queue(maxsize=64)
+        # A generator must not yield inside a TaskGroup (its errors would cancel whatever
+        # the consumer awaits, and closing the generator would raise GeneratorExit inside
+        # the group): the pumps are plain tasks that hand batches, or their failure, over
+        # a queue, and are cancelled and awaited when the generator closes.
+        queue: asyncio.Queue[tuple[str, list[WatchEvent]] | Exception] = asyncio.Queue(64)
 
         async def pump(backend: EtcdBackend) -> None:
-            async for batch in ListWatcher(backend, prefix).batches():
-                await queue.put((backend.name, batch))
+            try:
+                async for batch in ListWatcher(backend, prefix).batches():
+                    await queue.put((backend.name, batch))
+            except Exception as exc:
+                await queue.put(exc)
 
         pending = {b.name for b in backends}
         top_revision = 0
-        async with asyncio.TaskGroup() as group:
-            tasks = [
-                group.create_task(pump(b), name=f"watch:{b.name}:{prefix!r}") for b in backends
-            ]
-            try:
-                while True:
-                    shard, batch = await queue.get()
-                    yield shard, batch
-                    last = batch[-1]
-                    if last.type is EventType.LIST_DONE and pending:
-                        pending.discard(shard)
-                        top_revision = max(top_revision, last.revision)
-                        if not pending:
-                            yield "", [WatchEvent(EventType.LIST_DONE, b"", b"", top_revision)]
-            finally:
-                for task in tasks:
-                    task.cancel()
+        tasks = [asyncio.create_task(pump(b), name=f"watch:{b.name}:{prefix!r}") for b in backends]
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                shard, batch = item
+                yield shard, batch
+                last = batch[-1]
+                if last.type is EventType.LIST_DONE and pending:
+                    pending.discard(shard)
+                    top_revision = max(top_revision, last.revision)
+                    if not pending:
+                        yield "", [WatchEvent(EventType.LIST_DONE, b"", b"", top_revision)]
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -183,6 +183,15 @@ class MemberStatus:
     errors: tuple[str, ...]
 
 
+class QuorumRead(msgspec.Struct, frozen=True):
+    """One key read linearizably (a quorum answered), with the raft term it was read in: a
+    term that changed between two reads means etcd elected a leader in between."""
+
+    revision: int
+    raft_term: int
+    kv: KeyValue | None
+
+
 class EventType(enum.Enum):
     PUT = "put"
     DELETE = "delete"

@@ -4,7 +4,8 @@ Every replica campaigns (:class:`~controlplane.kvstore.election.Election`), watc
 heartbeat on every shard (counting malformed values) and serves /metrics, /healthz and
 /readyz. The leader runs one TaskGroup per term:
 
-- heartbeat on every shard every ``heartbeat_interval``;
+- heartbeat on every shard every ``heartbeat_interval``, each shard on its own loop with a
+  deadline within the interval (a dead shard never delays another's beat);
 - per-node CIDR allocation from the cluster pool (restore, then watch the nodes);
 - identity GC every ``gc_interval`` (two rounds, rate limited);
 - GC of the CIDR claims, IP leases and endpoints of nodes gone for ``node_gc_grace``.
@@ -21,8 +22,9 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from controlplane import codec
 from controlplane.config import KvstoreConfig
@@ -222,31 +224,36 @@ class Operator:
     # -- (a) heartbeat ---------------------------------------------------------------
 
     async def _heartbeats(self, shards: ShardMap, term: Term) -> None:
+        await _per_cluster("heartbeat", shards.all(), lambda b: self._heartbeat(b, term))
+
+    async def _heartbeat(self, backend: EtcdBackend, term: Term) -> None:
         interval = self.settings.heartbeat_interval
         while True:
             started = self.clock()
             self._seq += 1
             beat = Heartbeat(time.time(), self._seq, self.settings.id, interval)
-            results = await asyncio.gather(
-                *(self._beat(backend, term, beat) for backend in shards.all()),
-                return_exceptions=True,
-            )
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result  # Fenced (the term ends) or a bug
+            await self._beat(backend, term, beat)  # Fenced ends the term
             await asyncio.sleep(max(0.0, interval - (self.clock() - started)))
+
+    @property
+    def _beat_deadline(self) -> float:
+        return 0.8 * self.settings.heartbeat_interval
 
     async def _beat(self, backend: EtcdBackend, term: Term, beat: Heartbeat) -> None:
         counter = self.metrics.heartbeat_writes
         try:
             fence = term.fence(backend)
-            written = await write_heartbeat(backend, self.layout, beat, fence)
+            # A deadline within the interval: the next beat is due on time, whatever this
+            # one met (a write to a member that just died can wait for etcd's own timeout).
+            async with asyncio.timeout(self._beat_deadline):
+                written = await write_heartbeat(backend, self.layout, beat, fence)
         except Fenced:
             counter.labels(backend.name, "fenced").inc()
             raise
-        except KvstoreError as exc:
+        except (KvstoreError, TimeoutError) as exc:
             counter.labels(backend.name, "error").inc()
-            log.warning("heartbeat %d on %s failed: %s", beat.seq, backend.name, exc)
+            reason = str(exc) or f"no answer within {self._beat_deadline:g}s"
+            log.warning("heartbeat %d on %s failed: %s", beat.seq, backend.name, reason)
             return
         if not written:
             counter.labels(backend.name, "fenced").inc()
@@ -305,26 +312,38 @@ class Operator:
     # -- (c) identity GC -------------------------------------------------------------
 
     async def _identity_gc(self, shards: ShardMap, term: Term) -> None:
-        collectors = [
-            KvIdentityCollector(
-                _one_cluster_view(shards, backend),
-                self.layout,
-                self.metrics.store,
-                deletes_per_second=self.settings.identity_gc_rate,
-                fence=functools.partial(term.fence, backend),
-            )
-            for backend in shards.shards("identities")
-        ]
+        await _per_cluster(
+            "identity-gc",
+            shards.shards("identities"),
+            lambda b: self._identity_gc_on(shards, b, term),
+        )
+
+    async def _identity_gc_on(self, shards: ShardMap, backend: EtcdBackend, term: Term) -> None:
+        collector = KvIdentityCollector(
+            _one_cluster_view(shards, backend),
+            self.layout,
+            self.metrics.store,
+            deletes_per_second=self.settings.identity_gc_rate,
+            fence=functools.partial(term.fence, backend),
+        )
         while True:
-            for collector in collectors:
+            try:
                 stats = await collector.collect()
-                if stats.deleted or stats.skipped:
-                    log.info(
-                        "identity GC: %d deleted, %d skipped, %d candidate(s)",
-                        stats.deleted,
-                        stats.skipped,
-                        stats.candidates,
-                    )
+            except Fenced:
+                raise
+            except KvstoreError as exc:  # this cluster only; the others go on
+                retry = self.settings.retry_period
+                log.warning("identity GC on %s: %s; retrying in %gs", backend.name, exc, retry)
+                await asyncio.sleep(retry)
+                continue
+            if stats.deleted or stats.skipped:
+                log.info(
+                    "identity GC on %s: %d deleted, %d skipped, %d candidate(s)",
+                    backend.name,
+                    stats.deleted,
+                    stats.skipped,
+                    stats.candidates,
+                )
             await asyncio.sleep(self.settings.gc_interval)
 
     # -- (d) GC of gone nodes --------------------------------------------------------
@@ -461,3 +480,18 @@ def _one_cluster_view(shards: ShardMap, backend: EtcdBackend) -> ShardMap:
     view = ShardMap(config)
     view.backends = {backend.name: backend}
     return view
+
+
+async def _per_cluster(
+    job: str,
+    backends: list[EtcdBackend],
+    body: Callable[[EtcdBackend], Coroutine[Any, Any, None]],
+) -> None:
+    """Run a leader job on each cluster as a task of its own, so a slow or dead cluster
+    never delays another's work; the first Fenced (the term is over) ends them all."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for backend in backends:
+                group.create_task(body(backend), name=f"{job}:{backend.name}")
+    except* Fenced as fenced:
+        raise fenced.exceptions[0] from None

@@ -18,9 +18,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from controlplane.bench.common import BenchError, Progress, delete_in_chunks, package_version
 from controlplane.config import KvstoreConfig
 from controlplane.kvstore.backend import EtcdBackend
-from controlplane.kvstore.bench import BenchError, Progress, delete_in_chunks, package_version
 from controlplane.kvstore.identities import KvIdentityStore
 from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.owner import Owners

@@ -1,6 +1,7 @@
 """A throwaway PKI for tests: a CA, a loopback server certificate and a client certificate.
 
-Development helper only: it needs the `cryptography` package (a dev dependency).
+Test support only, never imported by the product: it needs the `cryptography` package (in
+the `dev` extra).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ stamps compare directly. Same process count on both sides (BENCHMARKING.md).
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -18,17 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.agent.api import request
-from controlplane.cli.processes import Daemon, stop_all
-from controlplane.config import KvstoreConfig
-from controlplane.kvstore.backend import EtcdBackend
-from controlplane.kvstore.bench import (
+from controlplane.bench.common import (
     BenchError,
+    Progress,
     delete_in_chunks,
     latency_summary_ms,
     percentile,
 )
-
-Progress = Callable[[str], None]
+from controlplane.config import KvstoreConfig
+from controlplane.kvstore.backend import EtcdBackend
+from controlplane.processes import Daemon, stop_all
 
 
 async def _wait(what: str, check: Callable[[], Any], timeout: float, progress: Progress) -> None:
@@ -53,9 +53,11 @@ async def run_propagation_bench(
     agents: int,
     endpoints: int,
     rounds: int,
-    workdir: Path,
+    workdir: Path | None = None,
     progress: Progress,
 ) -> dict[str, Any]:
+    """Agents' logs and sockets go under ``workdir`` (default: a new temporary directory)."""
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="cp-bench-prop-"))
     run = uuid.uuid4().hex[:8]
     urls = ",".join(config.clusters[0].endpoints)
     common = ["--kvstore-endpoints", urls, "--kvstore-prefix", config.prefix]
@@ -171,7 +173,7 @@ async def _bare_round(
     watchers = [
         Daemon(
             f"watch-{i}",
-            "controlplane.kvstore.fanout_watcher",
+            "controlplane.bench.fanout_watcher",
             ["--endpoints", urls, "--prefix", prefix, "--count", str(count)],
             workdir / f"{tag}-watch-{i}.log",
         )

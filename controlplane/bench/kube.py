@@ -1,4 +1,4 @@
-"""`cpctl bench kube`: the local Kubernetes API server next to bare etcd, in one run.
+"""The local Kubernetes API server next to bare etcd, in one run (`cpctl bench kube`).
 
 Three shapes, each measured through the API server (a `cpctl kube up` subprocess on the
 target etcd, reached over HTTPS with its token) and through bare etcd (our EtcdBackend on
@@ -16,10 +16,8 @@ both are deleted afterwards.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import datetime
 import json
 import ssl
 import statistics
@@ -27,6 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +33,26 @@ import aiohttp
 import yaml
 from aetcd import rpc
 
-from controlplane.cli.bench_common import Record, add_target_flags, measure, progress
-from controlplane.cli.common import CommandError, add_json_flag, positive_int, print_table
+from controlplane.bench.common import BenchError, Progress, Record, utc_stamp
 from controlplane.config import KvstoreConfig
 from controlplane.kvstore.backend import EtcdBackend
 from controlplane.kvstore.types import prefix_range_end
+
+
+@dataclass(frozen=True)
+class KubeBenchParams:
+    creates: int = 2000
+    """Objects created per side."""
+    concurrency: int = 32
+    """Create workers."""
+    list_size: int = 10_000
+    """Objects listed (at least ``creates``: the created objects are part of the list)."""
+    rounds: int = 3
+    """Interleaved create rounds; list rounds (their median)."""
+    watchers: int = 100
+    updates: int = 50
+    """Updates the watchers receive."""
+
 
 GROUP, PLURAL, KIND = "bench.controlplane.io", "items", "Item"
 COLLECTION = f"/apis/{GROUP}/v1/namespaces/default/{PLURAL}"
@@ -106,7 +120,7 @@ async def _start_server(endpoints: list[str], data_dir: Path) -> tuple[Any, dict
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), 60)
     if not line:
-        raise CommandError("cpctl kube up did not start")
+        raise BenchError("cpctl kube up did not start")
     return proc, json.loads(line)
 
 
@@ -135,7 +149,7 @@ async def _parallel(count: int, workers: int, one: Callable[[int], Awaitable[Non
 
 
 async def _creates(
-    http: aiohttp.ClientSession, backend: EtcdBackend, args: argparse.Namespace
+    http: aiohttp.ClientSession, backend: EtcdBackend, params: KubeBenchParams
 ) -> Record:
     """Creates through the API server and bare puts, in interleaved rounds."""
 
@@ -144,13 +158,13 @@ async def _creates(
     async def api_create(i: int) -> None:
         async with http.post(COLLECTION, json=_item(base + i)) as response:
             if response.status != 201:
-                raise CommandError(f"create failed: {response.status} {await response.text()}")
+                raise BenchError(f"create failed: {response.status} {await response.text()}")
 
     async def bare_put(i: int) -> None:
         key = f"{BARE_PREFIX}item-{base + i:06d}".encode()
         await backend.put(key, json.dumps(_item(base + i)).encode())
 
-    n, c, rounds = args.creates, args.concurrency, min(args.rounds, args.creates)
+    n, c, rounds = params.creates, params.concurrency, min(params.rounds, params.creates)
     api_s = bare_s = 0.0
     for r in range(rounds):
         size = n // rounds + (1 if r < n % rounds else 0)
@@ -188,19 +202,19 @@ async def _fill(backend: EtcdBackend, prefix: str, start: int, end: int) -> None
 
 
 async def _lists(
-    http: aiohttp.ClientSession, backend: EtcdBackend, args: argparse.Namespace
+    http: aiohttp.ClientSession, backend: EtcdBackend, params: KubeBenchParams
 ) -> Record:
-    size = args.list_size
-    await _fill(backend, f"/registry/{GROUP}/{PLURAL}/default/", args.creates, size)
-    await _fill(backend, BARE_PREFIX, args.creates, size)
+    size = params.list_size
+    await _fill(backend, f"/registry/{GROUP}/{PLURAL}/default/", params.creates, size)
+    await _fill(backend, BARE_PREFIX, params.creates, size)
     api_times, bare_times = [], []
-    for _ in range(args.rounds):
+    for _ in range(params.rounds):
         start = time.perf_counter()
         async with http.get(COLLECTION) as response:
             body = await response.json()
         api_times.append(time.perf_counter() - start)
         if len(body["items"]) != size:
-            raise CommandError(f"listed {len(body['items'])} objects, expected {size}")
+            raise BenchError(f"listed {len(body['items'])} objects, expected {size}")
         start = time.perf_counter()
         listed = await backend.list_prefix(BARE_PREFIX.encode())
         [json.loads(kv.value) for kv in listed.kvs]
@@ -262,9 +276,9 @@ async def _bare_watchers(
 
 
 async def _fanout(
-    http: aiohttp.ClientSession, backend: EtcdBackend, args: argparse.Namespace
+    http: aiohttp.ClientSession, backend: EtcdBackend, params: KubeBenchParams
 ) -> Record:
-    watchers, updates = args.watchers, args.updates
+    watchers, updates = params.watchers, params.updates
     obj = _item(999_999)
     obj["metadata"]["name"] = "watched"
     obj["spec"]["seq"] = -1
@@ -298,7 +312,7 @@ async def _fanout(
                 deadline = time.monotonic() + 10
                 while any(seq not in slot for slot in seen):
                     if time.monotonic() > deadline:
-                        raise CommandError(f"{side} watchers missed update {seq}")
+                        raise BenchError(f"{side} watchers missed update {seq}")
                     await asyncio.sleep(0.001)
                 latencies.extend(slot[seq] - sent for slot in seen)
         finally:
@@ -313,27 +327,32 @@ async def _fanout(
     return results
 
 
-async def run_kube_bench(config: KvstoreConfig, args: argparse.Namespace) -> Record:
+async def run_kube_bench(
+    config: KvstoreConfig, params: KubeBenchParams, progress: Progress
+) -> Record:
+    """Start `cpctl kube up` on ``config``'s first cluster and measure the three shapes."""
+    if params.list_size < params.creates:
+        params = replace(params, list_size=params.creates)
     cluster = config.clusters[0]
-    started = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    started = utc_stamp()
     record: Record = {"bench": "kube", "started": started, "etcd": list(cluster.endpoints)}
     with tempfile.TemporaryDirectory(prefix="cp-bench-kube-") as data_dir:
         proc, info = await _start_server(list(cluster.endpoints), Path(data_dir))
         backend = EtcdBackend(cluster, config.client)
-        http = _session(info, max(args.concurrency, args.watchers) + 8)
+        http = _session(info, max(params.concurrency, params.watchers) + 8)
         try:
             await backend.connect()
             async with http.post(
                 "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", json=_CRD
             ) as response:
                 if response.status not in (201, 409):
-                    raise CommandError(f"CRD create failed: {await response.text()}")
-            progress(f"creates: {args.creates} objects, {args.concurrency} at once, each side")
-            record["creates"] = await _creates(http, backend, args)
-            progress(f"list: {args.list_size} objects, {args.rounds} rounds")
-            record["list"] = await _lists(http, backend, args)
-            progress(f"watch fan-out: {args.watchers} watchers, {args.updates} updates")
-            record["fanout"] = await _fanout(http, backend, args)
+                    raise BenchError(f"CRD create failed: {await response.text()}")
+            progress(f"creates: {params.creates} objects, {params.concurrency} at once, each side")
+            record["creates"] = await _creates(http, backend, params)
+            progress(f"list: {params.list_size} objects, {params.rounds} rounds")
+            record["list"] = await _lists(http, backend, params)
+            progress(f"watch fan-out: {params.watchers} watchers, {params.updates} updates")
+            record["fanout"] = await _fanout(http, backend, params)
         finally:
             await http.close()
             with contextlib.suppress(Exception):
@@ -346,71 +365,3 @@ async def run_kube_bench(config: KvstoreConfig, args: argparse.Namespace) -> Rec
             proc.terminate()
             await proc.wait()
     return record
-
-
-def _show(record: Record, config: KvstoreConfig) -> None:
-    creates, listing, fanout = record["creates"], record["list"], record["fanout"]
-    rows = [
-        [
-            "creates/s",
-            f"{creates['api_per_s']:.0f}",
-            f"{creates['bare_per_s']:.0f}",
-            f"{creates['ratio']:.2f}",
-        ],
-        [
-            f"list {listing['objects']} (s)",
-            f"{listing['api_s']:.3f}",
-            f"{listing['bare_s']:.3f}",
-            f"{listing['ratio']:.2f}",
-        ],
-        [
-            f"watch p50, {fanout['watchers']} watchers (ms)",
-            f"{fanout['api']['p50_ms']:.1f}",
-            f"{fanout['bare']['p50_ms']:.1f}",
-            f"{fanout['api']['p50_ms'] / fanout['bare']['p50_ms']:.2f}",
-        ],
-        [
-            f"watch p99, {fanout['watchers']} watchers (ms)",
-            f"{fanout['api']['p99_ms']:.1f}",
-            f"{fanout['bare']['p99_ms']:.1f}",
-            f"{fanout['p99_ratio']:.2f}",
-        ],
-    ]
-    print_table(["measure", "api server", "bare etcd", "api/bare"], rows)
-
-
-def register_kube(commands: Any) -> None:
-    """Add ``kube`` to the ``bench`` subcommands."""
-    cmd = commands.add_parser(
-        "kube",
-        help="the local Kubernetes API server next to bare etcd: creates, list, watch fan-out",
-        description=__doc__.split("\n\n")[1] if __doc__ else None,
-    )
-    add_target_flags(cmd)
-    cmd.add_argument("--creates", type=positive_int, default=2000, help="objects to create (2000)")
-    cmd.add_argument("--concurrency", type=positive_int, default=32, help="create workers (32)")
-    cmd.add_argument(
-        "--list-size", type=positive_int, default=10_000, help="objects listed (10000)"
-    )
-    cmd.add_argument(
-        "--rounds",
-        type=positive_int,
-        default=3,
-        help="interleaved create rounds; list rounds, median (3)",
-    )
-    cmd.add_argument("--watchers", type=positive_int, default=100, help="watchers (100)")
-    cmd.add_argument("--updates", type=positive_int, default=50, help="updates watched (50)")
-    cmd.add_argument(
-        "--output",
-        type=Path,
-        metavar="FILE",
-        help="JSON record path (default bench/results/kube-<UTC>.json)",
-    )
-    add_json_flag(cmd)
-
-    async def run(args: argparse.Namespace) -> int:
-        if args.list_size < args.creates:
-            args.list_size = args.creates
-        return await measure(args, "kube", lambda config: run_kube_bench(config, args), _show)
-
-    cmd.set_defaults(run=run)
