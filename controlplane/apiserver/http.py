@@ -34,7 +34,7 @@ from controlplane.apiserver.rest import (
     WriteOptions,
     names_version,
 )
-from controlplane.apiserver.routes import Route, parse
+from controlplane.apiserver.routes import Route
 from controlplane.apiserver.scale import apply_scale, to_scale
 from controlplane.apiserver.selectors import EVENT_FIELDS, FIELDS, Selector
 from controlplane.apiserver.storage import Obj, to_json
@@ -83,8 +83,8 @@ class Api:
         self.caches = caches
         self.bookmark_interval = bookmark_interval
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        route = parse(request.path)
+    async def handle(self, request: web.Request, route: Route | None) -> web.StreamResponse:
+        """Answer ``request``, whose path parsed to ``route`` (None: no such path)."""
         if route is None:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         if route.kind == "objects":

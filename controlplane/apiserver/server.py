@@ -25,12 +25,7 @@ from aiohttp import web
 
 from controlplane.apiserver import pki
 from controlplane.apiserver.http import Api
-from controlplane.apiserver.middleware import (
-    MAX_BODY_BYTES,
-    User,
-    auth_middleware,
-    errors_middleware,
-)
+from controlplane.apiserver.middleware import MAX_BODY_BYTES, User, framed
 from controlplane.apiserver.objects import now
 from controlplane.apiserver.resources import BUILTINS, CRDS, NAMESPACES, Registry
 from controlplane.apiserver.rest import Rest
@@ -141,11 +136,8 @@ class KubeServer:
             tokens[settings.read_only_token] = User("viewer", read_only=True)
         rest = Rest(storage, self._on_crd, self.namespaces)
         api = Api(self.registry, rest, self.caches, settings.bookmark_interval)
-        app = web.Application(
-            client_max_size=MAX_BODY_BYTES,
-            middlewares=[errors_middleware, auth_middleware(tokens)],
-        )
-        app.router.add_route("*", "/{tail:.*}", api.handle)
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app.router.add_route("*", "/{tail:.*}", framed(tokens, api.handle))
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_S)
         await self._runner.setup()
         ssl_context = None

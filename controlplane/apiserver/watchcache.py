@@ -39,18 +39,52 @@ class TooOld(Exception):
         self.oldest = oldest
 
 
-@dataclass(frozen=True, slots=True)
 class Change:
-    type: str
-    """ADDED, MODIFIED or DELETED."""
-    key: str
-    obj: Obj
-    """The object after the change; for DELETED, its last state at the deleting revision."""
-    prev: Obj | None
-    revision: int
-    lines: dict[tuple[str, str], bytes] = field(default_factory=dict, compare=False)
-    """Encoded watch events of this change, by (event type, apiVersion): encoded once,
-    sent to every watcher that sees it the same way."""
+    """One change of one key, its objects decoded from etcd's values when first read.
+
+    Most changes are never read (no watcher, or one that filters them out, or they age out
+    of the ring), so the JSON of ``obj`` and ``prev`` is decoded on first access, once.
+    """
+
+    __slots__ = ("_obj", "_prev", "_raw", "key", "lines", "revision", "type")
+
+    def __init__(
+        self,
+        type: str,
+        key: str,
+        obj: Obj | None,
+        prev: Obj | None,
+        revision: int,
+        raw: tuple[bytes, int, bytes, int] | None = None,
+    ) -> None:
+        self.type = type
+        """ADDED, MODIFIED or DELETED."""
+        self.key = key
+        self.revision = revision
+        self.lines: dict[tuple[str, str], bytes] = {}
+        """Encoded watch events of this change, by (event type, apiVersion): encoded once,
+        sent to every watcher that sees it the same way."""
+        self._obj = obj
+        self._prev = prev
+        self._raw = raw
+        """(value, its revision, previous value, its revision): what ``obj`` and ``prev``
+        are decoded from when they were not given."""
+
+    @property
+    def obj(self) -> Obj:
+        """The object after the change; for DELETED, its last state at the deleting
+        revision."""
+        if self._obj is None:
+            value, revision = self._raw[0], self._raw[1]  # type: ignore[index]
+            self._obj = decode(value, revision) if value else {"metadata": {}}
+        return self._obj
+
+    @property
+    def prev(self) -> Obj | None:
+        """The object before the change (None if it did not exist)."""
+        if self._prev is None and self._raw is not None and self._raw[2]:
+            self._prev = decode(self._raw[2], self._raw[3])
+        return self._prev
 
 
 @dataclass(eq=False)
@@ -193,10 +227,10 @@ def _change(event: object) -> Change:
     kv = event.kv  # type: ignore[attr-defined]
     prev_kv = event.prev_kv  # type: ignore[attr-defined]
     key = kv.key.decode()
-    prev = decode(prev_kv.value, prev_kv.mod_revision) if prev_kv.value else None
     if event.type == rpc.Event.PUT:  # type: ignore[attr-defined]
-        obj = decode(kv.value, kv.mod_revision)
         kind = "ADDED" if kv.create_revision == kv.mod_revision else "MODIFIED"
-        return Change(kind, key, obj, prev, kv.mod_revision)
-    last = decode(prev_kv.value, kv.mod_revision) if prev_kv.value else {"metadata": {}}
-    return Change("DELETED", key, last, prev, kv.mod_revision)
+        raw = (kv.value, kv.mod_revision, prev_kv.value, prev_kv.mod_revision)
+        return Change(kind, key, None, None, kv.mod_revision, raw)
+    # a deleted object's last state is its previous value, at the deleting revision
+    raw = (prev_kv.value, kv.mod_revision, prev_kv.value, prev_kv.mod_revision)
+    return Change("DELETED", key, None, None, kv.mod_revision, raw)
