@@ -15,6 +15,7 @@ from controlplane.cli import (
     etcd_cmd,
     identity_cmd,
     ipam_cmd,
+    kube_cmd,
     kvstore_cmd,
     policy_cmd,
     status_cmd,
@@ -36,6 +37,7 @@ def build_parser() -> Parser:
     )
     kvstore_cmd.register(commands)
     etcd_cmd.register(commands)
+    kube_cmd.register(commands)
     up_cmd.register(commands)
     identity_cmd.register(commands)
     views_cmd.register_endpoint(commands)
