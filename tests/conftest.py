@@ -12,8 +12,20 @@ import pytest_asyncio
 from controlplane.datapath.kernel import BPFFS_ROOT
 from controlplane.kvstore.embedded import EmbeddedEtcd, ServerTLS
 from controlplane.kvstore.testing_tls import TestPKI, make_test_pki
+from tests.helpers import apply_requires
 
 _TASK_GRACE_S = 1.0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "requires(unmet): skip (or under CI=true fail) unless unmet is None"
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    apply_requires(item)  # (before the skipping plugin's hook, which reads the skip mark)
 
 
 def _is_grpc_internal(task: asyncio.Task[object]) -> bool:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
+
+import pytest
 
 from controlplane.cli.main import build_parser
 from controlplane.config import ClientSettings, EtcdClusterConfig, TLSConfig
 from controlplane.datapath import loader
+from controlplane.datapath.capabilities import detect_datapath
 from controlplane.kvstore.backend import EtcdBackend
 from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.kvstore.errors import KvstoreError
@@ -86,11 +91,68 @@ async def cpctl_in_process(etcd: EmbeddedEtcd, *argv: str) -> int:
     return status
 
 
-def kernel_tests_skip_reason(*tools: str) -> str | None:
-    """Why the tests that build and attach the datapath cannot run here (no root, eBPF or
-    clang; or one of ``tools`` not on PATH), or None when they can."""
+# -- what a test needs from the machine -------------------------------------------------
+
+IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+INSTALL_COMMAND = "sudo scripts/install-deps"
+
+
+@dataclass(frozen=True)
+class Unmet:
+    """Why some tests cannot run here. A missing privilege (not root, eBPF refused by the
+    kernel) is a skip everywhere; a missing ``tool`` is a skip, and a failure under CI=true."""
+
+    reason: str
+    tool: bool
+
+
+def missing_tool(reason: str) -> Unmet:
+    return Unmet(f"{reason} (install: {INSTALL_COMMAND})", tool=True)
+
+
+def no_privilege(reason: str) -> Unmet:
+    return Unmet(reason, tool=False)
+
+
+def requires(unmet: Unmet | None) -> pytest.MarkDecorator:
+    """A mark (for tests or ``pytestmark``): the test runs only when ``unmet`` is None.
+    Else conftest calls :func:`apply_requires` before the test's fixtures are set up."""
+    return pytest.mark.requires(unmet)
+
+
+def apply_requires(item: pytest.Item) -> None:
+    """The one place that decides about an unmet requirement: under CI=true a missing tool
+    fails the test; anything else unmet skips it (with the reason; ``pytest -rs``)."""
+    for mark in item.iter_markers("requires"):
+        unmet: Unmet | None = mark.args[0]
+        if unmet is None:
+            continue
+        if unmet.tool and IN_CI:
+            pytest.fail(f"CI=true, and a tool is missing: {unmet.reason}", pytrace=False)
+        item.add_marker(pytest.mark.skip(reason=unmet.reason))
+
+
+def kernel_maps_unmet() -> Unmet | None:
+    """Why kernel eBPF maps (not the tc program) cannot be used here, or None."""
+    support = detect_datapath()
+    return None if support else no_privilege(f"kernel eBPF maps unusable: {support.reason}")
+
+
+def kernel_tests_unmet(*tools: str) -> Unmet | None:
+    """Why the tests that build and attach the datapath cannot run here (no root or eBPF;
+    no libbpf or clang; one of ``tools`` not on PATH), or None when they can."""
+    unmet = kernel_maps_unmet()
+    if unmet is not None:
+        return unmet
     reason = loader.datapath_unavailable_reason(need_build=True)
+    if reason is not None:
+        return missing_tool(reason)
+    return tools_unmet(*tools)
+
+
+def tools_unmet(*tools: str) -> Unmet | None:
+    """The first of ``tools`` not on PATH, as a missing tool, or None."""
     for tool in tools:
-        if reason is None and shutil.which(tool) is None:
-            reason = f"`{tool}` not found"
-    return reason
+        if shutil.which(tool) is None:
+            return missing_tool(f"`{tool}` not found")
+    return None

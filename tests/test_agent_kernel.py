@@ -29,7 +29,7 @@ from controlplane.agent.settings import (
     settings_from_args,
 )
 from controlplane.config import EtcdClusterConfig, KvstoreConfig
-from controlplane.datapath.capabilities import DatapathSupport, detect_datapath
+from controlplane.datapath.capabilities import DatapathSupport
 from controlplane.datapath.ipcache import (
     IPCACHE_MAP_NAME,
     IPCACHE_MAX_ENTRIES,
@@ -42,15 +42,10 @@ from controlplane.datapath.kernel import (
     KernelMap,
 )
 from controlplane.kvstore.embedded import EmbeddedEtcd
-from tests.helpers import eventually
+from tests.helpers import eventually, kernel_maps_unmet, requires
 from tests.test_agent import agent_settings, api, create, give_cidrs, kv_config, running
 
-_SUPPORT = detect_datapath()
-if not _SUPPORT:
-    print(f"test_agent_kernel: kernel tests skipped: {_SUPPORT.reason}")
-needs_kernel = pytest.mark.skipif(
-    not _SUPPORT, reason=f"kernel datapath unavailable: {_SUPPORT.reason}"
-)
+needs_kernel = requires(kernel_maps_unmet())
 
 NOT_ROOT = DatapathSupport(False, "not root")
 USABLE = DatapathSupport(True, "kernel eBPF maps usable (fake)")
