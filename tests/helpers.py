@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -20,6 +21,7 @@ from controlplane.datapath.capabilities import detect_datapath
 from controlplane.kvstore.backend import EtcdBackend
 from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.kvstore.errors import KvstoreError
+from controlplane.kvstore.etcd_tools import EtcdNotFound, EtcdTool, find_etcd_tool
 
 T = TypeVar("T")
 
@@ -130,6 +132,14 @@ def apply_requires(item: pytest.Item) -> None:
         if unmet.tool and IN_CI:
             pytest.fail(f"CI=true, and a tool is missing: {unmet.reason}", pytrace=False)
         item.add_marker(pytest.mark.skip(reason=unmet.reason))
+
+
+def etcd_tool(tool: EtcdTool) -> tuple[Path | None, Unmet | None]:
+    """``etcd``/``etcdctl`` as the product finds it, or None and why."""
+    try:
+        return find_etcd_tool(tool), None
+    except EtcdNotFound as exc:  # (its message names the install command)
+        return None, Unmet(str(exc), tool=True)
 
 
 def kernel_maps_unmet() -> Unmet | None:
