@@ -3,7 +3,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+import warnings
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from controlplane.kvstore.testing_tls import TestPKI, make_test_pki
 from tests.helpers import apply_requires, etcd_tool
 
 _TASK_GRACE_S = 1.0
+_FAILED = pytest.StashKey[bool]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -36,6 +38,16 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     apply_requires(item)  # (before the skipping plugin's hook, which reads the skip mark)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed and report.when in ("setup", "call"):
+        item.stash[_FAILED] = True
+    return report
+
+
 def _is_grpc_internal(task: asyncio.Task[object]) -> bool:
     # grpc.aio finishes some call bookkeeping (e.g. _AioCall._handle_status_once_received)
     # in its own tasks shortly after a channel closes; they are not ours to await.
@@ -50,8 +62,11 @@ def _describe(task: asyncio.Task[object]) -> str:
 
 
 @pytest_asyncio.fixture(autouse=True)
-async def _no_leaked_tasks() -> AsyncIterator[None]:
-    """Fail a test that leaves asyncio tasks running after it (and its fixtures) finished."""
+async def _no_leaked_tasks(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Fail a test that leaves asyncio tasks running after it (and its fixtures) finished.
+
+    The leftovers are cancelled either way; after a test that already failed they are only
+    a warning (a second error would hide which failure came first)."""
     before = set(asyncio.all_tasks())
     yield
     current = asyncio.current_task()
@@ -73,7 +88,11 @@ async def _no_leaked_tasks() -> AsyncIterator[None]:
         for t in tasks:
             t.cancel()
         await asyncio.wait(tasks, timeout=_TASK_GRACE_S)
-        pytest.fail(f"test leaked {len(tasks)} asyncio task(s): {names}")
+        message = f"test leaked {len(tasks)} asyncio task(s): {names}"
+        if request.node.stash.get(_FAILED, False):
+            warnings.warn(f"{message} (cancelled; the test had failed)", stacklevel=1)
+        else:
+            pytest.fail(message)
 
 
 @pytest.fixture

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import pytest
 
@@ -166,3 +167,52 @@ def tools_unmet(*tools: str) -> Unmet | None:
         if shutil.which(tool) is None:
             return missing_tool(f"`{tool}` not found")
     return None
+
+
+# -- running agents and other services ----------------------------------------------------
+
+
+class Runnable(Protocol):
+    """What :func:`running` drives: the agent's run/stop/started (structurally)."""
+
+    started: asyncio.Event
+
+    async def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+@contextlib.asynccontextmanager
+async def running(
+    service: Runnable, *, name: str | None = None, start_timeout: float = 10.0
+) -> AsyncIterator[asyncio.Task[None]]:
+    """Run ``service`` in a task for the block, started (its ``started`` set); yield the task
+    (a test may cancel it, as a crash would). On the way out always stop it, cancel it if it
+    does not stop in time, and await it, so a failing test leaves no task behind; after a
+    block that passed, re-raise what the service raised."""
+    node = getattr(getattr(service, "settings", None), "node", "")
+    name = name or f"test-{type(service).__name__.lower()}:{node}"
+    task = asyncio.create_task(service.run(), name=name)
+    try:
+        started = asyncio.ensure_future(service.started.wait())
+        try:
+            await asyncio.wait(
+                {started, task}, timeout=start_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            started.cancel()
+            await asyncio.gather(started, return_exceptions=True)
+        if task.done():
+            task.result()  # raises what run() raised
+            raise AssertionError(f"{name}: run() returned before it started")
+        assert service.started.is_set(), f"{name} did not start within {start_timeout}s"
+        yield task
+    finally:
+        if not task.done():
+            service.stop()
+            await asyncio.wait({task}, timeout=20)
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    if not task.cancelled() and (error := task.exception()) is not None:
+        raise error

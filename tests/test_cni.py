@@ -35,8 +35,8 @@ from controlplane.cni import netlink
 from controlplane.cni.main import SUPPORTED_VERSIONS, endpoint_offset
 from controlplane.datapath import loader
 from controlplane.kvstore.embedded import EmbeddedEtcd
-from tests.helpers import ip, kernel_tests_unmet, requires
-from tests.test_agent import agent_settings, api, give_cidrs, kv_config, running
+from tests.helpers import ip, kernel_tests_unmet, requires, running
+from tests.test_agent import agent_settings, api, give_cidrs, kv_config
 
 REPO = Path(__file__).resolve().parents[1]
 needs_kernel = requires(kernel_tests_unmet("ip", "nsenter"))

@@ -34,8 +34,8 @@ from controlplane.model import InvalidRecord, Labels, NetworkPolicy
 from controlplane.policy.compute import Subject, compute
 from controlplane.policy.endpoint_id import EndpointIDError, endpoint_id
 from controlplane.store_types import EventKind
-from tests.helpers import cpctl_in_process, eventually, kernel_maps_unmet, requires
-from tests.test_agent import agent_settings, api, create, give_cidrs, kv_config, running
+from tests.helpers import cpctl_in_process, eventually, kernel_maps_unmet, requires, running
+from tests.test_agent import agent_settings, api, create, give_cidrs, kv_config
 
 LAYOUT = KeyLayout()
 TCP, UDP = 6, 17
