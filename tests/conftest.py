@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from hypothesis import HealthCheck, settings
 
 from controlplane.datapath.kernel import BPFFS_ROOT
 from controlplane.kvstore.embedded import EmbeddedEtcd, ServerTLS
@@ -17,6 +18,11 @@ from tests.helpers import apply_requires, etcd_tool
 
 _TASK_GRACE_S = 1.0
 _FAILED = pytest.StashKey[bool]()
+
+# Hypothesis's timing checks fail on a loaded machine (the suite shares two cores), not on
+# a wrong property: no per-example deadline, no "input generation is slow" health check.
+settings.register_profile("suite", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("suite")
 
 
 def pytest_configure(config: pytest.Config) -> None:
