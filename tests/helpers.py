@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import shutil
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+import pytest
 
 from controlplane.cli.main import build_parser
 from controlplane.config import ClientSettings, EtcdClusterConfig, TLSConfig
 from controlplane.datapath import loader
+from controlplane.datapath.capabilities import detect_datapath
 from controlplane.kvstore.backend import EtcdBackend
 from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.kvstore.errors import KvstoreError
+from controlplane.kvstore.etcd_tools import EtcdNotFound, EtcdTool, find_etcd_tool
 
 T = TypeVar("T")
 
@@ -86,11 +94,125 @@ async def cpctl_in_process(etcd: EmbeddedEtcd, *argv: str) -> int:
     return status
 
 
-def kernel_tests_skip_reason(*tools: str) -> str | None:
-    """Why the tests that build and attach the datapath cannot run here (no root, eBPF or
-    clang; or one of ``tools`` not on PATH), or None when they can."""
+# -- what a test needs from the machine -------------------------------------------------
+
+IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+INSTALL_COMMAND = "sudo scripts/install-deps"
+
+
+@dataclass(frozen=True)
+class Unmet:
+    """Why some tests cannot run here. A missing privilege (not root, eBPF refused by the
+    kernel) is a skip everywhere; a missing ``tool`` is a skip, and a failure under CI=true."""
+
+    reason: str
+    tool: bool
+
+
+def missing_tool(reason: str) -> Unmet:
+    return Unmet(f"{reason} (install: {INSTALL_COMMAND})", tool=True)
+
+
+def no_privilege(reason: str) -> Unmet:
+    return Unmet(reason, tool=False)
+
+
+def requires(unmet: Unmet | None) -> pytest.MarkDecorator:
+    """A mark (for tests or ``pytestmark``): the test runs only when ``unmet`` is None.
+    Else conftest calls :func:`apply_requires` before the test's fixtures are set up."""
+    return pytest.mark.requires(unmet)
+
+
+def apply_requires(item: pytest.Item) -> None:
+    """The one place that decides about an unmet requirement: under CI=true a missing tool
+    fails the test; anything else unmet skips it (with the reason; ``pytest -rs``)."""
+    for mark in item.iter_markers("requires"):
+        unmet: Unmet | None = mark.args[0]
+        if unmet is None:
+            continue
+        if unmet.tool and IN_CI:
+            pytest.fail(f"CI=true, and a tool is missing: {unmet.reason}", pytrace=False)
+        item.add_marker(pytest.mark.skip(reason=unmet.reason))
+
+
+def etcd_tool(tool: EtcdTool) -> tuple[Path | None, Unmet | None]:
+    """``etcd``/``etcdctl`` as the product finds it, or None and why."""
+    try:
+        return find_etcd_tool(tool), None
+    except EtcdNotFound as exc:  # (its message names the install command)
+        return None, Unmet(str(exc), tool=True)
+
+
+def kernel_maps_unmet() -> Unmet | None:
+    """Why kernel eBPF maps (not the tc program) cannot be used here, or None."""
+    support = detect_datapath()
+    return None if support else no_privilege(f"kernel eBPF maps unusable: {support.reason}")
+
+
+def kernel_tests_unmet(*tools: str) -> Unmet | None:
+    """Why the tests that build and attach the datapath cannot run here (no root or eBPF;
+    no libbpf or clang; one of ``tools`` not on PATH), or None when they can."""
+    unmet = kernel_maps_unmet()
+    if unmet is not None:
+        return unmet
     reason = loader.datapath_unavailable_reason(need_build=True)
+    if reason is not None:
+        return missing_tool(reason)
+    return tools_unmet(*tools)
+
+
+def tools_unmet(*tools: str) -> Unmet | None:
+    """The first of ``tools`` not on PATH, as a missing tool, or None."""
     for tool in tools:
-        if reason is None and shutil.which(tool) is None:
-            reason = f"`{tool}` not found"
-    return reason
+        if shutil.which(tool) is None:
+            return missing_tool(f"`{tool}` not found")
+    return None
+
+
+# -- running agents and other services ----------------------------------------------------
+
+
+class Runnable(Protocol):
+    """What :func:`running` drives: the agent's run/stop/started (structurally)."""
+
+    started: asyncio.Event
+
+    async def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+@contextlib.asynccontextmanager
+async def running(
+    service: Runnable, *, name: str | None = None, start_timeout: float = 10.0
+) -> AsyncIterator[asyncio.Task[None]]:
+    """Run ``service`` in a task for the block, started (its ``started`` set); yield the task
+    (a test may cancel it, as a crash would). On the way out always stop it, cancel it if it
+    does not stop in time, and await it, so a failing test leaves no task behind; after a
+    block that passed, re-raise what the service raised."""
+    node = getattr(getattr(service, "settings", None), "node", "")
+    name = name or f"test-{type(service).__name__.lower()}:{node}"
+    task = asyncio.create_task(service.run(), name=name)
+    try:
+        started = asyncio.ensure_future(service.started.wait())
+        try:
+            await asyncio.wait(
+                {started, task}, timeout=start_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            started.cancel()
+            await asyncio.gather(started, return_exceptions=True)
+        if task.done():
+            task.result()  # raises what run() raised
+            raise AssertionError(f"{name}: run() returned before it started")
+        assert service.started.is_set(), f"{name} did not start within {start_timeout}s"
+        yield task
+    finally:
+        if not task.done():
+            service.stop()
+            await asyncio.wait({task}, timeout=20)
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    if not task.cancelled() and (error := task.exception()) is not None:
+        raise error

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from ipaddress import ip_address, ip_network
 from pathlib import Path
@@ -40,7 +38,7 @@ from controlplane.model import (
     NumericIdentity,
     parse_ip,
 )
-from tests.helpers import FAST, backend_for, eventually, holds_for
+from tests.helpers import FAST, backend_for, eventually, holds_for, running
 
 LAYOUT = KeyLayout()
 REPO = Path(__file__).resolve().parent.parent
@@ -72,17 +70,6 @@ async def give_cidrs(etcd: EmbeddedEtcd, *nodes: str) -> dict[str, IPNetwork]:
         allocator = ClusterPoolAllocator(KvCIDRStore(shards, LAYOUT, StoreMetrics.create()), POOL)
         await allocator.restore()
         return {n: await allocator.allocate(NodeName(n)) for n in nodes}
-
-
-@contextlib.asynccontextmanager
-async def running(agent: Agent) -> AsyncIterator[Agent]:
-    task = asyncio.create_task(agent.run(), name=f"test-agent:{agent.settings.node}")
-    try:
-        await asyncio.wait_for(agent.started.wait(), 10)
-        yield agent
-    finally:
-        agent.stop()
-        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 20)
 
 
 async def api(agent_or_socket: Agent | Path, method: str, path: str, body: Any = None) -> Any:
@@ -528,7 +515,6 @@ async def test_restart_mode_exit_exits_with_its_own_status(
             sock = tmp_path / "exit-node-proc.sock"
             await eventually(lambda: process_ready(sock), timeout=30, message="ready")
             # Let it see the heartbeat advance, then stop the "operator".
-            await asyncio.sleep(0)  # (the checks run every 0.2 s; beats every 0.3 s)
             seen = await _wait_armed(sock)
             assert seen
             await beats.stop()
@@ -553,11 +539,11 @@ async def test_inprocess_exit_mode_raises_agent_exit(etcd1: EmbeddedEtcd, tmp_pa
     await give_cidrs(etcd1, "node-a")
     settings = agent_settings(tmp_path, "node-a", "127.0.0.11", restart_mode=RestartMode.EXIT)
     a = Agent(settings, kv_config(etcd1))
-    task = asyncio.create_task(a.run())
-    await asyncio.wait_for(a.wait_ready(), 20)
-    a.restart("test")
-    with pytest.raises(AgentExit) as info:
-        await asyncio.wait_for(task, 10)
+    with pytest.raises(AgentExit) as info:  # running() re-raises what run() raised
+        async with running(a) as task:
+            await asyncio.wait_for(a.wait_ready(), 20)
+            a.restart("test")
+            await asyncio.wait({task}, timeout=10)
     assert info.value.status == EXIT_RESTART
 
 

@@ -30,7 +30,7 @@ from controlplane.agent.settings import (
 )
 from controlplane.config import EtcdClusterConfig, KvstoreConfig
 from controlplane.datapath.bpf_syscall import BPF_F_NO_PREALLOC, BPF_MAP_TYPE_LPM_TRIE
-from controlplane.datapath.capabilities import DatapathSupport, detect_datapath
+from controlplane.datapath.capabilities import DatapathSupport
 from controlplane.datapath.ipcache import (
     IPCACHE_MAP_NAME,
     IPCACHE_MAX_ENTRIES,
@@ -40,15 +40,10 @@ from controlplane.datapath.ipcache import (
 from controlplane.datapath.kernel import KernelMap
 from controlplane.datapath.loader import load_program
 from controlplane.kvstore.embedded import EmbeddedEtcd
-from tests.helpers import eventually
-from tests.test_agent import agent_settings, api, create, give_cidrs, kv_config, running
+from tests.helpers import eventually, kernel_maps_unmet, requires, running
+from tests.test_agent import agent_settings, api, create, give_cidrs, kv_config
 
-_SUPPORT = detect_datapath()
-if not _SUPPORT:
-    print(f"test_agent_kernel: kernel tests skipped: {_SUPPORT.reason}")
-needs_kernel = pytest.mark.skipif(
-    not _SUPPORT, reason=f"kernel datapath unavailable: {_SUPPORT.reason}"
-)
+needs_kernel = requires(kernel_maps_unmet())
 
 NOT_ROOT = DatapathSupport(False, "not root")
 USABLE = DatapathSupport(True, "kernel eBPF maps usable (fake)")
@@ -191,30 +186,27 @@ async def test_pinned_ipcache_survives_the_agent_and_a_restart_adopts_it(
     )  # fmt: skip
     assert (info["max_entries"], info["flags"]) == (IPCACHE_MAX_ENTRIES, BPF_F_NO_PREALLOC)
 
-    async with running(b):
-        task = asyncio.create_task(a.run(), name="kernel-agent-1")
+    async with running(b), running(a, name="kernel-agent-1") as task:
         await asyncio.wait_for(a.wait_ready(), 20)
         await asyncio.wait_for(b.wait_ready(), 20)
         status, st = await api(a, "GET", "/v1/status")
         assert status == 200 and st["datapath"]["mode"] == "kernel"
         assert st["datapath"]["pin_dir"] == str(pin_dir)
         made = [await create(b, "ns", f"p{i}", [f"k8s:app=x{i % 2}"]) for i in range(5)]
+        # b's endpoints with their identities, and both nodes' IPs: nothing more, nothing less
+        want = {_key(ep["ip"]): ep["identity"] for ep in made}
+        nodes = {_key("127.0.0.11"), _key("127.0.0.12")}
 
-        def in_kernel() -> bool:
+        def in_kernel() -> dict[bytes, bytes] | None:
             have = _dump(pin_dir)
-            return (
-                all(
-                    (raw := have.get(_key(ep["ip"]))) is not None
-                    and int(IpcacheEntry.decode(raw).identity) == ep["identity"]
-                    for ep in made
-                )
-                and _key("127.0.0.12") in have
+            complete = set(have) == set(want) | nodes and all(
+                int(IpcacheEntry.decode(have[k]).identity) == ident for k, ident in want.items()
             )
+            return have if complete else None
 
-        await eventually(in_kernel, message="b's endpoints in the kernel map")
         await eventually(lambda: a.reconciler.stats.resyncs >= 1, message="first sync")
-        before = _dump(pin_dir)
-        assert len(before) == 5 + 2  # b's endpoints and both nodes' IPs
+        before = await eventually(in_kernel, message="b's endpoints and both nodes' IPs")
+        assert len(before) == 5 + 2
 
         # "kill" the agent: cancel its task; the pinned map keeps every entry
         task.cancel()

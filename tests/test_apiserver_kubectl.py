@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import queue
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,9 +23,10 @@ import pytest
 import yaml
 
 pytest.register_assert_rewrite("tests.kube_fixtures")
+from tests.helpers import missing_tool, requires, tools_unmet  # noqa: E402
 from tests.kube_fixtures import KUBECTL_OTHER, WIDGET_CRD, kubectl, kubectl_flags  # noqa: E402
 
-pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+pytestmark = requires(tools_unmet("kubectl"))
 
 
 def _start(data_dir: Path) -> tuple[subprocess.Popen[str], dict[str, Any]]:
@@ -205,7 +205,7 @@ def test_kubectl_watch_sees_another_clients_change(server: dict[str, Any], tmp_p
     kubectl(kc, "delete", "wd", "watched")
 
 
-@pytest.mark.skipif(not Path(KUBECTL_OTHER).exists(), reason="kubectl 1.28 not installed")
+@requires(None if Path(KUBECTL_OTHER).exists() else missing_tool(f"no {KUBECTL_OTHER}"))
 def test_kubectl_128(server: dict[str, Any], tmp_path: Path) -> None:
     kc = Path(server["kubeconfig"])
     old = Path(KUBECTL_OTHER)

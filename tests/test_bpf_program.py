@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -38,13 +38,10 @@ from controlplane.datapath import layouts, loader
 from controlplane.datapath.ipcache import IpcacheEntry, IpcacheKey, IpcacheValue, encode_key
 from controlplane.datapath.kernel import KernelMap
 from controlplane.model import NumericIdentity
-from tests.helpers import ip, kernel_tests_skip_reason
+from tests.helpers import ip, kernel_tests_unmet, requires, tools_unmet
 from tests.icmp_echo import ping
 
-_REASON = kernel_tests_skip_reason("ip")
-if _REASON is not None:
-    print(f"test_bpf_program skipped: {_REASON}")
-    pytest.skip(_REASON, allow_module_level=True)
+pytestmark = requires(kernel_tests_unmet("ip"))
 
 REPO = Path(__file__).resolve().parents[1]
 BPF_DIR = REPO / "bpf"
@@ -74,7 +71,9 @@ class _Lib:
         self.ncpus = int(lib.libbpf_num_possible_cpus())
 
 
-_LIB = _Lib()
+@functools.cache
+def _lib() -> _Lib:
+    return _Lib()
 
 
 @dataclass
@@ -84,20 +83,20 @@ class Pinned:
 
     @classmethod
     def open(cls, path: Path, value_size: int) -> Pinned:
-        fd = _LIB.lib.bpf_obj_get(os.fsencode(path))
+        fd = _lib().lib.bpf_obj_get(os.fsencode(path))
         assert fd >= 0, f"bpf_obj_get({path}): {os.strerror(ctypes.get_errno())}"
         return cls(fd, value_size)
 
     def update(self, key: bytes, value: bytes) -> None:
-        rc = _LIB.lib.bpf_map_update_elem(self.fd, key, value, 0)
+        rc = _lib().lib.bpf_map_update_elem(self.fd, key, value, 0)
         assert rc == 0, f"update: {os.strerror(-rc)}"
 
     def delete(self, key: bytes) -> None:
-        _LIB.lib.bpf_map_delete_elem(self.fd, key)
+        _lib().lib.bpf_map_delete_elem(self.fd, key)
 
     def lookup(self, key: bytes, ncpus: int = 1) -> bytes | None:
         buf = ctypes.create_string_buffer(self.value_size * ncpus)
-        rc = _LIB.lib.bpf_map_lookup_elem(self.fd, key, buf)
+        rc = _lib().lib.bpf_map_lookup_elem(self.fd, key, buf)
         return buf.raw if rc == 0 else None
 
     def close(self) -> None:
@@ -105,9 +104,9 @@ class Pinned:
 
 
 def metric(metrics: Pinned, reason: layouts.MetricReason) -> int:
-    raw = metrics.lookup(ctypes.c_uint32(reason).value.to_bytes(4, "little"), _LIB.ncpus)
+    raw = metrics.lookup(ctypes.c_uint32(reason).value.to_bytes(4, "little"), _lib().ncpus)
     assert raw is not None
-    return int(layouts.decode_percpu_metrics(raw, _LIB.ncpus).packets)
+    return int(layouts.decode_percpu_metrics(raw, _lib().ncpus).packets)
 
 
 # --- (a) layouts: the C structs against the ctypes ones -----------------------------------
@@ -189,10 +188,9 @@ def test_c_and_python_layouts_agree(tmp_path: Path) -> None:
     assert c[("const", "CP_CT_LIFETIME_ANY_S")] == (layouts.CT_LIFETIME_ANY_S,)
 
 
+@requires(tools_unmet("bpftool"))
 def test_object_rodata_is_only_the_config() -> None:
     obj = loader.build_object(BPF_DIR)
-    if shutil.which("bpftool") is None:
-        pytest.skip("bpftool not installed")
     dump = subprocess.run(
         ["bpftool", "btf", "dump", "file", str(obj)], capture_output=True, text=True, check=True
     ).stdout

@@ -35,14 +35,11 @@ from controlplane.cni import netlink
 from controlplane.cni.main import SUPPORTED_VERSIONS, endpoint_offset
 from controlplane.datapath import loader
 from controlplane.kvstore.embedded import EmbeddedEtcd
-from tests.helpers import ip, kernel_tests_skip_reason
-from tests.test_agent import agent_settings, api, give_cidrs, kv_config, running
+from tests.helpers import ip, kernel_tests_unmet, requires, running
+from tests.test_agent import agent_settings, api, give_cidrs, kv_config
 
 REPO = Path(__file__).resolve().parents[1]
-_REASON = kernel_tests_skip_reason("ip", "nsenter")
-if _REASON is not None:
-    print(f"test_cni: kernel tests skipped: {_REASON}")
-needs_kernel = pytest.mark.skipif(_REASON is not None, reason=f"{_REASON}")
+needs_kernel = requires(kernel_tests_unmet("ip", "nsenter"))
 
 
 @dataclass

@@ -356,13 +356,17 @@ async def test_a_cancelled_run_waits_for_its_write_in_flight() -> None:
     cache = Ipcache(m)
     rec = IpcacheReconciler(cache, write_behind_min=10)
     task = asyncio.create_task(rec.run())
-    for i in range(40):
-        rec.set_entry(f"ep:{i}", _key(i), entry(4000 + i).encode())
-    await eventually(m.entered.is_set, timeout=10)
-    task.cancel()
-    await holds_for(lambda: not task.done(), 0.2, "run() returned with its write in flight")
-    m.gate.set()
-    await asyncio.gather(task, return_exceptions=True)
+    try:
+        for i in range(40):
+            rec.set_entry(f"ep:{i}", _key(i), entry(4000 + i).encode())
+        await eventually(m.entered.is_set, timeout=10)
+        task.cancel()
+        await holds_for(lambda: not task.done(), 0.2, "run() returned with its write in flight")
+    finally:  # (on a failure too: no task, no thread left behind)
+        m.gate.set()
+        if not task.cancelling():  # a second cancel would end its wait for the write
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
     assert task.cancelled()
     assert len(m) == 40 and rec.stats.updates == 40 and len(rec.written_at) == 40
     rec.flush()  # nothing left, nothing rewritten

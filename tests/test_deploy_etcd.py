@@ -7,7 +7,6 @@ import asyncio
 import os
 import re
 import secrets
-import shutil
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import backend_for
+from helpers import backend_for, etcd_tool, requires
 from pki import TestPKI
 
 from controlplane.config import TLSConfig, config_from_mapping
@@ -26,7 +25,8 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "etcd"
 SCRIPT = DEPLOY / "auth-bootstrap.sh"
 SCRIPT_TIMEOUT_S = 120.0
 
-needs_etcdctl = pytest.mark.skipif(shutil.which("etcdctl") is None, reason="etcdctl not on PATH")
+ETCDCTL, _ETCDCTL_UNMET = etcd_tool("etcdctl")
+needs_etcdctl = requires(_ETCDCTL_UNMET)
 
 
 # -- manifests -------------------------------------------------------------------------------
@@ -160,6 +160,8 @@ def script_env(endpoints: list[str], **extra: str) -> dict[str, str]:
         if not k.startswith(("ETCDCTL_", "CP_ETCD_", "CP_KVSTORE_"))
     }
     env["ETCDCTL_ENDPOINTS"] = ",".join(endpoints)
+    if ETCDCTL is not None:  # the script runs the etcdctl on PATH: the one we found
+        env["PATH"] = os.pathsep.join([str(ETCDCTL.parent), env.get("PATH", os.defpath)])
     env.update(extra)
     return env
 

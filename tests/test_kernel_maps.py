@@ -43,11 +43,10 @@ from controlplane.datapath.kernel import KernelMap, pinned_ipcache
 from controlplane.datapath.maps import Map, MapError, MapStats
 from controlplane.datapath.reconciler import IpcacheReconciler
 from controlplane.model import IPNetwork, NumericIdentity
+from tests.helpers import kernel_maps_unmet, requires
 
 _SUPPORT = detect_datapath()
-if not _SUPPORT.kernel:
-    print(f"test_kernel_maps skipped: {_SUPPORT.reason}")
-    pytest.skip(f"kernel datapath unavailable: {_SUPPORT.reason}", allow_module_level=True)
+pytestmark = requires(kernel_maps_unmet())
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -237,7 +237,10 @@ async def test_failover_after_kill_takes_over_within_lease(
         await eventually(lambda: _following(b, "op-a"), timeout=30, message="op-b follows")
         assert await b.sample("cp_operator_leader") == 0.0
         await eventually(lambda: all_claimed(backend, first), message="first nodes get CIDRs")
-        assert await a.sample("cp_ipam_cidrs_in_use") == len(first)
+        # the gauge is set once the claim's write returned: poll, the write is seen first
+        await eventually(
+            lambda: _equals(a, "cp_ipam_cidrs_in_use", "", len(first)), message="CIDRs in use"
+        )
 
         async with recording(backend) as beats:
             await eventually(lambda: beats.by("op-a"), message="op-a beats")
@@ -369,8 +372,11 @@ async def test_state_of_gone_nodes_is_collected_after_grace(
         assert "node-live" in await claims(backend)
         assert await backend.get(live_ep) is not None
         assert (await backend.list_prefix(LAYOUT.ipam_node_leases("node-live"))).kvs
-        deleted = await a.sample("cp_operator_node_gc_deleted_total", 'resource="endpoint"')
-        assert deleted == 1.0
+        # counted once the delete returned: poll, the delete itself is seen first
+        await eventually(
+            lambda: _equals(a, "cp_operator_node_gc_deleted_total", 'resource="endpoint"', 1.0),
+            message="one endpoint counted as collected",
+        )
 
 
 async def _following(proc: OperatorProcess, leader: str) -> bool:
@@ -380,6 +386,10 @@ async def _following(proc: OperatorProcess, leader: str) -> bool:
         return False
     detail = body["checks"]["election"]["detail"]
     return bool(detail == f"following {leader}")
+
+
+async def _equals(proc: OperatorProcess, name: str, labels: str, value: float) -> bool:
+    return await proc.sample(name, labels) == value
 
 
 async def _at_least(proc: OperatorProcess, name: str, labels: str, value: float) -> bool:

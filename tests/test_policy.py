@@ -17,7 +17,6 @@ from controlplane.agent.settings import DatapathMode
 from controlplane.cli.common import CommandError
 from controlplane.cli.main import build_parser
 from controlplane.datapath.bpf_syscall import BPF_MAP_TYPE_HASH
-from controlplane.datapath.capabilities import detect_datapath
 from controlplane.datapath.kernel import KernelMap
 from controlplane.datapath.layouts import (
     ENDPOINTS_MAP_NAME,
@@ -36,8 +35,8 @@ from controlplane.model import InvalidRecord, Labels, NetworkPolicy
 from controlplane.policy.compute import Subject, compute
 from controlplane.policy.endpoint_id import EndpointIDError, endpoint_id
 from controlplane.store_types import EventKind
-from tests.helpers import cpctl_in_process, eventually
-from tests.test_agent import agent_settings, api, create, give_cidrs, kv_config, running
+from tests.helpers import cpctl_in_process, eventually, kernel_maps_unmet, requires, running
+from tests.test_agent import agent_settings, api, create, give_cidrs, kv_config
 
 LAYOUT = KeyLayout()
 TCP, UDP = 6, 17
@@ -359,8 +358,7 @@ async def test_cpctl_bpf_reports_a_missing_pin(tmp_path: Path) -> None:
 
 # -- kernel mode (root, eBPF) -------------------------------------------------------------
 
-_SUPPORT = detect_datapath()
-needs_kernel = pytest.mark.skipif(not _SUPPORT, reason=f"no kernel datapath: {_SUPPORT.reason}")
+needs_kernel = requires(kernel_maps_unmet())
 
 
 @needs_kernel

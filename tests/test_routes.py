@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import subprocess
 from collections.abc import Iterator
 from ipaddress import ip_address, ip_network
@@ -16,16 +15,13 @@ import pytest
 
 from controlplane.datapath.routes import RTPROT_CP, RouteManager
 from controlplane.model import IPAddress, IPNetwork
-from tests.helpers import ip
+from tests.helpers import ip, no_privilege, requires, tools_unmet
 
-_REASON: str | None = None
-if os.geteuid() != 0:
-    _REASON = "not root (network namespaces and routes need CAP_NET_ADMIN)"
-elif shutil.which("ip") is None:
-    _REASON = "iproute2 `ip` not found"
-if _REASON is not None:
-    print(f"test_routes skipped: {_REASON}")
-    pytest.skip(_REASON, allow_module_level=True)
+pytestmark = requires(
+    no_privilege("not root (network namespaces and routes need CAP_NET_ADMIN)")
+    if os.geteuid() != 0
+    else tools_unmet("ip")
+)
 
 TABLE = 100
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
-from helpers import FAST, backend_for, eventually
+from helpers import FAST, backend_for, etcd_tool, eventually, requires
 from pki import TestPKI
 
 from controlplane.config import ClientSettings, ConfigError, TLSConfig
@@ -45,10 +45,15 @@ async def test_tls_files_with_plain_http_is_a_config_error(
         await backend.connect()
 
 
+ETCDCTL, _ETCDCTL_UNMET = etcd_tool("etcdctl")
+needs_etcdctl = requires(_ETCDCTL_UNMET)
+
+
 async def etcdctl(etcd: EmbeddedEtcd, *args: str) -> str:
+    assert ETCDCTL is not None
     env = {**os.environ, "ETCDCTL_API": "3"}
     proc = await asyncio.create_subprocess_exec(
-        "etcdctl",
+        ETCDCTL,
         "--endpoints",
         ",".join(etcd.client_urls),
         *args,
@@ -72,6 +77,7 @@ async def etcd_auth(etcd1: EmbeddedEtcd) -> AsyncIterator[EmbeddedEtcd]:
     yield etcd1
 
 
+@needs_etcdctl
 async def test_password_auth(etcd_auth: EmbeddedEtcd) -> None:
     urls = etcd_auth.client_urls
     async with backend_for(urls, username="agent", password="agentpw") as agent:
@@ -94,6 +100,7 @@ async def test_password_auth(etcd_auth: EmbeddedEtcd) -> None:
             await anonymous.put(b"cp/y", b"1")
 
 
+@needs_etcdctl
 async def test_expired_auth_token_is_renewed(etcd_auth: EmbeddedEtcd) -> None:
     async with backend_for(etcd_auth.client_urls, username="agent", password="agentpw") as agent:
         agent._token = "bogus.token"  # what a token looks like after etcd forgot it

