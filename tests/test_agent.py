@@ -90,6 +90,12 @@ async def create(agent: Agent | Path, ns: str, name: str, labels: list[str]) -> 
     return result
 
 
+def armed(agent: Agent) -> bool:
+    """A connection failure would restart ``agent`` (a ready session read a quorum)."""
+    shards = agent.shard_health()
+    return bool(shards) and all(s.arm.connection for s in shards)
+
+
 def cached(agent: Agent, ip: str) -> int | None:
     """The identity ``agent``'s ipcache holds for ``ip``/32, or None."""
     found = agent.ipcache.get(ip_network(f"{ip}/32"))
@@ -599,6 +605,7 @@ async def test_etcd_outage_restarts_once_and_recovers(etcd1: EmbeddedEtcd, tmp_p
         await asyncio.wait_for(a.wait_ready(), 20)
         ep = await create(a, "default", "web", ["k8s:app=web"])
         await eventually(lambda: cached(a, ep["ip"]) == ep["identity"], message="in the map")
+        await eventually(lambda: armed(a), message="ready and a quorum read since: armed")
         etcd1.pause_member(0)
         try:
             await eventually(lambda: a.restarts == 1, timeout=20, message="restarted")

@@ -42,37 +42,47 @@ def obs(
 def test_a_quorum_loss_then_a_late_heartbeat_is_one_restart() -> None:
     arm = RestartArm()
     health = ShardHealth("default", max_errors=2, arm=arm)
-    assert health.record(obs(read=100, beat=90)) is None  # first read: the floor
-    assert health.record(obs(read=110, beat=105)) is None  # a beat after it: armed
+    assert health.record(obs(read=100, beat=90), ready=True) is None  # first ready read: floor
+    assert health.record(obs(read=110, beat=105), ready=True) is None  # a beat after it: armed
     assert arm.heartbeat
-    health.record(obs(quorum=Failure.NO_QUORUM))
-    assert health.record(obs(quorum=Failure.NO_QUORUM)) is Failure.NO_QUORUM
+    health.record(obs(quorum=Failure.NO_QUORUM), ready=True)
+    assert health.record(obs(quorum=Failure.NO_QUORUM), ready=True) is Failure.NO_QUORUM
     arm.restarted()  # the agent restarts; the next session carries the count
     health = ShardHealth("default", max_errors=2, arm=arm).carry(health)
     # etcd is back, the operator still re-elects: stale, but no second restart.
     for _ in range(5):
-        assert health.record(obs(read=120, beat=105, stale=True)) is None
+        assert health.record(obs(read=120, beat=105, stale=True), ready=True) is None
     assert not health.healthy and health.failure is Failure.HEARTBEAT_STALE
     # A beat written before the restart but seen late (a lagging watch) is no proof...
-    health.record(obs(read=121, beat=118, stale=False))
+    health.record(obs(read=121, beat=118, stale=False), ready=True)
     assert not arm.heartbeat
     # ...one written after the first read of the new session is.
-    assert health.record(obs(read=130, beat=125)) is None
+    assert health.record(obs(read=130, beat=125), ready=True) is None
     assert arm.heartbeat and health.healthy
     # The operator dies later: that is a new outage, and it restarts once.
-    health.record(obs(read=140, beat=125, stale=True))
-    assert health.record(obs(read=141, beat=125, stale=True)) is Failure.HEARTBEAT_STALE
-    assert health.record(obs(read=142, beat=125, stale=True)) is None
+    health.record(obs(read=140, beat=125, stale=True), ready=True)
+    assert health.record(obs(read=141, beat=125, stale=True), ready=True) is Failure.HEARTBEAT_STALE
+    assert health.record(obs(read=142, beat=125, stale=True), ready=True) is None
 
 
-def test_connection_failures_rearm_only_after_a_successful_read() -> None:
+def test_connection_failures_rearm_only_once_a_ready_session_reads() -> None:
     arm = RestartArm()
     health = ShardHealth("default", max_errors=1, arm=arm)
-    assert health.record(obs(quorum=Failure.UNREACHABLE)) is Failure.UNREACHABLE
+    # A process whose first session never got ready: a restart would mend nothing.
+    assert health.record(obs(quorum=Failure.UNREACHABLE), ready=False) is None
+    assert health.record(obs(read=100), ready=False) is None and not arm.connection
+    assert health.record(obs(read=101), ready=True) is None and arm.connection
+    assert health.record(obs(quorum=Failure.UNREACHABLE), ready=True) is Failure.UNREACHABLE
     arm.restarted()
-    assert health.record(obs(quorum=Failure.UNREACHABLE)) is None  # same outage
-    assert health.record(obs(read=200)) is None and arm.connection
-    assert health.record(obs(quorum=Failure.UNREACHABLE)) is Failure.UNREACHABLE
+    # The new session re-lists while etcd is swamped by every agent doing the same: its
+    # reads succeed now and then and time out now and then. The same outage: no restart.
+    for _ in range(3):
+        assert health.record(obs(read=110), ready=False) is None
+        assert health.record(obs(quorum=Failure.NO_QUORUM), ready=False) is None
+    assert not arm.connection
+    # Ready, and a read succeeds: a later outage is a new one.
+    assert health.record(obs(read=120), ready=True) is None and arm.connection
+    assert health.record(obs(quorum=Failure.UNREACHABLE), ready=True) is Failure.UNREACHABLE
 
 
 def _monitor(clock: Clock) -> HeartbeatMonitor:

@@ -18,7 +18,7 @@ from helpers import eventually, holds_for
 
 from controlplane.agent.agent import Agent
 from controlplane.kvstore.embedded import EmbeddedEtcd
-from tests.test_agent import agent_settings, api, give_cidrs, kv_config, running
+from tests.test_agent import agent_settings, api, armed, give_cidrs, kv_config, running
 from tests.test_operator import OperatorProcess, operators
 
 BEAT = 1.0
@@ -62,13 +62,13 @@ async def _cluster(etcd: EmbeddedEtcd, tmp_path: Path) -> AsyncIterator[list[Age
         for agent in agents:
             await asyncio.wait_for(agent.wait_ready(), 30)
 
-        def armed() -> bool:  # the heartbeat was seen advancing: a stale one may restart
+        def all_armed() -> bool:  # ready, read a quorum, seen a beat written since
             return all(
-                agent.shard_health() and all(s.arm.heartbeat for s in agent.shard_health())
+                armed(agent) and all(s.arm.heartbeat for s in agent.shard_health())
                 for agent in agents
             )
 
-        await eventually(armed, timeout=30, message="heartbeat seen advancing by every agent")
+        await eventually(all_armed, timeout=30, message="every agent armed for both triggers")
         yield agents
         for op in ops:  # an outage is an expected condition: no daemon logs a traceback
             assert "Traceback" not in op.log(), f"{op.name} logged a traceback:\n{op.log()}"
@@ -145,6 +145,7 @@ async def test_a_request_in_flight_when_the_session_restarts_gets_a_clean_503(
     agent = Agent(agent_settings(tmp_path, "node-a", "127.0.0.11"), kv_config(etcd1))
     async with running(agent):
         await asyncio.wait_for(agent.wait_ready(), 30)
+        await eventually(lambda: armed(agent), message="armed")
         etcd1.pause_member(0)
         try:
             body = {"namespace": "default", "name": "web", "labels": ["k8s:app=web"]}

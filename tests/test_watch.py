@@ -12,6 +12,7 @@ from helpers import backend_for, eventually, retrying
 from controlplane.kvstore.backend import EtcdBackend
 from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.kvstore.errors import KvstoreError
+from controlplane.kvstore.session import LeaseManager
 from controlplane.kvstore.types import EventType, Put, WatchEvent, absent
 from controlplane.kvstore.watch import ListWatcher
 
@@ -191,3 +192,38 @@ async def test_batches_follow_pages_and_watch_responses(etcd1: EmbeddedEtcd) -> 
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def test_watch_and_keepalive_carry_on_over_a_replaced_connection(etcd1: EmbeddedEtcd) -> None:
+    """A shard's connection replaced under a watch and a keepalive stream (grpc cancels
+    the calls in flight on the old channel): both resume on the new one, nothing is lost,
+    and neither task ends as if it had been cancelled itself."""
+    async with backend_for(etcd1.client_urls) as backend:
+        events: list[WatchEvent] = []
+        manager = LeaseManager(backend, ttl=4, keepalive_interval=0.3)
+        lease = await manager.lease_for(b"owned/x")
+        await backend.put(b"owned/x", b"1", lease=lease)
+
+        async def follow() -> None:
+            async for event in ListWatcher(backend, b"r/").events():
+                events.append(event)
+
+        tasks = [asyncio.create_task(follow()), asyncio.create_task(manager.run())]
+        try:
+            await eventually(lambda: any(e.type is EventType.LIST_DONE for e in events))
+            renewed = manager.keepalives_total
+            await eventually(lambda: manager.keepalives_total > renewed, message="renewing")
+            await backend.reconnect()
+            await backend.put(b"r/after", b"1")
+            await eventually(
+                lambda: [e.key for e in events if e.type is EventType.PUT] == [b"r/after"],
+                message="the watch resumed on the new connection",
+            )
+            renewed = manager.keepalives_total
+            await eventually(lambda: manager.keepalives_total > renewed, message="renewing again")
+            assert not any(t.done() for t in tasks), [t for t in tasks if t.done()]
+            assert await backend.get(b"owned/x") is not None  # the lease lived on
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

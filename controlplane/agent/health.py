@@ -7,10 +7,13 @@ unhealthy state *restarts* the agent's control-plane side is decided by
 :class:`RestartArm`, which outlives sessions, so that one outage costs one restart:
 
 * a connection or quorum failure restarts only while the arm is set; the restart disarms
-  it and the next successful quorum read re-arms it (while etcd stays down, the fresh
-  session just reports "unhealthy" and waits);
+  it and a successful quorum read *once the new session is ready* (listed, restored)
+  re-arms it. While etcd stays down the fresh session just reports "unhealthy" and waits;
+  and while hundreds of agents re-list after an outage, an etcd too busy to answer a
+  quorum read in time is the same outage, not a new one (no restart storm). A process
+  starts disarmed: restarting a session that never got ready mends nothing;
 * a stale heartbeat restarts only if a heartbeat *written after* the last restart (an etcd
-  revision above the first quorum read that followed it) was seen, whatever that
+  revision above the first quorum read of a ready session after it) was seen, whatever that
   restart's reason: a dead operator is not a reason to restart again and again, and
   neither is an operator still re-electing after the etcd outage that caused the last
   restart. A beat that the new session merely re-lists, or that a lagging watch delivers
@@ -57,7 +60,7 @@ class Observation:
 class RestartArm:
     """What may trigger a restart for one shard; kept across sessions."""
 
-    connection: bool = True
+    connection: bool = False
     heartbeat: bool = False
     floor: int | None = None
     """A heartbeat written after this store revision proves the operator alive since the
@@ -75,9 +78,14 @@ class RestartArm:
         self.heartbeat = False
         self.floor = None
 
-    def note(self, read_revision: int | None, beat_revision: int | None, stale: bool) -> None:
+    def note(
+        self, read_revision: int | None, beat_revision: int | None, stale: bool, ready: bool
+    ) -> None:
+        if read_revision is not None and ready:
+            self.connection = True
         if self.floor is None:
-            self.floor = read_revision  # beats written later than this read are news
+            if ready:
+                self.floor = read_revision  # beats written later than this read are news
         elif beat_revision is not None and beat_revision > self.floor and not stale:
             self.heartbeat = True
 
@@ -119,14 +127,13 @@ class ShardHealth:
             return None
         return self.last.quorum_error is None
 
-    def record(self, obs: Observation) -> Failure | None:
-        """Count one check; returns the failure that should restart the agent, if any."""
+    def record(self, obs: Observation, *, ready: bool) -> Failure | None:
+        """Count one check (``ready``: the session finished its startup); returns the
+        failure that should restart the agent, if any."""
         self.checks += 1
         self.last = obs
         self.failing = obs.quorum_error is not None
-        self.arm.note(obs.read_revision, obs.beat_revision, obs.heartbeat_stale)
-        if obs.quorum_error is None:
-            self.arm.connection = True
+        self.arm.note(obs.read_revision, obs.beat_revision, obs.heartbeat_stale, ready)
         if obs.quorum_error is not None:
             self.failure = obs.quorum_error
             label = "unreachable" if obs.quorum_error is Failure.UNREACHABLE else "no quorum"

@@ -112,6 +112,7 @@ class KvstoreSession:
             for name in self.monitors
         }
         connector.last_health = dict(self._health)
+        self._started = False
 
     @property
     def stores(self) -> Stores:
@@ -131,6 +132,9 @@ class KvstoreSession:
 
     def health(self) -> list[ShardHealth]:
         return list(self._health.values())
+
+    def started(self) -> None:
+        self._started = True
 
     def unavailable(self, labels: Labels) -> str | None:
         node = self.connector.settings.node
@@ -235,7 +239,7 @@ class KvstoreSession:
             beat_revision=monitor.revision or None,
         )
         health = self._health[name]
-        failure = health.record(obs)
+        failure = health.record(obs, ready=self._started)
         m = self.connector.metrics
         m.heartbeat_age.labels(name).set(obs.heartbeat_age)
         m.kvstore_healthy.labels(name).set(1 if health.healthy else 0)

@@ -181,6 +181,7 @@ class Session:
         self.phase = "restoring endpoints"
         await _retrying(self.publisher.restore)
         self.phase = "ready"
+        self.store.started()
         self.ready.set()
         host.session_ready()
         host.policy.changed()

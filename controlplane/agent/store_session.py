@@ -72,6 +72,11 @@ class StoreSession(Protocol):
         """The latest health of each part of the store (a kvstore shard, the API server)."""
         ...
 
+    def started(self) -> None:
+        """The session finished its startup (registered, listed, restored): from now on
+        its successful health checks may re-arm the restart triggers."""
+        ...
+
     def unavailable(self, labels: Labels) -> str | None:
         """Why a new endpoint with ``labels`` on this node cannot be published now (a part
         of the store it needs failed its last check: which and why), else None."""

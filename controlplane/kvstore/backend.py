@@ -33,6 +33,7 @@ from controlplane.kvstore.errors import (
     NoLeader,
     PermissionDenied,
     Unreachable,
+    channel_closed,
     translate,
 )
 from controlplane.kvstore.ratelimit import RateLimiter
@@ -192,12 +193,9 @@ class EtcdBackend:
                     wait_for_ready=self._wait_for_ready,
                 )
             except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise  # our caller is being cancelled
-                # grpc cancels the calls in flight when their channel closes (a session
-                # restarting under a request): a connection error, not our cancellation.
-                raise Unreachable(f"the connection to {self.name} was closed") from None
+                if (closed := channel_closed(self.name)) is None:
+                    raise
+                raise closed from None
             except grpc.aio.AioRpcError as exc:
                 error = translate(exc, self.name)
                 expired = "invalid auth token" in (exc.details() or "")

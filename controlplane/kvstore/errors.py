@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from controlplane.store_types import StoreError
@@ -84,3 +86,15 @@ def translate(exc: grpc.aio.AioRpcError, endpoint: str | None = None) -> Kvstore
 def _short(details: str) -> str:
     # gRPC's connection failures carry a long debug string; the first clause says enough.
     return details.split(";")[0].strip()[:200]
+
+
+def channel_closed(name: str) -> Unreachable | None:
+    """What a ``CancelledError`` from a grpc call means. grpc.aio cancels the calls and
+    streams in flight on a channel that closes (a shard's connection replaced, a session
+    ending under a request), which looks like our own cancellation. None when the current
+    task is really being cancelled (re-raise it); else the Unreachable to raise instead,
+    which every caller already retries or resumes."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        return None
+    return Unreachable(f"the connection to {name} was closed")

@@ -19,7 +19,7 @@ import grpc
 from aetcd import rpc
 
 from controlplane.kvstore.backend import EtcdBackend
-from controlplane.kvstore.errors import KvstoreError, translate
+from controlplane.kvstore.errors import KvstoreError, channel_closed, translate
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,10 @@ class LeaseManager:
             raise KvstoreError("lease keepalive timed out") from exc
         except asyncio.InvalidStateError as exc:  # grpc: write after the stream ended
             raise KvstoreError("lease keepalive stream ended") from exc
+        except asyncio.CancelledError:
+            if (closed := channel_closed(self.backend.name)) is None:
+                raise
+            raise closed from None
         finally:
             call.cancel()
 

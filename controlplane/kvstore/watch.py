@@ -18,7 +18,7 @@ import grpc
 from aetcd import rpc
 
 from controlplane.kvstore.backend import LIST_PAGE_SIZE, EtcdBackend
-from controlplane.kvstore.errors import KvstoreError, PermissionDenied, translate
+from controlplane.kvstore.errors import KvstoreError, PermissionDenied, channel_closed, translate
 from controlplane.kvstore.types import EventType, WatchEvent, prefix_range_end
 
 log = logging.getLogger(__name__)
@@ -183,5 +183,9 @@ class ListWatcher:
             raise translate(exc, self.backend.name) from exc
         except asyncio.InvalidStateError as exc:  # grpc: write after the stream ended
             raise KvstoreError(f"watch stream on {self.backend.name} ended") from exc
+        except asyncio.CancelledError:
+            if (closed := channel_closed(self.backend.name)) is None:
+                raise
+            raise closed from None
         finally:
             call.cancel()
