@@ -15,6 +15,7 @@ from controlplane.cli import (
     ipam_cmd,
     kvstore_cmd,
     policy_cmd,
+    scale_cmd,
     status_cmd,
     up_cmd,
     views_cmd,
@@ -43,6 +44,7 @@ def build_parser() -> Parser:
     policy_cmd.register(commands)
     bpf_cmd.register(commands)
     bench_cmd.register(commands)
+    scale_cmd.register(commands)
     return parser
 
 

@@ -1,0 +1,281 @@
+"""A worker process: many real agents in one event loop, reporting their state.
+
+``python -m controlplane.scale.worker SPEC_JSON``. Each agent is a real
+:class:`~controlplane.agent.agent.Agent` with userspace maps and its own etcd connections
+(the agent's store session opens its own subchannel pool), its local API on its own unix
+socket, no telemetry port.
+
+Commands arrive on stdin, one JSON object a line: ``{"op": "churn", "rate": R, "id": N}``
+(endpoint operations per second in this worker; 0 stops churn and acknowledges once the
+operations in flight are done), ``{"op": "stop"}``.
+
+Reports go to stdout, one JSON object a line: ``{"type": "state", ...}`` every
+``report_interval`` with each agent's readiness, health, restarts (each with its
+monotonic time and reason), per-shard recoveries, owned endpoints and a digest of the
+endpoint part of its ipcache (with the monotonic time that digest was first seen), plus
+churn counters; ``{"type": "ready"}`` once every agent is ready and populated;
+``{"type": "ack", "id": N}`` for a finished churn command. Times are
+``time.monotonic()``, which is host-wide on Linux, so the harness compares them directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+import random
+import sys
+import time
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from controlplane.agent.agent import Agent
+from controlplane.agent.settings import AgentSettings
+from controlplane.config import ClientSettings, EtcdClusterConfig, KvstoreConfig
+from controlplane.model import IPNetwork, NodeName, parse_ip
+
+log = logging.getLogger("cp.scale.worker")
+DIGEST_INTERVAL = 0.1
+
+
+def endpoint_digest(pairs: Iterable[tuple[str, int]]) -> str:
+    """One digest of a set of (prefix, identity): the harness computes the same of the
+    store's endpoints."""
+    text = "\n".join(f"{p}={i}" for p, i in sorted(pairs))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def kvstore_from_spec(spec: dict[str, Any]) -> KvstoreConfig:
+    clusters = tuple(EtcdClusterConfig(name, tuple(urls)) for name, urls in spec["clusters"])
+    shards = {kind: tuple(names) for kind, names in spec.get("shards", {}).items()}
+    client = ClientSettings(request_timeout=5.0, keepalive_time=5.0, keepalive_timeout=2.0)
+    return KvstoreConfig(clusters, shards, client=client)
+
+
+def _inside(prefix: IPNetwork, pool: IPNetwork) -> bool:
+    if isinstance(prefix, ipaddress.IPv4Network) and isinstance(pool, ipaddress.IPv4Network):
+        return prefix.subnet_of(pool)
+    if isinstance(prefix, ipaddress.IPv6Network) and isinstance(pool, ipaddress.IPv6Network):
+        return prefix.subnet_of(pool)
+    return False
+
+
+@dataclass
+class Tracked:
+    agent: Agent
+    restarts: list[tuple[float, str, float | None]] = field(default_factory=list)
+    """(when, reason, when ready again or None)."""
+    seen_restarts: int = 0
+    digest: str = ""
+    digest_since: float = 0.0
+    count: int = 0
+    writes: tuple[int, int, int] = (-1, -1, -1)
+    churned: list[str] = field(default_factory=list)
+    serial: int = 0
+
+
+class Worker:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.pool = ipaddress.ip_network(spec["pool_cidr"])
+        self.labels: list[str] = [f"k8s:app=app{i}" for i in range(spec["label_sets"])]
+        config = kvstore_from_spec(spec["kvstore"])
+        timings = spec["agent"]
+        sockets = Path(spec["socket_dir"])
+        self.tracked: list[Tracked] = []
+        for node, ip in spec["nodes"]:
+            settings = AgentSettings(
+                node=NodeName(node),
+                node_ips=(parse_ip(ip),),
+                api_socket=sockets / f"{node}.sock",
+                telemetry_port=None,
+                **timings,
+            )
+            self.tracked.append(Tracked(Agent(settings, config)))
+        self.rate = 0.0
+        self.in_flight: set[asyncio.Task[None]] = set()
+        self.churn: dict[str, Any] = {"ops": 0, "ok": 0, "failed": 0, "errors": {}}
+        self.out = sys.stdout
+
+    def emit(self, record: dict[str, Any]) -> None:
+        self.out.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self.out.flush()
+
+    # -- observation ----------------------------------------------------------------
+
+    def _observe(self) -> None:
+        now = time.monotonic()
+        for t in self.tracked:
+            agent = t.agent
+            while t.seen_restarts < agent.restarts:
+                t.seen_restarts += 1
+                at = now  # the agent stamps its restart in wall time: back to monotonic
+                if agent.last_restart_at is not None:
+                    at = now - max(0.0, time.time() - agent.last_restart_at)
+                t.restarts.append((round(at, 3), agent.last_restart_reason or "unknown", None))
+            if t.restarts and t.restarts[-1][2] is None and agent.ready:
+                at, reason, _ = t.restarts[-1]
+                t.restarts[-1] = (at, reason, round(now, 3))
+            stats = agent.reconciler.stats
+            writes = (stats.updates, stats.deletes, len(agent.ipcache))
+            if writes != t.writes:
+                t.writes = writes
+                pairs = [
+                    (str(prefix), int(entry.identity))
+                    for prefix, entry in agent.ipcache.entries()
+                    if _inside(prefix, self.pool)
+                ]
+                digest = endpoint_digest(pairs)
+                if digest != t.digest:
+                    t.digest, t.digest_since, t.count = digest, now, len(pairs)
+
+    def _state(self) -> dict[str, Any]:
+        agents = []
+        for t in self.tracked:
+            agent = t.agent
+            shards = agent.shard_health()
+            owned = sorted(str(e.ip) for e in agent.owned.items.values() if e.ip is not None)
+            agents.append(
+                {
+                    "node": str(agent.settings.node),
+                    "ready": agent.ready,
+                    "healthy": bool(shards) and all(s.healthy for s in shards),
+                    "restarts": t.restarts,
+                    "armed": bool(shards) and all(s.arm.heartbeat for s in shards),
+                    "recoveries": {s.name: s.arm.recoveries for s in shards},
+                    "digest": t.digest,
+                    "digest_since": t.digest_since,
+                    "count": t.count,
+                    "owned": len(owned),
+                    "owned_digest": hashlib.sha256("\n".join(owned).encode()).hexdigest()[:16],
+                    "malformed": agent.status()["malformed_skipped"],
+                }
+            )
+        return {"type": "state", "t": time.monotonic(), "agents": agents, "churn": self.churn}
+
+    async def _report(self) -> None:
+        interval = self.spec["report_interval"]
+        next_report = 0.0
+        while True:
+            self._observe()
+            now = time.monotonic()
+            if now >= next_report:
+                self.emit(self._state())
+                next_report = now + interval
+            await asyncio.sleep(DIGEST_INTERVAL)
+
+    # -- endpoints --------------------------------------------------------------------
+
+    async def _create(self, t: Tracked, name: str, label: str) -> bool:
+        self.churn["ops"] += 1
+        try:
+            await t.agent.create_endpoint("scale", name, [label])
+        except Exception as exc:  # NotReady, a 503-worthy store error: counted by kind
+            errors = self.churn["errors"]
+            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+            self.churn["failed"] += 1
+            return False
+        self.churn["ok"] += 1
+        return True
+
+    async def _populate(self) -> None:
+        per_agent = self.spec["endpoints_per_agent"]
+        gate = asyncio.Semaphore(16)
+
+        async def one(t: Tracked, k: int) -> None:
+            name = f"{t.agent.settings.node}-e{k}"
+            label = self.labels[zlib.crc32(name.encode()) % len(self.labels)]
+            async with gate:
+                for _ in range(50):  # a fault or restart in between: try again
+                    if await self._create(t, name, label):
+                        return
+                    await asyncio.sleep(0.2)
+
+        await asyncio.gather(*(one(t, k) for t in self.tracked for k in range(per_agent)))
+
+    async def _churn_one(self) -> None:
+        t = random.choice(self.tracked)
+        if t.churned and random.random() < 0.5:
+            name = t.churned.pop(0)
+            self.churn["ops"] += 1
+            try:
+                await t.agent.delete_endpoint("scale", name)
+                self.churn["ok"] += 1
+            except Exception as exc:
+                t.churned.insert(0, name)
+                errors = self.churn["errors"]
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                self.churn["failed"] += 1
+            return
+        t.serial += 1
+        name = f"{t.agent.settings.node}-c{t.serial}"
+        if await self._create(t, name, random.choice(self.labels)):
+            t.churned.append(name)
+
+    async def _churn(self) -> None:
+        while True:
+            if self.rate <= 0:
+                await asyncio.sleep(0.05)
+                continue
+            task = asyncio.create_task(self._churn_one())
+            self.in_flight.add(task)
+            task.add_done_callback(self.in_flight.discard)
+            await asyncio.sleep(1.0 / self.rate)
+
+    async def _commands(self) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while line := await reader.readline():
+            command = json.loads(line)
+            if command["op"] == "stop":
+                return
+            if command["op"] == "churn":
+                self.rate = float(command["rate"])
+                if self.rate <= 0 and self.in_flight:
+                    await asyncio.gather(*self.in_flight, return_exceptions=True)
+                self.emit({"type": "ack", "id": command.get("id", 0)})
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            runs = [
+                group.create_task(t.agent.run(), name=f"agent:{t.agent.settings.node}")
+                for t in self.tracked
+            ]
+            reporter = group.create_task(self._report(), name="report")
+            for t in self.tracked:
+                await asyncio.wait_for(t.agent.started.wait(), 60)
+            deadline = self.spec["ready_timeout"]
+            await asyncio.wait_for(
+                asyncio.gather(*(t.agent.wait_ready() for t in self.tracked)), deadline
+            )
+            await self._populate()
+            self.emit({"type": "ready"})
+            churn = group.create_task(self._churn(), name="churn")
+            await self._commands()
+            churn.cancel()
+            for t in self.tracked:
+                t.agent.stop()
+            await asyncio.gather(*runs, return_exceptions=True)
+            reporter.cancel()
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    spec = json.loads(sys.argv[1])
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(Worker(spec).run())
+
+
+if __name__ == "__main__":
+    main()
