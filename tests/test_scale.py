@@ -93,3 +93,17 @@ def test_bad_scenario_files_get_one_line_and_exit_2(
 def test_a_missing_scenario_is_a_usage_error() -> None:
     proc = cpctl("scale", "run", "no-such-scenario", timeout=60)
     assert proc.returncode == 2 and "cannot read scenario" in proc.stderr, proc.stderr
+
+
+@pytest.mark.timeout(200)
+def test_sharded_scenario_isolates_the_paused_cluster(tmp_path: Path) -> None:
+    proc = cpctl("scale", "run", "sharded", "--json", "--out", str(tmp_path / "report"))
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr}"
+    (fault,) = json.loads(proc.stdout)["faults"]
+    assert fault["kind"] == "shard-paused"
+    assert fault["restarts"]["distribution"] == {"0": 20}  # no full restart anywhere
+    assert fault["recoveries"]["main"] == {"0": 20}  # the healthy shard never recovered
+    assert set(fault["recoveries"]["b"]) <= {"0", "1"}
+    made = fault["notes"]["healthy_shard_creates"]
+    assert made["ok"] >= 5 and made["failed"] == 0, made
+    assert fault["convergence"]["converged"] == 20

@@ -5,6 +5,7 @@ until every agent reacted), heals it, and returns notes for the report. Healing 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -173,21 +174,23 @@ async def malformed_values(ctx: Context, fault: FaultSpec, t0: float) -> Notes:
             for backend in targets:
                 await backend.put(key, bad[i % len(bad)])
                 written.append((backend, key))
+
+        def counted() -> int:
+            return ctx.fleet.count(lambda v: float(v.state.get("malformed", 0)) > before[v.node])
+
         try:
             await _keep(ctx, fault, t0, False)
-            await wait_for(
-                lambda: (
-                    ctx.fleet.count(lambda v: float(v.state.get("malformed", 0)) > before[v.node]),
-                    len(before),
-                ),
-                "agents that counted a malformed value",
-                30,
-                ctx.progress,
-            )
+            with contextlib.suppress(FleetError):  # the report says how many did
+                await wait_for(
+                    lambda: (counted(), len(before)),
+                    "agents that counted a malformed value",
+                    30,
+                    ctx.progress,
+                )
         finally:
             for backend, key in written:
                 await backend.delete(key)
-    return {"keys": len(written)}
+    return {"keys": len(written), "agents_that_counted": counted(), "agents": len(before)}
 
 
 async def _healthy_shard_creates(ctx: Context, paused: str, stop: asyncio.Event) -> dict[str, int]:

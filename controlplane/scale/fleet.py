@@ -63,6 +63,9 @@ class WorkerProcess:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     acks: dict[int, asyncio.Event] = field(default_factory=dict)
     churn: dict[str, Any] = field(default_factory=dict)
+    """This incarnation's churn counters (from its last report)."""
+    churn_before: dict[str, Any] = field(default_factory=dict)
+    """The sum of the previous incarnations' counters."""
     incarnation: int = 0
     exited: int | None = None
 
@@ -82,6 +85,8 @@ class Fleet:
 
     async def start(self, worker: WorkerProcess) -> None:
         worker.incarnation += 1
+        worker.churn_before = _add(worker.churn_before, worker.churn)
+        worker.churn = {}
         worker.ready = asyncio.Event()
         worker.exited = None
         for view in self.agents.values():
@@ -202,16 +207,23 @@ class Fleet:
         return sum(1 for view in self.agents.values() if check(view))
 
     def churn_totals(self) -> dict[str, Any]:
-        total: dict[str, Any] = {"ops": 0, "ok": 0, "failed": 0, "errors": {}}
+        total: dict[str, Any] = {}
         for worker in self.workers:
-            for key in ("ops", "ok", "failed"):
-                total[key] += worker.churn.get(key, 0)
-            for name, n in worker.churn.get("errors", {}).items():
-                total["errors"][name] = total["errors"].get(name, 0) + n
+            total = _add(_add(total, worker.churn_before), worker.churn)
         return total
 
     def restarts_between(self, node: str, start: float, end: float) -> list[Restart]:
         return [r for r in self.agents[node].restarts if start <= r.at <= end]
+
+
+def _add(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Churn counters summed: ops, ok, failed and errors by kind."""
+    total: dict[str, Any] = {k: a.get(k, 0) + b.get(k, 0) for k in ("ops", "ok", "failed")}
+    errors = dict(a.get("errors", {}))
+    for name, n in b.get("errors", {}).items():
+        errors[name] = errors.get(name, 0) + n
+    total["errors"] = errors
+    return total
 
 
 async def wait_for(

@@ -57,12 +57,24 @@ def markdown(record: Record) -> str:
             f"{', '.join(f'{k} {n}' for k, n in f['restarts']['reasons'].items()) or '-'} | "
             f"{_or_dash(f['restarts']['ready_again_spread_s'])} | "
             f"{rec or '-'} | {c['p50_s']} / {c['p99_s']} / {c['max_s']} "
-            f"({c['converged']}/{c['total']}) | {f['churn']['ok']}/{f['churn']['failed']} | "
+            f"({c['converged']}/{c['total']}; idle +{c['churn_idle_after_heal_s']}, "
+            f"then max {c['after_idle_max_s']}) | {f['churn']['ok']}/{f['churn']['failed']} | "
             f"{'PASS' if not failed else 'FAIL: ' + '; '.join(failed)} |"
         )
-    lines += ["", "## Checks per fault", ""]
+    lines += [
+        "",
+        "Convergence is timed per agent from the heal until its ipcache equals the store's "
+        'endpoints; churn stops at the heal, and operations in flight finish "idle +N" s '
+        'later (the store can change until then); "then max" is the worst lag after that.',
+        "",
+        "## Checks per fault",
+        "",
+    ]
     for i, f in enumerate(record["faults"], 1):
         lines.append(f"{i}. **{f['kind']}** ({json.dumps(f['notes'])})")
+        if f["churn"].get("errors"):
+            errors = {k: n for k, n in f["churn"]["errors"].items() if n}
+            lines.append(f"   - churn errors: {json.dumps(errors)}")
         for kind in ("invariants", "goals"):
             for name, v in f[kind].items():
                 detail = f" ({v['count']}: {'; '.join(v['details'])})" if not v["pass"] else ""

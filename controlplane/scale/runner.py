@@ -237,8 +237,15 @@ class Run:
         t_heal = time.monotonic()
         p("healed; stopping churn")
         await fleet.set_churn(0)
+        t_idle = time.monotonic()
         churn_after = fleet.churn_totals()
         convergence, _ = await self._converge(t_heal, fault.converge_timeout)
+        # operations in flight at the heal finish before this: the store may change until
+        # then, so an agent cannot converge earlier than its last change arrived
+        convergence["churn_idle_after_heal_s"] = round(t_idle - t_heal, 3)
+        lags = [max(0.0, t - (t_idle - t_heal)) for t in convergence["per_agent_s"].values()]
+        convergence["after_idle_p99_s"] = round(_percentile(lags, 99), 3)
+        convergence["after_idle_max_s"] = round(max(lags, default=0.0), 3)
         await wait_for(
             lambda: self._all(lambda v: v.ready and v.healthy),
             "agents ready and healthy",
@@ -256,6 +263,9 @@ class Run:
         result = self._judge(fault, notes, view, t0, t_heal, t_end, convergence)
         result["recoveries"] = self._recoveries(fault, recoveries_before, incarnations, result)
         result["churn"] = {k: churn_after[k] - churn_before[k] for k in ("ops", "ok", "failed")}
+        result["churn"]["errors"] = {
+            k: n - churn_before["errors"].get(k, 0) for k, n in churn_after["errors"].items()
+        }
         failed = [
             k for k, v in {**result["invariants"], **result["goals"]}.items() if not v["pass"]
         ]
@@ -324,6 +334,11 @@ class Run:
             got = restarts["ready_again_spread_s"]
             goals[f"reconnects spread over >= {spread / 2:g}s (restart_spread/2)"] = _verdict(
                 [] if got is not None and got >= spread / 2 else [f"spread {got}s"]
+            )
+        if "agents_that_counted" in notes:
+            missing = notes["agents"] - notes["agents_that_counted"]
+            goals["every agent counted and skipped the malformed values"] = _verdict(
+                [f"{missing} agents did not count one"] if missing else []
             )
         if "healthy_shard_creates" in notes:
             made = notes["healthy_shard_creates"]

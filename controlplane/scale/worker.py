@@ -177,12 +177,20 @@ class Worker:
         try:
             await t.agent.create_endpoint("scale", name, [label])
         except Exception as exc:  # NotReady, a 503-worthy store error: counted by kind
-            errors = self.churn["errors"]
-            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
-            self.churn["failed"] += 1
+            self._failed(exc)
             return False
         self.churn["ok"] += 1
         return True
+
+    def _failed(self, exc: Exception) -> None:
+        status = getattr(exc, "status", None)
+        words = str(exc).split(":")[0][:60]
+        kind = f"{type(exc).__name__} {status}: {words}" if status else type(exc).__name__
+        errors = self.churn["errors"]
+        if kind not in errors:
+            log.warning("churn: first %s: %s", kind, exc)
+        errors[kind] = errors.get(kind, 0) + 1
+        self.churn["failed"] += 1
 
     async def _populate(self) -> None:
         per_agent = self.spec["endpoints_per_agent"]
@@ -209,9 +217,7 @@ class Worker:
                 self.churn["ok"] += 1
             except Exception as exc:
                 t.churned.insert(0, name)
-                errors = self.churn["errors"]
-                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
-                self.churn["failed"] += 1
+                self._failed(exc)
             return
         t.serial += 1
         name = f"{t.agent.settings.node}-c{t.serial}"
