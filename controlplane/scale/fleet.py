@@ -187,6 +187,13 @@ class Fleet:
 
     async def set_churn(self, total_rate: float, timeout: float = 60.0) -> None:
         """Set the churn rate over all workers; with 0, return once nothing is in flight."""
+        await self._command({"op": "churn", "rate": total_rate / len(self.workers)}, timeout)
+
+    async def set_digests(self, on: bool, timeout: float = 60.0) -> None:
+        """Turn the ipcache digests on (returns after a report with them) or off."""
+        await self._command({"op": "digest", "on": on}, timeout)
+
+    async def _command(self, command: dict[str, Any], timeout: float) -> None:
         self._command_id += 1
         waits = []
         for worker in self.workers:
@@ -194,8 +201,7 @@ class Fleet:
             if process is None or process.returncode is not None or process.stdin is None:
                 continue
             event = worker.acks[self._command_id] = asyncio.Event()
-            rate = total_rate / len(self.workers)
-            line = json.dumps({"op": "churn", "rate": rate, "id": self._command_id})
+            line = json.dumps({**command, "id": self._command_id})
             process.stdin.write(line.encode() + b"\n")
             await process.stdin.drain()
             waits.append(event.wait())

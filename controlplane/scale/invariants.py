@@ -25,7 +25,7 @@ from controlplane import codec
 from controlplane.config import KvstoreConfig
 from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.shards import ShardMap
-from controlplane.scale.worker import endpoint_digest
+from controlplane.scale.worker import endpoint_digest, entry_bytes
 
 LAYOUT = KeyLayout()
 
@@ -41,7 +41,7 @@ class StoreView:
 
     @property
     def truth(self) -> str:
-        return endpoint_digest((p, i) for p, (_, i) in self.endpoints.items())
+        return endpoint_digest(entry_bytes(p, i) for p, (_, i) in self.endpoints.items())
 
     def owned_digest(self, node: str) -> str:
         ips = sorted(p.split("/")[0] for p in self.by_node.get(node, []))
