@@ -162,18 +162,20 @@ class Fleet:
                 assert process.stdin is not None
                 process.stdin.write(b'{"op": "stop"}\n')
                 await process.stdin.drain()
-        for worker in self.workers:
-            process = worker.process
-            if process is None:
-                continue
-            try:
-                await asyncio.wait_for(process.wait(), timeout)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                await process.wait()
-            if worker.reader is not None:
-                await asyncio.gather(worker.reader, return_exceptions=True)
+        await asyncio.gather(*(self._reap(worker, timeout) for worker in self.workers))
+
+    async def _reap(self, worker: WorkerProcess, timeout: float) -> None:
+        process = worker.process
+        if process is None:
+            return
+        try:
+            await asyncio.wait_for(process.wait(), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+        if worker.reader is not None:
+            await asyncio.gather(worker.reader, return_exceptions=True)
 
     def check_alive(self) -> None:
         for worker in self.workers:
@@ -234,7 +236,7 @@ def _add(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 async def wait_for(
     check: Callable[[], tuple[int, int]],
-    what: str,
+    what: str | Callable[[], str],
     timeout: float,
     on_progress: Callable[[str], None],
     fleet: Fleet | None = None,
@@ -246,9 +248,10 @@ async def wait_for(
         if fleet is not None:
             fleet.check_alive()
         done, total = check()
-        on_progress(f"{what}: {done}/{total}")
+        label = what() if callable(what) else what
+        on_progress(f"{label}: {done}/{total}")
         if done >= total:
             return time.monotonic() - start
         if time.monotonic() > deadline:
-            raise FleetError(f"{what}: only {done}/{total} after {timeout:.0f}s")
+            raise FleetError(f"{label}: only {done}/{total} after {timeout:.0f}s")
         await asyncio.sleep(0.1)

@@ -20,7 +20,7 @@ class Progress:
         self.started = time.monotonic()
         self.phase_started = self.started
         self._last_draw = 0.0
-        self._last_text = ""
+        self._drawn = ""
 
     def _write(self, text: str, final: bool) -> None:
         elapsed = time.monotonic() - self.started
@@ -36,17 +36,19 @@ class Progress:
     def begin(self, phase: str) -> None:
         self.phase = phase
         self.phase_started = time.monotonic()
-        self._last_text = ""
+        self._drawn = ""
         self._last_draw = 0.0
         self._write("", not self.tty)
 
     def __call__(self, text: str) -> None:
         now = time.monotonic()
         every = 0.1 if self.tty else 5.0
-        if text != self._last_text and now - self._last_draw >= every:
+        since = now - self._last_draw
+        # a change at most every `every`; the same line again after 30 s (still alive)
+        if (text != self._drawn and since >= every) or since >= 30.0:
             self._write(text, False)
             self._last_draw = now
-        self._last_text = text
+            self._drawn = text
 
     def end(self, summary: str) -> None:
         took = time.monotonic() - self.phase_started

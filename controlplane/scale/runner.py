@@ -169,10 +169,11 @@ class Run:
             fleet,
         )
         self.record["phases"]["agents_ready_s"] = round(took, 2)
-        took = await wait_for(
+        wanted = s.agents.count * s.agents.endpoints_per_agent
+        await wait_for(
             lambda: (sum(w.ready.is_set() for w in fleet.workers), len(fleet.workers)),
-            f"workers populated ({s.agents.endpoints_per_agent} endpoints per agent)",
-            s.agents.ready_timeout + s.agents.count * s.agents.endpoints_per_agent / 20,
+            lambda: f"workers populated (endpoints created {fleet.churn_totals()['ok']}/{wanted})",
+            s.agents.ready_timeout + wanted / 20,
             p,
             fleet,
         )

@@ -239,7 +239,8 @@ class Worker:
                         return
                     await asyncio.sleep(0.2)
 
-        await asyncio.gather(*(one(t, k) for t in self.tracked for k in range(per_agent)))
+        # round-robin over the agents: one agent's creates queue behind each other
+        await asyncio.gather(*(one(t, k) for k in range(per_agent) for t in self.tracked))
 
     async def _churn_one(self) -> None:
         t = random.choice(self.tracked)
@@ -290,6 +291,17 @@ class Worker:
 
     # -- lifecycle --------------------------------------------------------------------
 
+    async def _setup(self) -> None:
+        for t in self.tracked:
+            await asyncio.wait_for(t.agent.started.wait(), 60)
+        await asyncio.wait_for(
+            asyncio.gather(*(t.agent.wait_ready() for t in self.tracked)),
+            self.spec["ready_timeout"],
+        )
+        await self._populate()
+        self.emit({"type": "ready"})
+        await self._churn()
+
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:
             runs = [
@@ -297,17 +309,9 @@ class Worker:
                 for t in self.tracked
             ]
             reporter = group.create_task(self._report(), name="report")
-            for t in self.tracked:
-                await asyncio.wait_for(t.agent.started.wait(), 60)
-            deadline = self.spec["ready_timeout"]
-            await asyncio.wait_for(
-                asyncio.gather(*(t.agent.wait_ready() for t in self.tracked)), deadline
-            )
-            await self._populate()
-            self.emit({"type": "ready"})
-            churn = group.create_task(self._churn(), name="churn")
-            await self._commands()
-            churn.cancel()
+            setup = group.create_task(self._setup(), name="setup-and-churn")
+            await self._commands()  # until "stop" or the harness closes our stdin
+            setup.cancel()
             for t in self.tracked:
                 t.agent.stop()
             await asyncio.gather(*runs, return_exceptions=True)
