@@ -59,6 +59,8 @@ class Cluster:
                 name=name,
                 data_dir=self.workdir / "etcd" / name,
                 log_dir=self.log_dir,
+                heartbeat_interval_ms=spec.etcd_heartbeat_ms,
+                election_timeout_ms=spec.etcd_election_ms,
             )
             await etcd.start()
             self.etcds[name] = etcd

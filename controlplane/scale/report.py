@@ -35,6 +35,11 @@ def markdown(record: Record) -> str:
         f"- daemon logs with a traceback: operators {record.get('operator_tracebacks') or 'none'}, "
         f"workers {record.get('worker_tracebacks') or 'none'}",
     ]
+    unprovoked = record.get("unprovoked_restarts", {})
+    lines.append(
+        f"- restarts outside every fault window: {unprovoked.get('count', 0)}"
+        + (f" (first: {unprovoked['first'][:3]})" if unprovoked.get("count") else "")
+    )
     if "error" in record:
         lines.append(f"- **harness error**: {record['error']}")
     lines += [
@@ -72,6 +77,9 @@ def markdown(record: Record) -> str:
     ]
     for i, f in enumerate(record["faults"], 1):
         lines.append(f"{i}. **{f['kind']}** ({json.dumps(f['notes'])})")
+        if f.get("etcd_requests_per_s"):
+            top = sorted(f["etcd_requests_per_s"].items(), key=lambda kv: -kv[1])[:6]
+            lines.append("   - etcd requests/s: " + ", ".join(f"{k} {v}" for k, v in top))
         if f["churn"].get("errors"):
             errors = {k: n for k, n in f["churn"]["errors"].items() if n}
             lines.append(f"   - churn errors: {json.dumps(errors)}")
@@ -113,11 +121,21 @@ def plots(record: Record, out_dir: Path) -> list[str] | str:
         ax.axvspan(heal, end, color="tab:green", alpha=0.08)
         ax.text(start, 0, kind, rotation=90, fontsize=7, va="bottom")
     points = timeline.get("restarts", [])
-    reasons = sorted({r for _, _, r in points})
+    reasons = sorted({p[2] for p in points})
     for reason in reasons:
-        xs = [t for _, t, r in points if r == reason]
-        ys = [i for i, _, r in points if r == reason]
-        ax.scatter(xs, ys, s=8, label=reason)
+        xs = [p[1] for p in points if p[2] == reason]
+        ys = [p[0] for p in points if p[2] == reason]
+        ax.scatter(xs, ys, s=8, label=f"restart: {reason}")
+    back = [p for p in points if p[3] is not None]
+    if back:
+        ax.scatter(
+            [p[3] for p in back],
+            [p[0] for p in back],
+            s=10,
+            marker="x",
+            c="0.4",
+            label="ready again",
+        )
     if reasons:
         ax.legend(fontsize=7)
     ax.set_ylim(-0.5, max(1, int(record.get("agents") or 1)) - 0.5)

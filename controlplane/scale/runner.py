@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.kvstore.backend import EtcdBackend
+from controlplane.scale import etcd_metrics
 from controlplane.scale.cluster import CLIENT, Cluster
 from controlplane.scale.faults import INJECTORS, Context
 from controlplane.scale.fleet import Fleet, FleetError, wait_for
@@ -114,6 +115,7 @@ class Run:
             await self.cluster.close()
             shutil.rmtree(self.tmp, ignore_errors=True)
         self.record["timeline"] = self._timeline()
+        self.record["unprovoked_restarts"] = self._unprovoked()
         self.record["duration_s"] = round(time.monotonic() - self.start, 1)
         return self.record
 
@@ -157,6 +159,7 @@ class Run:
         self.context = Context(self.cluster, fleet, p, str(socket_dir))
         p.begin(f"agents: {s.agents.count} in {s.agents.workers} workers")
         t = time.monotonic()
+        etcd_before = await etcd_metrics.sample(self._etcd_urls())
         await fleet.start_all()
         took = await wait_for(
             lambda: (
@@ -178,8 +181,14 @@ class Run:
             fleet,
         )
         self.record["phases"]["populated_s"] = round(time.monotonic() - t, 2)
+        self.record["phases"]["boot_etcd_requests_per_s"] = etcd_metrics.rates(
+            etcd_before, await etcd_metrics.sample(self._etcd_urls()), time.monotonic() - t
+        )
         p.end(f"ready in {self.record['phases']['agents_ready_s']}s, populated")
         await fleet.set_churn(s.churn.rate)
+
+    def _etcd_urls(self) -> list[str]:
+        return [url for etcd in self.cluster.etcds.values() for url in etcd.client_urls]
 
     # -- one fault --------------------------------------------------------------------------
 
@@ -236,6 +245,7 @@ class Run:
         }
         incarnations = {n: v.incarnation for n, v in fleet.agents.items()}
         churn_before = fleet.churn_totals()
+        etcd_before = await etcd_metrics.sample(self._etcd_urls())
         t0 = time.monotonic()
         notes = await INJECTORS[fault.kind](self.context, fault, t0)
         t_heal = time.monotonic()
@@ -263,8 +273,10 @@ class Run:
             p(f"holding {left:4.1f}s more; agents restarted so far {restarted}")
             await asyncio.sleep(0.1)
         t_end = time.monotonic()
+        etcd_after = await etcd_metrics.sample(self._etcd_urls())
         view = await read_store(self.cluster.config)
         result = self._judge(fault, notes, view, t0, t_heal, t_end, convergence)
+        result["etcd_requests_per_s"] = etcd_metrics.rates(etcd_before, etcd_after, t_end - t0)
         result["recoveries"] = self._recoveries(fault, recoveries_before, incarnations, result)
         result["churn"] = {k: churn_after[k] - churn_before[k] for k in ("ops", "ok", "failed")}
         result["churn"]["errors"] = {
@@ -396,13 +408,29 @@ class Run:
                 )
         return summary
 
+    def _unprovoked(self) -> Record:
+        """Restarts outside every fault's window (boot, populate, between faults): none
+        should happen; each is listed with its time and reason."""
+        windows = [(f["t_start_s"], f["t_end_s"]) for f in self.record["faults"]]
+        outside = [
+            r[:3]
+            for r in self.record["timeline"]["restarts"]
+            if not any(start <= r[1] <= end for start, end in windows)
+        ]
+        return {"count": len(outside), "first": sorted(outside, key=lambda r: r[1])[:20]}
+
     def _timeline(self) -> Record:
         if self.fleet is None:
             return {"restarts": [], "faults": []}
         order = {node: i for i, node in enumerate(sorted(self.fleet.agents))}
         return {
             "restarts": [
-                [order[v.node], self.rel(r.at), r.reason]
+                [
+                    order[v.node],
+                    self.rel(r.at),
+                    r.reason,
+                    None if r.ready_at is None else self.rel(r.ready_at),
+                ]
                 for v in self.fleet.agents.values()
                 for r in v.restarts
             ],
@@ -426,6 +454,7 @@ async def run_scenario(scenario: Scenario, out_dir: Path, progress: Progress) ->
             v["pass"] for f in record["faults"] for v in {**f["invariants"], **f["goals"]}.values()
         )
         and "error" not in record
+        and not record["unprovoked_restarts"]["count"]
         and not record["operator_tracebacks"]
         and not record["worker_tracebacks"],
         "worst_convergence_s": max(conv, default=0.0),

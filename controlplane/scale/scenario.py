@@ -42,6 +42,9 @@ class ClusterSpec:
     """Number of etcd clusters; with 2+, identities, endpoints and IPAM are sharded."""
     etcd_members: int = 3
     """Members of each etcd cluster."""
+    etcd_heartbeat_ms: int = 50
+    etcd_election_ms: int = 500
+    """etcd's raft timings (fast failover on an idle machine; a loaded one wants more)."""
     operators: int = 2
     """cp-operator processes (HA replicas)."""
     heartbeat_interval: float = 3.0
