@@ -175,7 +175,10 @@ class Run:
         wanted = s.agents.count * s.agents.endpoints_per_agent
         await wait_for(
             lambda: (sum(w.ready.is_set() for w in fleet.workers), len(fleet.workers)),
-            lambda: f"workers populated (endpoints created {fleet.churn_totals()['ok']}/{wanted})",
+            lambda: (
+                f"workers populated (endpoints created {fleet.churn_totals()['ok']}/{wanted}, "
+                f"agent restarts so far {sum(len(v.restarts) for v in fleet.agents.values())})"
+            ),
             s.agents.ready_timeout + wanted / 20,
             p,
             fleet,
