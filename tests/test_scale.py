@@ -98,12 +98,21 @@ def test_a_missing_scenario_is_a_usage_error() -> None:
 @pytest.mark.timeout(200)
 def test_sharded_scenario_isolates_the_paused_cluster(tmp_path: Path) -> None:
     proc = cpctl("scale", "run", "sharded", "--json", "--out", str(tmp_path / "report"))
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr}"
-    (fault,) = json.loads(proc.stdout)["faults"]
+    assert proc.returncode in (0, 1), f"exit {proc.returncode}\n{proc.stderr}"
+    record = json.loads(proc.stdout)
+    assert "error" not in record, record["error"]
+    (fault,) = record["faults"]
     assert fault["kind"] == "shard-paused"
     assert fault["restarts"]["distribution"] == {"0": 20}  # no full restart anywhere
     assert fault["recoveries"]["main"] == {"0": 20}  # the healthy shard never recovered
     assert set(fault["recoveries"]["b"]) <= {"0", "1"}
     made = fault["notes"]["healthy_shard_creates"]
     assert made["ok"] >= 5 and made["failed"] == 0, made
+    failed = [k for k, v in {**fault["invariants"], **fault["goals"]}.items() if not v["pass"]]
+    if failed == ["every ipcache converged"]:
+        # A known defect the harness found (docs/scale.md, "Found by the harness"): an
+        # endpoint written to the paused shard by a create in flight when it paused shows
+        # up in no agent's ipcache, not even its owner's, after the shard recovers.
+        pytest.xfail(f"known defect: {fault['convergence']['not_converged'][:3]} never converged")
+    assert failed == [] and proc.returncode == 0, failed
     assert fault["convergence"]["converged"] == 20

@@ -11,6 +11,10 @@ from typing import Any
 Record = dict[str, Any]
 
 
+def _baseline(c: Record | None) -> str:
+    return "-" if not c else f"p50 {c['p50_s']} / p99 {c['p99_s']} / max {c['max_s']} s"
+
+
 def _or_dash(value: object) -> str:
     return "-" if value is None else str(value)
 
@@ -31,7 +35,8 @@ def markdown(record: Record) -> str:
         f"{record.get('operators')} `cp-operator` processes; "
         f"{record.get('etcd_clusters')} etcd cluster(s) x {record.get('etcd_members')} members",
         f"- boot: agents ready {record['phases'].get('agents_ready_s')} s, "
-        f"populated {record['phases'].get('populated_s')} s",
+        f"populated {record['phases'].get('populated_s')} s; every ipcache caught up "
+        f"{_baseline(record['phases'].get('baseline_convergence'))} after that",
         f"- daemon logs with a traceback: operators {record.get('operator_tracebacks') or 'none'}, "
         f"workers {record.get('worker_tracebacks') or 'none'}",
     ]

@@ -104,7 +104,9 @@ class Run:
             for i, fault in enumerate(self.scenario.faults):
                 self.record["faults"].append(await self._fault(i, fault))
             self.progress.begin("shutdown")
-        except (FleetError, TimeoutError) as exc:
+        except (FleetError, TimeoutError, asyncio.CancelledError) as exc:
+            # CancelledError: Ctrl-C (asyncio.run cancels us); the run stops here and the
+            # report of what was measured so far is still written
             self.record["error"] = str(exc) or type(exc).__name__
             self.progress.end(f"error: {self.record['error']}")
         finally:
@@ -188,6 +190,14 @@ class Run:
             etcd_before, await etcd_metrics.sample(self._etcd_urls()), time.monotonic() - t
         )
         p.end(f"ready in {self.record['phases']['agents_ready_s']}s, populated")
+        # before any fault: every agent caught up with the populated store (a baseline)
+        p.begin("baseline convergence after populating")
+        populated = time.monotonic()
+        baseline, _ = await self._converge(populated, s.agents.ready_timeout)
+        self.record["phases"]["baseline_convergence"] = baseline
+        if baseline["not_converged"]:
+            raise FleetError(f"{len(baseline['not_converged'])} agents never caught up")
+        p.end(f"p50 {baseline['p50_s']}s, p99 {baseline['p99_s']}s, max {baseline['max_s']}s")
         await fleet.set_churn(s.churn.rate)
 
     def _etcd_urls(self) -> list[str]:

@@ -46,6 +46,10 @@ from controlplane.model import IPNetwork, NodeName, parse_ip
 
 log = logging.getLogger("cp.scale.worker")
 DIGEST_INTERVAL = 0.1
+SETTLE = 0.3
+"""Seconds a map must be unchanged before its digest is computed."""
+DIGEST_EVERY = 1.0
+"""At most one digest per agent this often (a slow catch-up pauses often)."""
 
 
 _ENTRY = struct.Struct("=I")
@@ -103,9 +107,11 @@ class Tracked:
     seen_restarts: int = 0
     digest: str = ""
     digest_since: float = 0.0
+    malformed: float = 0.0
     changed_at: float = 0.0
     """When its map last changed (its write counters moved)."""
     digested: tuple[int, int, int] = (-1, -1, -1)
+    digested_at: float = 0.0
     count: int = 0
     writes: tuple[int, int, int] = (-1, -1, -1)
     churned: list[str] = field(default_factory=list)
@@ -131,6 +137,7 @@ class Worker:
             )
             self.tracked.append(Tracked(Agent(settings, config)))
         self.rate = 0.0
+        self._reports = 0
         self.digesting = False
         """Digests cost ~10 ms per 10k entries: computed only while the harness asks."""
         self.in_flight: set[asyncio.Task[None]] = set()
@@ -160,7 +167,15 @@ class Worker:
             writes = (stats.updates, stats.deletes, len(agent.ipcache))
             if writes != t.writes:
                 t.writes, t.changed_at = writes, now
-            if self.digesting and writes != t.digested:
+            # only a settled map: a digest of 10k entries costs ~10 ms, and an agent that is
+            # catching up changes every few ms (digesting it then starved the agents)
+            if (
+                self.digesting
+                and writes != t.digested
+                and now - t.changed_at >= SETTLE
+                and now - t.digested_at >= DIGEST_EVERY
+            ):
+                t.digested_at = now
                 entries = pool_entries(agent.ipcache.map.items(), self.pool)
                 t.digest, t.digest_since, t.count = (
                     endpoint_digest(entries),
@@ -168,6 +183,13 @@ class Worker:
                     len(entries),
                 )
                 t.digested = writes
+
+    def _malformed(self, t: Tracked) -> float:
+        """The agent's malformed-values counter, read every 4th report (a collect of its
+        whole registry is not free)."""
+        if self._reports % 4 == 0:
+            t.malformed = float(t.agent.status()["malformed_skipped"])
+        return t.malformed
 
     def _state(self) -> dict[str, Any]:
         agents = []
@@ -188,9 +210,10 @@ class Worker:
                     "count": t.count,
                     "owned": len(owned),
                     "owned_digest": hashlib.sha256("\n".join(owned).encode()).hexdigest()[:16],
-                    "malformed": agent.status()["malformed_skipped"],
+                    "malformed": self._malformed(t),
                 }
             )
+        self._reports += 1
         return {"type": "state", "t": time.monotonic(), "agents": agents, "churn": self.churn}
 
     async def _report(self) -> None:
@@ -279,6 +302,9 @@ class Worker:
                 return
             if command["op"] == "digest":
                 self.digesting = bool(command["on"])
+                for t in self.tracked:  # a digest of an older map says nothing now
+                    if t.writes != t.digested:
+                        t.digest = ""
                 if self.digesting:
                     self._observe()
                     self.emit(self._state())
