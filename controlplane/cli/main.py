@@ -18,6 +18,7 @@ from controlplane.cli import (
     kube_cmd,
     kvstore_cmd,
     policy_cmd,
+    scale_cmd,
     status_cmd,
     up_cmd,
     views_cmd,
@@ -47,6 +48,7 @@ def build_parser() -> Parser:
     policy_cmd.register(commands)
     bpf_cmd.register(commands)
     bench_cmd.register(commands)
+    scale_cmd.register(commands)
     return parser
 
 

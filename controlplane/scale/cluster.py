@@ -1,0 +1,134 @@
+"""The cluster under test: one or more real etcd clusters and real cp-operator processes.
+
+With several etcd clusters (``main``, ``b``, ...), identities, endpoints and IPAM are
+sharded over all of them (``shards:`` in the kvstore config file the operators read).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from controlplane.config import ClientSettings, EtcdClusterConfig, KvstoreConfig
+from controlplane.kvstore.backend import EtcdBackend
+from controlplane.kvstore.embedded import EmbeddedEtcd
+from controlplane.kvstore.keys import KeyLayout
+from controlplane.processes import Daemon, stop_all
+from controlplane.scale.scenario import Scenario
+
+SHARDED_KINDS = ("identities", "endpoints", "ipam")
+CLIENT = ClientSettings(request_timeout=5.0, keepalive_time=5.0, keepalive_timeout=2.0)
+LAYOUT = KeyLayout()
+
+
+@dataclass
+class Cluster:
+    scenario: Scenario
+    workdir: Path
+    """etcd data and the kvstore config file (a temporary directory)."""
+    log_dir: Path
+    """etcd and operator logs (kept with the run's results)."""
+    etcds: dict[str, EmbeddedEtcd] = field(default_factory=dict)
+    operators: list[Daemon] = field(default_factory=list)
+
+    @property
+    def config(self) -> KvstoreConfig:
+        clusters = tuple(
+            EtcdClusterConfig(name, tuple(etcd.client_urls)) for name, etcd in self.etcds.items()
+        )
+        shards = {k: tuple(self.etcds) for k in SHARDED_KINDS} if len(self.etcds) > 1 else {}
+        return KvstoreConfig(clusters, shards, client=CLIENT)
+
+    def kvstore_spec(self) -> dict[str, Any]:
+        """The config as the workers take it (JSON)."""
+        config = self.config
+        return {
+            "clusters": [[c.name, list(c.endpoints)] for c in config.clusters],
+            "shards": {k: list(v) for k, v in config.shards.items()},
+        }
+
+    async def start_etcd(self) -> None:
+        spec = self.scenario.cluster
+        for name in self.scenario.cluster_names:
+            etcd = EmbeddedEtcd(
+                spec.etcd_members,
+                name=name,
+                data_dir=self.workdir / "etcd" / name,
+                log_dir=self.log_dir,
+                heartbeat_interval_ms=spec.etcd_heartbeat_ms,
+                election_timeout_ms=spec.etcd_election_ms,
+            )
+            await etcd.start()
+            self.etcds[name] = etcd
+
+    def _operator_args(self, name: str) -> list[str]:
+        spec = self.scenario.cluster
+        config_file = self.workdir / "kvstore.yaml"
+        config = self.config
+        config_file.write_text(
+            yaml.safe_dump(
+                {
+                    "request-timeout": CLIENT.request_timeout,
+                    "clusters": [
+                        {"name": c.name, "endpoints": list(c.endpoints)} for c in config.clusters
+                    ],
+                    "shards": {k: list(v) for k, v in config.shards.items()},
+                }
+            )
+        )
+        return [
+            f"--kvstore-config={config_file}",
+            f"--id={name}",
+            f"--heartbeat-interval={spec.heartbeat_interval}",
+            f"--lease-duration={spec.lease_duration}",
+            f"--renew-deadline={spec.renew_deadline}",
+            f"--retry-period={spec.retry_period}",
+            f"--cluster-pool-cidr={spec.pool_cidr}",
+            "--gc-interval=5",
+            "--metrics-address=127.0.0.1:0",
+            "--timeout=3",
+        ]
+
+    async def start_operators(self) -> None:
+        for i in range(self.scenario.cluster.operators):
+            name = f"op-{chr(ord('a') + i)}"
+            daemon = Daemon(
+                name,
+                "controlplane.operator.main",
+                self._operator_args(name),
+                self.log_dir / f"{name}.log",
+            )
+            await daemon.start()
+            self.operators.append(daemon)
+
+    def operator(self, name: str) -> Daemon:
+        return next(d for d in self.operators if d.name == name)
+
+    async def operator_leader(self) -> str | None:
+        """The elected operator's id: the leader key with the lowest create revision."""
+        first = self.config.clusters[0]
+        async with EtcdBackend(first, CLIENT, own_connection=True) as backend:
+            kvs = (await backend.list_prefix(LAYOUT.leader_prefix)).kvs
+        if not kvs:
+            return None
+        return min(kvs, key=lambda kv: kv.create_revision).value.decode()
+
+    def operator_tracebacks(self) -> list[str]:
+        found = []
+        for daemon in self.operators:
+            with contextlib.suppress(OSError):
+                if "Traceback" in daemon.log_file.read_text(errors="replace"):
+                    found.append(daemon.name)
+        return found
+
+    async def close(self) -> None:
+        await stop_all(self.operators)
+        for etcd in self.etcds.values():
+            for i in range(len(etcd.members)):
+                with contextlib.suppress(Exception):
+                    etcd.resume_member(i)
+            await etcd.stop()

@@ -1,0 +1,259 @@
+"""The fault injectors. Each applies its fault, keeps it for the scenario's duration (or
+until every agent reacted), heals it, and returns notes for the report. Healing is in a
+``finally``: a harness error never leaves a member or an operator paused."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from controlplane import codec
+from controlplane.agent.api import request
+from controlplane.kvstore.backend import EtcdBackend
+from controlplane.kvstore.embedded import EmbeddedEtcd
+from controlplane.kvstore.keys import KeyLayout
+from controlplane.kvstore.shards import ShardMap
+from controlplane.model import Labels
+from controlplane.scale.cluster import Cluster
+from controlplane.scale.fleet import Fleet, FleetError, wait_for
+from controlplane.scale.scenario import FaultSpec
+
+LAYOUT = KeyLayout()
+Notes = dict[str, Any]
+
+
+@dataclass
+class Context:
+    cluster: Cluster
+    fleet: Fleet
+    progress: Callable[[str], None]
+    socket_dir: str
+
+
+async def _leader(etcd: EmbeddedEtcd, timeout: float = 20.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        index = await etcd.leader_index()
+        if index is not None:
+            return index
+        if time.monotonic() > deadline:
+            raise FleetError(f"etcd {etcd.members[0].name}: no leader within {timeout:.0f}s")
+        await asyncio.sleep(0.1)
+
+
+async def _keep(ctx: Context, fault: FaultSpec, t0: float, until_restarted: bool) -> None:
+    """Keep the fault for its duration; with ``until_restarted``, also until every agent
+    restarted since ``t0`` (bounded: duration + 30 s), so the fault is long enough to count."""
+    deadline = t0 + fault.duration + (30.0 if until_restarted else 0.0)
+    total = len(ctx.fleet.agents)
+    while True:
+        now = time.monotonic()
+        done = ctx.fleet.count(lambda v: any(r.at >= t0 for r in v.restarts))
+        ctx.progress(f"fault held {now - t0:4.1f}s, agents restarted {done}/{total}")
+        if now >= t0 + fault.duration and (not until_restarted or done >= total):
+            return
+        if now >= deadline:
+            return
+        await asyncio.sleep(0.1)
+
+
+async def etcd_member_kill(ctx: Context, fault: FaultSpec, t0: float) -> Notes:
+    etcd = next(iter(ctx.cluster.etcds.values()))
+    await etcd.kill_member(fault.member)
+    try:
+        await _keep(ctx, fault, t0, False)
+    finally:
+        await etcd.start_member(fault.member)
+    return {"member": fault.member}
+
+
+async def etcd_leader_kill(ctx: Context, fault: FaultSpec, t0: float) -> Notes:
+    etcd = next(iter(ctx.cluster.etcds.values()))
+    leader = await _leader(etcd)
+    await etcd.kill_member(leader)
+    try:
+        elected = time.monotonic()
+        new = await _leader(etcd)
+        elected = time.monotonic() - elected
+        await _keep(ctx, fault, t0, False)
+    finally:
+        await etcd.start_member(leader)
+    return {"killed_member": leader, "new_leader": new, "election_s": round(elected, 2)}
+
+
+async def quorum_loss(ctx: Context, fault: FaultSpec, t0: float) -> Notes:
+    etcd = next(iter(ctx.cluster.etcds.values()))
+    leader = await _leader(etcd)
+    paused = [i for i in range(len(etcd.members)) if i != leader][:2]
+    for i in paused:
+        etcd.pause_member(i)
+    try:
+        await _keep(ctx, fault, t0, fault.expect_restarts != 0)
+    finally:
+        for i in paused:
+            etcd.resume_member(i)
+    return {"paused_members": paused}
+
+
+async def operators_paused(ctx: Context, fault: FaultSpec, t0: float) -> Notes:
+    for daemon in ctx.cluster.operators:
+        daemon.signal(signal.SIGSTOP)
+    try:
+        await _keep(ctx, fault, t0, fault.expect_restarts != 0)
+    finally:
+        for daemon in ctx.cluster.operators:
+            daemon.signal(signal.SIGCONT)
+    return {"paused": [d.name for d in ctx.cluster.operators]}
+
+
+async def operator_leader_kill(ctx: Context, fault: FaultSpec, t0: float) -> Notes:
+    leader = await ctx.cluster.operator_leader()
+    if leader is None:
+        raise FleetError("no operator leader to kill")
+    daemon = ctx.cluster.operator(leader)
+    await daemon.kill()
+    took = 0.0
+    try:
+        start = time.monotonic()
+        deadline = start + 30
+        while (new := await ctx.cluster.operator_leader()) in (None, leader):
+            ctx.progress(f"operator {leader} killed, waiting for a new leader")
+            if time.monotonic() > deadline:
+                raise FleetError("no new operator leader within 30s")
+            await asyncio.sleep(0.1)
+        took = time.monotonic() - start
+        await _keep(ctx, fault, t0, False)
+    finally:
+        await daemon.start()
+    return {"killed": leader, "new_leader": new, "failover_s": round(took, 2)}
+
+
+async def worker_kill(ctx: Context, fault: FaultSpec, t0: float) -> Notes:
+    worker = ctx.fleet.workers[fault.member]
+    agents = len(worker.spec["nodes"])
+    await ctx.fleet.kill(worker)
+    try:
+        await _keep(ctx, fault, t0, False)
+    finally:
+        await ctx.fleet.start(worker)
+    ready = await wait_for(
+        lambda: (int(worker.ready.is_set()), 1),
+        f"worker {worker.index} back ({agents} agents)",
+        120,
+        ctx.progress,
+    )
+    return {"worker": worker.index, "agents": agents, "back_after_s": round(ready, 2)}
+
+
+def _malformed_keys() -> list[tuple[str, bytes]]:
+    """(kind, key) under every watched prefix; the values are not envelopes."""
+    return [
+        ("endpoints", LAYOUT.ip("default", "10.255.255.254")),
+        ("nodes", LAYOUT.node("default", "zz-malformed")),
+        ("identities", LAYOUT.identity_id(65001)),
+        ("identities", LAYOUT.identity_labels("k8s:app=zz-malformed")),
+        ("identities", LAYOUT.identity_value("k8s:app=zz-malformed", "zz-malformed")),
+        ("ipam", LAYOUT.ipam_cidr("default", "10.255.0.0/24")),
+        ("ipam", LAYOUT.ipam_lease("zz-malformed", "10.255.0.9")),
+        ("policies", LAYOUT.policy("scale", "zz-malformed")),
+    ]
+
+
+async def malformed_values(ctx: Context, fault: FaultSpec, t0: float) -> Notes:
+    bad = [b"\xc1not msgpack", codec.encode("endpoint", {"ip": 7}), b"\x93\x01\x02\x03"]
+    before = {n: float(v.state.get("malformed", 0)) for n, v in ctx.fleet.agents.items()}
+    written: list[tuple[EtcdBackend, bytes]] = []
+    async with ShardMap(ctx.cluster.config, own_connection=True) as shards:
+        for i, (kind, key) in enumerate(_malformed_keys()):
+            targets = shards.all() if kind in ("nodes", "policies") else shards.shards(kind)
+            for backend in targets:
+                await backend.put(key, bad[i % len(bad)])
+                written.append((backend, key))
+
+        def counted() -> int:
+            return ctx.fleet.count(lambda v: float(v.state.get("malformed", 0)) > before[v.node])
+
+        try:
+            await _keep(ctx, fault, t0, False)
+            with contextlib.suppress(FleetError):  # the report says how many did
+                await wait_for(
+                    lambda: (counted(), len(before)),
+                    "agents that counted a malformed value",
+                    30,
+                    ctx.progress,
+                )
+        finally:
+            for backend, key in written:
+                await backend.delete(key)
+    return {"keys": len(written), "agents_that_counted": counted(), "agents": len(before)}
+
+
+async def _healthy_shard_creates(ctx: Context, paused: str, stop: asyncio.Event) -> dict[str, int]:
+    """Creates through the local API of an agent whose endpoints and IPAM live on another
+    shard, for a label set whose identity does too: each must succeed while ``paused`` is."""
+    placement = ShardMap(ctx.cluster.config)  # never connected: placement only
+    node = next(
+        (
+            n
+            for n in ctx.fleet.agents
+            if placement.shard_for("endpoints", n).name != paused
+            and placement.shard_for("ipam", n).name != paused
+        ),
+        None,
+    )
+    label = next(
+        f"k8s:app=healthy{i}"
+        for i in range(1000)
+        if placement.shard_for(
+            "identities", Labels.from_strings([f"k8s:app=healthy{i}"]).canonical()
+        ).name
+        != paused
+    )
+    results = {"ok": 0, "failed": 0}
+    if node is None:
+        return results
+    sock = f"{ctx.socket_dir}/{node}.sock"
+    serial = 0
+    while not stop.is_set():
+        serial += 1
+        body = {"namespace": "scale", "name": f"{node}-h{serial}", "labels": [label]}
+        try:
+            status, _ = await request(sock, "POST", "/v1/endpoints", body, timeout=5)
+        except (OSError, TimeoutError):
+            status = 0
+        results["ok" if status in (200, 201) else "failed"] += 1
+        await asyncio.sleep(0.5)
+    return results
+
+
+async def shard_paused(ctx: Context, fault: FaultSpec, t0: float) -> Notes:
+    etcd = ctx.cluster.etcds[fault.cluster]
+    stop = asyncio.Event()
+    for i in range(len(etcd.members)):
+        etcd.pause_member(i)
+    creates = asyncio.create_task(_healthy_shard_creates(ctx, fault.cluster, stop))
+    try:
+        await _keep(ctx, fault, t0, False)
+    finally:
+        stop.set()
+        for i in range(len(etcd.members)):
+            etcd.resume_member(i)
+    results = await creates
+    return {"paused_cluster": fault.cluster, "healthy_shard_creates": results}
+
+
+INJECTORS: dict[str, Callable[[Context, FaultSpec, float], Awaitable[Notes]]] = {
+    "etcd-member-kill": etcd_member_kill,
+    "etcd-leader-kill": etcd_leader_kill,
+    "quorum-loss": quorum_loss,
+    "operators-paused": operators_paused,
+    "operator-leader-kill": operator_leader_kill,
+    "worker-kill": worker_kill,
+    "malformed-values": malformed_values,
+    "shard-paused": shard_paused,
+}
