@@ -54,6 +54,10 @@ WAIT_SECONDS=${CP_ETCD_WAIT_SECONDS:-60}
 COMMAND_TIMEOUT=${CP_ETCD_COMMAND_TIMEOUT:-20}
 [[ $WAIT_SECONDS =~ ^[0-9]+$ && $COMMAND_TIMEOUT =~ ^[1-9][0-9]*$ ]] ||
 	die "CP_ETCD_WAIT_SECONDS and CP_ETCD_COMMAND_TIMEOUT must be whole numbers of seconds"
+# etcdctl's own deadlines are shorter (dial 2 s, which also bounds the login with --user:
+# bcrypt and a raft round on a busy etcd; command 5 s): let the command take its time.
+export ETCDCTL_DIAL_TIMEOUT=${ETCDCTL_DIAL_TIMEOUT:-${COMMAND_TIMEOUT}s}
+export ETCDCTL_COMMAND_TIMEOUT=${ETCDCTL_COMMAND_TIMEOUT:-${COMMAND_TIMEOUT}s}
 
 ERRFILE=$(mktemp)
 trap 'rm -f "$ERRFILE"' EXIT
@@ -110,7 +114,8 @@ read_password() {
 auth_enabled() {
 	local deadline=$((SECONDS + WAIT_SECONDS))
 	while :; do
-		if ETCDCTL_USER=cp-auth-bootstrap-probe ETCDCTL_PASSWORD=none \
+		# (a shorter dial than the commands': an etcd still starting is probed again soon)
+		if ETCDCTL_USER=cp-auth-bootstrap-probe ETCDCTL_PASSWORD=none ETCDCTL_DIAL_TIMEOUT=5s \
 			run_etcdctl get --keys-only "${PREFIX}.heartbeat" >/dev/null 2>"$ERRFILE"; then
 			return 1
 		fi
