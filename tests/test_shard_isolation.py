@@ -171,6 +171,13 @@ async def test_a_paused_shard_costs_only_its_own_resources(
                 assert time.monotonic() - asked < 2.0
                 status, answer = await create(healthy_node, "on-b-identity", labels_b[0])
                 assert status == 503 and "shard b" in str(answer["error"]), answer
+                # A delete that needs b is refused at once too.
+                asked = time.monotonic()
+                status, answer = await api(
+                    agents[b_node], "DELETE", "/v1/endpoints/default/before-2"
+                )
+                assert status == 503 and "shard b" in str(answer["error"]), answer
+                assert time.monotonic() - asked < 2.0
                 await asyncio.sleep(0.5)
         finally:
             second_etcd.resume_member(0)

@@ -151,8 +151,12 @@ class OwnedEndpoints:
         self, namespace: str, name: str, publisher: Callable[[], EndpointPublisher]
     ) -> bool:
         eid = EndpointID(f"{namespace}/{name}")
-        if eid not in self.items:
+        known = self.items.get(eid)
+        if known is None:
             return False
+        reason = publisher().unavailable(known.labels)
+        if reason is not None:
+            raise APIError(503, f"store unavailable: {reason}")
         async with self.lock:
             session = publisher()
             local = self.items.get(eid)
