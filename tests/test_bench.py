@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.bench.common import delete_in_chunks, percentile
+from controlplane.bench.common import delete_in_chunks
 from controlplane.bench.kvstore import BenchParams, run_kvstore_bench
 from controlplane.cli.main import main
 from controlplane.config import ClientSettings, EtcdClusterConfig
 from controlplane.kvstore.backend import EtcdBackend
 from controlplane.kvstore.embedded import EmbeddedEtcd
+from controlplane.stats import percentile
 
 TINY = BenchParams(concurrency=(1, 4), rounds=2, duration=None, ops=12, watch_events=3, get_keys=8)
 

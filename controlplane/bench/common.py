@@ -17,6 +17,7 @@ from controlplane.config import ClientSettings, EtcdClusterConfig, KvstoreConfig
 from controlplane.kvstore.backend import EtcdBackend
 from controlplane.kvstore.embedded import EmbeddedEtcd, EtcdNotFound, EtcdStartError
 from controlplane.kvstore.types import Delete
+from controlplane.stats import percentile
 
 Progress = Callable[[str], None]
 Record = dict[str, Any]
@@ -30,17 +31,6 @@ TXN_DELETES = 100
 
 class BenchError(Exception):
     """The benchmark could not run or an operation failed; one line for the operator."""
-
-
-def percentile(samples: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100) by linear interpolation between closest ranks."""
-    if not samples:
-        return 0.0
-    ordered = sorted(samples)
-    pos = (len(ordered) - 1) * q / 100
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 def latency_summary_ms(samples: Sequence[float], digits: int) -> dict[str, float]:

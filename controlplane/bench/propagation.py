@@ -24,11 +24,11 @@ from controlplane.bench.common import (
     Progress,
     delete_in_chunks,
     latency_summary_ms,
-    percentile,
 )
 from controlplane.config import KvstoreConfig
 from controlplane.kvstore.backend import EtcdBackend
 from controlplane.processes import Daemon, stop_all
+from controlplane.stats import percentile
 
 
 async def _wait(what: str, check: Callable[[], Any], timeout: float, progress: Progress) -> None:

@@ -28,18 +28,9 @@ from controlplane.scale.fleet import Fleet, FleetError, wait_for
 from controlplane.scale.invariants import StoreView, read_store
 from controlplane.scale.progress import Progress
 from controlplane.scale.scenario import FaultSpec, Scenario
+from controlplane.stats import percentile
 
 Record = dict[str, Any]
-
-
-def _percentile(samples: list[float], q: float) -> float:
-    if not samples:
-        return 0.0
-    ordered = sorted(samples)
-    pos = (len(ordered) - 1) * q / 100
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 def worker_specs(scenario: Scenario, cluster: Cluster, socket_dir: Path) -> list[dict[str, Any]]:
@@ -234,8 +225,8 @@ class Run:
             "converged": len(matched),
             "total": len(fleet.agents),
             "endpoints": len(view.endpoints),
-            "p50_s": round(_percentile(samples, 50), 3),
-            "p99_s": round(_percentile(samples, 99), 3),
+            "p50_s": round(percentile(samples, 50), 3),
+            "p99_s": round(percentile(samples, 99), 3),
             "max_s": round(max(samples, default=0.0), 3),
             "per_agent_s": {n: round(t, 3) for n, t in sorted(times.items())},
             "not_converged": sorted(set(fleet.agents) - set(times)),
@@ -271,7 +262,7 @@ class Run:
         # then, so an agent cannot converge earlier than its last change arrived
         convergence["churn_idle_after_heal_s"] = round(t_idle - t_heal, 3)
         lags = [max(0.0, t - (t_idle - t_heal)) for t in convergence["per_agent_s"].values()]
-        convergence["after_idle_p99_s"] = round(_percentile(lags, 99), 3)
+        convergence["after_idle_p99_s"] = round(percentile(lags, 99), 3)
         convergence["after_idle_max_s"] = round(max(lags, default=0.0), 3)
         await wait_for(
             lambda: self._all(lambda v: v.ready and v.healthy),

@@ -8,8 +8,8 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from controlplane.bench.common import percentile
 from controlplane.bench.kvstore.params import SIDES, THROUGHPUT_OPS, BenchParams, Side
+from controlplane.stats import percentile
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,6 @@ from controlplane.bench.common import (
     delete_in_chunks,
     embedded_etcd,
     package_version,
-    percentile,
     utc_stamp,
 )
 from controlplane.bench.kvstore.params import SIDES, THROUGHPUT_OPS, BenchParams, Side
@@ -40,6 +39,7 @@ from controlplane.config import ClientSettings, EtcdClusterConfig
 from controlplane.kvstore.backend import EtcdBackend
 from controlplane.kvstore.embedded import find_etcd_binary
 from controlplane.kvstore.errors import KvstoreError
+from controlplane.stats import percentile
 
 SHARED_CONNECTION_NOTE = (
     "each side uses one client object: all of its concurrent workers share one gRPC "
