@@ -95,6 +95,11 @@ class LeaseSettings:
             )
 
 
+def _spec(obj: JSON) -> JSON:
+    spec = obj.get("spec")
+    return spec if isinstance(spec, dict) else {}
+
+
 def micro_time(now: datetime | None = None) -> str:
     """A Kubernetes MicroTime (RFC 3339 with microseconds, UTC)."""
     return (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -244,7 +249,10 @@ class LeaseElection:
         try:
             while True:
                 if await self._attempt("acquire"):
-                    await self._lead(lead)
+                    try:
+                        await self._lead(lead)
+                    except Exception:
+                        log.exception("election: the term of %s ended in a crash", self.identity)
                 period = self.settings.retry_period
                 await asyncio.sleep(period * (1 + random.uniform(0, _JITTER)))
         finally:
@@ -273,7 +281,7 @@ class LeaseElection:
             else record.transitions + 1,
         )
         body = dict(obj)
-        body["spec"] = {**(obj.get("spec") or {}), **ours.spec()}
+        body["spec"] = {**_spec(obj), **ours.spec()}
         try:
             written = await self.client.replace(LEASES, body)
         except Conflict:
@@ -338,6 +346,11 @@ class LeaseElection:
         except (CrdError, TimeoutError) as exc:
             self.reachable = str(exc) or "timed out"
             log.info("election: %s failed: %s", what, self.reachable)
+            self._renewal("error")
+            return False
+        except Exception:
+            log.exception("election: %s crashed", what)
+            self._object = None  # re-read on the next attempt
             self._renewal("error")
             return False
         self.reachable = ""
@@ -412,7 +425,7 @@ class LeaseElection:
         now = micro_time()
         released = LeaseRecord("", 1, now, now, record.transitions)
         body = dict(obj)
-        body["spec"] = {**(obj.get("spec") or {}), **released.spec()}
+        body["spec"] = {**_spec(obj), **released.spec()}
         try:
             async with asyncio.timeout(self.client.request_timeout):
                 written = await self.client.replace(LEASES, body)
