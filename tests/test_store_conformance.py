@@ -298,10 +298,12 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
                 yield KvBackend(etcd, shards)
     else:
         settings = KubeServerSettings(data_dir=tmp_path / "kube", bookmark_interval=0.3)
-        async with KubeServer(settings) as server:
-            async with KubeClient(load_connection(str(server.kubeconfig))) as client:
-                await install_crds(client)
-                yield CrdBackend(server, client)
+        async with (
+            KubeServer(settings) as server,
+            KubeClient(load_connection(str(server.kubeconfig))) as client,
+        ):
+            await install_crds(client)
+            yield CrdBackend(server, client)
 
 
 # ---------------------------------------------------------------------------------------
