@@ -10,7 +10,7 @@ together), then campaigns for the ``coordination.k8s.io/v1`` Lease
   ``PodCIDR`` named by the CIDR: the create is the claim), then write
   ``Node.spec.podCIDRs`` with a merge patch guarded by the resourceVersion it read; a node
   whose ``spec.podCIDRs`` was edited by hand is set back to its claim;
-- identity GC every ``gc_interval`` (:class:`~controlplane.crd.identity_gc.CrdIdentityCollector`,
+- identity GC every ``gc_interval`` (:class:`~controlplane.crd.identities.CrdIdentityCollector`,
   two rounds, uid and resourceVersion preconditions);
 - GC of the PodCIDR claims and Endpoints of nodes gone for ``node_gc_grace`` (deletes
   guarded by uid and resourceVersion).
@@ -32,32 +32,26 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
-from controlplane.crd.cidrs import CrdCIDRStore
-from controlplane.crd.client import JSON, KubeClient
+from controlplane.crd.client import KubeClient
 from controlplane.crd.election import LeaseElection, LeaseSettings, LeaseTerm, NotLeader
 from controlplane.crd.errors import Conflict, CrdError, NotFound
-from controlplane.crd.identity_gc import CrdIdentityCollector
+from controlplane.crd.identities import CrdIdentityCollector
 from controlplane.crd.install import install_crds
+from controlplane.crd.ipam import CrdCIDRStore
 from controlplane.crd.kubeconfig import KubeConnection
-from controlplane.crd.listwatch import EventType, KubeListWatcher
+from controlplane.crd.nodes import CrdNodeStore
 from controlplane.crd.resources import ENDPOINTS, NODES
 from controlplane.ipam.cidr import ClusterPoolAllocator, PoolExhausted
-from controlplane.model import (
-    IPNetwork,
-    ModelError,
-    Node,
-    NodeName,
-    parse_cidr,
-    parse_ip,
-    parse_node_name,
-)
+from controlplane.model import IPNetwork, ModelError, Node, NodeName, parse_node_name
 from controlplane.operator.metrics import OperatorMetrics
 from controlplane.operator.settings import OperatorSettings
+from controlplane.store_types import EventKind
 from controlplane.telemetry import Check, TelemetryServer
 
 log = logging.getLogger("cp-operator")
 
 _INSTALL_BACKOFF_MAX = 10.0
+_PATCH_ATTEMPTS = 8
 
 
 @dataclass(slots=True)
@@ -79,31 +73,6 @@ class _EndpointRef:
     name: str
     uid: str
     resource_version: str
-
-
-def parse_node(obj: JSON) -> Node:
-    """The Node an object describes (as the agent writes it); ModelError/ValueError when
-    anything in it is malformed."""
-    meta = obj.get("metadata") or {}
-    name = parse_node_name(meta.get("name"))
-    spec = obj.get("spec") or {}
-    if not isinstance(spec, dict):
-        raise ValueError("spec is not an object")
-    addresses = spec.get("addresses") or []
-    cidrs = spec.get("podCIDRs") or []
-    if not isinstance(addresses, list) or not isinstance(cidrs, list):
-        raise ValueError("addresses and podCIDRs must be lists")
-    ips = []
-    for entry in addresses:
-        if not isinstance(entry, dict) or not isinstance(entry.get("ip"), str):
-            raise ValueError(f"bad address {entry!r}")
-        ips.append(parse_ip(entry["ip"]))
-    return Node(
-        name=name,
-        ips=tuple(ips),
-        pod_cidrs=tuple(parse_cidr(str(c)) for c in cidrs),
-        boot_id=spec.get("bootID") or "",
-    )
 
 
 class CrdOperator:
@@ -212,11 +181,12 @@ class CrdOperator:
 
     # -- one term --------------------------------------------------------------------
 
-    def _fence(self, term: LeaseTerm, resource: str) -> Callable[[], None]:
-        """The local half of the fence, counted when it refuses."""
+    def _fence(self, term: LeaseTerm, resource: str) -> Callable[[], Awaitable[None]]:
+        """The local half of the fence (awaited right before each write), counted when it
+        refuses."""
         refused = self.metrics.fenced_writes.labels(resource)
 
-        def check() -> None:
+        async def check() -> None:
             try:
                 term.check()
             except NotLeader:
@@ -267,12 +237,7 @@ class CrdOperator:
     # -- CIDR allocation -------------------------------------------------------------
 
     async def _allocate(self, client: KubeClient, term: LeaseTerm, state: _TermState) -> None:
-        store = CrdCIDRStore(
-            client,
-            self.metrics.store,
-            fence=self._fence(term, "pod-cidr"),
-            writer=f"{self.settings.id} (Lease transitions {term.epoch})",
-        )
+        store = CrdCIDRStore(client, self.metrics.store, fence=self._fence(term, "pod-cidr"))
         allocator = ClusterPoolAllocator(store, self.settings.pool)
         await allocator.restore()
         state.allocator = allocator
@@ -281,64 +246,78 @@ class CrdOperator:
         self.metrics.cidrs_in_use.set(allocator.in_use)
         log.info("CIDR allocator restored: %d CIDR(s) in use", allocator.in_use)
         fence = self._fence(term, "node")
-        async for event in KubeListWatcher(client, NODES).events():
-            if event.type is EventType.LIST_DONE:
+        # Malformed Node objects are counted and skipped by the store's codec (for
+        # readers, a node turning malformed is a delete; the node GC reads the object
+        # itself before collecting anything, so a malformed node loses nothing).
+        async for event in CrdNodeStore(client, self.metrics.store).watch():
+            if event.kind is EventKind.SYNCED:
                 state.synced = True
                 continue
-            name = NodeName(event.key)
-            if event.type is EventType.DELETE:
+            name = NodeName(event.name)
+            if event.kind is EventKind.DELETE:
                 state.present.discard(name)
                 continue
+            node = event.value
+            assert node is not None
             state.present.add(name)
             state.absent_since.pop(name, None)
-            assert event.object is not None
-            try:
-                node = parse_node(event.object)
-            except (ModelError, ValueError) as exc:
-                self.metrics.store.malformed.labels("node").inc()
-                log.warning("skipping malformed Node %r: %s", event.key, exc)
-                continue
-            cidr = allocator.cidr_of(node.name)
+            cidr = allocator.cidr_of(name)
             if cidr is None:
                 try:
-                    cidr = await allocator.allocate(node.name)
+                    cidr = await allocator.allocate(name)
                 except PoolExhausted as exc:
                     self.metrics.cidr_allocations.labels("exhausted").inc()
-                    log.error("no CIDR for node %s: %s", node.name, exc)
+                    log.error("no CIDR for node %s: %s", name, exc)
                     continue
                 self.metrics.cidr_allocations.labels("ok").inc()
                 self.metrics.cidrs_in_use.set(allocator.in_use)
-                log.info("allocated CIDR %s to node %s (term %d)", cidr, node.name, term.epoch)
+                log.info("allocated CIDR %s to node %s (term %d)", cidr, name, term.epoch)
             if node.pod_cidrs != (cidr,):
-                await self._write_pod_cidrs(client, event.object, node, cidr, fence)
+                await self._write_pod_cidrs(client, node, event.version, cidr, fence)
 
     async def _write_pod_cidrs(
         self,
         client: KubeClient,
-        obj: JSON,
         node: Node,
+        version: int,
         cidr: IPNetwork,
-        fence: Callable[[], None],
+        fence: Callable[[], Awaitable[None]],
     ) -> None:
-        """Set ``spec.podCIDRs``, guarded by the resourceVersion ``obj`` was read at."""
-        version = str((obj.get("metadata") or {}).get("resourceVersion", ""))
-        patch = {"metadata": {"resourceVersion": version}, "spec": {"podCIDRs": [str(cidr)]}}
-        fence()
-        try:
-            await client.patch(NODES, str(node.name), patch)
-        except Conflict:
-            # Changed since this event: the watch brings the newer version, decided then.
-            self.metrics.write_conflicts.labels("node").inc()
+        """Set ``spec.podCIDRs`` with a merge patch guarded by the resourceVersion read;
+        on 409 read the node again (its agent may have written its status) and retry."""
+        name = str(node.name)
+        current = node.pod_cidrs
+        for _ in range(_PATCH_ATTEMPTS):
+            patch = {
+                "metadata": {"resourceVersion": str(version)},
+                "spec": {"podCIDRs": [str(cidr)]},
+            }
+            await fence()
+            try:
+                await client.patch(NODES, name, patch)
+            except NotFound:
+                return
+            except Conflict:
+                self.metrics.write_conflicts.labels("node").inc()
+                obj = await client.get_or_none(NODES, name)
+                if obj is None:
+                    return
+                meta = obj.get("metadata") or {}
+                spec = obj.get("spec")
+                cidrs = spec.get("podCIDRs") if isinstance(spec, dict) else None
+                if cidrs == [str(cidr)]:
+                    return
+                version = int(meta.get("resourceVersion") or 0)
+                continue
+            if current:
+                log.warning(
+                    "node %s had pod CIDRs %s; set back to its claim %s",
+                    name,
+                    ",".join(map(str, current)),
+                    cidr,
+                )
             return
-        except NotFound:
-            return
-        if node.pod_cidrs:
-            log.warning(
-                "node %s had pod CIDRs %s; set back to its claim %s",
-                node.name,
-                ",".join(map(str, node.pod_cidrs)),
-                cidr,
-            )
+        raise CrdError(f"node {name} kept changing; its pod CIDRs are not written yet")
 
     # -- identity GC -----------------------------------------------------------------
 
@@ -348,7 +327,6 @@ class CrdOperator:
             self.metrics.store,
             deletes_per_second=self.settings.identity_gc_rate,
             fence=self._fence(term, "identity"),
-            clock=self.clock,
         )
         while True:
             stats = await collector.collect()
@@ -436,9 +414,9 @@ class CrdOperator:
         return out
 
     async def _delete_endpoint(
-        self, client: KubeClient, ref: _EndpointRef, fence: Callable[[], None]
+        self, client: KubeClient, ref: _EndpointRef, fence: Callable[[], Awaitable[None]]
     ) -> bool:
-        fence()
+        await fence()
         try:
             return await client.delete(
                 ENDPOINTS,
