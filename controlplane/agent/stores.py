@@ -13,13 +13,22 @@ from controlplane.agent.kvstore_session import KvstoreConnector
 from controlplane.agent.metrics import AgentMetrics
 from controlplane.agent.settings import AgentSettings
 from controlplane.agent.store_session import StoreConnector
-from controlplane.config import KvstoreConfig
+from controlplane.config import CrdConfig, KvstoreConfig
+from controlplane.crd.kubeconfig import load_connection
 
-StoreConfig: TypeAlias = KvstoreConfig
+StoreConfig: TypeAlias = KvstoreConfig | CrdConfig
 """Every store configuration the agent accepts."""
+
+
+def check_store(config: StoreConfig) -> None:
+    """Fail at start, with one line (ConfigError), when the store cannot be configured."""
+    if isinstance(config, CrdConfig):
+        load_connection(config.kubeconfig, config.context)
 
 
 def store_connector(
     config: StoreConfig, settings: AgentSettings, metrics: AgentMetrics
 ) -> StoreConnector:
+    if isinstance(config, CrdConfig):
+        raise NotImplementedError("CRD mode's agent session")  # wired with the CRD stores
     return KvstoreConnector(config, settings, metrics)
