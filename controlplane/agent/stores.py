@@ -1,14 +1,15 @@
 """Which store the agent runs on: the one place that maps a store configuration to the
 :class:`~controlplane.agent.store_session.StoreConnector` that serves it.
 
-Only kvstore mode exists today; CRD mode adds its configuration type and connector here,
-and nothing else in the agent changes.
+CRD mode (:mod:`.crd_session`, the default) and kvstore mode (:mod:`.kvstore_session`);
+nothing else in the agent knows which one it runs on.
 """
 
 from __future__ import annotations
 
 from typing import TypeAlias
 
+from controlplane.agent.crd_session import CrdConnector
 from controlplane.agent.kvstore_session import KvstoreConnector
 from controlplane.agent.metrics import AgentMetrics
 from controlplane.agent.settings import AgentSettings
@@ -30,5 +31,5 @@ def store_connector(
     config: StoreConfig, settings: AgentSettings, metrics: AgentMetrics
 ) -> StoreConnector:
     if isinstance(config, CrdConfig):
-        raise NotImplementedError("CRD mode's agent session")  # wired with the CRD stores
+        return CrdConnector(config, settings, metrics)
     return KvstoreConnector(config, settings, metrics)
