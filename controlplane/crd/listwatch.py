@@ -79,6 +79,7 @@ class KubeListWatcher:
         *,
         namespace: str | None = None,
         label_selector: str | None = None,
+        field_selector: str | None = None,
         page_size: int = LIST_PAGE_SIZE,
         max_backoff: float = 2.0,
         idle_timeout: float | None = None,
@@ -87,6 +88,7 @@ class KubeListWatcher:
         self.resource = resource
         self.namespace = namespace
         self.label_selector = label_selector
+        self.field_selector = field_selector
         self.page_size = page_size
         self.max_backoff = max_backoff
         self.idle_timeout = idle_timeout
@@ -152,6 +154,7 @@ class KubeListWatcher:
             self.resource,
             namespace=self.namespace,
             label_selector=self.label_selector,
+            field_selector=self.field_selector,
             limit=self.page_size,
         ):
             version = page.resource_version
@@ -180,6 +183,7 @@ class KubeListWatcher:
             self.resource_version,
             namespace=self.namespace,
             label_selector=self.label_selector,
+            field_selector=self.field_selector,
             idle_timeout=self.idle_timeout,
         )
         try:
