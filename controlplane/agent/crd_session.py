@@ -85,9 +85,9 @@ class CrdSession:
             leases=self.lease_store,
             policies=CrdPolicyStore(self.client, metrics),
         )
-        self._health = ShardHealth(
-            APISERVER, s.max_consecutive_quorum_errors, connector.arm
-        ).carry(connector.last_health)
+        self._health = ShardHealth(APISERVER, s.max_consecutive_quorum_errors, connector.arm).carry(
+            connector.last_health
+        )
         connector.last_health = self._health
         self._started = False
 

@@ -11,6 +11,14 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
 from controlplane.config import CrdConfig, KvstoreConfig
+from controlplane.crd.client import KubeClient
+from controlplane.crd.endpoints import CrdEndpointStore
+from controlplane.crd.identities import CrdIdentityStore
+from controlplane.crd.ipam import CrdCIDRStore
+from controlplane.crd.ipam import list_all_leases as list_crd_leases
+from controlplane.crd.kubeconfig import load_connection
+from controlplane.crd.nodes import CrdNodeStore
+from controlplane.crd.policies import CrdPolicyStore
 from controlplane.flags import add_kvstore_flags, add_store_flags, store_config
 from controlplane.kvstore.endpoints import KvEndpointStore
 from controlplane.kvstore.identities import KvIdentityStore
@@ -68,8 +76,33 @@ async def open_config_stores(
 ) -> AsyncIterator[ClusterStores]:
     metrics = StoreMetrics.create()
     if isinstance(config, CrdConfig):
-        async with _crd_stores(config, metrics) as stores:
-            yield stores
+        connection = load_connection(config.kubeconfig, config.context)
+        async with KubeClient(
+            connection, request_timeout=config.request_timeout, user_agent="cpctl"
+        ) as client:
+            endpoints = CrdEndpointStore(client, metrics)
+
+            async def users() -> dict[NumericIdentity, list[str]]:
+                out: dict[NumericIdentity, list[str]] = {}
+                for item in await endpoints.list():
+                    out.setdefault(item.value.identity, []).append(item.value.endpoint_id)
+                return {k: sorted(set(v)) for k, v in out.items()}
+
+            async def crd_leases() -> list[Versioned[IPLease]]:
+                return await list_crd_leases(client, metrics)
+
+            yield ClusterStores(
+                mode="crd",
+                describe=f"crd: Kubernetes API {connection.server}",
+                metrics=metrics,
+                identities=CrdIdentityStore(client, metrics),
+                endpoints=endpoints,
+                nodes=CrdNodeStore(client, metrics),
+                cidrs=CrdCIDRStore(client, metrics),
+                policies=CrdPolicyStore(client, metrics),
+                references=users,
+                leases=crd_leases,
+            )
         return
     layout = KeyLayout(config.prefix)
     async with ShardMap(config) as shards:
