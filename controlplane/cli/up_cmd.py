@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import tempfile
@@ -29,9 +30,9 @@ from controlplane.cli.etcd_cmd import start_embedded
 from controlplane.cli.stores import open_config_stores
 from controlplane.config import ClientSettings, CrdConfig, EtcdClusterConfig, KvstoreConfig
 from controlplane.crd.client import KubeClient
-from controlplane.crd.errors import CrdError
+from controlplane.crd.errors import AlreadyExists, CrdError
 from controlplane.crd.kubeconfig import load_connection
-from controlplane.crd.resources import LEASES, OPERATOR_LEASE
+from controlplane.crd.resources import LEASES, NAMESPACES, OPERATOR_LEASE
 from controlplane.datapath.ipcache import IPCACHE_MAP_NAME
 from controlplane.kvstore.health import cluster_health
 from controlplane.kvstore.keys import KeyLayout
@@ -134,6 +135,7 @@ async def run_up(args: argparse.Namespace) -> int:
             )
             store_args = ["--store", "crd", "--kubeconfig", str(kube.kubeconfig)]
             config = CrdConfig(kubeconfig=str(kube.kubeconfig), request_timeout=3.0)
+            await create_namespaces(config, sorted({ns for ns, _, _ in DEMO_ENDPOINTS}))
         else:
             store_args = ["--kvstore-endpoints", endpoints]
             config = KvstoreConfig(
@@ -232,6 +234,15 @@ async def wait_agents_ready(agents: list[Daemon], workdir: Path, all_: list[Daem
             raise CommandError(f"agents not ready after 90 s: {', '.join(sorted(pending))}")
         if pending:
             await asyncio.sleep(0.5)
+
+
+async def create_namespaces(config: CrdConfig, names: list[str]) -> None:
+    """The demo pods' namespaces (in a real cluster the pods' namespaces exist)."""
+    async with KubeClient(load_connection(config.kubeconfig), request_timeout=5.0) as client:
+        for name in names:
+            with contextlib.suppress(AlreadyExists):
+                body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+                await client.create(NAMESPACES, body)
 
 
 async def create_demo_endpoints(agents: list[Daemon], workdir: Path) -> None:

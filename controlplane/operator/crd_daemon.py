@@ -32,7 +32,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
-from controlplane.crd.cidrs import CrdCIDRStore
+from controlplane.crd.ipam import CrdCIDRStore
 from controlplane.crd.client import JSON, KubeClient
 from controlplane.crd.election import LeaseElection, LeaseSettings, LeaseTerm, NotLeader
 from controlplane.crd.errors import Conflict, CrdError, NotFound
@@ -267,12 +267,12 @@ class CrdOperator:
     # -- CIDR allocation -------------------------------------------------------------
 
     async def _allocate(self, client: KubeClient, term: LeaseTerm, state: _TermState) -> None:
-        store = CrdCIDRStore(
-            client,
-            self.metrics.store,
-            fence=self._fence(term, "pod-cidr"),
-            writer=f"{self.settings.id} (Lease transitions {term.epoch})",
-        )
+        check_claim = self._fence(term, "pod-cidr")
+
+        async def claim_fence() -> None:
+            check_claim()
+
+        store = CrdCIDRStore(client, self.metrics.store, fence=claim_fence)
         allocator = ClusterPoolAllocator(store, self.settings.pool)
         await allocator.restore()
         state.allocator = allocator
