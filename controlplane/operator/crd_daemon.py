@@ -32,12 +32,12 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
-from controlplane.crd.ipam import CrdCIDRStore
 from controlplane.crd.client import JSON, KubeClient
 from controlplane.crd.election import LeaseElection, LeaseSettings, LeaseTerm, NotLeader
 from controlplane.crd.errors import Conflict, CrdError, NotFound
 from controlplane.crd.identity_gc import CrdIdentityCollector
 from controlplane.crd.install import install_crds
+from controlplane.crd.ipam import CrdCIDRStore
 from controlplane.crd.kubeconfig import KubeConnection
 from controlplane.crd.listwatch import EventType, KubeListWatcher
 from controlplane.crd.resources import ENDPOINTS, NODES
