@@ -145,6 +145,40 @@ def _used(obj: JSON) -> dict[str, object]:
     return dict(used) if isinstance(used, dict) else {}
 
 
+def _leases_of(
+    node: NodeName, obj: JSON, codec: ObjectCodec[IPLease]
+) -> builtins.list[Versioned[IPLease]]:
+    """The leases in one Node object's status (malformed entries skipped and counted)."""
+    version = object_revision(obj)
+    out: list[Versioned[IPLease]] = []
+    for text, owner in _used(obj).items():
+        try:
+            lease = IPLease(node=node, ip=parse_canonical_ip(text), owner=parse_endpoint_id(owner))
+        except ModelError as exc:
+            codec.skip(f"{node}/status.ipam.used[{text}]", exc)
+            continue
+        out.append(Versioned(lease, version))
+    out.sort(key=lambda v: (v.value.ip.version, int(v.value.ip)))
+    return out
+
+
+async def list_all_leases(
+    client: KubeClient, metrics: StoreMetrics
+) -> builtins.list[Versioned[IPLease]]:
+    """Every node's IP leases, sorted by node then IP."""
+    codec: ObjectCodec[IPLease] = ObjectCodec(LEASE_RESOURCE, metrics, lambda _: [])
+    out: list[Versioned[IPLease]] = []
+    for obj in (await client.list(NODES)).items:
+        name = str((obj.get("metadata") or {}).get("name", ""))
+        try:
+            node = parse_node_name(name)
+        except ModelError as exc:
+            codec.skip(name, exc)
+            continue
+        out.extend(_leases_of(node, obj, codec))
+    return out
+
+
 class CrdIPLeaseStore:
     """The IP leases of one node, in its Node object's status. Run :meth:`run` in the
     node's TaskGroup (self-repair)."""
@@ -173,21 +207,7 @@ class CrdIPLeaseStore:
 
     async def list(self) -> builtins.list[Versioned[IPLease]]:
         obj = await self.client.get_or_none(NODES, self.node)
-        if obj is None:
-            return []
-        version = object_revision(obj)
-        out: list[Versioned[IPLease]] = []
-        for text, owner in _used(obj).items():
-            try:
-                lease = IPLease(
-                    node=self.node, ip=parse_canonical_ip(text), owner=parse_endpoint_id(owner)
-                )
-            except ModelError as exc:
-                self.codec.skip(f"{self.node}/status.ipam.used[{text}]", exc)
-                continue
-            out.append(Versioned(lease, version))
-        out.sort(key=lambda v: (v.value.ip.version, int(v.value.ip)))
-        return out
+        return [] if obj is None else _leases_of(self.node, obj, self.codec)
 
     async def claim(self, lease: IPLease) -> bool:
         """Record the lease unless the IP is leased to another endpoint; False when it is."""
