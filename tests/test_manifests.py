@@ -60,12 +60,8 @@ OUR_COMMANDS = ("cp-agent", "cp-operator", "cp-cni")
 # Flags being added on other branches, allowed here while a daemon's --help lacks them
 # (cp-operator's --store/--kubeconfig/--kube-context; cp-agent has them on main). Drop an
 # entry once the daemon has the flag: it is then checked against --help like the rest.
-PENDING_FLAGS: dict[str, frozenset[str]] = {
-    "cp-operator": frozenset({"--store", "--kubeconfig", "--kube-context"}),
-}
-PENDING_CHOICES: dict[str, dict[str, frozenset[str]]] = {
-    "cp-operator": {"--store": frozenset({"crd", "kvstore"})},
-}
+PENDING_FLAGS: dict[str, frozenset[str]] = {}
+PENDING_CHOICES: dict[str, dict[str, frozenset[str]]] = {}
 needs_kubectl = requires(tools_unmet("kubectl"))
 
 
