@@ -168,7 +168,7 @@ async def test_expiry_is_judged_by_the_observers_clock_not_the_timestamps(
             )
             assert took
             waited = time.monotonic() - started
-            assert 2.0 <= waited < 3.0, f"waited {waited:.2f}s for a 2 s lease"
+            assert 2.0 <= waited < 3.5, f"waited {waited:.2f}s for a 2 s lease"
             record = await lease_record(client)
             assert record.holder == "op-a" and record.transitions == 5
 

@@ -396,6 +396,28 @@ async def test_processes_fail_over_at_once_on_a_clean_stop(
         assert "Traceback" not in a.log() + b.log()
 
 
+async def test_a_killed_leader_is_replaced_within_a_lease_duration(
+    kube: KubeServer, tmp_path: Path
+) -> None:
+    a = CrdOperatorProcess(tmp_path, "op-a", kube.kubeconfig)
+    b = CrdOperatorProcess(tmp_path, "op-b", kube.kubeconfig)
+    async with processes(a, b):
+        a.start()
+        await eventually(a.is_leader, timeout=30, message="op-a leads")
+        b.start()
+        await eventually(lambda: _following(b, "op-a"), timeout=30, message="follows")
+        loop = asyncio.get_running_loop()
+        killed = loop.time()
+        a.signal(signal.SIGKILL)  # no release: op-b waits out the Lease by its own clock
+        await eventually(b.is_leader, timeout=LEASE + 5, message="op-b leads")
+        took = loop.time() - killed
+        # op-b starts counting when it sees the last renewal change the record: no earlier
+        # than a renewal interval before the kill, no later than one (jittered) poll after
+        # it; it takes over at its first poll a whole lease duration later.
+        poll = RETRY * 2.2
+        assert LEASE - 2 * RETRY <= took <= LEASE + 2 * poll + 1.0, took
+
+
 async def test_a_paused_leader_lands_no_write_and_steps_down(
     kube: KubeServer, tmp_path: Path
 ) -> None:
