@@ -197,6 +197,21 @@ async def test_cidrs_are_unique_survive_a_restart_and_hand_edits_are_repaired(
             )
             assert len(await claims(client)) == len(names)
 
+            # kubectl delete of a live node's claim: re-created, the node keeps its CIDR.
+            claim = cidr_name("default", ipaddress.ip_network(first["node-5"][0]))
+            await client.delete(POD_CIDRS, claim)
+            await eventually(
+                lambda: _claimed_for(client, claim, "node-5"), message="claim re-created"
+            )
+            assert (await pod_cidrs(client))["node-5"] == first["node-5"]
+            assert sample(b, "cp_store_repairs_total", resource="cidr-claim", reason="deleted") == 1
+            assert_one_cidr_per_node(await pod_cidrs(client), await claims(client))
+
+
+async def _claimed_for(client: KubeClient, name: str, node: str) -> bool:
+    obj = await client.get_or_none(POD_CIDRS, name)
+    return obj is not None and obj["spec"]["node"] == node
+
 
 async def _cidrs_of(client: KubeClient, node: str, wanted: list[str]) -> bool:
     obj = await client.get(NODES, node)

@@ -59,8 +59,11 @@ class _TermState:
     """What the leader tasks of one term share."""
 
     allocator: ClusterPoolAllocator | None = None
+    restored: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once ``allocator`` holds the claims as listed at the start of the term."""
     present: set[NodeName] = field(default_factory=set)
-    """Node objects that exist now (from the watch), readable or not."""
+    """Readable Node objects that exist now (from the watch; a malformed one reads as
+    absent, and the node GC reads the object itself before collecting anything)."""
     synced: bool = False
     """The node watch delivered its initial list."""
     absent_since: dict[NodeName, float] = field(default_factory=dict)
@@ -208,6 +211,7 @@ class CrdOperator:
                     "cidr-allocation": lambda: self._allocate(client, term, state),
                     "identity-gc": lambda: self._identity_gc(client, term),
                     "node-gc": lambda: self._node_gc(client, term, state),
+                    "cidr-claim-repair": lambda: self._repair_claims(client, term, state),
                 }
                 for name, job in jobs.items():
                     group.create_task(self._leader_task(name, term, job), name=name)
@@ -241,6 +245,7 @@ class CrdOperator:
         allocator = ClusterPoolAllocator(store, self.settings.pool)
         await allocator.restore()
         state.allocator = allocator
+        state.restored.set()
         state.present.clear()
         state.synced = False
         self.metrics.cidrs_in_use.set(allocator.in_use)
@@ -318,6 +323,28 @@ class CrdOperator:
                 )
             return
         raise CrdError(f"node {name} kept changing; its pod CIDRs are not written yet")
+
+    async def _repair_claims(self, client: KubeClient, term: LeaseTerm, state: _TermState) -> None:
+        """Re-create the PodCIDR claim of a present node when someone else deletes it
+        (kubectl delete): the node keeps its CIDR, and the CIDR stays claimed. The
+        create is the usual create-only claim, so it cannot take a CIDR from anyone."""
+        await state.restored.wait()
+        allocator = state.allocator
+        assert allocator is not None
+        store = CrdCIDRStore(client, self.metrics.store, fence=self._fence(term, "pod-cidr"))
+        async for event in store.watch(self.settings.pool.name):
+            claim = event.value
+            if event.kind is not EventKind.DELETE or claim is None:
+                continue
+            if claim.node not in state.present or allocator.cidr_of(claim.node) != claim.cidr:
+                continue  # a gone node's claim (the GC) or one the node does not use
+            if await store.claim(claim):
+                self.metrics.store.repairs.labels("cidr-claim", "deleted").inc()
+                log.warning(
+                    "the PodCIDR claim %s of node %s was deleted by someone else; re-created",
+                    claim.cidr,
+                    claim.node,
+                )
 
     # -- identity GC -----------------------------------------------------------------
 
