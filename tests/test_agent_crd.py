@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from ipaddress import ip_network
@@ -251,3 +253,71 @@ async def test_objects_deleted_by_hand_come_back(apiserver: ApiServer, tmp_path:
         await eventually(restored, timeout=30, message="the agent re-created its objects")
         assert cached(a, web["ip"]) == web["identity"]
         assert a.status()["restarts"]["count"] == 0
+
+
+async def cpctl(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "controlplane.cli.main",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={k: v for k, v in os.environ.items() if not k.startswith("CP_")},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_cpctl_reads_and_writes_the_crd_store(apiserver: ApiServer, tmp_path: Path) -> None:
+    cidrs = await give_cidrs(apiserver, "node-a")
+    a = crd_agent(apiserver, tmp_path, "node-a", "127.0.0.11")
+    kc = ["--kubeconfig", str(apiserver.kubeconfig), "--json"]
+    async with running(a):
+        await asyncio.wait_for(a.wait_ready(), 30)
+        web = await create(a, "default", "web", ["k8s:app=web"])
+
+        code, out, err = await cpctl("identity", "list", *kc)
+        assert code == 0, err
+        rows = {r["id"]: r for r in json.loads(out)["identities"]}
+        assert rows[web["identity"]]["labels"] == ["k8s:app=web"]
+        assert rows[web["identity"]]["references"] == ["default/web"]
+
+        code, out, err = await cpctl("endpoint", "list", *kc)
+        assert code == 0, err
+        assert [(e["ip"], e["identity"]) for e in json.loads(out)["endpoints"]] == [
+            (web["ip"], web["identity"])
+        ]
+        code, out, err = await cpctl("node", "list", *kc)
+        assert code == 0, err
+        assert [n["name"] for n in json.loads(out)["nodes"]] == ["node-a"]
+        code, out, err = await cpctl("ipam", "list", *kc)
+        assert code == 0, err
+        listed = json.loads(out)
+        assert listed["cidrs"][0]["cidr"] == str(cidrs["node-a"])
+        assert listed["leases"]["node-a"][web["ip"]] == "default/web"
+
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(
+            "name: db\nnamespace: default\nendpoint_selector: [app=db]\n"
+            "ingress:\n  - from_selector: [app=web]\n    ports: [{port: 5432, proto: TCP}]\n"
+        )
+        code, out, err = await cpctl("policy", "put", str(policy), *kc)
+        assert code == 0, err
+        out = await kubectl(apiserver.kubeconfig, "get", "networkpolicies.controlplane.io", "-A")
+        assert "db" in out
+        await eventually(
+            lambda: a.status()["cache"]["identities"] >= 1, message="the agent's caches fed"
+        )
+        code, out, err = await cpctl("policy", "list", *kc)
+        assert code == 0, err
+        assert [p["name"] for p in json.loads(out)["policies"]] == ["db"]
+        code, out, err = await cpctl("policy", "delete", "default/db", *kc)
+        assert code == 0, err
+        code, out, err = await cpctl("policy", "delete", "default/db", *kc)
+        assert code == 1 and err.strip() == "cpctl: policy default/db not found"
+
+    # no store reachable: one line, no traceback
+    code, out, err = await cpctl("identity", "list", "--kubeconfig", str(tmp_path / "none"))
+    assert code == 2 and err.strip().startswith("cpctl: kubeconfig") and "Traceback" not in err

@@ -1,4 +1,5 @@
-"""`cpctl policy put FILE|list|delete NS/NAME`: network policies in the kvstore.
+"""`cpctl policy put FILE|list|delete NS/NAME`: network policies, in the store of either mode
+(NetworkPolicy objects in CRD mode, keys in kvstore mode).
 
 ``put`` reads one policy (or a list of them) from a YAML or JSON file (``-`` for stdin) in
 the stored form (``docs/key-layout.md``)::
@@ -25,20 +26,15 @@ from controlplane.cli.common import (
     EXIT_USAGE,
     CommandError,
     add_json_flag,
-    add_kvstore_flags,
-    kvstore_config,
     print_json,
     print_table,
 )
-from controlplane.kvstore.keys import KeyLayout
-from controlplane.kvstore.policies import KvPolicyStore
-from controlplane.kvstore.shards import ShardMap
-from controlplane.metrics import StoreMetrics
+from controlplane.cli.stores import add_cluster_flags, open_stores
 from controlplane.model import ModelError, NetworkPolicy
 
 
 def register(subparsers: Any) -> None:
-    policy = subparsers.add_parser("policy", help="network policies (kvstore)")
+    policy = subparsers.add_parser("policy", help="network policies")
     commands = policy.add_subparsers(dest="policy_command", required=True, metavar="COMMAND")
     put = commands.add_parser("put", help="create or replace policies from a YAML/JSON file")
     put.add_argument("file", help="YAML or JSON file ('-' for stdin): a policy or a list")
@@ -49,12 +45,8 @@ def register(subparsers: Any) -> None:
     delete.add_argument("policy", metavar="NS/NAME")
     delete.set_defaults(run=run_delete)
     for parser in (put, lst, delete):
-        add_kvstore_flags(parser)
+        add_cluster_flags(parser)
         add_json_flag(parser)
-
-
-def _store(shards: ShardMap) -> KvPolicyStore:
-    return KvPolicyStore(shards, KeyLayout(shards.prefix), StoreMetrics.create())
 
 
 def load_policies(text: str) -> list[NetworkPolicy]:
@@ -81,10 +73,9 @@ def _read(name: str) -> str:
 
 async def run_put(args: argparse.Namespace) -> int:
     policies = load_policies(_read(args.file))
-    async with ShardMap(kvstore_config(args)) as shards:
-        store = _store(shards)
+    async with open_stores(args) as stores:
         for policy in policies:
-            await store.put(policy)
+            await stores.policies.put(policy)
     if args.json:
         print_json({"put": [p.id for p in policies]})
     else:
@@ -94,12 +85,9 @@ async def run_put(args: argparse.Namespace) -> int:
 
 
 async def run_list(args: argparse.Namespace) -> int:
-    async with ShardMap(kvstore_config(args)) as shards:
-        store = _store(shards)
-        found = await store.list()
-        skipped = store.codec.metrics.registry.get_sample_value(
-            "cp_store_malformed_values_total", {"resource": "policy"}
-        )
+    async with open_stores(args) as stores:
+        found = await stores.policies.list()
+        skipped = stores.malformed("policy")
     found.sort(key=lambda v: v.value.id)
     if args.json:
         rows = [{**v.value.to_dict(), "revision": v.version} for v in found]
@@ -127,8 +115,8 @@ async def run_delete(args: argparse.Namespace) -> int:
     namespace, sep, name = str(args.policy).partition("/")
     if not sep or not namespace or not name or "/" in name:
         raise CommandError(f"want NS/NAME, got {args.policy!r}", EXIT_USAGE)
-    async with ShardMap(kvstore_config(args)) as shards:
-        deleted = await _store(shards).delete(namespace, name)
+    async with open_stores(args) as stores:
+        deleted = await stores.policies.delete(namespace, name)
     if not deleted:
         raise CommandError(f"policy {namespace}/{name} not found")
     if args.json:

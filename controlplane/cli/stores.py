@@ -22,7 +22,7 @@ from controlplane.crd.policies import CrdPolicyStore
 from controlplane.flags import add_kvstore_flags, add_store_flags, store_config
 from controlplane.kvstore.endpoints import KvEndpointStore
 from controlplane.kvstore.identities import KvIdentityStore
-from controlplane.kvstore.ipam import KvCIDRStore, list_all_leases
+from controlplane.kvstore.ipam import KvCIDRStore, list_all_claims, list_all_leases
 from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.nodes import KvNodeStore
 from controlplane.kvstore.policies import KvPolicyStore
@@ -30,7 +30,7 @@ from controlplane.kvstore.shards import ShardMap
 from controlplane.metrics import StoreMetrics
 from controlplane.model import IPLease, NumericIdentity
 from controlplane.store import CIDRStore, EndpointStore, IdentityStore, NodeStore, PolicyStore
-from controlplane.store_types import Versioned
+from controlplane.store_types import CIDRClaim, Versioned
 
 
 def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +55,8 @@ class ClusterStores:
     """Who uses each identity: nodes (kvstore mode's references) or endpoints (CRD mode)."""
     leases: Callable[[], Awaitable[list[Versioned[IPLease]]]]
     """Every node's IP leases."""
+    claims: Callable[[str], Awaitable[list[Versioned[CIDRClaim]]]]
+    """Every pod CIDR claim of a pool, sorted by CIDR (kvstore mode: from every shard)."""
 
     def malformed(self, resource: str) -> int:
         value = self.metrics.registry.get_sample_value(
@@ -91,6 +93,13 @@ async def open_config_stores(
             async def crd_leases() -> list[Versioned[IPLease]]:
                 return await list_crd_leases(client, metrics)
 
+            cidrs = CrdCIDRStore(client, metrics)
+
+            async def crd_claims(pool: str) -> list[Versioned[CIDRClaim]]:
+                found = await cidrs.list(pool)
+                found.sort(key=lambda v: (v.value.cidr.version, int(v.value.cidr.network_address)))
+                return found
+
             yield ClusterStores(
                 mode="crd",
                 describe=f"crd: Kubernetes API {connection.server}",
@@ -98,10 +107,11 @@ async def open_config_stores(
                 identities=CrdIdentityStore(client, metrics),
                 endpoints=endpoints,
                 nodes=CrdNodeStore(client, metrics),
-                cidrs=CrdCIDRStore(client, metrics),
+                cidrs=cidrs,
                 policies=CrdPolicyStore(client, metrics),
                 references=users,
                 leases=crd_leases,
+                claims=crd_claims,
             )
         return
     layout = KeyLayout(config.prefix)
@@ -113,6 +123,9 @@ async def open_config_stores(
 
         async def leases() -> list[Versioned[IPLease]]:
             return await list_all_leases(shards, layout, metrics)
+
+        async def claims(pool: str) -> list[Versioned[CIDRClaim]]:
+            return await list_all_claims(shards, layout, metrics, pool)
 
         n = len(config.clusters)
         yield ClusterStores(
@@ -126,4 +139,5 @@ async def open_config_stores(
             policies=KvPolicyStore(shards, layout, metrics),
             references=references,
             leases=leases,
+            claims=claims,
         )
