@@ -10,6 +10,7 @@ import contextlib
 import ipaddress
 import signal
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,14 @@ import pytest
 from helpers import eventually
 from test_operator import OperatorProcess
 
-from controlplane.apiserver import KubeServer
+from controlplane.apiserver import KubeServer, KubeServerSettings
 from controlplane.crd.client import JSON, KubeClient
 from controlplane.crd.identities import CrdIdentityCollector
 from controlplane.crd.install import definitions, install_crds
+from controlplane.crd.kubeconfig import load_connection
 from controlplane.crd.names import cidr_name
 from controlplane.crd.resources import CRDS, ENDPOINTS, GC_MARK, IDENTITIES, NODES, POD_CIDRS
+from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.metrics import StoreMetrics
 from controlplane.operator.crd_daemon import CrdOperator
 from controlplane.operator.main import main as operator_main
@@ -55,7 +58,7 @@ def settings(name: str, **overrides: Any) -> OperatorSettings:
 
 
 @contextlib.asynccontextmanager
-async def running(kube: KubeServer, *ops: CrdOperator) -> AsyncIterator[None]:
+async def running(*ops: CrdOperator) -> AsyncIterator[None]:
     stop = [asyncio.Event() for _ in ops]
     tasks = [
         asyncio.create_task(op.run(event, lambda port: None), name=f"operator:{op.settings.id}")
@@ -71,8 +74,6 @@ async def running(kube: KubeServer, *ops: CrdOperator) -> AsyncIterator[None]:
 
 
 def operator(kube: KubeServer, name: str, **overrides: Any) -> CrdOperator:
-    from controlplane.crd.kubeconfig import load_connection
-
     return CrdOperator(settings(name, **overrides), load_connection(str(kube.kubeconfig)))
 
 
@@ -126,7 +127,7 @@ async def test_two_replicas_install_the_crds_at_once_and_one_leads(kube: KubeSer
         assert {d["metadata"]["name"] for d in definitions()} <= names
 
     a, b = operator(kube, "op-a"), operator(kube, "op-b")
-    async with running(kube, a, b):
+    async with running(a, b):
         await eventually(lambda: a.crds_installed and b.crds_installed, message="installed")
         found = await eventually(lambda: leader(a, b), message="a leader")
         other = b if found is a else a
@@ -146,7 +147,7 @@ async def test_an_unreachable_api_server_is_reported_not_fatal(kube: KubeServer)
     from controlplane.crd.kubeconfig import KubeConnection
 
     op = CrdOperator(settings("op-x"), KubeConnection(server="https://127.0.0.1:9"))
-    async with running(kube, op):
+    async with running(op):
         await eventually(lambda: op._install_error != "not installed yet", message="tried")
         health = op.health()
         assert not health["apiserver"].ok and "CRDs" in health["apiserver"].detail
@@ -171,7 +172,7 @@ async def test_cidrs_are_unique_survive_a_restart_and_hand_edits_are_repaired(
     names = [f"node-{i}" for i in range(12)]
     async with kube_client(kube) as client:
         a = operator(kube, "op-a")
-        async with running(kube, a):
+        async with running(a):
             await eventually(lambda: leader(a), message="op-a leads")
             for name in names[:8]:
                 await client.create(NODES, node_object(name))
@@ -181,7 +182,7 @@ async def test_cidrs_are_unique_survive_a_restart_and_hand_edits_are_repaired(
             assert sample(a, "cp_ipam_cidrs_in_use") == 8
 
         b = operator(kube, "op-b")
-        async with running(kube, b):
+        async with running(b):
             await eventually(lambda: leader(b), message="op-b leads")
             for name in names[8:]:
                 await client.create(NODES, node_object(name))
@@ -223,7 +224,7 @@ async def test_malformed_nodes_are_logged_counted_and_skipped(
 ) -> None:
     async with kube_client(kube) as client:
         a = operator(kube, "op-a")
-        async with running(kube, a):
+        async with running(a):
             await eventually(lambda: leader(a), message="op-a leads")
             await client.create(
                 NODES,
@@ -319,7 +320,7 @@ async def test_the_leader_runs_identity_gc(kube: KubeServer) -> None:
         await client.create(IDENTITIES, identity_object(2002))
         await client.create(ENDPOINTS, endpoint_object("pod-1", "10.0.0.5", 2001, "node-a"))
         a = operator(kube, "op-a")
-        async with running(kube, a):
+        async with running(a):
             await eventually(
                 lambda: _gone(client, IDENTITIES, "2002"), timeout=10, message="2002 collected"
             )
@@ -339,7 +340,7 @@ async def test_claims_and_endpoints_of_gone_nodes_are_collected_after_the_grace(
 ) -> None:
     async with kube_client(kube) as client:
         a = operator(kube, "op-a", node_gc_grace=1.0)
-        async with running(kube, a):
+        async with running(a):
             await eventually(lambda: leader(a), message="op-a leads")
             for name in ("stays", "goes"):
                 await client.create(NODES, node_object(name))
@@ -357,6 +358,65 @@ async def test_claims_and_endpoints_of_gone_nodes_are_collected_after_the_grace(
             assert [c["spec"]["node"] for c in await claims(client)] == ["stays"]
             assert sample(a, "cp_operator_node_gc_deleted_total", resource="endpoint") == 1
             assert sample(a, "cp_operator_node_gc_deleted_total", resource="cidr-claim") == 1
+
+
+# -- API server outage -----------------------------------------------------------------------
+
+
+class RestartableServer:
+    """A local API server on an external etcd, stopped and started again on the same
+    port, data directory, CA and token (kubeconfigs stay valid)."""
+
+    def __init__(self, etcd: EmbeddedEtcd, data_dir: Path) -> None:
+        self.settings = KubeServerSettings(
+            data_dir=data_dir, etcd_endpoints=tuple(etcd.client_urls), bookmark_interval=0.5
+        )
+        self.server: KubeServer | None = None
+        self.kubeconfig = data_dir / "kubeconfig"
+
+    async def start(self) -> None:
+        server = KubeServer(self.settings)
+        await server.start()
+        self.server = server
+        self.settings = replace(self.settings, port=int(server.url.rsplit(":", 1)[1]))
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None
+
+
+async def test_an_api_server_outage_steps_the_leader_down_and_it_comes_back(
+    etcd1: EmbeddedEtcd, tmp_path: Path
+) -> None:
+    server = RestartableServer(etcd1, tmp_path / "kube")
+    await server.start()
+    try:
+        connection = load_connection(str(server.kubeconfig))
+        a = CrdOperator(settings("op-a"), connection, request_timeout=1.0)
+        b = CrdOperator(settings("op-b"), connection, request_timeout=1.0)
+        async with running(a, b), kube_client(server) as client:
+            first = await eventually(lambda: leader(a, b), timeout=20, message="a leader")
+            await client.create(NODES, node_object("node-0"))
+            await eventually(lambda: all_assigned(client, ["node-0"]), message="CIDR")
+
+            await server.stop()
+            await eventually(lambda: leader(a, b) is None, timeout=RENEW + 3, message="down")
+            assert sample(first, "cp_operator_leader") == 0.0
+            await eventually(lambda: not first.health()["apiserver"].ok, message="reported")
+
+            await server.start()
+            await eventually(lambda: leader(a, b), timeout=LEASE + 10, message="leads again")
+            await client.create(NODES, node_object("node-1"))
+            assigned = await eventually(
+                lambda: all_assigned(client, ["node-0", "node-1"]), message="CIDRs after"
+            )
+            assert_one_cidr_per_node(assigned, await claims(client))
+            await eventually(
+                lambda: all(op.health()["apiserver"].ok for op in (a, b)), message="healthy"
+            )
+    finally:
+        await server.stop()
 
 
 # -- real processes ------------------------------------------------------------------------
