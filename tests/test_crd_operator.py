@@ -402,7 +402,7 @@ async def test_an_api_server_outage_steps_the_leader_down_and_it_comes_back(
 
             await server.stop()
             await eventually(lambda: leader(a, b) is None, timeout=RENEW + 3, message="down")
-            assert sample(first, "cp_operator_leader") == 0.0
+            await eventually(lambda: sample(first, "cp_operator_leader") == 0.0, message="0")
             await eventually(lambda: not first.health()["apiserver"].ok, message="reported")
 
             await server.start()
