@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 APISERVER = "apiserver"
 
 
+def check_connection(config: CrdConfig) -> None:
+    """Raise ConfigError (one line) when the kubeconfig rules give no usable connection."""
+    load_connection(config.kubeconfig, config.context)
+
+
 class CrdConnector:
     """Opens CRD sessions for one node; keeps the health across them."""
 
