@@ -154,13 +154,16 @@ class CrdOperator:
             except CrdError as exc:
                 self._install_error = str(exc)
                 log.warning("installing the CRDs failed: %s; retrying in %gs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(_INSTALL_BACKOFF_MAX, delay * 2)
-                continue
-            self.crds_installed = True
-            self._install_error = ""
-            log.info("CRDs ready: %s", ", ".join(done))
-            return
+            except Exception as exc:  # a bad definition or answer: never a crash loop
+                self._install_error = f"{type(exc).__name__}: {exc}"
+                log.exception("installing the CRDs crashed; retrying in %gs", delay)
+            else:
+                self.crds_installed = True
+                self._install_error = ""
+                log.info("CRDs ready: %s", ", ".join(done))
+                return
+            await asyncio.sleep(delay)
+            delay = min(_INSTALL_BACKOFF_MAX, delay * 2)
 
     def health(self) -> Mapping[str, Check]:
         election = self.election
