@@ -272,7 +272,9 @@ class CrdOperator:
             cidr = allocator.cidr_of(name)
             if cidr is None:
                 try:
-                    cidr = await allocator.allocate(name)
+                    # A node that shows a CIDR but has no claim (lost while no operator
+                    # ran) keeps it when it is still free.
+                    cidr = await allocator.allocate(name, prefer=next(iter(node.pod_cidrs), None))
                 except PoolExhausted as exc:
                     self.metrics.cidr_allocations.labels("exhausted").inc()
                     log.error("no CIDR for node %s: %s", name, exc)
