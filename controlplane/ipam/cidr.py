@@ -81,13 +81,13 @@ class ClusterPoolAllocator:
             if existing is not None:
                 return existing
             if prefer is not None and self.pool.contains(prefer):
-                index = self.pool.index_of(prefer)
-                if not self._taken(index):
+                preferred = self.pool.index_of(prefer)
+                if not self._taken(preferred):
                     claim = CIDRClaim(self.pool.name, prefer, node)
                     if await self.store.claim(claim):
-                        self._record(index, Versioned(claim, 0))
+                        self._record(preferred, Versioned(claim, 0))
                         return prefer
-                    self._lost.add(index)
+                    self._lost.add(preferred)
             refreshed = False
             while True:
                 index = self._lowest_free()
