@@ -1,0 +1,406 @@
+"""The socket load balancer's maps (``bpf/cp_lb.h``): layouts and :class:`LbMaps`.
+
+:class:`LbMaps` takes the whole desired state (frontend ``(vip, port, proto)`` -> ordered
+backends ``(ip, port)``) and makes ``cp_lb_services`` and ``cp_lb_slots`` equal to it by
+mark-and-sweep against what the maps hold: nothing is ever flushed, unchanged frontends
+are not rewritten, and every change is ordered so that the program never sees a
+half-written backend set:
+
+1. the new backend sets, each under its frontend's next revision (new slots, batched);
+2. the frontends' entries, each flipped to its new revision and count in one update
+   (batched; a new frontend appears only once its slots are in);
+3. the stale frontends, then every slot no current revision uses (batched deletes).
+
+Frontend ids (the program's counter index) are kept while a frontend lives; a new one
+gets the lowest id no entry uses, with its counters zeroed. A new process adopts the ids
+and revisions it finds in pinned maps, so a restart rewrites nothing that is still right.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Final, NamedTuple
+
+from controlplane.datapath.bpf_syscall import (
+    BPF_F_NO_PREALLOC,
+    BPF_MAP_TYPE_HASH,
+    BPF_MAP_TYPE_PERCPU_ARRAY,
+    MapMismatchError,
+    ensure_bpffs,
+)
+from controlplane.datapath.kernel import KernelMap
+from controlplane.datapath.maps import Map, MapError, UserspaceMap
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "LB_METRICS_MAP_NAME",
+    "LB_REVNAT_MAP_NAME",
+    "LB_SERVICES_MAP_NAME",
+    "LB_SLOTS_MAP_NAME",
+    "BackendAddr",
+    "FrontendAddr",
+    "LbCounters",
+    "LbEntry",
+    "LbMaps",
+    "LbMetricsValue",
+    "LbServiceKey",
+    "LbServiceValue",
+    "LbSlotKey",
+    "LbBackend",
+    "LbRevnatKey",
+    "LbRevnatValue",
+    "lb_entries",
+    "pinned_lb_maps",
+    "userspace_lb_maps",
+]
+
+LB_SERVICES_MAP_NAME: Final = "cp_lb_services"
+LB_SLOTS_MAP_NAME: Final = "cp_lb_slots"
+LB_REVNAT_MAP_NAME: Final = "cp_lb_revnat"
+LB_METRICS_MAP_NAME: Final = "cp_lb_metrics"
+LB_SERVICES_MAX_ENTRIES: Final = 16 * 1024
+LB_SLOTS_MAX_ENTRIES: Final = 256 * 1024
+LB_METRICS_MAX_ENTRIES: Final = 16 * 1024
+"""Also the frontend id limit: ids are 1..LB_METRICS_MAX_ENTRIES-1."""
+
+
+class LbServiceKey(ctypes.Structure):
+    _fields_ = (
+        ("vip", ctypes.c_uint8 * 4),
+        ("dport", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+    )
+
+
+class LbServiceValue(ctypes.Structure):
+    _fields_ = (
+        ("frontend_id", ctypes.c_uint32),
+        ("revision", ctypes.c_uint32),
+        ("count", ctypes.c_uint16),
+        ("flags", ctypes.c_uint16),
+    )
+
+
+class LbSlotKey(ctypes.Structure):
+    _fields_ = (
+        ("frontend_id", ctypes.c_uint32),
+        ("revision", ctypes.c_uint32),
+        ("slot", ctypes.c_uint32),
+    )
+
+
+class LbBackend(ctypes.Structure):
+    _fields_ = (
+        ("addr", ctypes.c_uint8 * 4),
+        ("port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint8 * 2),
+    )
+
+
+class LbRevnatKey(ctypes.Structure):
+    _fields_ = (
+        ("cookie", ctypes.c_uint64),
+        ("addr", ctypes.c_uint8 * 4),
+        ("port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint8 * 2),
+    )
+
+
+class LbRevnatValue(ctypes.Structure):
+    _fields_ = (("vip", ctypes.c_uint8 * 4), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint8 * 2))
+
+
+class LbMetricsValue(ctypes.Structure):
+    _fields_ = (
+        ("connects", ctypes.c_uint64),
+        ("datagrams", ctypes.c_uint64),
+        ("refused", ctypes.c_uint64),
+        ("slot_misses", ctypes.c_uint64),
+    )
+
+
+_SERVICE_SIZES: Final = (ctypes.sizeof(LbServiceKey), ctypes.sizeof(LbServiceValue))
+_SLOT_SIZES: Final = (ctypes.sizeof(LbSlotKey), ctypes.sizeof(LbBackend))
+assert _SERVICE_SIZES == (8, 12) and _SLOT_SIZES == (12, 8)
+assert ctypes.sizeof(LbRevnatKey) == 16 and ctypes.sizeof(LbRevnatValue) == 8
+assert ctypes.sizeof(LbMetricsValue) == 32
+
+
+class FrontendAddr(NamedTuple):
+    """A service frontend as the datapath sees it: VIP, port, IP protocol number."""
+
+    vip: IPv4Address
+    port: int
+    proto: int
+
+
+class BackendAddr(NamedTuple):
+    ip: IPv4Address
+    port: int
+
+
+def _service_key(fe: FrontendAddr) -> bytes:
+    return bytes(LbServiceKey((ctypes.c_uint8 * 4)(*fe.vip.packed), fe.port, fe.proto, 0))
+
+
+def _slot_key(frontend_id: int, revision: int, slot: int) -> bytes:
+    return bytes(LbSlotKey(frontend_id, revision, slot))
+
+
+def _backend(be: BackendAddr) -> bytes:
+    return bytes(LbBackend((ctypes.c_uint8 * 4)(*be.ip.packed), be.port))
+
+
+def _decode_frontend(key: bytes) -> FrontendAddr:
+    k = LbServiceKey.from_buffer_copy(key)
+    return FrontendAddr(IPv4Address(bytes(k.vip)), k.dport, k.proto)
+
+
+def _decode_backend(value: bytes) -> BackendAddr:
+    v = LbBackend.from_buffer_copy(value)
+    return BackendAddr(IPv4Address(bytes(v.addr)), v.port)
+
+
+@dataclass(slots=True)
+class LbMapStats:
+    syncs: int = 0
+    updates: int = 0
+    deletes: int = 0
+    unchanged: int = 0
+    """Frontends whose entry and backend set were already right (not rewritten)."""
+    flips: int = 0
+    """Frontends switched to a new backend set (or created)."""
+    errors: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LbCounters:
+    connects: int
+    datagrams: int
+    refused: int
+    slot_misses: int
+
+
+@dataclass(frozen=True, slots=True)
+class LbEntry:
+    """One frontend as the maps hold it (``cpctl bpf lb list``)."""
+
+    frontend: FrontendAddr
+    frontend_id: int
+    revision: int
+    backends: tuple[BackendAddr | None, ...]
+    """The current set's slots in order (None: a slot missing from the map)."""
+
+
+class LbMaps:
+    """The node's service and backend-slot maps (see the module docstring); ``metrics``
+    is the program's per-CPU counter array (kernel mode only)."""
+
+    def __init__(
+        self, services: Map, slots: Map, metrics: KernelMap | None = None, *, batch_size: int = 1024
+    ) -> None:
+        if (services.key_size, services.value_size) != _SERVICE_SIZES:
+            raise ValueError(f"map {services.name}: want key/value sizes {_SERVICE_SIZES}")
+        if (slots.key_size, slots.value_size) != _SLOT_SIZES:
+            raise ValueError(f"map {slots.name}: want key/value sizes {_SLOT_SIZES}")
+        self.services = services
+        self.slots = slots
+        self.metrics = metrics
+        self.batch_size = batch_size
+        self.stats = LbMapStats()
+        self.frontend_ids: dict[FrontendAddr, int] = {}
+        """Each frontend's id as of the last successful sync."""
+
+    def sync(self, desired: Mapping[FrontendAddr, Sequence[BackendAddr]]) -> bool:
+        """Make both maps equal ``desired`` (see the module docstring); False when a write
+        failed (the maps still hold a consistent older or newer state: retry later)."""
+        self.stats.syncs += 1
+        have = {k: LbServiceValue.from_buffer_copy(v) for k, v in self.services.items()}
+        have_slots = dict(self.slots.items())
+        used = {v.frontend_id for v in have.values()}
+        next_id = 1
+        new_slots: list[tuple[bytes, bytes]] = []
+        flips: list[tuple[bytes, bytes]] = []
+        fresh_ids: list[int] = []
+        keep: set[bytes] = set()
+        want_keys: set[bytes] = set()
+        ids: dict[FrontendAddr, int] = {}
+        for fe, backends in desired.items():
+            key = _service_key(fe)
+            want_keys.add(key)
+            want = [_backend(be) for be in backends]
+            cur = have.get(key)
+            if cur is not None:
+                cur_keys = [_slot_key(cur.frontend_id, cur.revision, i) for i in range(cur.count)]
+                if [have_slots.get(k) for k in cur_keys] == want and cur.flags == 0:
+                    self.stats.unchanged += 1
+                    keep.update(cur_keys)
+                    ids[fe] = cur.frontend_id
+                    continue
+                fid, revision = cur.frontend_id, (cur.revision + 1) & 0xFFFFFFFF or 1
+            else:
+                while next_id in used:
+                    next_id += 1
+                if next_id >= LB_METRICS_MAX_ENTRIES:
+                    log.error("no free load-balancer frontend id for %s (too many)", fe)
+                    self.stats.errors += 1
+                    continue
+                fid, revision = next_id, 1
+                used.add(fid)
+                fresh_ids.append(fid)
+            for slot, value in enumerate(want):
+                skey = _slot_key(fid, revision, slot)
+                keep.add(skey)
+                new_slots.append((skey, value))
+            flips.append((key, bytes(LbServiceValue(fid, revision, len(want), 0))))
+            ids[fe] = fid
+        stale = [k for k in have if k not in want_keys]
+        stale_slots = [k for k in have_slots if k not in keep]
+        try:
+            for fid in fresh_ids:
+                self._zero_counters(fid)
+            self._update(self.slots, new_slots)
+            self._update(self.services, flips)
+            self._delete(self.services, stale)
+            self._delete(self.slots, stale_slots)
+        except MapError as exc:
+            self.stats.errors += 1
+            log.warning("load-balancer map write failed: %s", exc)
+            return False
+        self.stats.flips += len(flips)
+        self.frontend_ids = ids
+        return True
+
+    def entries(self) -> list[LbEntry]:
+        return lb_entries(self.services, self.slots)
+
+    def counters(self, frontend_id: int) -> LbCounters | None:
+        """The program's counters of one frontend id, summed over CPUs (kernel mode)."""
+        if self.metrics is None:
+            return None
+        return read_counters(self.metrics, frontend_id)
+
+    def _zero_counters(self, frontend_id: int) -> None:
+        if self.metrics is not None:
+            zero = bytes(ctypes.sizeof(LbMetricsValue))
+            self.metrics.update_percpu(
+                frontend_id.to_bytes(4, "little"), [zero] * self.metrics.ncpus
+            )
+
+    def _update(self, map_: Map, entries: list[tuple[bytes, bytes]]) -> None:
+        for i in range(0, len(entries), self.batch_size):
+            self.stats.updates += map_.batch_update(entries[i : i + self.batch_size])
+
+    def _delete(self, map_: Map, keys: list[bytes]) -> None:
+        for i in range(0, len(keys), self.batch_size):
+            self.stats.deletes += map_.batch_delete(keys[i : i + self.batch_size])
+
+
+def read_counters(metrics: KernelMap, frontend_id: int) -> LbCounters | None:
+    values = metrics.lookup_percpu(frontend_id.to_bytes(4, "little"))
+    if values is None:
+        return None
+    total = [0, 0, 0, 0]
+    for raw in values:
+        v = LbMetricsValue.from_buffer_copy(raw)
+        for i, n in enumerate((v.connects, v.datagrams, v.refused, v.slot_misses)):
+            total[i] += n
+    return LbCounters(*total)
+
+
+def lb_entries(services: Map, slots: Map) -> list[LbEntry]:
+    """Every frontend the maps hold with its current backend set, sorted."""
+    slot_values = dict(slots.items())
+    out = []
+    for key, value in services.items():
+        v = LbServiceValue.from_buffer_copy(value)
+        backends = tuple(
+            None if raw is None else _decode_backend(raw)
+            for raw in (
+                slot_values.get(_slot_key(v.frontend_id, v.revision, i)) for i in range(v.count)
+            )
+        )
+        out.append(LbEntry(_decode_frontend(key), v.frontend_id, v.revision, backends))
+    out.sort(key=lambda e: e.frontend)
+    return out
+
+
+def userspace_lb_maps() -> LbMaps:
+    return LbMaps(
+        UserspaceMap(LB_SERVICES_MAP_NAME, *_SERVICE_SIZES, LB_SERVICES_MAX_ENTRIES),
+        UserspaceMap(LB_SLOTS_MAP_NAME, *_SLOT_SIZES, LB_SLOTS_MAX_ENTRIES),
+    )
+
+
+def _pinned(
+    directory: Path, name: str, map_type: int, sizes: tuple[int, int], max_entries: int, flags: int
+) -> KernelMap:
+    """The map pinned at ``<directory>/<name>`` (its layout must match ``bpf/cp_lb.h``),
+    else created exactly as declared there and pinned, so libbpf reuses it."""
+    path = directory / name
+    want = (map_type, sizes[0], sizes[1], max_entries, flags)
+    if path.exists():
+        kmap = KernelMap.open_pinned(path)
+        got = (kmap.map_type, kmap.key_size, kmap.value_size, kmap.max_entries, kmap.flags)
+        if got != want:
+            kmap.close()
+            raise MapMismatchError(
+                f"pinned map {path}: (type, key, value, max, flags) {got}, want {want}"
+            )
+        return kmap
+    kmap = KernelMap.create(name, map_type, sizes[0], sizes[1], max_entries, flags)
+    try:
+        kmap.pin(os.fspath(path))
+    except BaseException:
+        kmap.close()
+        raise
+    return kmap
+
+
+def pinned_lb_maps(pin_dir: Path) -> LbMaps:
+    """``cp_lb_services``, ``cp_lb_slots`` and ``cp_lb_metrics`` pinned under ``pin_dir``."""
+    ensure_bpffs()
+    directory = pin_dir.absolute()
+    os.makedirs(directory, exist_ok=True)
+    specs = (
+        (LB_SERVICES_MAP_NAME, BPF_MAP_TYPE_HASH, _SERVICE_SIZES, LB_SERVICES_MAX_ENTRIES,
+         BPF_F_NO_PREALLOC),
+        (LB_SLOTS_MAP_NAME, BPF_MAP_TYPE_HASH, _SLOT_SIZES, LB_SLOTS_MAX_ENTRIES, 0),
+        (LB_METRICS_MAP_NAME, BPF_MAP_TYPE_PERCPU_ARRAY, (4, ctypes.sizeof(LbMetricsValue)),
+         LB_METRICS_MAX_ENTRIES, 0),
+    )  # fmt: skip
+    opened: list[KernelMap] = []
+    try:
+        for name, map_type, sizes, max_entries, flags in specs:
+            opened.append(_pinned(directory, name, map_type, sizes, max_entries, flags))
+    except BaseException:
+        for kmap in opened:
+            kmap.close()
+        raise
+    return LbMaps(opened[0], opened[1], opened[2])
+
+
+def close_lb_maps(maps: LbMaps) -> None:
+    for map_ in (maps.services, maps.slots, maps.metrics):
+        if isinstance(map_, KernelMap):
+            map_.close()
+
+
+def unpin_lb_maps(pin_dir: Path) -> int:
+    """``--cleanup-on-exit``: remove the load balancer's map pins; how many were removed."""
+    removed = 0
+    for name in (LB_SERVICES_MAP_NAME, LB_SLOTS_MAP_NAME, LB_METRICS_MAP_NAME, LB_REVNAT_MAP_NAME):
+        try:
+            (pin_dir / name).unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
