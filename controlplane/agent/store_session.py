@@ -30,6 +30,7 @@ from controlplane.store import (
     IPLeaseStore,
     NodeStore,
     PolicyStore,
+    ServiceStore,
 )
 
 
@@ -51,6 +52,7 @@ class Stores:
     cidrs: CIDRStore
     leases: IPLeaseStore
     policies: PolicyStore
+    services: ServiceStore
 
 
 class StoreSession(Protocol):

@@ -1,6 +1,7 @@
 """The agent's view of the cluster: one session's watches into its cache and the ipcache.
 
-Each session lists and watches identities, endpoints, nodes and policies from its stores.
+Each session lists and watches identities, endpoints, nodes, policies and services from
+its stores.
 Events go into the :class:`AgentCache` (which outlives sessions) and, for endpoints and
 nodes, into the ipcache reconciler. A session starts a resync: the names cached before it
 are stale until its lists deliver them again, and those that do not come back are swept
@@ -30,6 +31,7 @@ from controlplane.model import (
     Node,
     NodeName,
     NumericIdentity,
+    Service,
 )
 from controlplane.store_types import EventKind, StoreEvent
 
@@ -49,6 +51,7 @@ class AgentCache:
     endpoints: dict[str, IPIdentity] = field(default_factory=dict)
     nodes: dict[str, Node] = field(default_factory=dict)
     policies: dict[str, NetworkPolicy] = field(default_factory=dict)
+    services: dict[str, Service] = field(default_factory=dict)
 
 
 class CacheWatches:
@@ -62,6 +65,7 @@ class CacheWatches:
         node: NodeName,
         *,
         policy_changed: Callable[[], None],
+        services_changed: Callable[[], None],
         routes: RouteSyncer,
     ) -> None:
         self.cache = cache
@@ -69,6 +73,7 @@ class CacheWatches:
         self.stores = stores
         self.node = node
         self.policy_changed = policy_changed
+        self.services_changed = services_changed
         self.routes = routes
         self.synced: set[str] = set()
         """The streams listed in this session."""
@@ -78,6 +83,7 @@ class CacheWatches:
             "endpoints": set(cache.endpoints),
             "nodes": set(cache.nodes),
             "policies": set(cache.policies),
+            "services": set(cache.services),
         }
 
     def tasks(self) -> dict[str, Callable[[], Awaitable[None]]]:
@@ -86,6 +92,7 @@ class CacheWatches:
             "watch-endpoints": self._watch_endpoints,
             "watch-nodes": self._watch_nodes,
             "watch-policies": self._watch_policies,
+            "watch-services": self._watch_services,
         }
 
     async def _watch_identities(self) -> None:
@@ -94,12 +101,23 @@ class CacheWatches:
     async def _watch_policies(self) -> None:
         await self._watch_into("policies", self.stores.policies.watch(), self.cache.policies)
 
+    async def _watch_services(self) -> None:
+        await self._watch_into(
+            "services", self.stores.services.watch(), self.cache.services, self.services_changed
+        )
+
     async def _watch_into(
-        self, stream: str, events: AsyncIterator[StoreEvent[V]], cache: dict[str, V]
+        self,
+        stream: str,
+        events: AsyncIterator[StoreEvent[V]],
+        cache: dict[str, V],
+        changed: Callable[[], None] | None = None,
     ) -> None:
-        """Mirror a store watch into a cache; every change may change the policy."""
+        """Mirror a store watch into a cache; every change calls ``changed`` (default: the
+        policy may have changed)."""
+        notify = self.policy_changed if changed is None else changed
         async for event in events:
-            self.policy_changed()
+            notify()
             if event.kind is EventKind.SYNCED:
                 self._sweep(stream, cache)
                 self._synced_stream(stream)
