@@ -1,0 +1,323 @@
+"""Services: the model, the kvstore store, cpctl service, the LB maps, the agent (userspace).
+
+The datapath itself (the socket load balancer on real sockets) is tested in
+``tests/test_e2e_lb.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controlplane import codec
+from controlplane.agent.agent import Agent
+from controlplane.agent.services import ServiceFlusher, desired_frontends
+from controlplane.cli.common import CommandError
+from controlplane.datapath.lbmap import (
+    BackendAddr,
+    FrontendAddr,
+    LbMaps,
+    LbServiceValue,
+    userspace_lb_maps,
+)
+from controlplane.datapath.maps import UserspaceMap
+from controlplane.kvstore.embedded import EmbeddedEtcd
+from controlplane.kvstore.keys import KeyLayout
+from controlplane.kvstore.services import KvServiceStore
+from controlplane.kvstore.shards import ShardMap
+from controlplane.metrics import StoreMetrics
+from controlplane.model import InvalidRecord, ModelError, Service
+from controlplane.store_types import EventKind
+from tests.helpers import cpctl_in_process, eventually, running
+from tests.test_agent import agent_settings, give_cidrs, kv_config
+
+LAYOUT = KeyLayout()
+TCP, UDP = 6, 17
+VIP = IPv4Address("10.96.0.10")
+
+
+def service(
+    name: str = "web",
+    backends: list[dict[str, Any]] | None = None,
+    *,
+    frontends: list[dict[str, Any]] | None = None,
+    ip: str = "10.96.0.10",
+) -> Service:
+    return Service.from_dict({
+        "namespace": "default",
+        "name": name,
+        "cluster_ip": ip,
+        "frontends": frontends or [{"port": 80, "protocol": "TCP"}],
+        "backends": backends or [],
+    })  # fmt: skip
+
+
+def be(ip: str, port: int = 8080, **extra: Any) -> dict[str, Any]:
+    return {"ip": ip, "port": port, **extra}
+
+
+# -- model ----------------------------------------------------------------------------
+
+
+def test_service_round_trip_and_frontends() -> None:
+    svc = service(
+        frontends=[{"port": 80, "name": "http"}, {"port": 53, "protocol": "udp", "name": "dns"}],
+        backends=[be("10.0.1.5", frontend="http", node="node-a"), be("10.0.2.7", 53, frontend="dns")],
+    )
+    assert Service.from_dict(svc.to_dict()) == svc
+    assert Service.from_dict(json.loads(json.dumps(svc.to_dict()))) == svc
+    http, dns = svc.frontends
+    assert (http.port, http.protocol, dns.protocol) == (80, TCP, UDP)
+    assert [str(b) for b in svc.backends_of(http)] == ["10.0.1.5:8080"]
+    assert [str(b) for b in svc.backends_of(dns)] == ["10.0.2.7:53"]
+    assert svc.backends_of(http)[0].node == "node-a" and svc.id == "default/web"
+    # one frontend: backends need not name it; no backends is valid (refused at once)
+    assert len(service(backends=[be("10.0.1.5")]).backends) == 1
+    assert service().backends == ()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"cluster_ip": "fd00::10"}, "only IPv4"),
+        ({"cluster_ip": "10.96.0.300"}, "invalid IP address"),
+        ({"name": "Web"}, "service name"),
+        ({"frontends": []}, "at least one frontend"),
+        ({"frontends": [{"port": 0}]}, "port must be 1..65535"),
+        ({"frontends": [{"port": 80, "protocol": "SCTP"}]}, "TCP or UDP"),
+        ({"frontends": [{"port": 80, "name": "a"}, {"port": 80, "name": "b"}]}, "given twice"),
+        ({"frontends": [{"port": 80, "name": "a"}, {"port": 81, "name": "a"}]}, "name 'a'"),
+        ({"frontends": [{"port": 80}, {"port": 81}]}, "needs a name"),
+        ({"backends": [{"ip": "10.0.1.5"}]}, "missing field 'port'"),
+        ({"backends": [be("10.0.1.5"), be("10.0.1.5")]}, "given twice"),
+        ({"backends": [be("10.0.1.5", frontend="nope")]}, "does not have"),
+        ({"backends": [be("10.0.1.5", node="Bad_Node")]}, "node"),
+        (
+            {
+                "frontends": [{"port": 80, "name": "a"}, {"port": 81, "name": "b"}],
+                "backends": [be("10.0.1.5")],
+            },
+            "must name its frontend",
+        ),
+        ({"frontends": "80"}, "expected list"),
+    ],
+)
+def test_service_validation_is_one_clear_line(data: dict[str, Any], message: str) -> None:
+    base = {"namespace": "default", "name": "web", "cluster_ip": "10.96.0.10",
+            "frontends": [{"port": 80}]}  # fmt: skip
+    with pytest.raises(InvalidRecord, match=message) as info:
+        Service.from_dict({**base, **data})
+    assert "\n" not in str(info.value)
+    assert isinstance(info.value, ModelError)
+
+
+# -- the LB maps ------------------------------------------------------------------------
+
+
+def fe(port: int = 80, proto: int = TCP) -> FrontendAddr:
+    return FrontendAddr(VIP, port, proto)
+
+
+def bk(*last: int) -> list[BackendAddr]:
+    return [BackendAddr(IPv4Address(f"10.0.1.{n}"), 8080) for n in last]
+
+
+class _Recorder(UserspaceMap):
+    """A userspace map that logs every write, shared by two maps (the write order)."""
+
+    def __init__(self, log: list[str], *args: Any) -> None:
+        super().__init__(*args)
+        self.log = log
+
+    def batch_update(self, entries: Any) -> int:
+        self.log.extend(f"{self.name}:update" for _ in entries)
+        return super().batch_update(entries)
+
+    def batch_delete(self, keys: Any) -> int:
+        self.log.extend(f"{self.name}:delete" for _ in keys)
+        return super().batch_delete(keys)
+
+
+def test_lb_maps_versioned_sets_and_sweep() -> None:
+    order: list[str] = []
+    base = userspace_lb_maps()
+    maps = LbMaps(
+        _Recorder(order, "svc", base.services.key_size, base.services.value_size, 100),
+        _Recorder(order, "slots", base.slots.key_size, base.slots.value_size, 1000),
+    )
+    assert maps.sync({fe(): bk(1, 2), fe(53, UDP): []})
+    # slots first, then the frontend entries that point at them
+    assert order == ["slots:update"] * 2 + ["svc:update"] * 2
+    [dns, web] = maps.entries()
+    assert web.frontend == fe() and web.revision == 1 and list(web.backends) == bk(1, 2)
+    assert dns.backends == () and {web.frontend_id, dns.frontend_id} == {1, 2}
+    # unchanged: nothing is written
+    order.clear()
+    assert maps.sync({fe(): bk(1, 2), fe(53, UDP): []}) and order == []
+    # a new set: new revision's slots, the flip, then the old revision's slots go
+    assert maps.sync({fe(): bk(2, 3), fe(53, UDP): []})
+    assert order == ["slots:update"] * 2 + ["svc:update"] + ["slots:delete"] * 2
+    [_, web2] = maps.entries()
+    assert (web2.frontend_id, web2.revision) == (web.frontend_id, 2)
+    assert list(web2.backends) == bk(2, 3) and len(maps.slots) == 2
+    # a frontend removed: its entry, then its slots; ids are not reused at once
+    order.clear()
+    assert maps.sync({fe(53, UDP): [], fe(443): bk(9)})
+    assert order == ["slots:update", "svc:update", "svc:delete", "slots:delete", "slots:delete"]
+    ids = {e.frontend.port: e.frontend_id for e in maps.entries()}
+    assert ids[53] == dns.frontend_id and ids[443] not in (web.frontend_id, dns.frontend_id)
+    # a new process on the same maps adopts ids and revisions: nothing rewritten
+    again = LbMaps(maps.services, maps.slots)
+    order.clear()
+    assert again.sync({fe(53, UDP): [], fe(443): bk(9)}) and order == []
+    assert again.frontend_ids == maps.frontend_ids
+    # and sweeps what the store no longer has
+    assert again.sync({}) and len(again.services) == 0 and len(again.slots) == 0
+
+
+def test_lb_maps_a_failed_write_keeps_a_consistent_set() -> None:
+    maps = userspace_lb_maps()
+    assert maps.sync({fe(): bk(1)})
+    small = LbMaps(maps.services, UserspaceMap("slots", 12, 8, 2))
+    small.slots.batch_update(list(maps.slots.items()))  # the same content, a tiny map
+    assert not small.sync({fe(): bk(1, 2, 3)})  # the new set does not fit
+    [entry] = small.entries()
+    assert list(entry.backends) == bk(1) and entry.revision == 1  # the old set, whole
+    value = LbServiceValue.from_buffer_copy(next(iter(dict(small.services.items()).values())))
+    assert value.count == 1
+
+
+def test_desired_frontends_sorted_and_conflicts() -> None:
+    a = service("a", [be("10.0.1.9"), be("10.0.1.2")])
+    b = service("b", [be("10.0.2.1")])  # the same VIP and port: a conflict
+    desired, owners, conflicts = desired_frontends({"default/b": b, "default/a": a})
+    assert desired == {fe(): [BackendAddr(IPv4Address("10.0.1.2"), 8080),
+                              BackendAddr(IPv4Address("10.0.1.9"), 8080)]}  # fmt: skip
+    assert owners[fe()].service == "default/a"
+    assert conflicts == ["default/b: frontend 10.96.0.10:80/TCP already belongs to default/a"]
+
+
+def test_flusher_writes_nothing_before_the_list() -> None:
+    maps = userspace_lb_maps()
+    assert maps.sync({fe(): bk(1)})  # what a previous process left in pinned maps
+    listed = False
+    flusher = ServiceFlusher({}, maps, lambda: listed)
+    assert flusher.flush() is False and len(maps.services) == 1  # kept while unknown
+    listed = True
+    assert flusher.flush() is True and len(maps.services) == 0  # swept once listed
+
+
+# -- store, cpctl and the agent against etcd ----------------------------------------------
+
+
+async def test_service_store_put_list_watch_delete(etcd1: EmbeddedEtcd) -> None:
+    metrics = StoreMetrics.create()
+    async with ShardMap(kv_config(etcd1), own_connection=True) as shards:
+        store = KvServiceStore(shards, LAYOUT, metrics)
+        svc = service(backends=[be("10.0.1.5")])
+        await store.put(svc)
+        backend = shards.all()[0]
+        await backend.put(LAYOUT.service("default", "junk"), b"\xc1")
+        other = service("other").to_dict()
+        await backend.put(LAYOUT.service("default", "mismatch"), codec.encode("service", other))
+        await backend.put(LAYOUT.service("default", "bad"), codec.encode("service", {"x": 1}))
+        await backend.put(LAYOUT.service_prefix + b"a/b/c", codec.encode("service", other))
+        listed = await store.list()
+        assert [v.value for v in listed] == [svc]
+        malformed = metrics.registry.get_sample_value(
+            "cp_store_malformed_values_total", {"resource": "service"}
+        )
+        assert malformed == 4
+        events = store.watch()
+        first = await anext(events)
+        assert (first.kind, first.name, first.value) == (EventKind.UPSERT, "default/web", svc)
+        assert (await anext(events)).kind is EventKind.SYNCED
+        assert await store.delete("default", "web") and not await store.delete("default", "web")
+        gone = await anext(events)
+        assert (gone.kind, gone.name, gone.value) == (EventKind.DELETE, "default/web", svc)
+        await events.aclose()  # type: ignore[attr-defined]
+
+
+async def test_cpctl_service_put_list_delete(
+    etcd1: EmbeddedEtcd, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    yaml_file = tmp_path / "web.yaml"
+    yaml_file.write_text(
+        "namespace: default\nname: web\ncluster_ip: 10.96.0.10\n"
+        "frontends: [{port: 80, protocol: TCP}]\n"
+        "backends: [{ip: 10.0.1.5, port: 8080, node: node-a}]\n"
+    )
+    json_file = tmp_path / "dns.json"
+    json_file.write_text(json.dumps([service("dns", frontends=[{"port": 53, "protocol": "UDP"}],
+                                             ip="10.96.0.53").to_dict()]))  # fmt: skip
+    assert await cpctl_in_process(etcd1, "service", "put", str(yaml_file)) == 0
+    assert await cpctl_in_process(etcd1, "service", "put", str(json_file)) == 0
+    assert "service default/web stored" in capsys.readouterr().out
+    assert await cpctl_in_process(etcd1, "service", "list") == 0
+    out, err = capsys.readouterr()
+    assert "10.96.0.10:80/TCP" in out and "10.0.1.5:8080@node-a" in out
+    assert "(none: connections refused)" in out and "2 services" in err
+    assert await cpctl_in_process(etcd1, "service", "list", "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in data["services"]] == ["dns", "web"] and data["malformed"] == 0
+    assert Service.from_dict(data["services"][1]) == service(
+        backends=[be("10.0.1.5", node="node-a")]
+    )
+    assert await cpctl_in_process(etcd1, "service", "delete", "default/dns", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == {"deleted": "default/dns"}
+    with pytest.raises(CommandError, match="not found"):
+        await cpctl_in_process(etcd1, "service", "delete", "default/dns")
+    with pytest.raises(CommandError, match="NS/NAME"):
+        await cpctl_in_process(etcd1, "service", "delete", "dns")
+    bad = tmp_path / "bad.yaml"
+    for text, message in (
+        ("namespace: default\nname: x\ncluster_ip: 10.96.0.1\nfrontends: [{port: 99999}]\n",
+         "port must be 1..65535"),
+        ("{", "not YAML/JSON"),
+        ("- 1\n", "expected a dict"),
+    ):  # fmt: skip
+        bad.write_text(text)
+        with pytest.raises(CommandError, match=message) as info:
+            await cpctl_in_process(etcd1, "service", "put", str(bad))
+        assert info.value.status == 2 and "\n" not in str(info.value)
+    with pytest.raises(CommandError, match="No such file") as info:
+        await cpctl_in_process(etcd1, "service", "put", str(tmp_path / "missing.yaml"))
+    assert info.value.status == 2
+    assert await cpctl_in_process(etcd1, "service", "list", "--json") == 0
+    assert [s["name"] for s in json.loads(capsys.readouterr().out)["services"]] == ["web"]
+
+
+async def test_agent_programs_services_and_follows_changes(
+    etcd1: EmbeddedEtcd, tmp_path: Path
+) -> None:
+    await give_cidrs(etcd1, "node-a")
+    config = kv_config(etcd1)
+    a = Agent(agent_settings(tmp_path, "node-a", "127.0.0.11"), config)  # userspace maps
+
+    def backends() -> dict[FrontendAddr, list[BackendAddr | None]]:
+        return {e.frontend: list(e.backends) for e in a.lb_maps.entries()}
+
+    async with running(a), ShardMap(config, own_connection=True) as shards:
+        store = KvServiceStore(shards, LAYOUT, StoreMetrics.create())
+        await asyncio.wait_for(a.wait_ready(), 20)
+        await store.put(service(backends=[be("10.0.1.2"), be("10.0.1.1")]))
+        await eventually(lambda: backends() == {fe(): bk(1, 2)}, message="service programmed")
+        await store.put(service(backends=[be("10.0.1.3")]))
+        await eventually(lambda: backends() == {fe(): bk(3)}, message="backends replaced")
+        # a malformed record is counted and skipped; the agent carries on
+        await shards.all()[0].put(LAYOUT.service("default", "junk"), b"\xc1")
+        await store.put(service("empty", ip="10.96.0.11"))
+        empty = FrontendAddr(IPv4Address("10.96.0.11"), 80, TCP)
+        await eventually(lambda: backends().get(empty) == [], message="no-backend frontend")
+        skipped = a.metrics.registry.get_sample_value(
+            "cp_store_malformed_values_total", {"resource": "service"}
+        )
+        assert skipped == 1
+        assert a.status()["services"]["frontends"] == 2
+        await store.delete("default", "web")
+        await eventually(lambda: fe() not in backends(), message="service removed")
