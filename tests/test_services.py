@@ -67,7 +67,10 @@ def be(ip: str, port: int = 8080, **extra: Any) -> dict[str, Any]:
 def test_service_round_trip_and_frontends() -> None:
     svc = service(
         frontends=[{"port": 80, "name": "http"}, {"port": 53, "protocol": "udp", "name": "dns"}],
-        backends=[be("10.0.1.5", frontend="http", node="node-a"), be("10.0.2.7", 53, frontend="dns")],
+        backends=[
+            be("10.0.1.5", frontend="http", node="node-a"),
+            be("10.0.2.7", 53, frontend="dns"),
+        ],
     )
     assert Service.from_dict(svc.to_dict()) == svc
     assert Service.from_dict(json.loads(json.dumps(svc.to_dict()))) == svc
