@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -305,22 +306,37 @@ async def test_agent_programs_services_and_follows_changes(
     def backends() -> dict[FrontendAddr, list[BackendAddr | None]]:
         return {e.frontend: list(e.backends) for e in a.lb_maps.entries()}
 
-    async with running(a), ShardMap(config, own_connection=True) as shards:
+    async with ShardMap(config, own_connection=True) as shards:
         store = KvServiceStore(shards, LAYOUT, StoreMetrics.create())
-        await asyncio.wait_for(a.wait_ready(), 20)
-        await store.put(service(backends=[be("10.0.1.2"), be("10.0.1.1")]))
-        await eventually(lambda: backends() == {fe(): bk(1, 2)}, message="service programmed")
-        await store.put(service(backends=[be("10.0.1.3")]))
-        await eventually(lambda: backends() == {fe(): bk(3)}, message="backends replaced")
-        # a malformed record is counted and skipped; the agent carries on
-        await shards.all()[0].put(LAYOUT.service("default", "junk"), b"\xc1")
-        await store.put(service("empty", ip="10.96.0.11"))
-        empty = FrontendAddr(IPv4Address("10.96.0.11"), 80, TCP)
-        await eventually(lambda: backends().get(empty) == [], message="no-backend frontend")
-        skipped = a.metrics.registry.get_sample_value(
-            "cp_store_malformed_values_total", {"resource": "service"}
-        )
-        assert skipped == 1
-        assert a.status()["services"]["frontends"] == 2
-        await store.delete("default", "web")
-        await eventually(lambda: fe() not in backends(), message="service removed")
+        # listed before the agent is ready (nothing written until then), programmed after
+        await store.put(service("early", [be("10.0.9.9")], ip="10.96.0.9"))
+        async with running(a):
+            await asyncio.wait_for(a.wait_ready(), 20)
+            early = FrontendAddr(IPv4Address("10.96.0.9"), 80, TCP)
+            await eventually(lambda: early in backends(), message="a listed service programmed")
+            await _follows_changes(a, store, shards, backends)
+
+
+async def _follows_changes(
+    a: Agent,
+    store: KvServiceStore,
+    shards: ShardMap,
+    backends: Callable[[], dict[FrontendAddr, list[BackendAddr | None]]],
+) -> None:
+    """Programmed, replaced, a malformed record skipped, an empty service, a delete."""
+    await store.put(service(backends=[be("10.0.1.2"), be("10.0.1.1")]))
+    await eventually(lambda: backends().get(fe()) == bk(1, 2), message="service programmed")
+    await store.put(service(backends=[be("10.0.1.3")]))
+    await eventually(lambda: backends().get(fe()) == bk(3), message="backends replaced")
+    # a malformed record is counted and skipped; the agent carries on
+    await shards.all()[0].put(LAYOUT.service("default", "junk"), b"\xc1")
+    await store.put(service("empty", ip="10.96.0.11"))
+    empty = FrontendAddr(IPv4Address("10.96.0.11"), 80, TCP)
+    await eventually(lambda: backends().get(empty) == [], message="no-backend frontend")
+    skipped = a.metrics.registry.get_sample_value(
+        "cp_store_malformed_values_total", {"resource": "service"}
+    )
+    assert skipped == 1
+    assert a.status()["services"]["frontends"] == 3
+    await store.delete("default", "web")
+    await eventually(lambda: fe() not in backends(), message="service removed")

@@ -36,7 +36,9 @@ class FrontendOwner:
 
     service: str
     frontend: str
-    """``port/PROTO`` (and ``name`` when the frontend has one)."""
+    """``VIP:port/PROTO``."""
+    name: str
+    """The frontend's name (empty when the service has one unnamed frontend)."""
 
 
 def desired_frontends(
@@ -59,8 +61,7 @@ def desired_frontends(
                 continue
             backends = sorted(BackendAddr(_v4(be.ip), be.port) for be in service.backends_of(fe))
             desired[addr] = backends
-            label = f"{fe} {fe.name}" if fe.name else str(fe)
-            owners[addr] = FrontendOwner(sid, label)
+            owners[addr] = FrontendOwner(sid, f"{vip}:{fe}", fe.name)
     return desired, owners, conflicts
 
 
@@ -155,13 +156,12 @@ class ServiceCounters:
                 owner = self.flusher.owners.get(addr)
                 if counters is None or owner is None:
                     continue
-                frontend = f"{addr.vip}:{owner.frontend}"
                 for result, value in (
                     ("connect", counters.connects),
                     ("datagram", counters.datagrams),
                     ("refused", counters.refused),
                 ):
-                    family.add_metric([owner.service, frontend, result], value)
+                    family.add_metric([owner.service, owner.frontend, result], value)
         except (KernelMapError, OSError) as exc:
             if not self._failing:
                 log.warning("service counters unreadable: %s", exc)

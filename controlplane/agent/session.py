@@ -188,6 +188,7 @@ class Session:
         self.ready.set()
         host.session_ready()
         host.policy.changed()
+        host.services.changed()
         log.info(
             "%s: ready (generation %d, CIDR %s, %d endpoints)",
             s.node,
