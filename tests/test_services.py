@@ -7,7 +7,9 @@ The datapath itself (the socket load balancer on real sockets) is tested in
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
+import subprocess
 from collections.abc import Callable
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -19,6 +21,7 @@ from controlplane import codec
 from controlplane.agent.agent import Agent
 from controlplane.agent.services import ServiceFlusher, desired_frontends
 from controlplane.cli.common import CommandError
+from controlplane.datapath import lbmap
 from controlplane.datapath.lbmap import (
     BackendAddr,
     FrontendAddr,
@@ -34,7 +37,7 @@ from controlplane.kvstore.shards import ShardMap
 from controlplane.metrics import StoreMetrics
 from controlplane.model import InvalidRecord, ModelError, Service
 from controlplane.store_types import EventKind
-from tests.helpers import cpctl_in_process, eventually, running
+from tests.helpers import cpctl_in_process, eventually, requires, running, tools_unmet
 from tests.test_agent import agent_settings, give_cidrs, kv_config
 
 LAYOUT = KeyLayout()
@@ -340,3 +343,58 @@ async def _follows_changes(
     assert a.status()["services"]["frontends"] == 3
     await store.delete("default", "web")
     await eventually(lambda: fe() not in backends(), message="service removed")
+
+
+# -- bpf/cp_lb.h against the ctypes mirrors -----------------------------------------------
+
+_LB_LAYOUTS: dict[str, type[ctypes.Structure]] = {
+    "cp_lb_service_key": lbmap.LbServiceKey,
+    "cp_lb_service_value": lbmap.LbServiceValue,
+    "cp_lb_slot_key": lbmap.LbSlotKey,
+    "cp_lb_backend": lbmap.LbBackend,
+    "cp_lb_revnat_key": lbmap.LbRevnatKey,
+    "cp_lb_revnat_value": lbmap.LbRevnatValue,
+    "cp_lb_metrics_value": lbmap.LbMetricsValue,
+}
+_LB_CONSTANTS = {
+    "CP_LB_SERVICES_MAX_ENTRIES": lbmap.LB_SERVICES_MAX_ENTRIES,
+    "CP_LB_SLOTS_MAX_ENTRIES": lbmap.LB_SLOTS_MAX_ENTRIES,
+    "CP_LB_METRICS_MAX_ENTRIES": lbmap.LB_METRICS_MAX_ENTRIES,
+}
+
+
+@requires(tools_unmet("clang"))
+def test_lb_c_and_python_layouts_agree(tmp_path: Path) -> None:
+    lines = ["#include <stdio.h>", "#include <stddef.h>", '#include "cp_lb.h"', "int main(void){"]
+    for cname, py in _LB_LAYOUTS.items():
+        lines.append(f'printf("{cname} - %zu\\n", sizeof(struct {cname}));')
+        for fname, *_ in py._fields_:
+            lines.append(
+                f'printf("{cname} {fname} %zu %zu\\n", offsetof(struct {cname}, {fname}), '
+                f"sizeof(((struct {cname} *)0)->{fname}));"
+            )
+    for name in _LB_CONSTANTS:
+        lines.append(f'printf("const {name} %d\\n", {name});')
+    src = tmp_path / "probe.c"
+    src.write_text("\n".join([*lines, "return 0;}"]) + "\n")
+    exe = tmp_path / "probe"
+    bpf_dir = Path(__file__).resolve().parents[1] / "bpf"
+    cc = subprocess.run(
+        ["clang", "-Wall", "-Werror", f"-I{bpf_dir}", str(src), "-o", str(exe)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert cc.returncode == 0, cc.stderr
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    c = {
+        tuple(line.split()[:2]): tuple(int(n) for n in line.split()[2:])
+        for line in out.splitlines()
+    }
+    for cname, py in _LB_LAYOUTS.items():
+        assert c[(cname, "-")] == (ctypes.sizeof(py),), cname
+        for fname, *_ in py._fields_:
+            field = getattr(py, fname)
+            assert c[(cname, fname)] == (field.offset, field.size), f"{cname}.{fname}"
+    for name, value in _LB_CONSTANTS.items():
+        assert c[("const", name)] == (value,), name
