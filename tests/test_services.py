@@ -20,6 +20,7 @@ import pytest
 from controlplane import codec
 from controlplane.agent.agent import Agent
 from controlplane.agent.services import ServiceFlusher, desired_frontends
+from controlplane.bench.lb import connection_unavailable
 from controlplane.cli.common import CommandError
 from controlplane.datapath import lbmap
 from controlplane.datapath.lbmap import (
@@ -398,3 +399,20 @@ def test_lb_c_and_python_layouts_agree(tmp_path: Path) -> None:
             assert c[(cname, fname)] == (field.offset, field.size), f"{cname}.{fname}"
     for name, value in _LB_CONSTANTS.items():
         assert c[("const", name)] == (value,), name
+
+
+async def test_cpctl_bench_lb_measures_both_halves(
+    etcd1: EmbeddedEtcd, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "lb.json"
+    argv = ["bench", "lb", "--connections", "200", "--rounds", "1", "--changes", "10"]
+    assert await cpctl_in_process(etcd1, *argv, "--output", str(out), "--json") == 0
+    record = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == record
+    lat = record["store_to_map"]
+    assert lat["changes"] == 10 and 0 < lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"] < 10_000
+    conns = record["connections"]
+    if connection_unavailable() is None:  # root, eBPF, cgroup v2: the real comparison
+        assert conns["direct_per_s"] > 0 and conns["vip_per_s"] > 0 and conns["ratio"] > 0
+    else:
+        assert conns == {"skipped": connection_unavailable()}

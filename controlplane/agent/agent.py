@@ -135,8 +135,10 @@ class Agent:
                     close_policy_maps(policy_maps)
                 raise
             self.sock_lb = start_sock_lb(choice, settings.bpf_pin_dir, settings.lb_cgroup)
-            if choice.kernel and not self.sock_lb.attached:
+            if choice.kernel and settings.lb_cgroup is not None and not self.sock_lb.attached:
                 log.error("%s: services not balanced: %s", settings.node, self.sock_lb.detail)
+            elif choice.kernel and settings.lb_cgroup is None:
+                log.info("%s: service maps kept, not balanced: no --lb-cgroup", settings.node)
         else:
             self.sock_lb = start_sock_lb(DatapathChoice(False, ""), settings.bpf_pin_dir, None)
         self.lb_maps = lb_maps

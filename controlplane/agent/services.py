@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address
@@ -88,6 +89,9 @@ class ServiceFlusher:
         self.flushes = 0
         self.synced_revision = 0
         """How many flushes wrote the maps successfully (tests wait on it)."""
+        self.written_at: dict[FrontendAddr, float] = {}
+        """Frontend -> when (monotonic) its current backend set was flipped in: the end of
+        a store-to-map latency measurement."""
         self._listed_once = False
         self._wake = asyncio.Event()
 
@@ -119,6 +123,11 @@ class ServiceFlusher:
         self.flushes += 1
         if not self.maps.sync(desired):
             return None
+        now = time.monotonic()
+        for addr in self.maps.last_flipped:
+            self.written_at[addr] = now
+        for addr in [a for a in self.written_at if a not in owners]:
+            del self.written_at[addr]
         self.owners = owners
         self.synced_revision += 1
         return True

@@ -221,6 +221,8 @@ class LbMaps:
         self.stats = LbMapStats()
         self.frontend_ids: dict[FrontendAddr, int] = {}
         """Each frontend's id as of the last successful sync."""
+        self.last_flipped: list[FrontendAddr] = []
+        """The frontends the last successful sync created or switched to a new set."""
 
     def sync(self, desired: Mapping[FrontendAddr, Sequence[BackendAddr]]) -> bool:
         """Make both maps equal ``desired`` (see the module docstring); False when a write
@@ -232,6 +234,7 @@ class LbMaps:
         next_id = 1
         new_slots: list[tuple[bytes, bytes]] = []
         flips: list[tuple[bytes, bytes]] = []
+        flipped: list[FrontendAddr] = []
         fresh_ids: list[int] = []
         keep: set[bytes] = set()
         want_keys: set[bytes] = set()
@@ -264,6 +267,7 @@ class LbMaps:
                 keep.add(skey)
                 new_slots.append((skey, value))
             flips.append((key, bytes(LbServiceValue(fid, revision, len(want), 0))))
+            flipped.append(fe)
             ids[fe] = fid
         stale = [k for k in have if k not in want_keys]
         stale_slots = [k for k in have_slots if k not in keep]
@@ -280,6 +284,7 @@ class LbMaps:
             return False
         self.stats.flips += len(flips)
         self.frontend_ids = ids
+        self.last_flipped = flipped
         return True
 
     def entries(self) -> list[LbEntry]:
