@@ -33,6 +33,7 @@ import pytest
 import pytest_asyncio
 
 from controlplane.agent.agent import Agent
+from controlplane.agent.api import request
 from controlplane.cli.main import build_parser
 from controlplane.datapath.lbmap import FrontendAddr
 from controlplane.datapath.sock_lb import cgroup2_mount
@@ -43,6 +44,7 @@ from controlplane.kvstore.services import KvServiceStore
 from controlplane.kvstore.shards import ShardMap
 from controlplane.metrics import StoreMetrics
 from controlplane.model import NetworkPolicy, Service
+from controlplane.processes import Daemon
 from tests.helpers import eventually, kernel_tests_unmet, missing_tool, requires
 from tests.test_agent import kv_config
 from tests.test_e2e_datapath import (
@@ -329,37 +331,79 @@ async def test_service_without_backends_is_refused_at_once(lb: Lb) -> None:
         assert counter(lb.n1, frontend, "refused", "default/empty") == 5
 
 
-async def test_agents_killed_and_restarted_while_a_client_connects(lb: Lb) -> None:
+def agent_process(lb: Lb, node: str, log: Path) -> Daemon:
+    """``cp-agent`` for ``node`` as a process of its own, with the in-process agent's
+    settings (same pins, cgroup, socket, routes namespace)."""
+    s = lb.cluster.settings[node]
+    assert s.lb_cgroup is not None
+    return Daemon(
+        f"agent-{node}",
+        "controlplane.agent.main",
+        [
+            "--kvstore-endpoints", ",".join(lb.cluster.etcd.client_urls),
+            "--node-name", node, "--node-ip", str(s.node_ips[0]),
+            "--api-socket", str(s.api_socket), "--metrics-address", "0",
+            "--lease-ttl", str(s.lease_ttl), "--status-check-interval", "0.2",
+            "--datapath", "kernel", "--bpf-pin-dir", str(s.bpf_pin_dir),
+            "--routes", "--routes-netns", str(s.routes_netns), "--lb-cgroup", str(s.lb_cgroup),
+        ],
+        log,
+    )  # fmt: skip
+
+
+async def test_agents_sigkilled_and_restarted_while_a_client_connects(
+    lb: Lb, tmp_path: Path
+) -> None:
     c = lb.cluster
     await lb.services.put(web(lb, "b1", "b2"))
     await programmed(lb, "b1", "b2")
     before = lb.n1.lb_maps.entries()
-    traffic = await start_client(lb, HTTP, "tcp", interval=0.005)
+    # node1 (the client's node) runs its agent as a real process, to SIGKILL it
+    await c.kill("node1")
+    daemon = agent_process(lb, "node1", tmp_path / "agent-node1.log")
+    await daemon.start()
     try:
-        await eventually(lambda: sum(traffic.outcomes().values()) >= 20, message="client warm")
-        killed = time.monotonic()
-        await c.kill("node1")  # as a SIGKILL: no cleanup of any kind
-        await c.kill("node2")
-        await eventually(
-            lambda: sum(traffic.outcomes(killed).values()) >= 20,
-            message="connections while no agent runs",
-        )
-        n1, n2 = await c.start("node1"), await c.start("node2")
-        for agent in (n1, n2):
-            assert agent.sock_lb.attached and "replaced" in agent.sock_lb.detail
 
-        def intact() -> bool:
-            assert n1.lb_maps.entries() == before, "the LB maps changed during the restart"
-            return n1.ready and n1.services.synced_revision > 0
+        async def daemon_synced() -> bool:
+            try:
+                _, st = await request(c.settings["node1"].api_socket, "GET", "/v1/status")
+            except (OSError, TimeoutError):
+                return False
+            lb_state = st["datapath"]["socket_lb"]
+            assert not st["ready"] or lb_state["attached"], lb_state
+            return bool(st["ready"] and st["services"]["flushes"] > 0)
 
-        await eventually(intact, interval=0.01, message="node1 agent restarted and synced")
-        restarted = time.monotonic()
-        await eventually(
-            lambda: sum(traffic.outcomes(restarted).values()) >= 20,
-            message="connections after the restart",
-        )
+        await eventually(daemon_synced, message="cp-agent process for node1 ready")
+        traffic = await start_client(lb, HTTP, "tcp", interval=0.005)
+        try:
+            await eventually(lambda: sum(traffic.outcomes().values()) >= 20, message="client warm")
+            killed = time.monotonic()
+            assert daemon.process is not None
+            daemon.process.kill()  # SIGKILL: no cleanup of any kind
+            await daemon.process.wait()
+            await c.kill("node2")
+            await eventually(
+                lambda: sum(traffic.outcomes(killed).values()) >= 20,
+                message="connections while no agent runs",
+            )
+            n1, n2 = await c.start("node1"), await c.start("node2")
+            for agent in (n1, n2):
+                assert agent.sock_lb.attached and "replaced" in agent.sock_lb.detail
+
+            def intact() -> bool:
+                assert n1.lb_maps.entries() == before, "the LB maps changed during the restart"
+                return n1.ready and n1.services.synced_revision > 0
+
+            await eventually(intact, interval=0.01, message="node1 agent restarted and synced")
+            restarted = time.monotonic()
+            await eventually(
+                lambda: sum(traffic.outcomes(restarted).values()) >= 20,
+                message="connections after the restart",
+            )
+        finally:
+            results = await traffic.finish()
     finally:
-        results = await traffic.finish()
+        await daemon.stop()
     assert n1.lb_maps.stats.updates == 0 and n1.lb_maps.stats.deletes == 0  # adopted as is
     outcomes = Counter(outcome for _, outcome, _, _ in results)
     failed = {o: n for o, n in outcomes.items() if o not in ("b1", "b2")}

@@ -137,6 +137,8 @@ class Agent:
             self.sock_lb = start_sock_lb(choice, settings.bpf_pin_dir, settings.lb_cgroup)
             if choice.kernel and settings.lb_cgroup is not None and not self.sock_lb.attached:
                 log.error("%s: services not balanced: %s", settings.node, self.sock_lb.detail)
+            elif self.sock_lb.attached:
+                log.info("%s: socket load balancer: %s", settings.node, self.sock_lb.detail)
             elif choice.kernel and settings.lb_cgroup is None:
                 log.info("%s: service maps kept, not balanced: no --lb-cgroup", settings.node)
         else:
