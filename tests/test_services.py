@@ -21,6 +21,7 @@ from controlplane import codec
 from controlplane.agent.agent import Agent
 from controlplane.agent.services import ServiceFlusher, desired_frontends
 from controlplane.bench.lb import connection_unavailable
+from controlplane.cli import status_cmd
 from controlplane.cli.common import CommandError
 from controlplane.datapath import lbmap
 from controlplane.datapath.lbmap import (
@@ -301,7 +302,7 @@ async def test_cpctl_service_put_list_delete(
 
 
 async def test_agent_programs_services_and_follows_changes(
-    etcd1: EmbeddedEtcd, tmp_path: Path
+    etcd1: EmbeddedEtcd, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     await give_cidrs(etcd1, "node-a")
     config = kv_config(etcd1)
@@ -318,7 +319,7 @@ async def test_agent_programs_services_and_follows_changes(
             await asyncio.wait_for(a.wait_ready(), 20)
             early = FrontendAddr(IPv4Address("10.96.0.9"), 80, TCP)
             await eventually(lambda: early in backends(), message="a listed service programmed")
-            await _follows_changes(a, store, shards, backends)
+            await _follows_changes(a, store, shards, backends, capsys)
 
 
 async def _follows_changes(
@@ -326,6 +327,7 @@ async def _follows_changes(
     store: KvServiceStore,
     shards: ShardMap,
     backends: Callable[[], dict[FrontendAddr, list[BackendAddr | None]]],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Programmed, replaced, a malformed record skipped, an empty service, a delete."""
     await store.put(service(backends=[be("10.0.1.2"), be("10.0.1.1")]))
@@ -342,6 +344,9 @@ async def _follows_changes(
     )
     assert skipped == 1
     assert a.status()["services"]["frontends"] == 3
+    assert await status_cmd.show(a.settings.api_socket, as_json=False) == 0
+    shown = capsys.readouterr().out
+    assert "services:   3 services, 3 frontends; socket LB not attached (userspace" in shown
     await store.delete("default", "web")
     await eventually(lambda: fe() not in backends(), message="service removed")
 
