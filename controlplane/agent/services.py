@@ -14,7 +14,6 @@ wins, the other's frontend is reported as a conflict (logged once, in the status
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -24,6 +23,7 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, Metric
 
+from controlplane.agent.flushing import Flusher
 from controlplane.datapath.bpf_syscall import KernelMapError
 from controlplane.datapath.lbmap import BackendAddr, FrontendAddr, LbMaps
 from controlplane.model import IPAddress, Service
@@ -72,7 +72,7 @@ def _v4(ip: IPAddress) -> IPv4Address:
     return ip
 
 
-class ServiceFlusher:
+class ServiceFlusher(Flusher):
     """Keeps the LB maps equal to the services in the cache."""
 
     def __init__(
@@ -81,6 +81,7 @@ class ServiceFlusher:
         maps: LbMaps,
         inputs_listed: Callable[[], bool],
     ) -> None:
+        super().__init__()
         self.services = services
         self.maps = maps
         self._inputs_listed = inputs_listed
@@ -93,20 +94,6 @@ class ServiceFlusher:
         """Frontend -> when (monotonic) its current backend set was flipped in: the end of
         a store-to-map latency measurement."""
         self._listed_once = False
-        self._wake = asyncio.Event()
-
-    def changed(self) -> None:
-        """A service changed: flush soon (at once when idle)."""
-        self._wake.set()
-
-    async def run(self) -> None:
-        while True:
-            await self._wake.wait()
-            await asyncio.sleep(0)
-            self._wake.clear()
-            if self.flush() is None:  # a map write failed: retry after a pause
-                await asyncio.sleep(1.0)
-                self._wake.set()
 
     def flush(self) -> bool | None:
         """Write the differences; False when the services are not listed yet (nothing

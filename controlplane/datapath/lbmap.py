@@ -31,11 +31,16 @@ from controlplane.datapath.bpf_syscall import (
     BPF_F_NO_PREALLOC,
     BPF_MAP_TYPE_HASH,
     BPF_MAP_TYPE_PERCPU_ARRAY,
-    MapMismatchError,
     ensure_bpffs,
 )
-from controlplane.datapath.kernel import KernelMap
-from controlplane.datapath.maps import Map, MapError, UserspaceMap
+from controlplane.datapath.kernel import KernelMap, pinned_map
+from controlplane.datapath.maps import (
+    Map,
+    MapError,
+    UserspaceMap,
+    delete_in_batches,
+    update_in_batches,
+)
 
 log = logging.getLogger(__name__)
 
@@ -304,12 +309,10 @@ class LbMaps:
             )
 
     def _update(self, map_: Map, entries: list[tuple[bytes, bytes]]) -> None:
-        for i in range(0, len(entries), self.batch_size):
-            self.stats.updates += map_.batch_update(entries[i : i + self.batch_size])
+        self.stats.updates += update_in_batches(map_, entries, self.batch_size)
 
     def _delete(self, map_: Map, keys: list[bytes]) -> None:
-        for i in range(0, len(keys), self.batch_size):
-            self.stats.deletes += map_.batch_delete(keys[i : i + self.batch_size])
+        self.stats.deletes += delete_in_batches(map_, keys, self.batch_size)
 
 
 def read_counters(metrics: KernelMap, frontend_id: int) -> LbCounters | None:
@@ -348,31 +351,6 @@ def userspace_lb_maps() -> LbMaps:
     )
 
 
-def _pinned(
-    directory: Path, name: str, map_type: int, sizes: tuple[int, int], max_entries: int, flags: int
-) -> KernelMap:
-    """The map pinned at ``<directory>/<name>`` (its layout must match ``bpf/cp_lb.h``),
-    else created exactly as declared there and pinned, so libbpf reuses it."""
-    path = directory / name
-    want = (map_type, sizes[0], sizes[1], max_entries, flags)
-    if path.exists():
-        kmap = KernelMap.open_pinned(path)
-        got = (kmap.map_type, kmap.key_size, kmap.value_size, kmap.max_entries, kmap.flags)
-        if got != want:
-            kmap.close()
-            raise MapMismatchError(
-                f"pinned map {path}: (type, key, value, max, flags) {got}, want {want}"
-            )
-        return kmap
-    kmap = KernelMap.create(name, map_type, sizes[0], sizes[1], max_entries, flags)
-    try:
-        kmap.pin(os.fspath(path))
-    except BaseException:
-        kmap.close()
-        raise
-    return kmap
-
-
 def pinned_lb_maps(pin_dir: Path) -> LbMaps:
     """``cp_lb_services``, ``cp_lb_slots`` and ``cp_lb_metrics`` pinned under ``pin_dir``."""
     ensure_bpffs()
@@ -388,7 +366,7 @@ def pinned_lb_maps(pin_dir: Path) -> LbMaps:
     opened: list[KernelMap] = []
     try:
         for name, map_type, sizes, max_entries, flags in specs:
-            opened.append(_pinned(directory, name, map_type, sizes, max_entries, flags))
+            opened.append(pinned_map(directory, name, map_type, sizes, max_entries, flags))
     except BaseException:
         for kmap in opened:
             kmap.close()
