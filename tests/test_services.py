@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import json
+import os
 import subprocess
 from collections.abc import Callable
 from ipaddress import IPv4Address
@@ -20,10 +21,17 @@ import pytest
 from controlplane import codec
 from controlplane.agent.agent import Agent
 from controlplane.agent.services import ServiceFlusher, desired_frontends
+from controlplane.agent.settings import DatapathMode
 from controlplane.bench.lb import connection_unavailable
 from controlplane.cli import status_cmd
 from controlplane.cli.common import CommandError
 from controlplane.datapath import lbmap
+from controlplane.datapath.bpf_syscall import (
+    BPF_F_NO_PREALLOC,
+    BPF_MAP_TYPE_HASH,
+    BPF_MAP_TYPE_PERCPU_ARRAY,
+)
+from controlplane.datapath.kernel import KernelMap
 from controlplane.datapath.lbmap import (
     BackendAddr,
     FrontendAddr,
@@ -32,6 +40,7 @@ from controlplane.datapath.lbmap import (
     userspace_lb_maps,
 )
 from controlplane.datapath.maps import UserspaceMap
+from controlplane.datapath.sock_lb import cgroup2_mount, sock_lb_attached
 from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.services import KvServiceStore
@@ -39,7 +48,15 @@ from controlplane.kvstore.shards import ShardMap
 from controlplane.metrics import StoreMetrics
 from controlplane.model import InvalidRecord, ModelError, Service
 from controlplane.store_types import EventKind
-from tests.helpers import cpctl_in_process, eventually, requires, running, tools_unmet
+from tests.helpers import (
+    cpctl_in_process,
+    eventually,
+    kernel_tests_unmet,
+    missing_tool,
+    requires,
+    running,
+    tools_unmet,
+)
 from tests.test_agent import agent_settings, give_cidrs, kv_config
 
 LAYOUT = KeyLayout()
@@ -421,3 +438,56 @@ async def test_cpctl_bench_lb_measures_both_halves(
         assert conns["direct_per_s"] > 0 and conns["vip_per_s"] > 0 and conns["ratio"] > 0
     else:
         assert conns == {"skipped": connection_unavailable()}
+
+
+# -- kernel mode: pins, links and their cleanup -------------------------------------------
+
+
+@requires(kernel_tests_unmet() or (None if cgroup2_mount() else missing_tool("no cgroup v2")))
+async def test_kernel_lb_maps_and_links_pinned_then_cleaned_up(
+    etcd1: EmbeddedEtcd, tmp_path: Path, bpf_pin_dir: Path
+) -> None:
+    root = cgroup2_mount()
+    assert root is not None
+    cgroup = root / f"cp-test-{bpf_pin_dir.name}"
+    cgroup.mkdir()
+    try:
+        await give_cidrs(etcd1, "node-a")
+        settings = agent_settings(
+            tmp_path,
+            "node-a",
+            "127.0.0.11",
+            datapath=DatapathMode.KERNEL,
+            bpf_pin_dir=bpf_pin_dir,
+            lb_cgroup=cgroup,
+            cleanup_on_exit=True,
+        )
+        a = Agent(settings, kv_config(etcd1))
+        assert a.sock_lb.attached and "connect4: attached" in a.sock_lb.detail
+        for name, kind, sizes, flags in (
+            (lbmap.LB_SERVICES_MAP_NAME, BPF_MAP_TYPE_HASH, (8, 12), BPF_F_NO_PREALLOC),
+            (lbmap.LB_SLOTS_MAP_NAME, BPF_MAP_TYPE_HASH, (12, 8), 0),
+            (lbmap.LB_METRICS_MAP_NAME, BPF_MAP_TYPE_PERCPU_ARRAY, (4, 32), 0),
+        ):
+            with KernelMap.open_pinned(bpf_pin_dir / name) as kmap:  # as bpf/cp_lb.h says
+                assert (kmap.map_type, kmap.key_size, kmap.value_size, kmap.flags) == (
+                    kind, *sizes, flags,
+                )  # fmt: skip
+        assert sock_lb_attached(bpf_pin_dir)
+        async with running(a), ShardMap(kv_config(etcd1), own_connection=True) as shards:
+            await asyncio.wait_for(a.wait_ready(), 20)
+            await KvServiceStore(shards, LAYOUT, StoreMetrics.create()).put(
+                service(backends=[be("10.0.1.1")])
+            )
+            await eventually(lambda: len(a.lb_maps.entries()) == 1, message="programmed")
+        # --cleanup-on-exit: the links (so the programs) and the maps are gone
+        assert not sock_lb_attached(bpf_pin_dir)
+        left = _lb_pins(bpf_pin_dir)
+        assert not left, left
+    finally:
+        cgroup.rmdir()
+
+
+def _lb_pins(pin_dir: Path) -> set[str]:
+    names = os.listdir(pin_dir) if pin_dir.exists() else []
+    return {name for name in names if name.startswith("cp_lb")}
