@@ -45,7 +45,7 @@ from controlplane.kvstore.shards import ShardMap
 from controlplane.metrics import StoreMetrics
 from controlplane.model import NetworkPolicy, Service
 from controlplane.processes import Daemon
-from tests.helpers import eventually, kernel_tests_unmet, missing_tool, requires
+from tests.helpers import cpctl_in_process, eventually, kernel_tests_unmet, missing_tool, requires
 from tests.test_agent import kv_config
 from tests.test_e2e_datapath import (
     Cluster,
@@ -250,6 +250,12 @@ async def test_vip_spreads_over_backends_on_both_nodes_tcp_and_udp(
 ) -> None:
     await lb.services.put(web(lb, "b1", "b2"))
     await programmed(lb, "b1", "b2")
+    # cpctl service list: each backend with the endpoint at its address
+    assert await cpctl_in_process(lb.cluster.etcd, "service", "list", "--json") == 0
+    [listed] = json.loads(capsys.readouterr().out)["services"]
+    assert listed["backend_endpoints"] == {
+        f"{lb.ips[pod]}:{BACKEND_PORT}": f"default/{pod}" for pod in ("b1", "b2")
+    }
 
     tcp = await attempts(lb, HTTP, "tcp", 60)
     spread = tcp.outcomes()

@@ -286,11 +286,12 @@ async def test_cpctl_service_put_list_delete(
     assert "service default/web stored" in capsys.readouterr().out
     assert await cpctl_in_process(etcd1, "service", "list") == 0
     out, err = capsys.readouterr()
-    assert "10.96.0.10:80/TCP" in out and "10.0.1.5:8080@node-a" in out
+    assert "10.96.0.10:80/TCP" in out and "10.0.1.5:8080@node-a (no endpoint)" in out
     assert "(none: connections refused)" in out and "2 services" in err
     assert await cpctl_in_process(etcd1, "service", "list", "--json") == 0
     data = json.loads(capsys.readouterr().out)
     assert [s["name"] for s in data["services"]] == ["dns", "web"] and data["malformed"] == 0
+    assert data["services"][1]["backend_endpoints"] == {"10.0.1.5:8080": None}
     assert Service.from_dict(data["services"][1]) == service(
         backends=[be("10.0.1.5", node="node-a")]
     )

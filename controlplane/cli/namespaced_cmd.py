@@ -51,15 +51,15 @@ def register(
     kind: Kind[Any],
     help_: str,
     run_list: Callable[[argparse.Namespace], Any],
-) -> None:
-    """Add ``<kind> put FILE | list | delete NS/NAME``."""
+) -> argparse.ArgumentParser:
+    """Add ``<kind> put FILE | list | delete NS/NAME``; returns the ``list`` parser."""
     parser = subparsers.add_parser(kind.name, help=help_)
     dest = f"{kind.name}_command"
     commands = parser.add_subparsers(dest=dest, required=True, metavar="COMMAND")
     put = commands.add_parser("put", help=f"create or replace {kind.plural} from a YAML/JSON file")
     put.add_argument("file", help=f"YAML or JSON file ('-' for stdin): a {kind.name} or a list")
     put.set_defaults(run=lambda args: run_put(args, kind))
-    lst = commands.add_parser("list", help=f"every {kind.name}")
+    lst: argparse.ArgumentParser = commands.add_parser("list", help=f"every {kind.name}")
     lst.set_defaults(run=run_list)
     delete = commands.add_parser("delete", help=f"delete one {kind.name}")
     delete.add_argument(kind.name, metavar="NS/NAME")
@@ -67,6 +67,7 @@ def register(
     for sub in (put, lst, delete):
         add_kvstore_flags(sub)
         add_json_flag(sub)
+    return lst
 
 
 def load(text: str, kind: Kind[N]) -> list[N]:
