@@ -21,7 +21,8 @@ import pytest
 from controlplane import codec
 from controlplane.agent.agent import Agent
 from controlplane.agent.services import ServiceFlusher, desired_frontends
-from controlplane.agent.settings import DatapathMode
+from controlplane.agent.settings import AgentSettings, DatapathMode, settings_from_args
+from controlplane.agent.settings import build_parser as agent_parser
 from controlplane.bench.lb import connection_unavailable
 from controlplane.cli import status_cmd
 from controlplane.cli.common import CommandError
@@ -46,7 +47,7 @@ from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.services import KvServiceStore
 from controlplane.kvstore.shards import ShardMap
 from controlplane.metrics import StoreMetrics
-from controlplane.model import InvalidRecord, ModelError, Service
+from controlplane.model import InvalidRecord, ModelError, NodeName, Service
 from controlplane.store_types import EventKind
 from tests.helpers import (
     cpctl_in_process,
@@ -492,3 +493,13 @@ async def test_kernel_lb_maps_and_links_pinned_then_cleaned_up(
 def _lb_pins(pin_dir: Path) -> set[str]:
     names = os.listdir(pin_dir) if pin_dir.exists() else []
     return {name for name in names if name.startswith("cp_lb")}
+
+
+def test_lb_cgroup_flag() -> None:
+    base = ["--kvstore-endpoints", "http://127.0.0.1:2379"]
+    assert settings_from_args(agent_parser().parse_args(base)).lb_cgroup == cgroup2_mount()
+    none = agent_parser().parse_args([*base, "--lb-cgroup", "none"])
+    assert settings_from_args(none).lb_cgroup is None
+    path = agent_parser().parse_args([*base, "--lb-cgroup", "/sys/fs/cgroup/pods"])
+    assert settings_from_args(path).lb_cgroup == Path("/sys/fs/cgroup/pods")
+    assert AgentSettings(node=NodeName("n")).lb_cgroup is None  # embedded: never by default
