@@ -239,6 +239,53 @@ def test_flusher_writes_nothing_before_the_list() -> None:
     assert flusher.flush() is True and len(maps.services) == 0  # swept once listed
 
 
+def test_lb_maps_partial_updates_agree_with_a_full_sync() -> None:
+    maps = userspace_lb_maps()
+    assert maps.sync({fe(): bk(1, 2), fe(81): bk(3)})
+    writes = maps.stats.updates
+    assert maps.update({fe(82): bk(4)})  # a new frontend only
+    assert maps.stats.updates == writes + 2 and maps.stats.deletes == 0
+    assert maps.update({fe(): bk(1, 2, 5), fe(81): None})  # one changed, one removed
+    got = {e.frontend: list(e.backends) for e in maps.entries()}
+    assert got == {fe(): bk(1, 2, 5), fe(82): bk(4)}
+    assert len(maps.slots) == 4  # the old set and the removed frontend's slot are gone
+    assert maps.update({fe(999): None})  # removing an unknown frontend is nothing
+    # what the updates left is exactly what a full sync wants: nothing to write
+    again = LbMaps(maps.services, maps.slots)  # a fresh shadow, read from the maps
+    updates, deletes = again.stats.updates, again.stats.deletes
+    assert again.sync({fe(): bk(1, 2, 5), fe(82): bk(4)})
+    assert (again.stats.updates, again.stats.deletes) == (updates, deletes)
+
+
+def test_flusher_writes_only_what_changed_and_resolves_conflicts() -> None:
+    maps = userspace_lb_maps()
+    services: dict[str, Service] = {"default/a": service("a", [be("10.0.1.1")])}
+    flusher = ServiceFlusher(services, maps, lambda: True)
+    assert flusher.flush() and flusher.full_syncs == 1
+    services["default/b"] = service("b", [be("10.0.1.2")])  # the same frontend as a
+    services["default/c"] = service("c", [be("10.0.1.3")], ip="10.96.0.30")
+    flusher.changed("default/b")
+    flusher.changed("default/c")
+    updates = maps.stats.updates
+    assert flusher.flush() and flusher.full_syncs == 1  # a partial update
+    assert maps.stats.updates == updates + 2  # c's slot and entry; a's set unchanged
+    assert flusher.conflicts == [
+        "default/b: frontend 10.96.0.10:80/TCP already belongs to default/a"
+    ]
+    assert flusher.owners[fe()].service == "default/a"
+    # a goes: b's backends take the frontend over, under a new revision
+    del services["default/a"]
+    flusher.changed("default/a")
+    assert flusher.flush() and flusher.conflicts == []
+    got = {e.frontend: list(e.backends) for e in maps.entries()}
+    assert got[fe()] == [BackendAddr(IPv4Address("10.0.1.2"), 8080)]
+    assert flusher.owners[fe()].service == "default/b" and fe() in flusher.written_at
+    # a re-list (None) is a full mark-and-sweep again
+    services.clear()
+    flusher.changed(None)
+    assert flusher.flush() and flusher.full_syncs == 2 and len(maps.services) == 0
+
+
 # -- store, cpctl and the agent against etcd ----------------------------------------------
 
 

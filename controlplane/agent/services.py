@@ -1,12 +1,14 @@
 """The node's service load balancing: the cache's services, written to the LB maps.
 
-Any change of a service wakes :meth:`ServiceFlusher.run`, which turns every cached
-service into frontends ``(VIP, port, protocol)`` -> ordered backends and lets
-:class:`~controlplane.datapath.lbmap.LbMaps` write only the differences (new backend sets
-under a new revision, then the flip, then the sweep). Changes that arrive during a flush
-form the next batch. Nothing is written before the services were listed once in a
+Each change of a service (a watch event names it) wakes :meth:`ServiceFlusher.run`,
+which recomputes the frontends ``(VIP, port, protocol)`` -> ordered backends of the
+services that changed and lets :class:`~controlplane.datapath.lbmap.LbMaps` write only
+those (new backend sets under a new revision, then the flip, then the old sets' slots).
+Changes that arrive during a flush form the next batch, so a flush costs what changed,
+not the number of services. Nothing is written before the services were listed once in a
 session: a new process on pinned maps keeps serving what they hold (a SIGKILLed agent's
-last truth) rather than a half-known one, and its first flush is a mark-and-sweep.
+last truth) rather than a half-known one, and its first flush is a mark-and-sweep of the
+whole state (as after every re-list, and after a failed write).
 
 Two services may not share a frontend: the one with the smallest ``namespace/name``
 wins, the other's frontend is reported as a conflict (logged once, in the status).
@@ -42,28 +44,83 @@ class FrontendOwner:
     """The frontend's name (empty when the service has one unnamed frontend)."""
 
 
+_Frontends = dict[FrontendAddr, tuple[list[BackendAddr], FrontendOwner]]
+
+
+def service_frontends(sid: str, service: Service) -> _Frontends:
+    """One service's frontends with their backends (sorted, so that a backend keeps its
+    slot while the set is unchanged)."""
+    vip = _v4(service.cluster_ip)
+    out: _Frontends = {}
+    for fe in service.frontends:
+        backends = sorted(BackendAddr(_v4(be.ip), be.port) for be in service.backends_of(fe))
+        out[FrontendAddr(vip, fe.port, fe.protocol)] = (
+            backends,
+            FrontendOwner(sid, f"{vip}:{fe}", fe.name),
+        )
+    return out
+
+
+class _FrontendIndex:
+    """Every service's frontends and who claims each datapath frontend."""
+
+    def __init__(self) -> None:
+        self.of: dict[str, _Frontends] = {}
+        self.claims: dict[FrontendAddr, set[str]] = {}
+
+    def set(self, sid: str, service: Service | None) -> set[FrontendAddr]:
+        """Record ``sid``'s frontends (None: gone); the frontends whose winner may change."""
+        old = self.of.pop(sid, {})
+        new = service_frontends(sid, service) if service is not None else {}
+        if new:
+            self.of[sid] = new
+        for addr in old.keys() - new.keys():
+            claimants = self.claims[addr]
+            claimants.discard(sid)
+            if not claimants:
+                del self.claims[addr]
+        for addr in new:
+            self.claims.setdefault(addr, set()).add(sid)
+        return old.keys() | new.keys()
+
+    def winner(self, addr: FrontendAddr) -> tuple[list[BackendAddr], FrontendOwner] | None:
+        claimants = self.claims.get(addr)
+        return None if not claimants else self.of[min(claimants)][addr]
+
+    def conflicts(self) -> list[str]:
+        out = []
+        for addr, claimants in self.claims.items():
+            if len(claimants) > 1:
+                owner = min(claimants)
+                for sid in sorted(claimants - {owner}):
+                    frontend = self.of[sid][addr][1].frontend
+                    out.append(f"{sid}: frontend {frontend} already belongs to {owner}")
+        return sorted(out)
+
+    @classmethod
+    def of_services(cls, services: Mapping[str, Service]) -> _FrontendIndex:
+        index = cls()
+        for sid, service in services.items():
+            index.set(sid, service)
+        return index
+
+    def desired(
+        self,
+    ) -> tuple[dict[FrontendAddr, list[BackendAddr]], dict[FrontendAddr, FrontendOwner]]:
+        """Every frontend's winning backends, and who owns each."""
+        desired: dict[FrontendAddr, list[BackendAddr]] = {}
+        owners: dict[FrontendAddr, FrontendOwner] = {}
+        for addr, claimants in self.claims.items():
+            desired[addr], owners[addr] = self.of[min(claimants)][addr]
+        return desired, owners
+
+
 def desired_frontends(
     services: Mapping[str, Service],
 ) -> tuple[dict[FrontendAddr, list[BackendAddr]], dict[FrontendAddr, FrontendOwner], list[str]]:
-    """Every service's frontends with their backends (sorted, so that a backend keeps its
-    slot while the set is unchanged), who owns each, and the conflicts."""
-    desired: dict[FrontendAddr, list[BackendAddr]] = {}
-    owners: dict[FrontendAddr, FrontendOwner] = {}
-    conflicts: list[str] = []
-    for sid in sorted(services):
-        service = services[sid]
-        vip = _v4(service.cluster_ip)
-        for fe in service.frontends:
-            addr = FrontendAddr(vip, fe.port, fe.protocol)
-            if addr in owners:
-                conflicts.append(
-                    f"{sid}: frontend {vip}:{fe} already belongs to {owners[addr].service}"
-                )
-                continue
-            backends = sorted(BackendAddr(_v4(be.ip), be.port) for be in service.backends_of(fe))
-            desired[addr] = backends
-            owners[addr] = FrontendOwner(sid, f"{vip}:{fe}", fe.name)
-    return desired, owners, conflicts
+    """Every service's frontends with their backends, who owns each, and the conflicts."""
+    index = _FrontendIndex.of_services(services)
+    return (*index.desired(), index.conflicts())
 
 
 def _v4(ip: IPAddress) -> IPv4Address:
@@ -88,42 +145,84 @@ class ServiceFlusher(Flusher):
         self.owners: dict[FrontendAddr, FrontendOwner] = {}
         self.conflicts: list[str] = []
         self.flushes = 0
+        self.full_syncs = 0
         self.synced_revision = 0
         """How many flushes wrote the maps successfully (tests wait on it)."""
         self.written_at: dict[FrontendAddr, float] = {}
         """Frontend -> when (monotonic) its current backend set was flipped in: the end of
         a store-to-map latency measurement."""
+        self._index = _FrontendIndex()
+        self._dirty: set[str] = set()
+        self._full = True
         self._listed_once = False
+
+    def changed(self, name: str | None = None) -> None:
+        """Service ``name`` changed (None: any may have, after a (re-)list): flush soon."""
+        if name is None:
+            self._full = True
+        else:
+            self._dirty.add(name)
+        super().changed()
 
     def flush(self) -> bool | None:
         """Write the differences; False when the services are not listed yet (nothing
-        written), None when a map write failed (the caller retries)."""
+        written), None when a map write failed (the caller retries, with a full sync)."""
         if not self._listed_once:
             self._listed_once = self._inputs_listed()
             if not self._listed_once:
                 return False
-        desired, owners, conflicts = desired_frontends(self.services)
-        for conflict in conflicts:
-            if conflict not in self.conflicts:
-                log.warning("service frontend conflict: %s", conflict)
-        self.conflicts = conflicts
         self.flushes += 1
-        if not self.maps.sync(desired):
+        if not (self._full_sync() if self._full else self._update()):
+            self._full = True  # the maps are read again and compared whole
             return None
         now = time.monotonic()
         for addr in self.maps.last_flipped:
             self.written_at[addr] = now
-        for addr in [a for a in self.written_at if a not in owners]:
-            del self.written_at[addr]
-        self.owners = owners
         self.synced_revision += 1
         return True
+
+    def _full_sync(self) -> bool:
+        self._dirty.clear()
+        self._full = False
+        self._index = _FrontendIndex.of_services(self.services)
+        desired, owners = self._index.desired()
+        self._conflicts_changed(self._index.conflicts())
+        self.full_syncs += 1
+        if not self.maps.sync(desired):
+            return False
+        self.owners = owners
+        self.written_at = {a: t for a, t in self.written_at.items() if a in owners}
+        return True
+
+    def _update(self) -> bool:
+        dirty, self._dirty = self._dirty, set()
+        affected: set[FrontendAddr] = set()
+        for sid in dirty:
+            affected |= self._index.set(sid, self.services.get(sid))
+        changes: dict[FrontendAddr, list[BackendAddr] | None] = {}
+        for addr in affected:
+            won = self._index.winner(addr)
+            if won is None:
+                changes[addr] = None
+                self.owners.pop(addr, None)
+                self.written_at.pop(addr, None)
+            else:
+                changes[addr], self.owners[addr] = won
+        self._conflicts_changed(self._index.conflicts())
+        return self.maps.update(changes)
+
+    def _conflicts_changed(self, conflicts: list[str]) -> None:
+        for conflict in conflicts:
+            if conflict not in self.conflicts:
+                log.warning("service frontend conflict: %s", conflict)
+        self.conflicts = conflicts
 
     def status(self) -> dict[str, Any]:
         return {
             "services": len(self.services),
             "frontends": len(self.maps.frontend_ids),
             "flushes": self.flushes,
+            "full_syncs": self.full_syncs,
             "map_updates": self.maps.stats.updates,
             "map_deletes": self.maps.stats.deletes,
             "conflicts": list(self.conflicts),

@@ -65,7 +65,7 @@ class CacheWatches:
         node: NodeName,
         *,
         policy_changed: Callable[[], None],
-        services_changed: Callable[[], None],
+        services_changed: Callable[[str | None], None],
         routes: RouteSyncer,
     ) -> None:
         self.cache = cache
@@ -111,22 +111,27 @@ class CacheWatches:
         stream: str,
         events: AsyncIterator[StoreEvent[V]],
         cache: dict[str, V],
-        changed: Callable[[], None] | None = None,
+        changed: Callable[[str | None], None] | None = None,
     ) -> None:
-        """Mirror a store watch into a cache; every change calls ``changed`` (default: the
-        policy may have changed)."""
-        notify = self.policy_changed if changed is None else changed
+        """Mirror a store watch into a cache. Every event calls ``changed`` with the
+        object's name (None for the list's end, after the sweep); without it, every event
+        may change the policy."""
         async for event in events:
-            notify()
+            if changed is None:
+                self.policy_changed()
             if event.kind is EventKind.SYNCED:
                 self._sweep(stream, cache)
                 self._synced_stream(stream)
+                if changed is not None:
+                    changed(None)
                 continue
             self._stale[stream].discard(event.name)
             if event.kind is EventKind.UPSERT and event.value is not None:
                 cache[event.name] = event.value
             else:
                 cache.pop(event.name, None)
+            if changed is not None:
+                changed(event.name)
 
     async def _watch_endpoints(self) -> None:
         mirror = EndpointMirror(

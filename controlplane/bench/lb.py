@@ -181,6 +181,18 @@ async def _connection_rates(connections: int, rounds: int, progress: Progress) -
     }
 
 
+def _background(i: int) -> Service:
+    """The i-th of the services that only sit in the maps (four backends each)."""
+    return Service.from_dict({
+        "namespace": "bench",
+        "name": f"bg-{i}",
+        "cluster_ip": f"10.97.{i // 250}.{i % 250 + 1}",
+        "frontends": [{"port": VIP_PORT, "protocol": "TCP"}],
+        "backends": [{"ip": f"10.202.{i // 250}.{i % 250 + 1}", "port": PORT + n}
+                     for n in range(4)],
+    })  # fmt: skip
+
+
 def _service(i: int) -> Service:
     """The benchmark's service with its i-th backend set (two backends, one new each time)."""
     return Service.from_dict({
@@ -193,7 +205,9 @@ def _service(i: int) -> Service:
     })  # fmt: skip
 
 
-async def _store_to_map(config: KvstoreConfig, changes: int, progress: Progress) -> Record:
+async def _store_to_map(
+    config: KvstoreConfig, changes: int, background: int, progress: Progress
+) -> Record:
     kernel = os.geteuid() == 0 and loader.datapath_unavailable_reason() is None
     layout = KeyLayout(config.prefix)
     with tempfile.TemporaryDirectory(prefix="cpbench-lb-") as tmp:
@@ -219,6 +233,16 @@ async def _store_to_map(config: KvstoreConfig, changes: int, progress: Progress)
             try:
                 await asyncio.wait_for(agent.wait_ready(), 60)
                 progress(f"agent ready ({'kernel' if kernel else 'userspace'} maps)")
+                for start in range(0, background, 100):
+                    chunk = range(start, min(start + 100, background))
+                    await asyncio.gather(*(store.put(_background(i)) for i in chunk))
+                deadline = time.monotonic() + 60
+                while len(agent.lb_maps.frontend_ids) < background:
+                    if time.monotonic() > deadline:
+                        raise BenchError(f"{background} services not in the map within 60 s")
+                    await asyncio.sleep(0.01)
+                if background:
+                    progress(f"{background} other services in the maps")
                 for i in range(changes):
                     t0 = time.monotonic()
                     await store.put(_service(i))
@@ -230,6 +254,9 @@ async def _store_to_map(config: KvstoreConfig, changes: int, progress: Progress)
                     samples.append(agent.services.written_at[fe] - t0)
             finally:
                 with contextlib.suppress(Exception):
+                    for start in range(0, background, 100):
+                        chunk = range(start, min(start + 100, background))
+                        await asyncio.gather(*(store.delete("bench", f"bg-{i}") for i in chunk))
                     await store.delete("bench", "lb")
                 agent.stop()
                 await asyncio.gather(task, return_exceptions=True)
@@ -237,6 +264,7 @@ async def _store_to_map(config: KvstoreConfig, changes: int, progress: Progress)
     progress(f"{changes} backend changes measured")
     return {
         "changes": changes,
+        "other_services": background,
         "maps": "kernel" if kernel else "userspace",
         **latency_summary_ms(samples, 2),
     }
@@ -253,6 +281,7 @@ async def run_lb_bench(
     connections: int,
     rounds: int,
     changes: int,
+    background: int,
     progress: Progress,
 ) -> Record:
     """Both halves; the connection half is skipped with its reason where it cannot run."""
@@ -263,5 +292,5 @@ async def run_lb_bench(
     else:
         progress(f"connections per second: skipped ({skip})")
         record["connections"] = {"skipped": skip}
-    record["store_to_map"] = await _store_to_map(config, changes, progress)
+    record["store_to_map"] = await _store_to_map(config, changes, background, progress)
     return record

@@ -12,6 +12,7 @@ from controlplane.bench.lb import run_lb_bench
 from controlplane.cli.bench_common import add_target_flags, progress, run_measure
 from controlplane.cli.common import add_json_flag, positive_int, print_table
 from controlplane.config import KvstoreConfig
+from controlplane.flags import non_negative_int
 
 
 def register(commands: Any) -> None:
@@ -33,6 +34,12 @@ def register(commands: Any) -> None:
         type=positive_int,
         default=200,
         help="backend-set changes timed from the store to the map (default 200)",
+    )
+    lb.add_argument(
+        "--services",
+        type=non_negative_int,
+        default=0,
+        help="other services (4 backends each) in the maps while changes are timed (default 0)",
     )
     lb.add_argument(
         "--output",
@@ -63,7 +70,10 @@ async def run_lb(args: argparse.Namespace) -> int:
             )
             print(f"ratio VIP/direct: {conns['ratio']}")
         lat = record["store_to_map"]
-        print(f"store to map ({lat['changes']} backend changes, {lat['maps']} maps):")
+        print(
+            f"store to map ({lat['changes']} backend changes, {lat['other_services']} other "
+            f"services, {lat['maps']} maps):"
+        )
         print_table(
             ["MEASURE", "P50 MS", "P99 MS", "MAX MS"],
             [["put -> set flipped in the map", lat["p50_ms"], lat["p99_ms"], lat["max_ms"]]],
@@ -77,6 +87,7 @@ async def run_lb(args: argparse.Namespace) -> int:
             connections=args.connections,
             rounds=args.rounds,
             changes=args.changes,
+            background=args.services,
             progress=progress,
         ),
         show,

@@ -208,9 +208,33 @@ class LbEntry:
     """The current set's slots in order (None: a slot missing from the map)."""
 
 
+class _Entry(NamedTuple):
+    """A ``cp_lb_services`` value, decoded."""
+
+    frontend_id: int
+    revision: int
+    backends: int
+    """How many slots the current set has (the map's ``count``)."""
+    flags: int
+
+    @classmethod
+    def decode(cls, raw: bytes) -> _Entry:
+        v = LbServiceValue.from_buffer_copy(raw)
+        return cls(v.frontend_id, v.revision, v.count, v.flags)
+
+    def encode(self) -> bytes:
+        return bytes(LbServiceValue(*self))
+
+
 class LbMaps:
     """The node's service and backend-slot maps (see the module docstring); ``metrics``
-    is the program's per-CPU counter array (kernel mode only)."""
+    is the program's per-CPU counter array (kernel mode only).
+
+    :meth:`sync` takes the whole desired state (a mark-and-sweep: what is not in it goes);
+    :meth:`update` only the frontends that changed. Both compare with a shadow of the
+    maps, read from the kernel by the first call (adoption) and kept by our own writes
+    (the agent is the maps' only writer); a failed write drops it, so the next call reads
+    the maps again."""
 
     def __init__(
         self, services: Map, slots: Map, metrics: KernelMap | None = None, *, batch_size: int = 1024
@@ -225,32 +249,54 @@ class LbMaps:
         self.batch_size = batch_size
         self.stats = LbMapStats()
         self.frontend_ids: dict[FrontendAddr, int] = {}
-        """Each frontend's id as of the last successful sync."""
+        """Each frontend's id as of the last successful write."""
         self.last_flipped: list[FrontendAddr] = []
-        """The frontends the last successful sync created or switched to a new set."""
+        """The frontends the last successful write created or switched to a new set."""
+        self._shadow: tuple[dict[bytes, _Entry], dict[bytes, bytes]] | None = None
+        """(frontend entries, slots) as the maps hold them, or None: read them first."""
 
     def sync(self, desired: Mapping[FrontendAddr, Sequence[BackendAddr]]) -> bool:
         """Make both maps equal ``desired`` (see the module docstring); False when a write
         failed (the maps still hold a consistent older or newer state: retry later)."""
+        return self._apply(desired, full=True)
+
+    def update(self, changes: Mapping[FrontendAddr, Sequence[BackendAddr] | None]) -> bool:
+        """Set (or, for None, remove) only these frontends, in the same order as
+        :meth:`sync`; False when a write failed."""
+        return self._apply(changes, full=False)
+
+    def _apply(
+        self, desired: Mapping[FrontendAddr, Sequence[BackendAddr] | None], *, full: bool
+    ) -> bool:
         self.stats.syncs += 1
-        have = {k: LbServiceValue.from_buffer_copy(v) for k, v in self.services.items()}
-        have_slots = dict(self.slots.items())
-        used = {v.frontend_id for v in have.values()}
+        if self._shadow is None:
+            entries = {k: _Entry.decode(v) for k, v in self.services.items()}
+            self._shadow = (entries, dict(self.slots.items()))
+        have, have_slots = self._shadow
+        used: set[int] | None = None  # frontend ids in use: computed when one is needed
         next_id = 1
         new_slots: list[tuple[bytes, bytes]] = []
-        flips: list[tuple[bytes, bytes]] = []
+        flips: list[tuple[bytes, _Entry]] = []
         flipped: list[FrontendAddr] = []
         fresh_ids: list[int] = []
         keep: set[bytes] = set()
-        want_keys: set[bytes] = set()
-        ids: dict[FrontendAddr, int] = {}
+        """Slots the maps keep (full) / keep among the changed frontends' old ones."""
+        touched: set[bytes] = set()
+        """Frontend keys this call decides about."""
+        ids = dict(self.frontend_ids) if not full else {}
+        removed: list[FrontendAddr] = []
         for fe, backends in desired.items():
             key = _service_key(fe)
-            want_keys.add(key)
-            want = [_backend(be) for be in backends]
+            touched.add(key)
             cur = have.get(key)
+            if backends is None:
+                removed.append(fe)
+                continue
+            want = [_backend(be) for be in backends]
             if cur is not None:
-                cur_keys = [_slot_key(cur.frontend_id, cur.revision, i) for i in range(cur.count)]
+                cur_keys = [
+                    _slot_key(cur.frontend_id, cur.revision, i) for i in range(cur.backends)
+                ]
                 if [have_slots.get(k) for k in cur_keys] == want and cur.flags == 0:
                     self.stats.unchanged += 1
                     keep.update(cur_keys)
@@ -258,11 +304,14 @@ class LbMaps:
                     continue
                 fid, revision = cur.frontend_id, (cur.revision + 1) & 0xFFFFFFFF or 1
             else:
+                if used is None:
+                    used = {entry.frontend_id for entry in have.values()}
                 while next_id in used:
                     next_id += 1
                 if next_id >= LB_METRICS_MAX_ENTRIES:
                     log.error("no free load-balancer frontend id for %s (too many)", fe)
                     self.stats.errors += 1
+                    touched.discard(key)
                     continue
                 fid, revision = next_id, 1
                 used.add(fid)
@@ -271,22 +320,44 @@ class LbMaps:
                 skey = _slot_key(fid, revision, slot)
                 keep.add(skey)
                 new_slots.append((skey, value))
-            flips.append((key, bytes(LbServiceValue(fid, revision, len(want), 0))))
+            flips.append((key, _Entry(fid, revision, len(want), 0)))
             flipped.append(fe)
             ids[fe] = fid
-        stale = [k for k in have if k not in want_keys]
-        stale_slots = [k for k in have_slots if k not in keep]
+        if full:
+            stale = [k for k in have if k not in touched]
+            stale_slots = [k for k in have_slots if k not in keep]
+            for key in stale:
+                ids.pop(_decode_frontend(key), None)
+        else:
+            stale = [_service_key(fe) for fe in removed if _service_key(fe) in have]
+            # the old sets of the frontends changed or removed here
+            stale_slots = [
+                k
+                for key in touched
+                if (cur := have.get(key)) is not None
+                for k in (_slot_key(cur.frontend_id, cur.revision, i) for i in range(cur.backends))
+                if k not in keep and k in have_slots
+            ]
+            for fe in removed:
+                ids.pop(fe, None)
         try:
             for fid in fresh_ids:
                 self._zero_counters(fid)
             self._update(self.slots, new_slots)
-            self._update(self.services, flips)
+            self._update(self.services, [(key, entry.encode()) for key, entry in flips])
             self._delete(self.services, stale)
             self._delete(self.slots, stale_slots)
         except MapError as exc:
             self.stats.errors += 1
+            self._shadow = None  # read the maps again next time
             log.warning("load-balancer map write failed: %s", exc)
             return False
+        have_slots.update(new_slots)
+        have.update(flips)
+        for key in stale:
+            del have[key]
+        for key in stale_slots:
+            del have_slots[key]
         self.stats.flips += len(flips)
         self.frontend_ids = ids
         self.last_flipped = flipped
