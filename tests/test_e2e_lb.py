@@ -284,10 +284,13 @@ async def test_vip_spreads_over_backends_on_both_nodes_tcp_and_udp(
     assert http["counters"]["connects"] >= 60 and http["counters"]["refused"] == 0
 
 
-async def test_scaling_changes_new_connections_within_a_second(lb: Lb) -> None:
+@pytest.mark.parametrize(("port", "proto"), [(HTTP, "tcp"), (DNS, "udp")])
+async def test_scaling_changes_new_connections_within_a_second(
+    lb: Lb, port: int, proto: str
+) -> None:
     await lb.services.put(web(lb, "b1", "b2"))
     await programmed(lb, "b1", "b2")
-    traffic = await start_client(lb, HTTP, "tcp", interval=0.005)
+    traffic = await start_client(lb, port, proto, interval=0.005)
     try:
         await eventually(lambda: traffic.outcomes()["b1"] > 0, message="client connecting")
         scaled_up = time.monotonic()
