@@ -41,7 +41,7 @@ from controlplane.datapath.lbmap import (
     userspace_lb_maps,
 )
 from controlplane.datapath.maps import UserspaceMap
-from controlplane.datapath.sock_lb import cgroup2_mount, sock_lb_attached
+from controlplane.datapath.sock_lb import cgroup2_mount, link_pin, sock_lb_attached
 from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.services import KvServiceStore
@@ -511,6 +511,10 @@ async def test_kernel_lb_maps_and_links_pinned_then_cleaned_up(
             lb_cgroup=cgroup,
             cleanup_on_exit=True,
         )
+        # something else pinned where a link belongs (a broken earlier run): replaced
+        os.mkdir(bpf_pin_dir)
+        with KernelMap.create("junk", BPF_MAP_TYPE_HASH, 4, 4, 1) as junk:
+            junk.pin(link_pin(bpf_pin_dir, "connect4"))
         a = Agent(settings, kv_config(etcd1))
         assert a.sock_lb.attached and "connect4: attached" in a.sock_lb.detail
         for name, kind, sizes, flags in (

@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry
 from controlplane.agent.api import LocalAPI
 from controlplane.agent.datapath import (
     DatapathChoice,
+    SockLbState,
     choose_datapath,
     close_ipcache,
     open_ipcache,
@@ -142,7 +143,7 @@ class Agent:
             elif choice.kernel and settings.lb_cgroup is None:
                 log.info("%s: service maps kept, not balanced: no --lb-cgroup", settings.node)
         else:
-            self.sock_lb = start_sock_lb(DatapathChoice(False, ""), settings.bpf_pin_dir, None)
+            self.sock_lb = SockLbState(False, "load-balancer maps given by the caller")
         self.lb_maps = lb_maps
         if self.datapath.kernel:
             log.info(

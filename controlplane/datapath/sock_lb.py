@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -53,6 +54,8 @@ LB_HOOKS: Final = {
     "recvmsg4": "cp_lb_recvmsg4",
 }
 """Hook -> program name in the object."""
+log = logging.getLogger(__name__)
+
 _MAPS: Final = (LB_SERVICES_MAP_NAME, LB_SLOTS_MAP_NAME, LB_REVNAT_MAP_NAME, LB_METRICS_MAP_NAME)
 
 
@@ -157,13 +160,18 @@ def attach_sock_lb(pin_dir: Path, cgroup: Path, obj_path: Path | None = None) ->
             if link:
                 rc = lib.bpf_link__update_program(link, prog)
                 lib.bpf_link__destroy(link)  # closes our fd; the pin keeps the link
-                if rc:
-                    raise _err(f"bpf_link__update_program({pin})", rc)
-                done.append(f"{hook}: replaced")
-                continue
+                if rc == 0:
+                    done.append(f"{hook}: replaced")
+                    continue
+                log.warning(
+                    "%s: not a link of ours (%s): attaching anew", pin, os.strerror(abs(rc))
+                )
+            # the new link first, then the pin moves to it: never a moment without one
             link = lib.bpf_program__attach_cgroup(prog, cg_fd)
             if not link:
                 raise _err(f"attach {prog_name} to cgroup {cgroup}")
+            if pin.exists():
+                pin.unlink()  # an old link of this hook detaches with its last reference
             rc = lib.bpf_link__pin(link, os.fsencode(pin))
             lib.bpf_link__destroy(link)  # unpinned (rc != 0): this detaches it again
             if rc:
