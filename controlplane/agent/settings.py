@@ -15,6 +15,7 @@ from controlplane.datapath.sysctls import PROC_SYS
 from controlplane.flags import (
     Parser,
     add_kvstore_flags,
+    add_store_flags,
     non_negative_float,
     positive_float,
     positive_int,
@@ -306,11 +307,13 @@ def add_agent_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> Parser:
     parser = Parser(
         prog="cp-agent",
-        description="The control plane's node agent (kvstore mode).",
+        description="The control plane's node agent (CRD mode by default; kvstore mode "
+        "with --store kvstore).",
         epilog=f"Exit status: 0 after SIGTERM/SIGINT, 1 on a fatal error, 2 on a bad flag or "
         f"--datapath kernel without usable kernel maps, "
         f"{EXIT_RESTART} when --restart-mode=exit and the kvstore went unhealthy.",
     )
+    add_store_flags(parser)
     add_kvstore_flags(parser)
     add_agent_flags(parser)
     return parser

@@ -87,13 +87,19 @@ class CacheWatches:
         }
 
     def tasks(self) -> dict[str, Callable[[], Awaitable[None]]]:
-        return {
+        tasks: dict[str, Callable[[], Awaitable[None]]] = {
             "watch-identities": self._watch_identities,
             "watch-endpoints": self._watch_endpoints,
             "watch-nodes": self._watch_nodes,
             "watch-policies": self._watch_policies,
-            "watch-services": self._watch_services,
         }
+        if self.stores.services is not None:
+            tasks["watch-services"] = self._watch_services
+        else:  # no service source in this mode: listed, and empty
+            self._sweep("services", self.cache.services)
+            self._synced_stream("services")
+            self.services_changed(None)
+        return tasks
 
     async def _watch_identities(self) -> None:
         await self._watch_into("identities", self.stores.identities.watch(), self.cache.identities)
@@ -102,6 +108,7 @@ class CacheWatches:
         await self._watch_into("policies", self.stores.policies.watch(), self.cache.policies)
 
     async def _watch_services(self) -> None:
+        assert self.stores.services is not None
         await self._watch_into(
             "services", self.stores.services.watch(), self.cache.services, self.services_changed
         )

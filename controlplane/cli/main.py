@@ -26,7 +26,7 @@ from controlplane.cli import (
 )
 from controlplane.cli.common import EXIT_FAIL, EXIT_USAGE, CommandError, Parser
 from controlplane.config import ConfigError
-from controlplane.kvstore.errors import KvstoreError
+from controlplane.store_types import StoreError
 
 EXIT_INTERRUPTED = 130
 
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"cpctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KvstoreError as exc:
+    except StoreError as exc:  # kvstore and CRD mode alike: one line
         print(f"cpctl: {exc}", file=sys.stderr)
         return EXIT_FAIL
     except KeyboardInterrupt:

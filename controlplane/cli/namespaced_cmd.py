@@ -1,6 +1,7 @@
-"""What `cpctl policy` and `cpctl service` share: namespaced objects kept in the store,
-put from a YAML or JSON file (one object or a list; ``-`` for stdin), listed, deleted by
-``NS/NAME``. Bad input is one line and exit status 2; a missing object exit status 1."""
+"""What `cpctl policy` and `cpctl service` share: namespaced objects kept in the store of
+either mode (:func:`controlplane.cli.stores.open_stores`), put from a YAML or JSON file
+(one object or a list; ``-`` for stdin), listed, deleted by ``NS/NAME``. Bad input is one
+line and exit status 2; a missing object exit status 1."""
 
 from __future__ import annotations
 
@@ -9,27 +10,34 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import yaml
 
-from controlplane.cli.common import (
-    EXIT_OK,
-    EXIT_USAGE,
-    CommandError,
-    add_json_flag,
-    add_kvstore_flags,
-    kvstore_config,
-    print_json,
-)
-from controlplane.kvstore.keys import KeyLayout
-from controlplane.kvstore.namespaced import Namespaced, NamespacedStore
-from controlplane.kvstore.shards import ShardMap
-from controlplane.metrics import StoreMetrics
+from controlplane.cli.common import EXIT_OK, EXIT_USAGE, CommandError, add_json_flag, print_json
+from controlplane.cli.stores import ClusterStores, add_cluster_flags, open_stores
 from controlplane.model import ModelError
 from controlplane.store_types import Versioned
 
-N = TypeVar("N", bound=Namespaced)
+
+class Named(Protocol):
+    @property
+    def id(self) -> str:
+        """``namespace/name``."""
+        ...
+
+
+N = TypeVar("N", bound=Named)
+
+
+class NamespacedStore(Protocol[N]):
+    """What :class:`~controlplane.store.PolicyStore` and ``ServiceStore`` have in common."""
+
+    async def put(self, obj: N, /) -> None: ...
+
+    async def delete(self, namespace: str, name: str) -> bool: ...
+
+    async def list(self) -> list[Versioned[N]]: ...
 
 
 @dataclass(frozen=True)
@@ -37,13 +45,20 @@ class Kind(Generic[N]):
     """One namespaced resource as the CLI handles it."""
 
     name: str
-    """``policy``, ``service``: the command, and the word in messages."""
+    """``policy``, ``service``: the command, the word in messages, the metrics' resource."""
     plural: str
     from_dict: Callable[[object], N]
-    store: Callable[[ShardMap, KeyLayout, StoreMetrics], NamespacedStore[N]]
+    store: Callable[[ClusterStores], NamespacedStore[N] | None]
+    """The resource's store in the mode the flags name; None: that mode has none yet."""
 
-    def open(self, shards: ShardMap) -> NamespacedStore[N]:
-        return self.store(shards, KeyLayout(shards.prefix), StoreMetrics.create())
+    def of(self, stores: ClusterStores) -> NamespacedStore[N]:
+        store = self.store(stores)
+        if store is None:
+            raise CommandError(
+                f"{self.plural} are not available in {stores.mode} mode yet; use --store kvstore",
+                EXIT_USAGE,
+            )
+        return store
 
 
 def register(
@@ -65,7 +80,7 @@ def register(
     delete.add_argument(kind.name, metavar="NS/NAME")
     delete.set_defaults(run=lambda args: run_delete(args, kind))
     for sub in (put, lst, delete):
-        add_kvstore_flags(sub)
+        add_cluster_flags(sub)
         add_json_flag(sub)
     return lst
 
@@ -99,8 +114,8 @@ def read(name: str, kind: Kind[Any]) -> str:
 
 async def run_put(args: argparse.Namespace, kind: Kind[Any]) -> int:
     objects = load(read(args.file, kind), kind)
-    async with ShardMap(kvstore_config(args)) as shards:
-        store = kind.open(shards)
+    async with open_stores(args) as stores:
+        store = kind.of(stores)
         for obj in objects:
             await store.put(obj)
     if args.json:
@@ -111,16 +126,11 @@ async def run_put(args: argparse.Namespace, kind: Kind[Any]) -> int:
     return EXIT_OK
 
 
-async def list_all(args: argparse.Namespace, kind: Kind[N]) -> tuple[list[Versioned[N]], int]:
+async def list_all(stores: ClusterStores, kind: Kind[N]) -> tuple[list[Versioned[N]], int]:
     """Every object, sorted by ``namespace/name``, and how many malformed were skipped."""
-    async with ShardMap(kvstore_config(args)) as shards:
-        store = kind.open(shards)
-        found = await store.list()
-        skipped = store.codec.metrics.registry.get_sample_value(
-            "cp_store_malformed_values_total", {"resource": store.codec.resource}
-        )
+    found = await kind.of(stores).list()
     found.sort(key=lambda v: v.value.id)
-    return found, int(skipped or 0)
+    return found, stores.malformed(kind.name)
 
 
 async def run_delete(args: argparse.Namespace, kind: Kind[Any]) -> int:
@@ -128,8 +138,8 @@ async def run_delete(args: argparse.Namespace, kind: Kind[Any]) -> int:
     namespace, sep, name = text.partition("/")
     if not sep or not namespace or not name or "/" in name:
         raise CommandError(f"want NS/NAME, got {text!r}", EXIT_USAGE)
-    async with ShardMap(kvstore_config(args)) as shards:
-        deleted = await kind.open(shards).delete(namespace, name)
+    async with open_stores(args) as stores:
+        deleted = await kind.of(stores).delete(namespace, name)
     if not deleted:
         raise CommandError(f"{kind.name} {namespace}/{name} not found")
     if args.json:

@@ -1,4 +1,5 @@
-"""`cpctl policy put FILE|list|delete NS/NAME`: network policies in the kvstore.
+"""`cpctl policy put FILE|list|delete NS/NAME`: network policies, in the store of either mode
+(NetworkPolicy objects in CRD mode, keys in kvstore mode).
 
 ``put`` reads one policy (or a list of them) from a YAML or JSON file (``-`` for stdin) in
 the stored form (``docs/key-layout.md``)::
@@ -19,18 +20,21 @@ from typing import Any
 
 from controlplane.cli import namespaced_cmd
 from controlplane.cli.common import EXIT_OK, print_json, print_table
-from controlplane.kvstore.policies import KvPolicyStore
+from controlplane.cli.stores import open_stores
 from controlplane.model import NetworkPolicy
 
-KIND = namespaced_cmd.Kind("policy", "policies", NetworkPolicy.from_dict, KvPolicyStore)
+KIND = namespaced_cmd.Kind(
+    "policy", "policies", NetworkPolicy.from_dict, lambda stores: stores.policies
+)
 
 
 def register(subparsers: Any) -> None:
-    namespaced_cmd.register(subparsers, KIND, "network policies (kvstore)", run_list)
+    namespaced_cmd.register(subparsers, KIND, "network policies", run_list)
 
 
 async def run_list(args: argparse.Namespace) -> int:
-    found, skipped = await namespaced_cmd.list_all(args, KIND)
+    async with open_stores(args) as stores:
+        found, skipped = await namespaced_cmd.list_all(stores, KIND)
     if args.json:
         rows = [{**v.value.to_dict(), "revision": v.version} for v in found]
         print_json({"policies": rows, "malformed": skipped})

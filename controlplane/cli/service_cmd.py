@@ -1,4 +1,5 @@
-"""`cpctl service put FILE|list|delete NS/NAME`: services in the kvstore.
+"""`cpctl service put FILE|list|delete NS/NAME`: services in the store (kvstore mode; CRD
+mode will read Kubernetes Services, not yet).
 
 ``put`` reads one service (or a list of them) from a YAML or JSON file (``-`` for stdin)
 in the stored form (``docs/key-layout.md``)::
@@ -25,20 +26,16 @@ import sys
 from typing import Any
 
 from controlplane.cli import namespaced_cmd
-from controlplane.cli.common import EXIT_OK, kvstore_config, print_json, print_table
-from controlplane.kvstore.endpoints import KvEndpointStore
-from controlplane.kvstore.keys import KeyLayout
-from controlplane.kvstore.services import KvServiceStore
-from controlplane.kvstore.shards import ShardMap
-from controlplane.metrics import StoreMetrics
+from controlplane.cli.common import EXIT_OK, print_json, print_table
+from controlplane.cli.stores import open_stores
 from controlplane.model import Backend, Service
 
-KIND = namespaced_cmd.Kind("service", "services", Service.from_dict, KvServiceStore)
+KIND = namespaced_cmd.Kind("service", "services", Service.from_dict, lambda s: s.services)
 
 
 def register(subparsers: Any) -> None:
     lst = namespaced_cmd.register(
-        subparsers, KIND, "services: virtual IPs, ports and backends (kvstore)", run_list
+        subparsers, KIND, "services: virtual IPs, ports and backends", run_list
     )
     lst.add_argument(
         "--cluster-name",
@@ -48,21 +45,6 @@ def register(subparsers: Any) -> None:
     )
 
 
-async def _endpoints(args: argparse.Namespace) -> dict[str, str]:
-    """Endpoint IP -> ``namespace/name``, to say which backends have an endpoint."""
-    config = kvstore_config(args)
-    async with ShardMap(config) as shards:
-        store = KvEndpointStore(
-            shards,
-            KeyLayout(config.prefix),
-            StoreMetrics.create(),
-            None,
-            node=None,
-            cluster=args.cluster_name,
-        )
-        return {str(e.value.ip): str(e.value.endpoint_id) for e in await store.list()}
-
-
 def _backend(be: Backend, endpoints: dict[str, str]) -> str:
     where = f"@{be.node}" if be.node else ""
     endpoint = endpoints.get(str(be.ip))
@@ -70,8 +52,11 @@ def _backend(be: Backend, endpoints: dict[str, str]) -> str:
 
 
 async def run_list(args: argparse.Namespace) -> int:
-    found, skipped = await namespaced_cmd.list_all(args, KIND)
-    endpoints = await _endpoints(args)
+    async with open_stores(args, cluster=args.cluster_name) as stores:
+        found, skipped = await namespaced_cmd.list_all(stores, KIND)
+        endpoints = {
+            str(e.value.ip): str(e.value.endpoint_id) for e in await stores.endpoints.list()
+        }
     if args.json:
         rows = [
             {
