@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from controlplane.datapath.sock_lb import cgroup2_mount
 from controlplane.datapath.sysctls import PROC_SYS
 from controlplane.flags import (
     Parser,
@@ -108,6 +109,12 @@ class AgentSettings:
     differ; off: only check and warn. The DaemonSet turns it on."""
     sysctl_root: Path = PROC_SYS
     """Where the sysctls are read and written (a test's directory instead of /proc/sys)."""
+    lb_cgroup: Path | None = None
+    """The cgroup v2 directory whose processes get socket load balancing of services (the
+    ``cgroup/connect4``, ``sendmsg4``, ``recvmsg4`` programs, kernel mode only); None: the
+    service maps are kept, no program is attached. The command line defaults to the
+    cgroup v2 root (every pod); a programmatic agent to None, so it never touches the
+    machine's cgroups."""
 
     def restart_jitter(self) -> float:
         """The per-node restart delay: base + a fixed fraction of the spread."""
@@ -286,6 +293,14 @@ def add_agent_flags(parser: argparse.ArgumentParser) -> None:
         help="at start set the sysctls the datapath needs (net.ipv4.ip_forward=1) when they "
         "differ (default off: check, warn in one line, report in cpctl status)",
     )
+    datapath.add_argument(
+        "--lb-cgroup",
+        default="auto",
+        metavar="DIR|auto|none",
+        help="cgroup v2 directory whose processes get socket load balancing of services "
+        "(kernel datapath; default auto: the cgroup v2 mount, i.e. every pod; none: keep the "
+        "service maps but attach no program)",
+    )
     local.add_argument("-v", "--verbose", action="store_true", help="log debug details")
 
 
@@ -328,4 +343,13 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         routes=args.routes,
         routes_netns=args.routes_netns or None,
         set_sysctls=args.set_sysctls,
+        lb_cgroup=_lb_cgroup(args.lb_cgroup),
     )
+
+
+def _lb_cgroup(text: str) -> Path | None:
+    if text == "none":
+        return None
+    if text == "auto":
+        return cgroup2_mount()
+    return Path(text)

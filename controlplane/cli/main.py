@@ -19,6 +19,7 @@ from controlplane.cli import (
     kvstore_cmd,
     policy_cmd,
     scale_cmd,
+    service_cmd,
     status_cmd,
     up_cmd,
     views_cmd,
@@ -46,6 +47,7 @@ def build_parser() -> Parser:
     ipam_cmd.register(commands)
     status_cmd.register(commands)
     policy_cmd.register(commands)
+    service_cmd.register(commands)
     bpf_cmd.register(commands)
     bench_cmd.register(commands)
     scale_cmd.register(commands)

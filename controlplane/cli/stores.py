@@ -26,10 +26,18 @@ from controlplane.kvstore.ipam import KvCIDRStore, list_all_claims, list_all_lea
 from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.nodes import KvNodeStore
 from controlplane.kvstore.policies import KvPolicyStore
+from controlplane.kvstore.services import KvServiceStore
 from controlplane.kvstore.shards import ShardMap
 from controlplane.metrics import StoreMetrics
 from controlplane.model import IPLease, NumericIdentity
-from controlplane.store import CIDRStore, EndpointStore, IdentityStore, NodeStore, PolicyStore
+from controlplane.store import (
+    CIDRStore,
+    EndpointStore,
+    IdentityStore,
+    NodeStore,
+    PolicyStore,
+    ServiceStore,
+)
 from controlplane.store_types import CIDRClaim, Versioned
 
 
@@ -57,6 +65,9 @@ class ClusterStores:
     """Every node's IP leases."""
     claims: Callable[[str], Awaitable[list[Versioned[CIDRClaim]]]]
     """Every pod CIDR claim of a pool, sorted by CIDR (kvstore mode: from every shard)."""
+    services: ServiceStore | None = None
+    """None where the mode has no service source yet (CRD mode, until it reads Kubernetes
+    Services and EndpointSlices)."""
 
     def malformed(self, resource: str) -> int:
         value = self.metrics.registry.get_sample_value(
@@ -137,6 +148,7 @@ async def open_config_stores(
             nodes=KvNodeStore(shards, layout, metrics, None, node=None, cluster=cluster),
             cidrs=KvCIDRStore(shards, layout, metrics),
             policies=KvPolicyStore(shards, layout, metrics),
+            services=KvServiceStore(shards, layout, metrics),
             references=references,
             leases=leases,
             claims=claims,
