@@ -45,6 +45,7 @@ from controlplane.ipam.cidr import ClusterPoolAllocator, PoolExhausted
 from controlplane.model import IPNetwork, ModelError, Node, NodeName, parse_node_name
 from controlplane.operator.metrics import OperatorMetrics
 from controlplane.operator.settings import OperatorSettings
+from controlplane.operator.term import Job, run_term
 from controlplane.store_types import EventKind
 from controlplane.telemetry import Check, TelemetryServer
 
@@ -202,44 +203,20 @@ class CrdOperator:
         return check
 
     async def _lead(self, client: KubeClient, term: LeaseTerm) -> None:
-        metrics = self.metrics
-        metrics.leader.set(1)
-        metrics.epoch.set(term.epoch)
-        metrics.leader_transitions.labels("elected").inc()
-        log.info("leading (Lease transitions %d): starting leader tasks", term.epoch)
         state = _TermState()
-        try:
-            async with asyncio.TaskGroup() as group:
-                jobs: dict[str, Callable[[], Awaitable[None]]] = {
-                    "cidr-allocation": lambda: self._allocate(client, term, state),
-                    "identity-gc": lambda: self._identity_gc(client, term),
-                    "node-gc": lambda: self._node_gc(client, term, state),
-                    "cidr-claim-repair": lambda: self._repair_claims(client, term, state),
-                }
-                for name, job in jobs.items():
-                    group.create_task(self._leader_task(name, term, job), name=name)
-        finally:
-            metrics.leader.set(0)
-            metrics.epoch.set(0)
-            metrics.leader_transitions.labels("lost").inc()
-            log.info("leader tasks of term %d stopped", term.epoch)
-
-    async def _leader_task(
-        self, name: str, term: LeaseTerm, body: Callable[[], Awaitable[None]]
-    ) -> None:
-        while True:
-            try:
-                await body()
-                return
-            except NotLeader as exc:
-                log.warning("%s: write refused (%s); ending the term", name, exc)
-                term.lose(f"{name}: {exc}")
-                return
-            except CrdError as exc:
-                log.warning("%s: %s; retrying in %gs", name, exc, self.settings.retry_period)
-            except Exception:
-                log.exception("%s: crashed; restarting", name)
-            await asyncio.sleep(self.settings.retry_period)
+        jobs: dict[str, Job] = {
+            "cidr-allocation": lambda: self._allocate(client, term, state),
+            "identity-gc": lambda: self._identity_gc(client, term),
+            "node-gc": lambda: self._node_gc(client, term, state),
+            "cidr-claim-repair": lambda: self._repair_claims(client, term, state),
+        }
+        await run_term(
+            term,
+            jobs,
+            metrics=self.metrics,
+            retry_period=self.settings.retry_period,
+            fenced=NotLeader,
+        )
 
     # -- CIDR allocation -------------------------------------------------------------
 
