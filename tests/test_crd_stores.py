@@ -1,0 +1,261 @@
+"""What only the CRD store does, against the local API server: identity races resolved
+by creation order, the GC's marks, the operator's spec.podCIDRs left alone, objects
+deleted or edited by hand repaired."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable
+from ipaddress import ip_address
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from helpers import eventually
+
+from controlplane.apiserver import KubeServer, KubeServerSettings
+from controlplane.crd.client import KubeClient
+from controlplane.crd.endpoints import CrdEndpointStore, EndpointConflict
+from controlplane.crd.identities import CrdIdentityCollector, CrdIdentityStore, identity_object
+from controlplane.crd.install import install_crds
+from controlplane.crd.ipam import CrdIPLeaseStore
+from controlplane.crd.kubeconfig import load_connection
+from controlplane.crd.names import GC_MARK, labels_selector
+from controlplane.crd.nodes import CrdNodeStore
+from controlplane.crd.resources import ENDPOINTS, IDENTITIES, NODES
+from controlplane.metrics import StoreMetrics
+from controlplane.model import (
+    Endpoint,
+    EndpointID,
+    Identity,
+    IPLease,
+    Labels,
+    Node,
+    NodeName,
+    NumericIdentity,
+)
+
+
+@pytest_asyncio.fixture
+async def kube(tmp_path: Path) -> AsyncIterator[KubeClient]:
+    settings = KubeServerSettings(data_dir=tmp_path / "kube", bookmark_interval=0.3)
+    async with (
+        KubeServer(settings) as server,
+        KubeClient(load_connection(str(server.kubeconfig))) as client,
+    ):
+        await install_crds(client)
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def running(*jobs: Awaitable[None]) -> AsyncIterator[None]:
+    tasks = [asyncio.ensure_future(job) for job in jobs]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def labels(i: int) -> Labels:
+    return Labels.from_strings([f"k8s:app=app{i}"])
+
+
+def endpoint(ip: str, node: str = "node-a", identity: int = 1000) -> Endpoint:
+    return Endpoint(
+        ip=ip_address(ip),
+        identity=NumericIdentity(identity),
+        node=NodeName(node),
+        host_ip=ip_address("192.168.0.1"),
+        name="pod-" + ip.replace(".", "-"),
+        namespace="default",
+    )
+
+
+async def objects_of(client: KubeClient, lbls: Labels) -> list[dict[str, Any]]:
+    return (await client.list(IDENTITIES, label_selector=labels_selector(lbls))).items
+
+
+# -- identities -------------------------------------------------------------------------
+
+
+async def test_racing_allocators_end_with_one_identity_per_label_set(kube: KubeClient) -> None:
+    metrics = StoreMetrics.create()
+    stores = [CrdIdentityStore(kube, metrics, node=NodeName(f"n{i}")) for i in range(8)]
+    for i in range(6):
+        got = await asyncio.gather(*(s.acquire(labels(i)) for s in stores))
+        assert len({g.id for g in got}) == 1, got
+        assert [o["metadata"]["name"] for o in await objects_of(kube, labels(i))] == [
+            str(got[0].id)
+        ]
+
+
+async def test_a_creator_that_lost_the_race_deletes_its_orphan(
+    kube: KubeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metrics = StoreMetrics.create()
+    first = CrdIdentityStore(kube, metrics, node=NodeName("n1"))
+    late = CrdIdentityStore(kube, metrics, node=NodeName("n2"))
+    winner = await first.acquire(labels(1))
+    # n2's lookup ran before n1's create landed: it sees nothing and creates its own.
+    real = late._matches
+    calls = 0
+
+    async def stale_then_real(lbls: Labels) -> list[tuple[dict[str, Any], Identity]]:
+        nonlocal calls
+        calls += 1
+        return [] if calls == 1 else await real(lbls)
+
+    monkeypatch.setattr(late, "_matches", stale_then_real)
+    assert await late.acquire(labels(1)) == winner  # the earliest created wins
+    assert calls >= 2
+    assert [o["metadata"]["name"] for o in await objects_of(kube, labels(1))] == [str(winner.id)]
+
+
+async def test_earliest_created_wins_not_lowest_id(kube: KubeClient) -> None:
+    """Two identities of one label set (a race left both): everyone adopts the one that
+    was created first, even when the other has the lower ID."""
+    await kube.create(IDENTITIES, identity_object(Identity(NumericIdentity(9000), labels(2))))
+    await kube.create(IDENTITIES, identity_object(Identity(NumericIdentity(300), labels(2))))
+    store = CrdIdentityStore(kube, StoreMetrics.create(), node=NodeName("n1"))
+    assert (await store.acquire(labels(2))).id == 9000
+    found = await store.lookup(labels(2))
+    assert found is not None and found.value.id == 9000
+
+
+async def test_gc_marks_then_deletes_and_an_acquire_removes_the_mark(kube: KubeClient) -> None:
+    metrics = StoreMetrics.create()
+    store = CrdIdentityStore(kube, metrics, node=NodeName("n1"))
+    endpoints = CrdEndpointStore(kube, metrics, node=NodeName("node-a"))
+    used = await store.acquire(labels(1))
+    spared = await store.acquire(labels(2))
+    doomed = await store.acquire(labels(3))
+    await endpoints.upsert(endpoint("10.0.1.5", identity=used.id))
+    # A reserved identity stored by hand is never the collector's business.
+    reserved = identity_object(Identity(NumericIdentity(2), Labels.parse("reserved:world")))
+    await kube.create(IDENTITIES, reserved)
+
+    collector = CrdIdentityCollector(kube, metrics)
+    first = await collector.collect()
+    assert (first.candidates, first.deleted) == (2, 0)
+    marked = {
+        o["metadata"]["name"]
+        for o in (await kube.list(IDENTITIES)).items
+        if GC_MARK in (o["metadata"].get("annotations") or {})
+    }
+    assert marked == {str(spared.id), str(doomed.id)}
+    assert await store.acquire(labels(2)) == spared  # removes the mark
+    obj = await kube.get(IDENTITIES, str(spared.id))
+    assert GC_MARK not in (obj["metadata"].get("annotations") or {})
+    await endpoints.upsert(endpoint("10.0.1.6", identity=spared.id))  # and is used now
+
+    # A new leader's collector deletes nothing it has not itself seen marked a round ago.
+    successor = CrdIdentityCollector(kube, metrics)
+    handover = await successor.collect()
+    assert handover.deleted == 0
+    second = await successor.collect()
+    assert second.deleted == 1
+    names = {o["metadata"]["name"] for o in (await kube.list(IDENTITIES)).items}
+    assert names == {str(used.id), str(spared.id), "2"}
+
+
+async def test_creation_order_survives_the_gc_marks(kube: KubeClient) -> None:
+    """The first update of an identity (the GC's mark) records its creation revision, so
+    a later resourceVersion never makes an older identity lose to a newer duplicate."""
+    metrics = StoreMetrics.create()
+    store = CrdIdentityStore(kube, metrics, node=NodeName("n1"))
+    older = await store.acquire(labels(5))
+    newer = Identity(NumericIdentity(older.id + 1 if older.id < 60000 else 300), labels(5))
+    await kube.create(IDENTITIES, identity_object(newer))  # a duplicate, created later
+    await CrdIdentityCollector(kube, metrics).collect()  # marks both: new resourceVersions
+    assert await store.acquire(labels(5)) == older  # unmarks it: the newest version now
+    assert await store.acquire(labels(5)) == older
+    found = await store.lookup(labels(5))
+    assert found is not None and found.value == older
+
+
+# -- endpoints ----------------------------------------------------------------------------
+
+
+async def test_endpoint_edited_by_hand_is_put_back(kube: KubeClient) -> None:
+    metrics = StoreMetrics.create()
+    store = CrdEndpointStore(kube, metrics, node=NodeName("node-a"))
+    mine = endpoint("10.0.1.6")
+    async with running(store.run()):
+        await store.upsert(mine)
+        assert store.repairer is not None
+        await eventually(store.repairer.synced.is_set)
+        obj = await kube.get(ENDPOINTS, mine.name, "default")
+        obj["spec"]["identity"]["id"] = 4242
+        await kube.replace(ENDPOINTS, obj)
+
+        async def restored() -> bool:
+            current = await kube.get(ENDPOINTS, mine.name, "default")
+            return bool(current["spec"]["identity"]["id"] == 1000)
+
+        await eventually(restored, message="identity put back")
+    assert {v.value for v in await store.list()} == {mine}
+
+
+async def test_a_pod_object_of_another_node_is_not_taken(kube: KubeClient) -> None:
+    metrics = StoreMetrics.create()
+    a = CrdEndpointStore(kube, metrics, node=NodeName("node-a"))
+    b = CrdEndpointStore(kube, metrics, node=NodeName("node-b"))
+    await a.upsert(endpoint("10.0.1.7"))
+    theirs = Endpoint(
+        ip=ip_address("10.0.2.7"),
+        identity=NumericIdentity(1000),
+        node=NodeName("node-b"),
+        host_ip=ip_address("192.168.0.2"),
+        name="pod-10-0-1-7",
+        namespace="default",
+    )
+    with pytest.raises(EndpointConflict):
+        await b.upsert(theirs)
+    assert {v.value for v in await a.list()} == {endpoint("10.0.1.7")}
+
+
+# -- nodes and IP leases -----------------------------------------------------------------
+
+
+async def test_register_leaves_the_operators_pod_cidrs_alone(kube: KubeClient) -> None:
+    metrics = StoreMetrics.create()
+    nodes = CrdNodeStore(kube, metrics, node=NodeName("node-a"))
+    me = Node(name=NodeName("node-a"), ips=(ip_address("192.168.0.1"),), boot_id="b1")
+    await nodes.register(me)
+    await kube.patch(NODES, "node-a", {"spec": {"podCIDRs": ["10.0.1.0/24"]}})  # operator
+    await nodes.register(Node(name=me.name, ips=me.ips, boot_id="b2"))
+    got = await nodes.get(me.name)
+    assert got is not None
+    assert [str(c) for c in got.value.pod_cidrs] == ["10.0.1.0/24"]
+    assert got.value.boot_id == "b2"
+
+
+async def test_node_deleted_by_hand_comes_back_with_its_leases(kube: KubeClient) -> None:
+    metrics = StoreMetrics.create()
+    name = NodeName("node-a")
+    nodes = CrdNodeStore(kube, metrics, node=name)
+    leases = CrdIPLeaseStore(kube, metrics, node=name)
+    lease = IPLease(node=name, ip=ip_address("10.0.1.9"), owner=EndpointID("default/p"))
+    async with running(nodes.run(), leases.run()):
+        await nodes.register(Node(name=name, ips=(ip_address("192.168.0.1"),), boot_id="b"))
+        assert await leases.claim(lease)
+        assert nodes.repairer is not None
+        await eventually(nodes.repairer.synced.is_set)
+        await eventually(leases.repairer.synced.is_set)
+        await kube.delete(NODES, name)
+
+        async def back() -> bool:
+            got = await nodes.get(name)
+            return (
+                got is not None
+                and got.value.boot_id == "b"
+                and [v.value for v in await leases.list()] == [lease]
+            )
+
+        await eventually(back, message="node and lease restored")
