@@ -36,6 +36,7 @@ from controlplane.model import (
     NodeName,
     NumericIdentity,
 )
+from controlplane.store_types import EventKind, StoreError
 
 
 @pytest_asyncio.fixture
@@ -259,3 +260,51 @@ async def test_node_deleted_by_hand_comes_back_with_its_leases(kube: KubeClient)
             )
 
         await eventually(back, message="node and lease restored")
+
+
+# -- an API server outage -------------------------------------------------------------------
+
+
+async def test_stores_ride_out_an_api_server_restart(tmp_path: Path) -> None:
+    """A reader's view keeps every entry while the API server is down (no DELETE), writes
+    fail with a StoreError meanwhile, and everything converges once it is back."""
+    data = tmp_path / "kube"
+    server = KubeServer(KubeServerSettings(data_dir=data, bookmark_interval=0.3))
+    await server.start()
+    restarted: KubeServer | None = None
+    try:
+        connection = load_connection(str(server.kubeconfig))
+        port = int(server.url.rsplit(":", 1)[1])
+        async with (
+            KubeClient(connection, request_timeout=2.0) as writer_client,
+            KubeClient(connection, request_timeout=2.0) as reader_client,
+        ):
+            await install_crds(writer_client)
+            metrics = StoreMetrics.create()
+            writer = CrdEndpointStore(writer_client, metrics, node=NodeName("node-a"))
+            reader = CrdEndpointStore(reader_client, StoreMetrics.create())
+            events: list[Any] = []
+
+            async def pump() -> None:
+                async for event in reader.watch():
+                    events.append(event)
+
+            async with running(writer.run(), pump()):
+                before = endpoint("10.0.1.60")
+                await writer.upsert(before)
+                await eventually(lambda: any(e.name == "10.0.1.60" for e in events))
+                await server.stop()
+                with pytest.raises(StoreError):
+                    await writer.upsert(endpoint("10.0.1.61"))
+                settings = KubeServerSettings(data_dir=data, port=port, bookmark_interval=0.3)
+                restarted = KubeServer(settings)
+                await restarted.start()
+                after = endpoint("10.0.1.62")
+                await writer.upsert(after)
+                await eventually(lambda: any(e.name == "10.0.1.62" for e in events))
+            assert all(e.kind is not EventKind.DELETE for e in events)
+            assert {v.value for v in await reader.list()} == {before, after}
+    finally:
+        await server.stop()
+        if restarted is not None:
+            await restarted.stop()
