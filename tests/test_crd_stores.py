@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable
 from ipaddress import ip_address
 from pathlib import Path
@@ -260,6 +261,12 @@ async def test_node_deleted_by_hand_comes_back_with_its_leases(kube: KubeClient)
             )
 
         await eventually(back, message="node and lease restored")
+        # A deregistered node stays gone: the lease store does not bring it back.
+        await nodes.deregister()
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            assert await kube.get_or_none(NODES, name) is None
+            await asyncio.sleep(0.05)
 
 
 # -- an API server outage -------------------------------------------------------------------

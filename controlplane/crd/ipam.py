@@ -240,7 +240,16 @@ class CrdIPLeaseStore:
 
     async def _reassert(self, *, repair: bool) -> None:
         async def step() -> int:
-            current = await self._node_object()
+            if repair:
+                # A repair waits for the Node object: after a kubectl delete the node
+                # store re-creates it (an event that brings us back); after deregister
+                # nobody should.
+                found = await self.client.get_or_none(NODES, self.node)
+                if found is None:
+                    return 0
+                current = found
+            else:
+                current = await self._node_object()
             used = _used(current)
             missing = self._missing(current)
             put: dict[str, object] = {}
