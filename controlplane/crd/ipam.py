@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from controlplane.crd.client import JSON, KubeClient
 from controlplane.crd.errors import AlreadyExists, Conflict
 from controlplane.crd.listwatch import KubeListWatcher, object_revision
-from controlplane.crd.names import POD_CIDR_POOL, cidr_name, label_value, pool_selector
+from controlplane.crd.names import POD_CIDR_POOL, cidr_name, label_value
 from controlplane.crd.nodes import node_object
 from controlplane.crd.owner import Repairer
 from controlplane.crd.records import ObjectCodec, meta_of, spec_of
@@ -63,12 +63,12 @@ def claim_name(claim: CIDRClaim) -> str:
 def _claim_expander(pool: str) -> Callable[[JSON], list[tuple[str, CIDRClaim]]]:
     def expand(obj: JSON) -> list[tuple[str, CIDRClaim]]:
         spec = spec_of(obj)
-        if spec["pool"] != pool:
-            raise InvalidRecord(f"PodCIDR of pool {spec['pool']!r} labelled as pool {pool!r}")
+        if spec.get("pool") != pool:
+            return []  # another pool's claim (or a malformed one, counted by its readers)
         cidr = parse_cidr(spec["cidr"])
-        if str(cidr) != spec["cidr"] or meta_of(obj).get("name") != cidr_name(pool, cidr):
+        if str(cidr) != spec["cidr"]:
             raise InvalidRecord(
-                f"PodCIDR {meta_of(obj).get('name')!r} does not name {spec['cidr']!r}"
+                f"PodCIDR {meta_of(obj).get('name')!r}: {spec['cidr']!r} is not canonical"
             )
         claim = CIDRClaim(pool, cidr, parse_node_name(spec["node"]))
         return [(claim_name(claim), claim)]
@@ -97,8 +97,9 @@ class CrdCIDRStore:
         return codec
 
     async def list(self, pool: str) -> builtins.list[Versioned[CIDRClaim]]:
-        found = await self.client.list(POD_CIDRS, label_selector=pool_selector(pool))
-        return self._codec(pool).decode_all(found.items)
+        # Every claim, filtered by spec.pool (a node count of objects): a claim written
+        # without the pool label still counts.
+        return self._codec(pool).decode_all((await self.client.list(POD_CIDRS)).items)
 
     async def claim(self, claim: CIDRClaim) -> bool:
         """Create the claim: False when the CIDR is taken."""
@@ -134,8 +135,7 @@ class CrdCIDRStore:
 
     def watch(self, pool: str) -> AsyncIterator[StoreEvent[CIDRClaim]]:
         """List-then-watch the claims of ``pool`` (named by CIDR, ``_`` for ``/``)."""
-        watcher = KubeListWatcher(self.client, POD_CIDRS, label_selector=pool_selector(pool))
-        return self._codec(pool).watch(watcher)
+        return self._codec(pool).watch(KubeListWatcher(self.client, POD_CIDRS))
 
 
 def _used(obj: JSON) -> dict[str, object]:
