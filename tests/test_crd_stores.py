@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable
-from ipaddress import ip_address
+from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from controlplane.crd.client import KubeClient
 from controlplane.crd.endpoints import CrdEndpointStore, EndpointConflict
 from controlplane.crd.identities import CrdIdentityCollector, CrdIdentityStore, identity_object
 from controlplane.crd.install import install_crds
-from controlplane.crd.ipam import CrdIPLeaseStore
+from controlplane.crd.ipam import CrdCIDRStore, CrdIPLeaseStore, list_all_claims, list_all_leases
 from controlplane.crd.kubeconfig import load_connection
 from controlplane.crd.names import GC_MARK, labels_selector
 from controlplane.crd.nodes import CrdNodeStore
@@ -37,7 +37,7 @@ from controlplane.model import (
     NodeName,
     NumericIdentity,
 )
-from controlplane.store_types import EventKind, StoreError
+from controlplane.store_types import CIDRClaim, EventKind, StoreError
 
 
 @pytest_asyncio.fixture
@@ -315,3 +315,38 @@ async def test_stores_ride_out_an_api_server_restart(tmp_path: Path) -> None:
         await server.stop()
         if restarted is not None:
             await restarted.stop()
+
+
+# -- read-only views for cpctl ------------------------------------------------------------
+
+
+async def test_views_for_cpctl(kube: KubeClient) -> None:
+    metrics = StoreMetrics.create()
+    ids = CrdIdentityStore(kube, metrics)  # read-only
+    with pytest.raises(RuntimeError):
+        await ids.acquire(labels(1))
+    web = await CrdIdentityStore(kube, metrics, node=NodeName("n1")).acquire(labels(1))
+    for node_name, ip in (("node-a", "10.0.1.70"), ("node-b", "10.0.2.70")):
+        store = CrdEndpointStore(kube, metrics, node=NodeName(node_name))
+        await store.upsert(endpoint(ip, node_name, identity=web.id))
+    assert await ids.references() == {web.id: ["node-a", "node-b"]}
+
+    for node_name, ip in (("node-b", "10.0.2.5"), ("node-a", "10.0.1.5"), ("node-a", "10.0.1.4")):
+        leases = CrdIPLeaseStore(kube, metrics, node=NodeName(node_name))
+        owner = EndpointID(f"default/{node_name}-{ip}")
+        assert await leases.claim(IPLease(node=NodeName(node_name), ip=ip_address(ip), owner=owner))
+    listed = [(str(v.value.node), str(v.value.ip)) for v in await list_all_leases(kube, metrics)]
+    assert listed == [("node-a", "10.0.1.4"), ("node-a", "10.0.1.5"), ("node-b", "10.0.2.5")]
+
+    cidrs = CrdCIDRStore(kube, metrics)
+    for cidr, node_name in (("10.0.2.0/24", "node-b"), ("10.0.1.0/24", "node-a")):
+        assert await cidrs.claim(CIDRClaim("default", ip_network(cidr), NodeName(node_name)))
+    assert await cidrs.claim(CIDRClaim("other", ip_network("10.9.0.0/24"), NodeName("node-c")))
+    claims = [str(v.value.cidr) for v in await list_all_claims(kube, metrics)]
+    assert claims == ["10.0.1.0/24", "10.0.2.0/24"]
+    assert [str(v.value.cidr) for v in await list_all_claims(kube, metrics, "other")] == [
+        "10.9.0.0/24"
+    ]
+    v6 = CIDRClaim("default", ip_network("fd00:0:0:1::/64"), NodeName("node-d"))
+    assert await cidrs.claim(v6)
+    assert not await cidrs.claim(v6)

@@ -301,6 +301,21 @@ class CrdIdentityStore:
     def watch(self) -> AsyncIterator[StoreEvent[Identity]]:
         return self.codec.watch(KubeListWatcher(self.client, IDENTITIES))
 
+    async def references(self) -> dict[NumericIdentity, builtins.list[NodeName]]:
+        """Which nodes reference each identity: the nodes of the Endpoints that name it
+        (for `cpctl identity get`)."""
+        refs: dict[NumericIdentity, set[NodeName]] = {}
+        async for page in self.client.list_pages(ENDPOINTS):
+            for obj in page.items:
+                try:
+                    spec = spec_of(obj)
+                    ident, node = spec["identity"]["id"], spec["node"]
+                except (ValueError, KeyError, TypeError):
+                    continue  # the endpoint readers count it
+                if isinstance(ident, int) and isinstance(node, str):
+                    refs.setdefault(NumericIdentity(ident), set()).add(NodeName(node))
+        return {ident: sorted(nodes) for ident, nodes in refs.items()}
+
 
 class CrdIdentityCollector:
     """Two-round identity garbage collection over Identity and Endpoint objects, one

@@ -45,7 +45,14 @@ from controlplane.model import (
 )
 from controlplane.store_types import CIDRClaim, StoreEvent, Versioned
 
-__all__ = ["CLAIM_RESOURCE", "LEASE_RESOURCE", "CrdCIDRStore", "CrdIPLeaseStore"]
+__all__ = [
+    "CLAIM_RESOURCE",
+    "LEASE_RESOURCE",
+    "CrdCIDRStore",
+    "CrdIPLeaseStore",
+    "list_all_claims",
+    "list_all_leases",
+]
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +145,44 @@ class CrdCIDRStore:
         return self._codec(pool).watch(KubeListWatcher(self.client, POD_CIDRS))
 
 
+async def list_all_leases(client: KubeClient, metrics: StoreMetrics) -> list[Versioned[IPLease]]:
+    """Every node's IP leases (from every Node's status), sorted by node then IP."""
+    out: list[Versioned[IPLease]] = []
+    codec: ObjectCodec[IPLease] = ObjectCodec(LEASE_RESOURCE, metrics, lambda _: [])
+    for obj in (await client.list(NODES)).items:
+        name = str((obj.get("metadata") or {}).get("name", ""))
+        try:
+            node = parse_node_name(name)
+        except ModelError as exc:
+            codec.skip(name, exc)
+            continue
+        out.extend(_leases_of(obj, node, codec))
+    out.sort(key=lambda v: (v.value.node, v.value.ip.version, int(v.value.ip)))
+    return out
+
+
+async def list_all_claims(
+    client: KubeClient, metrics: StoreMetrics, pool: str = "default"
+) -> list[Versioned[CIDRClaim]]:
+    """Every claim of ``pool``, sorted by CIDR."""
+    claims = await CrdCIDRStore(client, metrics).list(pool)
+    claims.sort(key=lambda v: (v.value.cidr.version, int(v.value.cidr.network_address)))
+    return claims
+
+
+def _leases_of(obj: JSON, node: NodeName, codec: ObjectCodec[IPLease]) -> list[Versioned[IPLease]]:
+    version = object_revision(obj)
+    out: list[Versioned[IPLease]] = []
+    for text, owner in _used(obj).items():
+        try:
+            lease = IPLease(node=node, ip=parse_canonical_ip(text), owner=parse_endpoint_id(owner))
+        except ModelError as exc:
+            codec.skip(f"{node}/status.ipam.used[{text}]", exc)
+            continue
+        out.append(Versioned(lease, version))
+    return out
+
+
 def _used(obj: JSON) -> dict[str, object]:
     status = obj.get("status")
     ipam = status.get("ipam") if isinstance(status, dict) else None
@@ -175,17 +220,7 @@ class CrdIPLeaseStore:
         obj = await self.client.get_or_none(NODES, self.node)
         if obj is None:
             return []
-        version = object_revision(obj)
-        out: list[Versioned[IPLease]] = []
-        for text, owner in _used(obj).items():
-            try:
-                lease = IPLease(
-                    node=self.node, ip=parse_canonical_ip(text), owner=parse_endpoint_id(owner)
-                )
-            except ModelError as exc:
-                self.codec.skip(f"{self.node}/status.ipam.used[{text}]", exc)
-                continue
-            out.append(Versioned(lease, version))
+        out = _leases_of(obj, self.node, self.codec)
         out.sort(key=lambda v: (v.value.ip.version, int(v.value.ip)))
         return out
 
