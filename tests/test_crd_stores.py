@@ -181,6 +181,72 @@ async def test_creation_order_survives_the_gc_marks(kube: KubeClient) -> None:
     assert found is not None and found.value == older
 
 
+async def test_identities_a_node_holds_are_repaired(kube: KubeClient) -> None:
+    metrics = StoreMetrics.create()
+    store = CrdIdentityStore(kube, metrics, node=NodeName("n1"))
+    changes: list[tuple[Identity, Identity]] = []
+    store.changed.append(lambda old, new: changes.append((old, new)))
+    assert store.repairer is not None
+    async with running(store.run()):
+        await eventually(store.repairer.synced.is_set)
+        held = await store.acquire(labels(1))
+        name = str(held.id)
+
+        async def holds(ident: int, lbls: Labels) -> bool:
+            obj = await kube.get_or_none(IDENTITIES, str(ident))
+            return obj is not None and obj["spec"]["labels"] == lbls.to_strings()
+
+        # Deleted by hand (or by the GC in its window): re-created with the same ID.
+        await kube.delete(IDENTITIES, name)
+        await eventually(lambda: holds(held.id, labels(1)), message="re-created")
+        # Labels edited by hand: put back.
+        obj = await kube.get(IDENTITIES, name)
+        obj["spec"]["labels"] = labels(9).to_strings()
+        await kube.replace(IDENTITIES, obj)
+        await eventually(lambda: holds(held.id, labels(1)), message="labels put back")
+        assert changes == []
+        # Deleted while another identity of the same labels exists: adopt that one, and
+        # tell the node (its endpoints must be re-published with the new number).
+        other = Identity(NumericIdentity(held.id + 1 if held.id < 60000 else 300), labels(1))
+        await kube.create(IDENTITIES, identity_object(other))
+        await kube.delete(IDENTITIES, name)
+        await eventually(lambda: changes == [(held, other)], message="moved to the other")
+        # A released identity is not the node's to repair any more.
+        await store.release(other)
+        await kube.delete(IDENTITIES, str(other.id))
+        await eventually(lambda: _gone(kube, other.id), message="stays deleted")
+    assert (
+        metrics.registry.get_sample_value(
+            "cp_store_repairs_total", {"resource": "identity", "reason": "deleted"}
+        )
+        or 0
+    ) >= 2
+
+
+async def _gone(kube: KubeClient, ident: int) -> bool:
+    return await kube.get_or_none(IDENTITIES, str(ident)) is None
+
+
+async def test_an_identity_the_gc_took_in_its_window_comes_back(kube: KubeClient) -> None:
+    """A node adopted an identity but has not published its Endpoint for two GC rounds:
+    the GC deletes it; the node, still holding it, re-creates it with the same ID."""
+    metrics = StoreMetrics.create()
+    store = CrdIdentityStore(kube, metrics, node=NodeName("n1"))
+    assert store.repairer is not None
+    async with running(store.run()):
+        await eventually(store.repairer.synced.is_set)
+        held = await store.acquire(labels(4))
+        collector = CrdIdentityCollector(kube, metrics)
+        await collector.collect()
+        assert (await collector.collect()).deleted == 1
+
+        async def back() -> bool:
+            got = await store.get(held.id)
+            return got is not None and got.value == held
+
+        await eventually(back, message="re-created with the same ID")
+
+
 # -- endpoints ----------------------------------------------------------------------------
 
 

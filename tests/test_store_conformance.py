@@ -212,13 +212,14 @@ class CrdBackend:
         async with self.client() as client:
             metrics = StoreMetrics.create()
             node = NodeName(name)
+            identities = CrdIdentityStore(client, metrics, node=node)
             endpoints = CrdEndpointStore(client, metrics, node=node)
             nodes = CrdNodeStore(client, metrics, node=node)
             leases = CrdIPLeaseStore(client, metrics, node=node)
             stores = NodeStores(
                 node,
                 metrics,
-                identities=CrdIdentityStore(client, metrics, node=node),
+                identities=identities,
                 endpoints=endpoints,
                 nodes=nodes,
                 cidrs=CrdCIDRStore(client, metrics),
@@ -226,7 +227,7 @@ class CrdBackend:
                 policies=CrdPolicyStore(client, metrics),
                 collector=CrdIdentityCollector(client, metrics),
             )
-            async with background(endpoints.run(), nodes.run(), leases.run()):
+            async with background(identities.run(), endpoints.run(), nodes.run(), leases.run()):
                 yield stores
 
     async def put_malformed(self, resource: str, name: str) -> None:
