@@ -93,6 +93,12 @@ class Repairer:
                     log.warning("repairing %s %s failed (%s); will retry", self.what, key, exc)
                     self._dirty.add(key)
                     failed = True
+                except Exception:
+                    # A bug or an object nobody foresaw must not end the repairs of the
+                    # rest (bad input never crashes a daemon): say so loudly, retry later.
+                    log.exception("repairing %s %s failed; will retry", self.what, key)
+                    self._dirty.add(key)
+                    failed = True
             if failed:
                 await asyncio.sleep(random.uniform(0.5, 1.0) * RETRY_DELAY)
                 self._wake.set()
