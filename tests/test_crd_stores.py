@@ -416,3 +416,51 @@ async def test_views_for_cpctl(kube: KubeClient) -> None:
     v6 = CIDRClaim("default", ip_network("fd00:0:0:1::/64"), NodeName("node-d"))
     assert await cidrs.claim(v6)
     assert not await cidrs.claim(v6)
+
+
+async def test_an_ip_claimed_by_two_objects_is_shown_once(kube: KubeClient) -> None:
+    """Two Endpoint objects naming one IP (written by hand, or two nodes at one instant):
+    every reader shows the claim of the object whose namespace/name sorts first, and
+    deletes the IP only when no object claims it any more."""
+
+    def pod(name: str, node: str, identity: int) -> dict[str, Any]:
+        return {
+            "apiVersion": "controlplane.io/v1",
+            "kind": "Endpoint",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {
+                "addressing": [{"family": "IPv4", "ip": "10.0.5.5"}],
+                "identity": {"id": identity},
+                "node": node,
+                "hostIP": "192.168.0.9",
+            },
+        }
+
+    reader = CrdEndpointStore(kube, StoreMetrics.create())
+    events: list[Any] = []
+
+    async def pump() -> None:
+        async for event in reader.watch():
+            events.append(event)
+
+    def shown() -> dict[str, int]:
+        out: dict[str, int] = {}
+        for e in events:
+            if e.kind is EventKind.UPSERT:
+                out[e.name] = e.value.identity
+            elif e.kind is EventKind.DELETE:
+                out.pop(e.name, None)
+        return out
+
+    async with running(pump()):
+        await eventually(lambda: any(e.kind is EventKind.SYNCED for e in events))
+        await kube.create(ENDPOINTS, pod("pod-b", "node-b", 2000))
+        await eventually(lambda: shown() == {"10.0.5.5": 2000})
+        await kube.create(ENDPOINTS, pod("pod-a", "node-a", 1000))  # sorts first: wins
+        await eventually(lambda: shown() == {"10.0.5.5": 1000})
+        (listed,) = await reader.list()
+        assert listed.value.identity == 1000
+        await kube.delete(ENDPOINTS, "pod-a", namespace="default")
+        await eventually(lambda: shown() == {"10.0.5.5": 2000})
+        await kube.delete(ENDPOINTS, "pod-b", namespace="default")
+        await eventually(lambda: shown() == {})
