@@ -24,6 +24,7 @@ from controlplane.store_types import StoreError
 log = logging.getLogger(__name__)
 
 RETRY_DELAY = 1.0
+MAX_RETRY_DELAY = 30.0
 
 
 class Repairer:
@@ -81,6 +82,7 @@ class Repairer:
                     self.touch(event.key)
 
     async def _work(self) -> None:
+        failures = 0
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -100,5 +102,11 @@ class Repairer:
                     self._dirty.add(key)
                     failed = True
             if failed:
-                await asyncio.sleep(random.uniform(0.5, 1.0) * RETRY_DELAY)
+                # Jittered and growing while the failures go on (an outage, a namespace
+                # that does not exist yet), so a stuck key costs a line a while, not a flood.
+                failures += 1
+                delay = min(MAX_RETRY_DELAY, RETRY_DELAY * 2 ** min(failures - 1, 8))
+                await asyncio.sleep(random.uniform(0.5, 1.0) * delay)
                 self._wake.set()
+            else:
+                failures = 0
