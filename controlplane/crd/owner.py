@@ -24,7 +24,7 @@ from controlplane.store_types import StoreError
 log = logging.getLogger(__name__)
 
 RETRY_DELAY = 1.0
-MAX_RETRY_DELAY = 30.0
+MAX_RETRY_DELAY = 10.0
 
 
 class Repairer:
