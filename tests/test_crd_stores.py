@@ -250,6 +250,33 @@ async def test_an_identity_the_gc_took_in_its_window_comes_back(kube: KubeClient
         await eventually(back, message="re-created with the same ID")
 
 
+async def test_acquire_of_a_known_identity_needs_no_list(
+    kube: KubeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With its watch running, a node adopts an identity it has seen without asking the
+    API server (a marked one costs the guarded unmark only)."""
+    metrics = StoreMetrics.create()
+    first = await CrdIdentityStore(kube, metrics, node=NodeName("n1")).acquire(labels(1))
+    marked = await CrdIdentityStore(kube, metrics, node=NodeName("n1")).acquire(labels(2))
+    await CrdIdentityCollector(kube, metrics).collect()  # marks both (no endpoints)
+    store = CrdIdentityStore(kube, metrics, node=NodeName("n2"))
+
+    async def no_list(lbls: Labels) -> list[tuple[dict[str, Any], Identity]]:
+        raise AssertionError(f"listed the API server for {lbls}")
+
+    async with running(store.run()):
+
+        async def indexed() -> bool:
+            return bool(store._indexed_matches(labels(1)) and store._indexed_matches(labels(2)))
+
+        await eventually(indexed, message="the watch indexed both")
+        monkeypatch.setattr(store, "_matches", no_list)
+        assert await store.acquire(labels(1)) == first
+        assert await store.acquire(labels(2)) == marked
+    obj = await kube.get(IDENTITIES, str(marked.id))
+    assert GC_MARK not in (obj["metadata"].get("annotations") or {})
+
+
 # -- endpoints ----------------------------------------------------------------------------
 
 

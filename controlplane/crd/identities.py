@@ -16,6 +16,12 @@ someone already adopted is never deleted as a loser. The creation revision is th
 object's resourceVersion until its first update; every update we make (the GC's mark)
 writes it into the ``controlplane.io/created-revision`` annotation first.
 
+While :meth:`CrdIdentityStore.run` runs, its watch of every Identity (which repairs the
+identities this node holds: re-created with the same ID when deleted, put back when
+edited) also keeps an index by label set; a list+watch is a consistent view, as good as a
+fresh list for "the earliest created of this label set", so adopting a known identity
+costs no request (a marked one, the guarded unmark).
+
 References are the Endpoint objects (there are no per-node reference objects, so
 ``release`` is local). The collector marks identities that no Endpoint references (the
 ``controlplane.io/gc-unused-since`` annotation, a resourceVersion-guarded write) and, a
@@ -39,7 +45,7 @@ from datetime import UTC, datetime
 
 from controlplane.crd.client import JSON, KubeClient
 from controlplane.crd.errors import AlreadyExists, Conflict, CrdError, NotFound
-from controlplane.crd.listwatch import KubeListWatcher, revision_of
+from controlplane.crd.listwatch import EventType, KubeEvent, KubeListWatcher, revision_of
 from controlplane.crd.names import (
     CREATED_REVISION,
     GC_MARK,
@@ -168,13 +174,56 @@ class CrdIdentityStore:
                 lambda: self._held_by_name.keys(),
                 self._looks_right,
                 self._reconcile,
+                observe=self._observe,
             )
+        self._index: dict[Labels, dict[str, tuple[tuple[int, str], JSON]]] = {}
+        """label set -> its identity objects as the repair watch last saw them."""
+        self._index_keys: dict[str, Labels] = {}
+        self._indexed = False
 
     async def run(self) -> None:
         """Put back the identities this node holds when they are deleted or edited by
-        others (re-created with the same ID when it is still free), until cancelled."""
-        if self.repairer is not None:
+        others (re-created with the same ID when it is still free), until cancelled.
+        Its watch also feeds the index that lets :meth:`acquire` find an existing
+        identity without asking the API server."""
+        if self.repairer is None:
+            return
+        try:
             await self.repairer.run()
+        finally:
+            self._indexed = False
+            self._index.clear()
+            self._index_keys.clear()
+
+    def _observe(self, event: KubeEvent) -> None:
+        if event.type is EventType.LIST_DONE:
+            self._indexed = True
+            return
+        labels = self._index_keys.pop(event.key, None)
+        if labels is not None:
+            bucket = self._index[labels]
+            del bucket[event.key]
+            if not bucket:
+                del self._index[labels]
+        if event.type is not EventType.PUT or event.object is None:
+            return
+        try:
+            identity = _expand(event.object)[0][1]
+        except MALFORMED:
+            return  # readers count it; for allocation it does not exist
+        if identity.is_reserved:
+            return
+        order = creation_order(event.object)
+        self._index.setdefault(identity.labels, {})[event.key] = (order, event.object)
+        self._index_keys[event.key] = identity.labels
+
+    def _indexed_matches(self, labels: Labels) -> list[JSON]:
+        """The identities of ``labels`` the watch knows, earliest created first; [] when
+        the index is not ready or knows none (then the API server is asked)."""
+        bucket = self._index.get(labels) if self._indexed else None
+        if not bucket:
+            return []
+        return [obj for _, obj in sorted(bucket.values(), key=lambda item: item[0])]
 
     @property
     def id_ranges(self) -> list[IdentityRange]:
@@ -201,6 +250,13 @@ class CrdIdentityStore:
         self._held_by_name[identity_name(identity.id)] = identity
 
     async def _allocate(self, labels: Labels, prefer: int | None = None) -> Identity:
+        # The watch's index is a consistent (if slightly late) view, as good as a list for
+        # "the earliest created of this label set"; it saves a list per acquire.
+        indexed = self._indexed_matches(labels)
+        if indexed and prefer is None:
+            adopted = await self._adopt(labels, indexed[0])
+            if adopted is not None:
+                return adopted
         for attempt in range(MAX_ATTEMPTS):
             matches = await self._matches(labels)
             if matches:

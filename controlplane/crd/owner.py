@@ -18,7 +18,7 @@ import random
 from collections.abc import Awaitable, Callable, Collection
 
 from controlplane.crd.client import JSON
-from controlplane.crd.listwatch import EventType, KubeListWatcher
+from controlplane.crd.listwatch import EventType, KubeEvent, KubeListWatcher
 from controlplane.store_types import StoreError
 
 log = logging.getLogger(__name__)
@@ -37,12 +37,16 @@ class Repairer:
         owned: Callable[[], Collection[str]],
         looks_right: Callable[[str, JSON], bool],
         reconcile: Callable[[str], Awaitable[None]],
+        *,
+        observe: Callable[[KubeEvent], None] | None = None,
     ) -> None:
         self.what = what
         self._watcher = watcher
         self._owned = owned
         self._looks_right = looks_right
         self._reconcile = reconcile
+        self._observe = observe
+        """Sees every event of the watch first (a store's read cache rides on it)."""
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self.synced = asyncio.Event()
@@ -61,6 +65,8 @@ class Repairer:
         seen: set[str] = set()
         async for batch in self._watcher().batches():
             for event in batch:
+                if self._observe is not None:
+                    self._observe(event)
                 if event.type is EventType.LIST_DONE:
                     for key in self._owned():
                         if key not in seen:
