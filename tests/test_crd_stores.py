@@ -37,7 +37,7 @@ from controlplane.model import (
     NodeName,
     NumericIdentity,
 )
-from controlplane.store_types import CIDRClaim, EventKind, StoreError
+from controlplane.store_types import AddressConflict, CIDRClaim, EventKind, StoreError
 
 
 @pytest_asyncio.fixture
@@ -494,3 +494,48 @@ async def test_an_ip_claimed_by_two_objects_is_shown_once(kube: KubeClient) -> N
         await eventually(lambda: shown() == {"10.0.5.5": 2000})
         await kube.delete(ENDPOINTS, "pod-b", namespace="default")
         await eventually(lambda: shown() == {})
+
+
+@pytest.mark.parametrize("ipcache_watch", [False, True])
+async def test_address_checks_with_and_without_the_ipcache_watch(
+    kube: KubeClient, monkeypatch: pytest.MonkeyPatch, ipcache_watch: bool
+) -> None:
+    """Before writing an IP the store asks who claims it: the API server (a label-selected
+    list) or, while its ipcache watch runs, what that watch has seen (no request)."""
+    metrics = StoreMetrics.create()
+    a = CrdEndpointStore(kube, metrics, node=NodeName("node-a"))
+    b = CrdEndpointStore(kube, metrics, node=NodeName("node-b"))
+    theirs = endpoint("10.0.7.1", "node-b")
+    await b.upsert(theirs)
+    stale = endpoint("10.0.7.2", "node-a")
+    await a.upsert(stale)
+    batches: list[Any] = []
+
+    async def pump() -> None:
+        async for batch in a.watch_ip_identities():
+            batches.append(batch)
+
+    async with running(pump()) if ipcache_watch else contextlib.nullcontext():
+        if ipcache_watch:
+            await eventually(lambda: any(e.kind is EventKind.SYNCED for b_ in batches for e in b_))
+            real_list = kube.list
+
+            async def no_address_lists(resource: Any, **kw: Any) -> Any:
+                assert not (kw.get("label_selector") or "").startswith("controlplane.io/ip")
+                return await real_list(resource, **kw)
+
+            monkeypatch.setattr(kube, "list", no_address_lists)
+        with pytest.raises(AddressConflict):
+            await a.upsert(endpoint("10.0.7.1", "node-a", identity=1001))
+        # The same IP for a new pod of ours: taken from our stale object (now empty: gone).
+        moved = Endpoint(
+            ip=stale.ip,
+            identity=NumericIdentity(1002),
+            node=NodeName("node-a"),
+            host_ip=stale.host_ip,
+            name="pod-new",
+            namespace="default",
+        )
+        await a.upsert(moved)
+        assert await kube.get_or_none(ENDPOINTS, stale.name, "default") is None
+        assert {v.value for v in await a.list()} == {theirs, moved}
