@@ -13,8 +13,9 @@ Writes come from the pod's node only: :meth:`CrdEndpointStore.upsert` merges its
 into the pod's object (create, or an update guarded by the resourceVersion; a 409 is
 re-read and retried with backoff). An object of another node is never overwritten, and
 an IP that another node's object already publishes is refused
-(:class:`EndpointConflict`), as far as a label-selector read just before the write can
-tell: two nodes writing one IP into different objects at the same instant both succeed,
+(:class:`EndpointConflict`), as far as the store knows (what its ipcache watch,
+:meth:`CrdEndpointStore.watch_ip_identities`, has seen; without one, a label-selector read
+just before the write): two nodes writing one IP into different objects at once both succeed,
 and readers then pick one as above (IPAM's disjoint per-node CIDRs are what keeps IPs
 unique). The node keeps what it published in memory and repairs it: an object deleted or
 edited by hand is re-created or re-written (:meth:`CrdEndpointStore.run`).
