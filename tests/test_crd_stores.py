@@ -539,3 +539,19 @@ async def test_address_checks_with_and_without_the_ipcache_watch(
         await a.upsert(moved)
         assert await kube.get_or_none(ENDPOINTS, stale.name, "default") is None
         assert {v.value for v in await a.list()} == {theirs, moved}
+
+
+async def test_republishing_an_unchanged_endpoint_writes_nothing(kube: KubeClient) -> None:
+    """An agent re-publishes its endpoints after a restart: unchanged ones cost a read,
+    not a write that every other agent's watch would receive."""
+    mine = endpoint("10.0.8.1")
+    await CrdEndpointStore(kube, StoreMetrics.create(), node=NodeName("node-a")).upsert(mine)
+    before = (await kube.get(ENDPOINTS, mine.name, "default"))["metadata"]["resourceVersion"]
+    restarted = CrdEndpointStore(kube, StoreMetrics.create(), node=NodeName("node-a"))
+    await restarted.upsert(mine)
+    after = (await kube.get(ENDPOINTS, mine.name, "default"))["metadata"]["resourceVersion"]
+    assert after == before
+    await restarted.upsert(endpoint("10.0.8.1", identity=1001))  # a change is written
+    changed = await kube.get(ENDPOINTS, mine.name, "default")
+    assert changed["metadata"]["resourceVersion"] != before
+    assert changed["spec"]["identity"]["id"] == 1001

@@ -232,6 +232,8 @@ class CrdEndpointStore:
                 "hostIP": str(endpoint.host_ip),
             }
             self._wanted[key] = spec
+            if current is not None and self._looks_right(key, current):
+                return  # already so (a re-publish after a restart): no write, no event
             await self._write(key, spec, current)
             if dropped is not None and dropped.get("ip") != entry["ip"]:
                 with contextlib.suppress(ModelError):
