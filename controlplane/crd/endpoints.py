@@ -18,7 +18,8 @@ an IP that another node's object already publishes is refused
 just before the write): two nodes writing one IP into different objects at once both succeed,
 and readers then pick one as above (IPAM's disjoint per-node CIDRs are what keeps IPs
 unique). The node keeps what it published in memory and repairs it: an object deleted or
-edited by hand is re-created or re-written (:meth:`CrdEndpointStore.run`).
+edited by hand is re-created or re-written (:meth:`CrdEndpointStore.run`). As for any
+namespaced object, the pod's namespace must exist (else the write fails with NotFound).
 """
 
 from __future__ import annotations
