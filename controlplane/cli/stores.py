@@ -15,6 +15,7 @@ from controlplane.crd.client import KubeClient
 from controlplane.crd.endpoints import CrdEndpointStore
 from controlplane.crd.identities import CrdIdentityStore
 from controlplane.crd.ipam import CrdCIDRStore
+from controlplane.crd.ipam import list_all_claims as list_crd_claims
 from controlplane.crd.ipam import list_all_leases as list_crd_leases
 from controlplane.crd.kubeconfig import load_connection
 from controlplane.crd.nodes import CrdNodeStore
@@ -107,9 +108,7 @@ async def open_config_stores(
             cidrs = CrdCIDRStore(client, metrics)
 
             async def crd_claims(pool: str) -> list[Versioned[CIDRClaim]]:
-                found = await cidrs.list(pool)
-                found.sort(key=lambda v: (v.value.cidr.version, int(v.value.cidr.network_address)))
-                return found
+                return await list_crd_claims(client, metrics, pool)
 
             yield ClusterStores(
                 mode="crd",
