@@ -330,10 +330,10 @@ CRD_NAMES = tuple(
 )
 AGENT_GRANTS = expand(
     {
-        (CP, "identities", ()): "get list watch create update",
+        (CP, "identities", ()): "get list watch create update patch delete",
         (CP, "endpoints", ()): "get list watch create update delete",
-        (CP, "nodes", ()): "get list watch create update",
-        (CP, "nodes/status", ()): "update",
+        (CP, "nodes", ()): "get list watch create update patch delete",
+        (CP, "nodes/status", ()): "update patch",
         (CP, "podcidrs", ()): "get list watch",
         (CP, "networkpolicies", ()): "get list watch",
     }
