@@ -17,6 +17,7 @@ from controlplane.cli import (
     ipam_cmd,
     kube_cmd,
     kvstore_cmd,
+    migrate_cmd,
     policy_cmd,
     scale_cmd,
     service_cmd,
@@ -48,6 +49,7 @@ def build_parser() -> Parser:
     status_cmd.register(commands)
     policy_cmd.register(commands)
     service_cmd.register(commands)
+    migrate_cmd.register(commands)
     bpf_cmd.register(commands)
     bench_cmd.register(commands)
     scale_cmd.register(commands)
