@@ -37,8 +37,9 @@ __all__ = [
     "read_snapshot",
 ]
 
-RESOURCES = ("identities", "nodes", "cidrs", "leases", "endpoints", "policies", "services")
-"""In the order a copy writes them: what an endpoint names exists before it."""
+RESOURCES = ("identities", "cidrs", "nodes", "leases", "endpoints", "policies", "services")
+"""In the order a copy writes them: what an endpoint names exists before it, and a node's
+CIDR claim before the node (an operator that sees the node first would give it one)."""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ The copy is a diff: read both stores whole, plan, check, write. Every conflict i
 before the first write, and a plan with any writes nothing. Writes are create-only or
 guarded (see the copiers), so a second run finds everything present and writes nothing,
 and a run cut short is finished by the next one. Identities go first (with the nodes
-that use them), then nodes, CIDR claims, IP leases, endpoints, policies and services, so
+that use them), then CIDR claims, nodes, IP leases, endpoints, policies and services, so
 a record never names something the target lacks.
 """
 

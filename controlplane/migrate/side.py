@@ -15,7 +15,7 @@ from typing import Protocol
 from controlplane.config import CrdConfig, KvstoreConfig
 from controlplane.crd.client import KubeClient
 from controlplane.crd.copier import CrdCopier
-from controlplane.crd.kubeconfig import load_connection
+from controlplane.crd.kubeconfig import KubeConnection, load_connection
 from controlplane.kvstore.copier import KvCopier
 from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.shards import ShardMap
@@ -90,7 +90,7 @@ class Copier(Protocol):
 
 @asynccontextmanager
 async def open_side(
-    config: KvstoreConfig | CrdConfig,
+    config: KvstoreConfig | CrdConfig | KubeConnection,
     metrics: StoreMetrics,
     *,
     cluster: str = "default",
@@ -98,11 +98,13 @@ async def open_side(
     user_agent: str = "cpctl-migrate",
 ) -> AsyncIterator[Copier]:
     """The store ``config`` names, as a :class:`Copier` (connections closed on exit)."""
-    if isinstance(config, CrdConfig):
-        connection = load_connection(config.kubeconfig, config.context)
-        async with KubeClient(
-            connection, request_timeout=config.request_timeout, user_agent=user_agent
-        ) as client:
+    if isinstance(config, CrdConfig | KubeConnection):
+        if isinstance(config, CrdConfig):
+            connection = load_connection(config.kubeconfig, config.context)
+            timeout = config.request_timeout
+        else:
+            connection, timeout = config, 10.0
+        async with KubeClient(connection, request_timeout=timeout, user_agent=user_agent) as client:
             yield CrdCopier(client, metrics, server=connection.server)
         return
     async with ShardMap(config) as shards:

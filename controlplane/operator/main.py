@@ -28,6 +28,7 @@ from controlplane.flags import (
 )
 from controlplane.operator.crd_daemon import CrdOperator
 from controlplane.operator.daemon import Operator
+from controlplane.operator.migration_drift import add_migration_peer_flags, migration_peer
 from controlplane.operator.settings import (
     LOG_LEVELS,
     OperatorSettings,
@@ -136,6 +137,7 @@ def build_parser() -> Parser:
         f"(default {d.metrics_host}:{d.metrics_port})",
     )
     op.add_argument("--log-level", choices=LOG_LEVELS, default=d.log_level, help="default info")
+    add_migration_peer_flags(parser)
     return parser
 
 
@@ -159,6 +161,8 @@ def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
         metrics_host=host,
         metrics_port=port,
         log_level=args.log_level,
+        migration_peer=migration_peer(args),
+        migration_drift_interval=args.migration_drift_interval,
     )
     settings.validate()
     return settings

@@ -6,7 +6,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from controlplane.config import ConfigError
+from controlplane.config import ConfigError, CrdConfig, KvstoreConfig
 from controlplane.flags import STORES
 from controlplane.model import CIDRPool, ModelError, parse_cidr
 
@@ -56,6 +56,11 @@ class OperatorSettings:
     """CRD mode: namespace of the election's coordination.k8s.io/v1 Lease."""
     lease_name: str = "cp-operator"
     """CRD mode: name of that Lease."""
+    migration_peer: KvstoreConfig | CrdConfig | None = None
+    """The other mode's store during a migration (``--migration-peer-*``): the operator
+    then exports ``cp_migration_drift`` (``operator/migration_drift.py``)."""
+    migration_drift_interval: float = 60.0
+    """Seconds between drift rounds (each reads both stores whole)."""
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` (one line) for settings that cannot work."""
@@ -68,6 +73,11 @@ class OperatorSettings:
         for name in ("heartbeat_interval", "gc_interval", "identity_gc_rate"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive")
+        if self.migration_drift_interval <= 0:
+            raise ConfigError("migration-drift-interval must be positive")
+        peer_mode = {KvstoreConfig: "kvstore", CrdConfig: "crd"}.get(type(self.migration_peer))
+        if peer_mode == self.store:
+            raise ConfigError(f"the migration peer must be the other mode than {self.store}")
         if self.node_gc_grace < 0:
             raise ConfigError("node-gc-grace must not be negative")
         if self.lease_duration < 2:
