@@ -368,3 +368,16 @@ class CrdConfig:
     context: str | None = None
     request_timeout: float = 10.0
     """Deadline of each API request (a watch's is its idle timeout instead)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DoubleWriteConfig:
+    """The agent's double-write modes (``--store doublewrite-readcrd`` or
+    ``doublewrite-readkvstore``): reads from ``read``, writes to both, ``read`` first."""
+
+    read: KvstoreConfig | CrdConfig
+    other: KvstoreConfig | CrdConfig
+
+    @property
+    def mode(self) -> str:
+        return "doublewrite-read" + ("crd" if isinstance(self.read, CrdConfig) else "kvstore")

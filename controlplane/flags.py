@@ -12,12 +12,15 @@ from controlplane.config import (
     ENV_ENDPOINTS,
     ConfigError,
     CrdConfig,
+    DoubleWriteConfig,
     KvstoreConfig,
     load_kvstore_config,
 )
 
 EXIT_USAGE = 2
 STORES = ("crd", "kvstore")
+DOUBLE_WRITE_STORES = ("doublewrite-readcrd", "doublewrite-readkvstore")
+"""The agent's migration modes: both stores written, the named one read."""
 ENV_STORE = "CP_STORE"
 
 
@@ -52,15 +55,22 @@ def add_kvstore_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_store_flags(parser: argparse.ArgumentParser) -> None:
-    """``--store`` and CRD mode's flags, beside :func:`add_kvstore_flags`."""
+def add_store_flags(parser: argparse.ArgumentParser, *, double_write: bool = False) -> None:
+    """``--store`` and CRD mode's flags, beside :func:`add_kvstore_flags`
+    (``double_write``: the agent's migration modes too)."""
     group = parser.add_argument_group("store")
+    extra = (
+        "; doublewrite-readcrd / doublewrite-readkvstore: write both (the kubeconfig's and "
+        "the kvstore flags'), read the named one (a migration step)"
+        if double_write
+        else ""
+    )
     group.add_argument(
         "--store",
-        choices=STORES,
+        choices=STORES + DOUBLE_WRITE_STORES if double_write else STORES,
         help="where the state lives: crd (the Kubernetes API; the default) or kvstore "
         "(external etcd). Without this flag: kvstore when a kvstore endpoint or config is "
-        f"given (flag or env), else crd (env {ENV_STORE})",
+        f"given (flag or env), else crd (env {ENV_STORE}){extra}",
     )
     group.add_argument(
         "--kubeconfig",
@@ -70,8 +80,9 @@ def add_store_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kube-context", metavar="NAME", help="kubeconfig context to use")
 
 
-def store_mode(args: argparse.Namespace) -> str:
-    """``crd`` or ``kvstore`` (raises ConfigError with one line)."""
+def store_mode(args: argparse.Namespace, *, double_write: bool = False) -> str:
+    """``crd`` or ``kvstore`` (or with ``double_write`` a double-write mode; raises
+    ConfigError with one line)."""
     chosen = getattr(args, "store", None) or os.environ.get(ENV_STORE) or ""
     kvstore_given = bool(
         getattr(args, "kvstore_endpoints", None)
@@ -81,8 +92,9 @@ def store_mode(args: argparse.Namespace) -> str:
     )
     if not chosen:
         return "kvstore" if kvstore_given else "crd"
-    if chosen not in STORES:
-        raise ConfigError(f"{ENV_STORE}={chosen!r}: expected one of {', '.join(STORES)}")
+    allowed = STORES + DOUBLE_WRITE_STORES if double_write else STORES
+    if chosen not in allowed:
+        raise ConfigError(f"{ENV_STORE}={chosen!r}: expected one of {', '.join(allowed)}")
     if chosen == "crd" and (
         getattr(args, "kvstore_endpoints", None) or getattr(args, "kvstore_config", None)
     ):
@@ -94,11 +106,36 @@ def store_config(args: argparse.Namespace) -> KvstoreConfig | CrdConfig:
     """The store the flags name: a kvstore or a Kubernetes API (raises ConfigError)."""
     if store_mode(args) == "kvstore":
         return kvstore_config(args)
+    return _crd_config(args)
+
+
+def _crd_config(args: argparse.Namespace) -> CrdConfig:
     return CrdConfig(
         kubeconfig=getattr(args, "kubeconfig", None),
         context=getattr(args, "kube_context", None),
         request_timeout=getattr(args, "timeout", 10.0),
     )
+
+
+def agent_store_config(args: argparse.Namespace) -> KvstoreConfig | CrdConfig | DoubleWriteConfig:
+    """:func:`store_config`, or for a double-write mode both stores (the kvstore flags
+    are then required; raises ConfigError)."""
+    mode = store_mode(args, double_write=True)
+    if mode not in DOUBLE_WRITE_STORES:
+        return store_config(args)
+    if not (
+        getattr(args, "kvstore_endpoints", None)
+        or getattr(args, "kvstore_config", None)
+        or os.environ.get(ENV_ENDPOINTS)
+        or os.environ.get(ENV_CONFIG)
+    ):
+        raise ConfigError(
+            f"--store {mode} needs the kvstore's --kvstore-endpoints or --kvstore-config"
+        )
+    crd, kv = _crd_config(args), kvstore_config(args)
+    if mode == "doublewrite-readcrd":
+        return DoubleWriteConfig(read=crd, other=kv)
+    return DoubleWriteConfig(read=kv, other=crd)
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:

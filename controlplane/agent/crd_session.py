@@ -27,6 +27,7 @@ from controlplane.agent.settings import AgentSettings
 from controlplane.agent.store_session import Stores
 from controlplane.config import CrdConfig
 from controlplane.crd.client import KubeClient
+from controlplane.crd.copier import CrdCopier
 from controlplane.crd.errors import CrdError
 from controlplane.crd.kubeconfig import KubeConnection, load_connection
 from controlplane.crd.resources import NODES
@@ -76,6 +77,8 @@ class CrdSession:
             user_agent=f"cp-agent/{s.node}",
         )
         self.crd = node_stores(self.client, metrics, s.node)
+        self.copier = CrdCopier(self.client, metrics)
+        """Writes identities under a given number (the double-write modes' other store)."""
         self._stores = Stores(
             identities=self.crd.identities,
             endpoints=self.crd.endpoints,

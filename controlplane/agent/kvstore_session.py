@@ -25,6 +25,7 @@ from controlplane.agent.metrics import AgentMetrics
 from controlplane.agent.settings import AgentSettings
 from controlplane.agent.store_session import RestartNeeded, Stores
 from controlplane.config import KvstoreConfig
+from controlplane.kvstore.copier import KvCopier
 from controlplane.kvstore.endpoints import KvEndpointStore
 from controlplane.kvstore.errors import KvstoreError, NoLeader, Timeout, Unreachable
 from controlplane.kvstore.heartbeat import HeartbeatMonitor
@@ -96,6 +97,8 @@ class KvstoreSession:
             policies=KvPolicyStore(self.shards, layout, metrics),
             services=KvServiceStore(self.shards, layout, metrics),
         )
+        self.copier = KvCopier(self.shards, layout, metrics, cluster=s.cluster)
+        """Writes identities under a given number (the double-write modes' other store)."""
         self.monitors = {
             b.name: HeartbeatMonitor(
                 b,

@@ -313,7 +313,7 @@ def build_parser() -> Parser:
         f"--datapath kernel without usable kernel maps, "
         f"{EXIT_RESTART} when --restart-mode=exit and the kvstore went unhealthy.",
     )
-    add_store_flags(parser)
+    add_store_flags(parser, double_write=True)
     add_kvstore_flags(parser)
     add_agent_flags(parser)
     return parser

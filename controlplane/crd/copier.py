@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Sequence
+from dataclasses import replace
 
 from controlplane.crd.client import JSON, KubeClient
 from controlplane.crd.endpoints import CrdEndpointStore, _labels_for
@@ -116,6 +117,12 @@ class CrdCopier:
     async def write_identity(self, identity: Identity, users: Sequence[NodeName]) -> str | None:
         """Create the Identity under its number (its references are the Endpoints)."""
         del users
+        same_labels = await self.identities.lookup(identity.labels)
+        if same_labels is not None and same_labels.value.id != identity.id:
+            return (
+                f"labels {identity.labels} are identity {same_labels.value.id} in CRD mode, "
+                f"not {identity.id}"
+            )
         try:
             await self.client.create(IDENTITIES, identity_object(identity))
             return None
@@ -124,7 +131,8 @@ class CrdCopier:
         found = await self.identities.get(identity.id)
         if found is not None and found.value == identity:
             return None
-        return f"identity {identity.id} exists with other labels than {identity.labels}"
+        shown = found.value.labels if found is not None else "(unreadable)"
+        return f"identity {identity.id} is labels {shown} in CRD mode, not {identity.labels}"
 
     async def write_node(self, node: Node) -> str | None:
         spec: JSON = {
@@ -139,6 +147,22 @@ class CrdCopier:
             pass
         found = await self.node_store.get(node.name)
         if found is not None and found.value == node:
+            return None
+        if (
+            found is not None
+            and not found.value.pod_cidrs
+            and replace(found.value, pod_cidrs=node.pod_cidrs) == node
+        ):
+            # only the operator's spec.podCIDRs missing (another mode's operator gave the
+            # CIDR): set it, guarded by what was read
+            patch: JSON = {
+                "metadata": {"resourceVersion": str(found.version)},
+                "spec": {"podCIDRs": [str(c) for c in node.pod_cidrs]},
+            }
+            try:
+                await self.client.patch(NODES, node.name, patch)
+            except Conflict:
+                return f"node {node.name} changed while its pod CIDRs were copied"
             return None
         return f"node {node.name} exists with other addresses, boot ID or pod CIDRs"
 

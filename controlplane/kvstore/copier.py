@@ -171,9 +171,15 @@ class KvCopier:
             return None
         index_kvs, master_kvs = created.results[0].kvs, created.results[1].kvs
         if index_kvs and index_kvs[0].value != index_value:
-            return f"labels {identity.labels} have another identity than {identity.id}"
+            return (
+                f"labels {identity.labels} are identity {_payload(index_kvs[0].value, 'id')} "
+                f"in the kvstore, not {identity.id}"
+            )
         if master_kvs and master_kvs[0].value != master_value:
-            return f"identity {identity.id} names other labels than {identity.labels}"
+            return (
+                f"identity {identity.id} is labels {_payload(master_kvs[0].value, 'labels')} "
+                f"in the kvstore, not {identity.labels}"
+            )
         # Both already so (or half written by hand): complete it, guarded by what we saw.
         guards = [
             value_is(index_key, index_value) if index_kvs else absent(index_key),
@@ -245,6 +251,14 @@ class KvCopier:
         if kvs and codec_equal(kvs[0].value, value):
             return None
         return f"{what} exists with other contents"
+
+
+def _payload(raw: bytes, field: str) -> str:
+    try:
+        data = codec.unpack(raw)["d"]
+    except codec.DecodeError:
+        return "(undecodable)"
+    return str(data.get(field, "?")) if isinstance(data, dict) else "?"
 
 
 def codec_equal(a: bytes, b: bytes) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from controlplane.migrate.side import Copier
@@ -198,6 +198,8 @@ def make_plan(source: Snapshot, target: Snapshot, target_side: Copier) -> Plan:
                 out.append(src[key])
             elif there == src[key]:
                 equal += 1
+            elif _fills_in(there, src[key]):
+                out.append(src[key])  # the target lacks only what its operator writes
             else:
                 conflicts.append(
                     f"{what} {key}: {target.mode} has {_show(there)}, not {_show(src[key])}"
@@ -286,6 +288,18 @@ def make_plan(source: Snapshot, target: Snapshot, target_side: Copier) -> Plan:
         present=present,
         users={k: sorted(v) for k, v in users.items()},
         skipped=skipped,
+    )
+
+
+def _fills_in(there: object, wanted: object) -> bool:
+    """A node record that lacks only the pod CIDRs the source shows: in CRD mode they are
+    the operator's field (``spec.podCIDRs``), unwritten while another mode's operator
+    allocates; the copy writes them (with the claim)."""
+    return (
+        isinstance(there, Node)
+        and isinstance(wanted, Node)
+        and not there.pod_cidrs
+        and replace(there, pod_cidrs=wanted.pod_cidrs) == wanted
     )
 
 
