@@ -7,6 +7,7 @@ number the other store gives to other labels is refused with a clear error."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,35 @@ def test_the_double_write_modes_are_agent_flags_that_need_both_stores(
     monkeypatch.setenv("CP_STORE", "doublewrite-readcrd")  # not a mode of cpctl or the operator
     with pytest.raises(ConfigError, match="expected one of crd, kvstore"):
         store_config(parse(["--kvstore-endpoints=http://127.0.0.1:2379"]))
+
+
+async def test_a_failed_write_to_the_other_store_is_repaired_when_it_is_back(
+    apiserver: ApiServer, second_etcd: EmbeddedEtcd, tmp_path: Path
+) -> None:
+    kv = replace(kv_config(second_etcd), client=replace(FAST, request_timeout=1.0))
+    config = DoubleWriteConfig(read=apiserver.config(), other=kv)
+    await give_cidrs(apiserver, "node-a")
+    a = dw_agent(config, tmp_path, "node-a", "127.0.0.11")
+    async with running(a):
+        await asyncio.wait_for(a.wait_ready(), 30)
+        web = await create(a, "default", "web", ["k8s:app=web"])
+        crd, kvs = await both(apiserver, kv)
+        assert web["ip"] in kvs.endpoints  # type: ignore[attr-defined]
+
+        await second_etcd.stop_member(0)
+        status, body = await api(a, "DELETE", "/v1/endpoints/default/web")
+        assert status == 200, body  # the read store answered; the other is repaired later
+        pending = a.metrics.registry.get_sample_value("cp_doublewrite_pending")
+        assert pending is not None and pending >= 1
+        await second_etcd.start_member(0)
+        await eventually(
+            lambda: a.metrics.registry.get_sample_value("cp_doublewrite_pending") == 0.0,
+            timeout=30,
+            message="the other store's writes repaired",
+        )
+        crd, kvs = await both(apiserver, kv)
+        assert web["ip"] not in crd.endpoints and web["ip"] not in kvs.endpoints  # type: ignore[attr-defined]
+        repaired = a.metrics.registry.get_sample_value(
+            "cp_doublewrite_repairs_total", {"resource": "endpoint"}
+        )
+        assert repaired == 1.0

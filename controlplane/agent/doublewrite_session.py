@@ -16,13 +16,14 @@ write goes to the read store first, then to the other:
   created (its API call fails), nothing drifts silently.
 - **An IP lease** is claimed in both; when the other refuses it or fails, the read
   store's claim is released and the claim fails.
-- **An endpoint** is published in both. When the other fails for a *new* endpoint the
-  read store's record is withdrawn and the publish fails (the agent then releases the
-  IP and identity as for any failed publish); for one already published (a re-publish
-  after a restart, an identity change) the read store keeps it and the write to the
-  other is *repaired*: queued and retried every second until it lands
-  (``cp_doublewrite_pending``, ``cp_doublewrite_repairs_total``), since withdrawing a
-  live endpoint would cut its traffic.
+- **An endpoint** is published in both. When the other fails for a *new* endpoint (its
+  IP was claimed in this session) the read store's record is withdrawn and the publish
+  fails (the agent then releases the IP and identity as for any failed publish); for one
+  already live (re-published after a restart, whose lease was adopted; an identity
+  change) the read store keeps it and the write to the other is *repaired*: queued and
+  retried every second until it lands (``cp_doublewrite_pending``,
+  ``cp_doublewrite_repairs_total``), since withdrawing a live endpoint would cut its
+  traffic.
 - Removals, node registration, lease adoption and release, policies and services: the
   read store, then the other; a failure on the other is queued for repair the same way.
 
@@ -206,12 +207,13 @@ class DoubleWriteSession:
         copier = cast(IdentityCopier, getattr(other, "copier"))  # noqa: B009 (see module doc)
         r, o = read.stores, other.stores
         m = connector.metrics
+        endpoints = _Endpoints(r.endpoints, o.endpoints, self.repairs, m)
         self._stores = Stores(
             identities=_Identities(r.identities, o.identities, copier, node, m),
-            endpoints=_Endpoints(r.endpoints, o.endpoints, self.repairs, m),
+            endpoints=endpoints,
             nodes=_Nodes(r.nodes, o.nodes, self.repairs),
             cidrs=r.cidrs,  # the operator's: read only (the read store's)
-            leases=_Leases(r.leases, o.leases, self.repairs, m),
+            leases=_Leases(r.leases, o.leases, self.repairs, m, endpoints.fresh),
             policies=_Configs(r.policies, o.policies, self.repairs, "policy"),
             services=(
                 _Configs(r.services, o.services, self.repairs, "service")
@@ -357,12 +359,15 @@ class _Endpoints:
         self.other = other
         self.repairs = repairs
         self.metrics = metrics
-        self._published: set[IPAddress] = set()
+        self.fresh: set[IPAddress] = set()
+        """IPs leased by a claim of this session and not yet published: a new endpoint
+        (a restored one's lease is adopted, never claimed)."""
 
     async def upsert(self, endpoint: Endpoint) -> None:
         await self.read.upsert(endpoint)
         key = str(endpoint.ip)
-        if endpoint.ip not in self._published:
+        if endpoint.ip in self.fresh:
+            # a new endpoint: both or neither (the agent then releases its IP and identity)
             try:
                 await self.other.upsert(endpoint)
             except BaseException as exc:
@@ -371,14 +376,15 @@ class _Endpoints:
                 with contextlib.suppress(StoreError):
                     await self.read.remove(endpoint.ip)
                 raise
+            self.fresh.discard(endpoint.ip)
             self.repairs.drop("endpoint", key)
-            self._published.add(endpoint.ip)
             return
+        # a live endpoint (re-published): never withdrawn; the other store is repaired
         await self.repairs.attempt("endpoint", key, lambda: self.other.upsert(endpoint))
 
     async def remove(self, ip: IPAddress) -> None:
         await self.read.remove(ip)
-        self._published.discard(ip)
+        self.fresh.discard(ip)
         await self.repairs.attempt("endpoint", str(ip), lambda: self.other.remove(ip))
 
     async def list(self) -> builtins.list[Versioned[Endpoint]]:
@@ -417,12 +423,18 @@ class _Nodes:
 
 class _Leases:
     def __init__(
-        self, read: IPLeaseStore, other: IPLeaseStore, repairs: _Repairs, metrics: _Metrics
+        self,
+        read: IPLeaseStore,
+        other: IPLeaseStore,
+        repairs: _Repairs,
+        metrics: _Metrics,
+        fresh: set[IPAddress],
     ) -> None:
         self.read = read
         self.other = other
         self.repairs = repairs
         self.metrics = metrics
+        self.fresh = fresh
 
     async def list(self) -> builtins.list[Versioned[IPLease]]:
         return await self.read.list()
@@ -442,6 +454,8 @@ class _Leases:
             self.metrics.undone.labels("ip-lease").inc()
             log.error("IP %s is leased in the other store; not taken", lease.ip)
             await self.read.release(lease.ip)
+        else:
+            self.fresh.add(lease.ip)
         return taken
 
     async def adopt(self, leases: Sequence[IPLease]) -> None:
@@ -449,6 +463,7 @@ class _Leases:
         await self.repairs.attempt("ip-lease", "adopt", lambda: self.other.adopt(leases))
 
     async def release(self, ip: IPAddress) -> None:
+        self.fresh.discard(ip)
         await self.read.release(ip)
         await self.repairs.attempt("ip-lease", str(ip), lambda: self.other.release(ip))
 
