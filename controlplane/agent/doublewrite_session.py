@@ -27,6 +27,10 @@ write goes to the read store first, then to the other:
 - Removals, node registration, lease adoption and release, policies and services: the
   read store, then the other; a failure on the other is queued for repair the same way.
 
+Once the session is ready, this node's IP leases and endpoints that the other store has
+and the read store lacks are withdrawn from the other store (a process stopped between
+its two writes, or a switch of the read store, leaves such records).
+
 The other mode's session runs its own background work (kvstore: leases and their
 keepalives, owned-key repair; CRD: self-repair loops), but it never restarts the agent:
 its ``RestartNeeded`` is logged and its health is shown beside the read store's. When the
@@ -42,6 +46,7 @@ import builtins
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, Protocol, cast
 
 from prometheus_client import Counter, Gauge
@@ -204,6 +209,7 @@ class DoubleWriteSession:
         self.other = other
         node = connector.node
         self.repairs = _Repairs(node, connector.metrics)
+        self._ready = asyncio.Event()
         copier = cast(IdentityCopier, getattr(other, "copier"))  # noqa: B009 (see module doc)
         r, o = read.stores, other.stores
         m = connector.metrics
@@ -235,7 +241,46 @@ class DoubleWriteSession:
         for name, job in self.other.tasks().items():
             tasks[f"other:{name}"] = self._never_restarts(name, job)
         tasks["doublewrite-repairs"] = self.repairs.run
+        tasks["doublewrite-reconcile"] = self._reconcile
         return tasks
+
+    async def _reconcile(self) -> None:
+        """Once the session is ready (restored from the read store): withdraw from the
+        other store this node's IP leases and endpoints that the read store does not have
+        (left by a process stopped between its two writes, or by the previous read mode).
+        The other store is listed first, so a write racing with this (read store first)
+        is always seen in the read store's list."""
+        await self._ready.wait()
+        while True:
+            try:
+                await self._withdraw_stale()
+                break
+            except (StoreError, TimeoutError) as exc:
+                log.warning("%s: reconciling the other store: %s", self.connector.node, exc)
+                await asyncio.sleep(REPAIR_INTERVAL)
+        await asyncio.Event().wait()  # a session task runs until the session ends
+
+    async def _withdraw_stale(self) -> None:
+        node = self.connector.node
+        r, o = self.read.stores, self.other.stores
+        other_leases = [v.value.ip for v in await o.leases.list()]
+        other_eps = [v.value.ip for v in await o.endpoints.list() if v.value.node == node]
+        read_leases = {v.value.ip for v in await r.leases.list()}
+        read_eps = {v.value.ip for v in await r.endpoints.list() if v.value.node == node}
+        stale_eps = [ip for ip in other_eps if ip not in read_eps]
+        stale_leases = [ip for ip in other_leases if ip not in read_leases]
+        for ip in stale_eps:
+            await self.repairs.attempt("endpoint", str(ip), partial(o.endpoints.remove, ip))
+        for ip in stale_leases:
+            await self.repairs.attempt("ip-lease", str(ip), partial(o.leases.release, ip))
+        if stale_eps or stale_leases:
+            log.info(
+                "%s: withdrew %d endpoint(s) and %d IP lease(s) from the other store that "
+                "the read store does not have",
+                node,
+                len(stale_eps),
+                len(stale_leases),
+            )
 
     def _never_restarts(
         self, name: str, job: Callable[[], Awaitable[None]]
@@ -262,6 +307,7 @@ class DoubleWriteSession:
     def started(self) -> None:
         self.read.started()
         self.other.started()
+        self._ready.set()
 
     def unavailable(self, labels: Labels) -> str | None:
         reason = self.read.unavailable(labels)
