@@ -37,7 +37,7 @@ CPCTL = str(Path(sys.executable).with_name("cpctl"))
 NODES_ = ("node-0", "node-1")
 HEARTBEAT = 3.0
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(300)
 
 
 class Cluster:

@@ -180,14 +180,20 @@ class KvCopier:
                 f"identity {identity.id} is labels {_payload(master_kvs[0].value, 'labels')} "
                 f"in the kvstore, not {identity.labels}"
             )
-        # Both already so (or half written by hand): complete it, guarded by what we saw.
+        # Both already so (or half written by hand): complete it, guarded by what we saw;
+        # nothing is rewritten when both are there (no event for every watcher).
         guards = [
             value_is(index_key, index_value) if index_kvs else absent(index_key),
             value_is(master_key, master_value) if master_kvs else absent(master_key),
         ]
-        done = await backend.txn(
-            guards, [Put(index_key, index_value), Put(master_key, master_value), *refs]
-        )
+        puts = [*refs]
+        if not index_kvs:
+            puts.append(Put(index_key, index_value))
+        if not master_kvs:
+            puts.append(Put(master_key, master_value))
+        if not puts:
+            return None
+        done = await backend.txn(guards, puts)
         return None if done.succeeded else f"identity {identity.id} changed while copied"
 
     async def write_node(self, node: Node) -> str | None:
