@@ -456,3 +456,17 @@ async def test_status_counts_drift_per_resource_and_side(cluster: Cluster) -> No
     # both allocated app=web on their own: likely different numbers, at least one each side
     assert found["identities"]["only_crd"] + found["identities"]["different"] >= 1
     assert "services" not in found  # CRD mode has no service store yet
+
+
+async def test_the_copy_waits_for_the_target_modes_operator_to_stop(cluster: Cluster) -> None:
+    async with crd_node(cluster, "node-a") as stores:
+        await populate(stores, "node-a", crd_client=cluster.client)
+    backend = cluster.shards.all()[0]
+    await backend.put(LAYOUT.leader_prefix + b"694d9a6b1c2e3f00", b"op-kv")  # as elected
+    status, _, err = await cpctl("migrate", "--from", "crd", "--to", "kvstore", *cluster.flags())
+    assert status == 1
+    assert "a kvstore-mode operator leads (op-kv): stop it before copying" in err
+    assert not [k for k in await cluster.kv_keys() if b"/state/" in k]
+    await backend.delete(LAYOUT.leader_prefix, prefix=True)  # stopped: it resigned
+    status, _, err = await cpctl("migrate", "--from", "crd", "--to", "kvstore", *cluster.flags())
+    assert status == 0, err

@@ -35,9 +35,11 @@ from controlplane.crd.records import meta_of
 from controlplane.crd.resources import (
     ENDPOINTS,
     IDENTITIES,
+    LEASES,
     NAMESPACES,
     NETWORK_POLICIES,
     NODES,
+    OPERATOR_LEASE,
     POD_CIDRS,
 )
 from controlplane.crd.retry import on_conflict
@@ -104,6 +106,14 @@ class CrdCopier:
         """The namespaces that exist (a namespaced object needs its namespace)."""
         found = await self.client.list(NAMESPACES)
         return {str(meta_of(obj).get("name")) for obj in found.items}
+
+    async def operator_leading(self, namespace: str = "kube-system") -> str | None:
+        """The holder of the CRD-mode operators' Lease, if any (a clean stop releases it;
+        a crashed leader's name stays until a successor takes it)."""
+        lease = await self.client.get_or_none(LEASES, OPERATOR_LEASE, namespace)
+        spec = (lease or {}).get("spec") or {}
+        holder = spec.get("holderIdentity") if isinstance(spec, dict) else None
+        return str(holder) if holder else None
 
     def placement_error(self, identity: Identity) -> str | None:
         return (

@@ -124,6 +124,14 @@ class KvCopier:
     async def namespaces(self) -> set[str] | None:
         return None  # any namespace will do
 
+    async def operator_leading(self) -> str | None:
+        """The kvstore-mode operator holding the election key, if any (leased: a dead
+        operator's key expires with its lease)."""
+        found = await self.shards.all()[0].list_prefix(self.layout.leader_prefix)
+        if not found.kvs:
+            return None
+        return found.kvs[0].value.decode("utf-8", errors="replace") or "an operator"
+
     def placement_error(self, identity: Identity) -> str | None:
         """Why ``identity`` cannot keep its number here: the shard its labels hash to
         hands out another slice of the ID range."""

@@ -65,6 +65,15 @@ async def copy_missing(
     """Plan, then (unless ``dry_run``) write the plan; raises :class:`Conflicts` (and
     writes nothing) when the target contradicts the source."""
     plan, _, _ = await plan_copy(source, target, pools)
+    if plan.copies.get("cidrs") or plan.copies.get("nodes"):
+        leader = await target.operator_leading()
+        if leader is not None:
+            # its CIDR allocator knows the claims of when its term began: a copied node
+            # it sees before (or without) the copied claim would get a second CIDR
+            plan.conflicts.append(
+                f"a {target.mode}-mode operator leads ({leader}): stop it before copying "
+                f"nodes and CIDR claims into {target.mode}, start it after"
+            )
     if plan.conflicts:
         raise Conflicts(plan)
     outcome = Outcome(plan)

@@ -65,6 +65,11 @@ class Copier(Protocol):
         """The namespaces a namespaced copy may go to; None: any."""
         ...
 
+    async def operator_leading(self) -> str | None:
+        """Who leads this mode's operators now (its election record names a holder), or
+        None: an operator that leads while claims are copied in would not know them."""
+        ...
+
     def placement_error(self, identity: Identity) -> str | None:
         """Why ``identity`` cannot keep its number in this store, or None."""
         ...
