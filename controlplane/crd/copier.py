@@ -27,8 +27,8 @@ from controlplane.crd.client import JSON, KubeClient
 from controlplane.crd.endpoints import CrdEndpointStore, _labels_for
 from controlplane.crd.errors import AlreadyExists, Conflict
 from controlplane.crd.identities import CrdIdentityStore, identity_object
-from controlplane.crd.ipam import CrdCIDRStore, list_all_claims, list_all_leases
-from controlplane.crd.names import POD_CIDR_POOL, cidr_name, label_value
+from controlplane.crd.ipam import CrdCIDRStore, claim_object, list_all_claims, list_all_leases
+from controlplane.crd.names import cidr_name
 from controlplane.crd.nodes import CrdNodeStore, node_object
 from controlplane.crd.policies import CrdPolicyStore, policy_spec
 from controlplane.crd.records import meta_of
@@ -177,17 +177,8 @@ class CrdCopier:
         return f"node {node.name} exists with other addresses, boot ID or pod CIDRs"
 
     async def write_claim(self, claim: CIDRClaim) -> str | None:
-        body: JSON = {
-            "apiVersion": POD_CIDRS.api_version,
-            "kind": POD_CIDRS.kind,
-            "metadata": {
-                "name": cidr_name(claim.pool, claim.cidr),
-                "labels": {POD_CIDR_POOL: label_value(claim.pool)},
-            },
-            "spec": {"pool": claim.pool, "cidr": str(claim.cidr), "node": str(claim.node)},
-        }
         try:
-            await self.client.create(POD_CIDRS, body)
+            await self.client.create(POD_CIDRS, claim_object(claim))
             return None
         except AlreadyExists:
             pass

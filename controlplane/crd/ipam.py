@@ -83,6 +83,19 @@ def _claim_expander(pool: str) -> Callable[[JSON], list[tuple[str, CIDRClaim]]]:
     return expand
 
 
+def claim_object(claim: CIDRClaim) -> JSON:
+    """The PodCIDR object of ``claim``."""
+    return {
+        "apiVersion": POD_CIDRS.api_version,
+        "kind": POD_CIDRS.kind,
+        "metadata": {
+            "name": cidr_name(claim.pool, claim.cidr),
+            "labels": {POD_CIDR_POOL: label_value(claim.pool)},
+        },
+        "spec": {"pool": claim.pool, "cidr": str(claim.cidr), "node": str(claim.node)},
+    }
+
+
 class CrdCIDRStore:
     """Pod CIDR claims of every pool; ``fence`` (the operator's leadership check) is
     awaited before each write."""
@@ -110,15 +123,7 @@ class CrdCIDRStore:
 
     async def claim(self, claim: CIDRClaim) -> bool:
         """Create the claim: False when the CIDR is taken."""
-        body: JSON = {
-            "apiVersion": POD_CIDRS.api_version,
-            "kind": POD_CIDRS.kind,
-            "metadata": {
-                "name": cidr_name(claim.pool, claim.cidr),
-                "labels": {POD_CIDR_POOL: label_value(claim.pool)},
-            },
-            "spec": {"pool": claim.pool, "cidr": str(claim.cidr), "node": str(claim.node)},
-        }
+        body = claim_object(claim)
         if self.fence is not None:
             await self.fence()
         try:

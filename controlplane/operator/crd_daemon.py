@@ -44,7 +44,7 @@ from controlplane.crd.resources import ENDPOINTS, NODES
 from controlplane.ipam.cidr import ClusterPoolAllocator, PoolExhausted
 from controlplane.model import IPNetwork, ModelError, Node, NodeName, parse_node_name
 from controlplane.operator.metrics import OperatorMetrics
-from controlplane.operator.migration_drift import DriftMonitor
+from controlplane.operator.migration_drift import drift_monitor
 from controlplane.operator.settings import OperatorSettings
 from controlplane.operator.term import Job, run_term
 from controlplane.store_types import EventKind
@@ -122,15 +122,8 @@ class CrdOperator:
                 async with asyncio.TaskGroup() as group:
                     main = group.create_task(self._main(client), name="operator")
                     drift: asyncio.Task[None] | None = None
-                    if settings.migration_peer is not None:
-                        monitor = DriftMonitor(
-                            self.metrics.registry,
-                            self.connection,
-                            settings.migration_peer,
-                            interval=settings.migration_drift_interval,
-                            pools=(settings.pool.name,),
-                            cluster=settings.cluster_name,
-                        )
+                    monitor = drift_monitor(settings, self.metrics.registry, self.connection)
+                    if monitor is not None:
                         drift = group.create_task(monitor.run(), name="migration-drift")
                     await stop.wait()
                     log.info("shutting down: releasing the Lease")

@@ -41,7 +41,7 @@ from controlplane.kvstore.shards import ShardMap
 from controlplane.kvstore.types import Delete, Get, absent, mod_revision_is
 from controlplane.model import Endpoint, ModelError, NodeName, parse_node_name
 from controlplane.operator.metrics import OperatorMetrics
-from controlplane.operator.migration_drift import DriftMonitor
+from controlplane.operator.migration_drift import drift_monitor
 from controlplane.operator.settings import OperatorSettings
 from controlplane.operator.term import Job, run_term
 from controlplane.store_types import EventKind
@@ -117,15 +117,8 @@ class Operator:
                         ),
                         group.create_task(self._probe(shards), name="etcd-probe"),
                     ]
-                    if settings.migration_peer is not None:
-                        drift = DriftMonitor(
-                            self.metrics.registry,
-                            self.kvstore,
-                            settings.migration_peer,
-                            interval=settings.migration_drift_interval,
-                            pools=(settings.pool.name,),
-                            cluster=settings.cluster_name,
-                        )
+                    drift = drift_monitor(settings, self.metrics.registry, self.kvstore)
+                    if drift is not None:
                         tasks.append(group.create_task(drift.run(), name="migration-drift"))
                     for backend in shards.all():
                         monitor = HeartbeatMonitor(

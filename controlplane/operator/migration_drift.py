@@ -25,10 +25,29 @@ from controlplane.flags import positive_float
 from controlplane.metrics import StoreMetrics
 from controlplane.migrate.plan import SIDES, Drift, drift, read_snapshot
 from controlplane.migrate.side import open_side
+from controlplane.operator.settings import OperatorSettings
 
 __all__ = ["DriftMonitor"]
 
 log = logging.getLogger(__name__)
+
+
+def drift_monitor(
+    settings: OperatorSettings,
+    registry: CollectorRegistry,
+    own: KvstoreConfig | KubeConnection,
+) -> DriftMonitor | None:
+    """The monitor the operator's settings ask for (a migration peer), or None."""
+    if settings.migration_peer is None:
+        return None
+    return DriftMonitor(
+        registry,
+        own,
+        settings.migration_peer,
+        interval=settings.migration_drift_interval,
+        pools=(settings.pool.name,),
+        cluster=settings.cluster_name,
+    )
 
 
 class DriftMonitor:
