@@ -1,6 +1,6 @@
-"""`cpctl bench propagation`: endpoint propagation to every agent's datapath next to bare
-etcd watch fan-out; parses the arguments, runs :mod:`controlplane.bench.propagation` and
-prints its latency table."""
+"""`cpctl bench propagation`: endpoint propagation to every agent's datapath, in CRD mode
+and kvstore mode side by side, next to bare etcd watch fan-out; parses the arguments, runs
+:mod:`controlplane.bench.propagation` and prints its latency table."""
 
 from __future__ import annotations
 
@@ -8,24 +8,67 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from controlplane.bench.propagation import run_propagation_bench
+from controlplane.bench.propagation import MODES, run_propagation_bench
 from controlplane.cli.bench_common import add_target_flags, progress, run_measure
 from controlplane.cli.common import CommandError, add_json_flag, positive_int, print_table
 from controlplane.config import KvstoreConfig
+
+
+def store_list(text: str) -> tuple[str, ...]:
+    stores = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [s for s in stores if s not in MODES]
+    if not stores or unknown:
+        raise argparse.ArgumentTypeError(f"want a comma list of {', '.join(MODES)}, got {text!r}")
+    return stores
+
+
+def store_one(text: str) -> tuple[str, ...]:
+    if text not in MODES:
+        raise argparse.ArgumentTypeError(f"want one of {', '.join(MODES)}, got {text!r}")
+    return (text,)
 
 
 def register(commands: Any) -> None:
     """Add ``propagation`` to the ``bench`` subcommands."""
     prop = commands.add_parser(
         "propagation",
-        help="endpoint propagation to every agent's datapath next to bare etcd watch fan-out",
+        help="endpoint propagation to every agent's datapath, CRD and kvstore mode side by "
+        "side, next to bare etcd watch fan-out",
+        description=(
+            "Per store mode, N agent processes: one creates endpoints, and we time each from "
+            "the creating agent issuing the write request until every other agent's ipcache "
+            "holds it. kvstore-mode agents use the etcd directly; CRD-mode agents a local "
+            "Kubernetes API server on the same etcd. Rounds interleave the modes and bare "
+            "watch fan-out (N-1 watcher processes)."
+        ),
     )
     add_target_flags(prop)
+    which = prop.add_mutually_exclusive_group()
+    which.add_argument(
+        "--stores",
+        type=store_list,
+        default=("kvstore", "crd"),
+        metavar="MODE,MODE",
+        help="store modes measured side by side (default kvstore,crd)",
+    )
+    which.add_argument(
+        "--store",
+        dest="stores",
+        type=store_one,
+        metavar="{" + ",".join(MODES) + "}",
+        help="one mode only",
+    )
+    prop.add_argument(
+        "--no-bare",
+        dest="bare",
+        action="store_false",
+        help="skip the bare etcd watch fan-out rounds",
+    )
     prop.add_argument(
         "--agents",
         type=positive_int,
         default=20,
-        help="agent processes (default 20; the goal is stated for 100)",
+        help="agent processes per mode (default 20; the goals are stated for 100)",
     )
     prop.add_argument(
         "--endpoints",
@@ -47,28 +90,45 @@ def register(commands: Any) -> None:
     prop.set_defaults(run=run_propagation)
 
 
+def show_record(record: dict[str, Any]) -> None:
+    print(
+        f"propagation on etcd {record['etcd_version']}: {record['agents']} agents per mode, "
+        f"{record['endpoints_per_round']} endpoints x {record['rounds']} rounds; "
+        f"load average {record['load_average_start'][0]} -> {record['load_average_end'][0]} "
+        f"on {record['cpus']} CPUs"
+    )
+    rows: list[tuple[str, dict[str, float]]] = []
+    if "bare_all_watchers" in record:
+        rows.append(("bare watch fan-out (all watchers)", record["bare_all_watchers"]))
+    for store, mode in record["modes"].items():
+        rows.append((f"{store} agents' datapaths (all agents)", mode["all_datapaths"]))
+    if "bare_each_watcher" in record:
+        rows.append(("bare, each watcher", record["bare_each_watcher"]))
+    for store, mode in record["modes"].items():
+        rows.append((f"{store} agents, each datapath", mode["each_datapath"]))
+    for store, mode in record["modes"].items():
+        rows.append((f"{store}: the creating agent's API call", mode["agent_create_request"]))
+    print_table(
+        ["MEASURE", "P50 MS", "P99 MS", "MAX MS"],
+        [[name, s["p50_ms"], s["p99_ms"], s["max_ms"]] for name, s in rows],
+    )
+    for store, mode in record["modes"].items():
+        if "ratio_to_bare" in mode:
+            ratio = mode["ratio_to_bare"]
+            print(f"ratio {store} agents/bare: p50 {ratio['p50']}, p99 {ratio['p99']}")
+    if "ratio_crd_kvstore" in record:
+        ratio = record["ratio_crd_kvstore"]
+        print(f"ratio crd/kvstore: p50 {ratio['p50']}, p99 {ratio['p99']}, max {ratio['max']}")
+    for note in record["notes"]:
+        print(f"note: {note}")
+
+
 async def run_propagation(args: argparse.Namespace) -> int:
     if args.agents < 2:
         raise CommandError("--agents must be at least 2 (one creates, the others receive)", 2)
 
     def show(record: dict[str, Any], config: KvstoreConfig) -> None:
-        print(
-            f"propagation on etcd {record['etcd_version']}: {args.agents} agents, "
-            f"{args.endpoints} endpoints x {args.rounds} rounds"
-        )
-        rows = [
-            ("bare watch fan-out (all watchers)", record["bare_all_watchers"]),
-            ("agents' datapaths (all agents)", record["agents_all_datapaths"]),
-            ("bare, each watcher", record["bare_each_watcher"]),
-            ("agents, each datapath", record["agents_each_datapath"]),
-        ]
-        print_table(
-            ["MEASURE", "P50 MS", "P99 MS", "MAX MS"],
-            [[name, s["p50_ms"], s["p99_ms"], s["max_ms"]] for name, s in rows],
-        )
-        print(f"ratio agents/bare: p50 {record['ratio_p50']}, p99 {record['ratio_p99']}")
-        for note in record["notes"]:
-            print(f"note: {note}")
+        show_record(record)
 
     return await run_measure(
         args,
@@ -78,6 +138,8 @@ async def run_propagation(args: argparse.Namespace) -> int:
             agents=args.agents,
             endpoints=args.endpoints,
             rounds=args.rounds,
+            stores=args.stores,
+            bare=args.bare,
             workdir=args.workdir,
             progress=progress,
         ),
