@@ -91,4 +91,5 @@ async def prepare(server: KubeServerInfo, namespaces: Sequence[str], progress: P
                     await client.create(NAMESPACES, body)
     except CrdError as exc:
         raise BenchError(f"preparing the API server: {exc}") from exc
-    progress(f"API server {server.url}: CRDs installed, namespaces {', '.join(namespaces)}")
+    made = f", namespace(s) {', '.join(namespaces)}" if namespaces else ""
+    progress(f"API server {server.url}: CRDs installed{made}")

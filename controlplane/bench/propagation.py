@@ -34,6 +34,7 @@ from typing import Any
 
 from controlplane.agent.api import request
 from controlplane.bench.common import (
+    STORE_MODES,
     BenchError,
     Progress,
     delete_in_chunks,
@@ -45,7 +46,7 @@ from controlplane.kvstore.backend import EtcdBackend
 from controlplane.processes import Daemon, stop_all
 from controlplane.stats import percentile
 
-MODES = ("kvstore", "crd")
+MODES = STORE_MODES
 NAMESPACE = "bench"
 PAUSE = 0.01
 """Seconds between one endpoint's create returning and the next (and between bare puts)."""

@@ -8,24 +8,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from controlplane.bench.propagation import MODES, run_propagation_bench
-from controlplane.cli.bench_common import add_target_flags, progress, run_measure
+from controlplane.bench.propagation import run_propagation_bench
+from controlplane.cli.bench_common import (
+    add_store_choice,
+    add_target_flags,
+    progress,
+    run_measure,
+)
 from controlplane.cli.common import CommandError, add_json_flag, positive_int, print_table
 from controlplane.config import KvstoreConfig
-
-
-def store_list(text: str) -> tuple[str, ...]:
-    stores = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
-    unknown = [s for s in stores if s not in MODES]
-    if not stores or unknown:
-        raise argparse.ArgumentTypeError(f"want a comma list of {', '.join(MODES)}, got {text!r}")
-    return stores
-
-
-def store_one(text: str) -> tuple[str, ...]:
-    if text not in MODES:
-        raise argparse.ArgumentTypeError(f"want one of {', '.join(MODES)}, got {text!r}")
-    return (text,)
 
 
 def register(commands: Any) -> None:
@@ -43,21 +34,7 @@ def register(commands: Any) -> None:
         ),
     )
     add_target_flags(prop)
-    which = prop.add_mutually_exclusive_group()
-    which.add_argument(
-        "--stores",
-        type=store_list,
-        default=("kvstore", "crd"),
-        metavar="MODE,MODE",
-        help="store modes measured side by side (default kvstore,crd)",
-    )
-    which.add_argument(
-        "--store",
-        dest="stores",
-        type=store_one,
-        metavar="{" + ",".join(MODES) + "}",
-        help="one mode only",
-    )
+    add_store_choice(prop)
     prop.add_argument(
         "--no-bare",
         dest="bare",
