@@ -42,16 +42,19 @@ async def test_propagation_bench_both_modes(etcd1: EmbeddedEtcd, tmp_path: Path)
         rounds=2,
         stores=("kvstore", "crd"),
         bare=False,
+        interval=0.02,
         workdir=tmp_path,
         progress=lines.append,
     )
     assert record["stores"] == ["kvstore", "crd"]
+    assert record["interval_s"] == 0.02
     assert set(record["modes"]) == {"kvstore", "crd"}
     for mode in record["modes"].values():
         for key in ("all_datapaths", "each_datapath", "agent_create_request"):
             assert set(mode[key]) == SUMMARY
             assert mode[key]["max_ms"] >= mode[key]["p50_ms"] > 0
         assert "ratio_to_bare" not in mode
+        assert mode["writes_per_s"] > 0
     assert set(record["ratio_crd_kvstore"]) == {"p50", "p99", "max"}
     assert all(v > 0 for v in record["ratio_crd_kvstore"].values())
     assert "bare_all_watchers" not in record and "ratio_p99" not in record

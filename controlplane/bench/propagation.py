@@ -85,6 +85,8 @@ class _Mode:
     """Per endpoint and receiving agent."""
     creates: list[float] = field(default_factory=list)
     """Seconds each create request to the creating agent's API took."""
+    write_rates: list[float] = field(default_factory=list)
+    """Per round: endpoint writes per second (first to last write issued)."""
 
     @property
     def daemons(self) -> list[Daemon]:
@@ -95,6 +97,9 @@ class _Mode:
             "all_datapaths": latency_summary_ms(self.all_, 2),
             "each_datapath": latency_summary_ms(self.each, 2),
             "agent_create_request": latency_summary_ms(self.creates, 2),
+            "writes_per_s": round(statistics.median(self.write_rates), 1)
+            if self.write_rates
+            else None,
         }
 
 
@@ -180,13 +185,17 @@ async def run_propagation_bench(
     rounds: int,
     stores: Sequence[str] = ("kvstore",),
     bare: bool = True,
+    interval: float | None = None,
     workdir: Path | None = None,
     progress: Progress,
 ) -> dict[str, Any]:
     """Agents' logs and sockets go under ``workdir`` (default: a new temporary directory).
 
     ``stores``: the modes measured side by side (``kvstore``, ``crd``); ``bare``: also
-    the bare watch fan-out. With kvstore and bare, the record keeps the keys of the
+    the bare watch fan-out; ``interval``: start a create (and a bare put) every
+    ``interval`` seconds, the same rate for every side as long as each keeps up (default:
+    the next one ``PAUSE`` after the previous returned, so a slower create path writes at a
+    lower rate). With kvstore and bare, the record keeps the keys of the
     kvstore-only benchmark (``agents_all_datapaths``, ``ratio_p99``, ...)."""
     chosen = _parse_stores(stores)
     workdir = workdir or Path(tempfile.mkdtemp(prefix="cp-bench-prop-"))
@@ -227,6 +236,7 @@ async def run_propagation_bench(
                 urls,
                 agents - 1,
                 endpoints,
+                interval,
                 tag,
                 workdir,
                 bare_all,
@@ -236,7 +246,7 @@ async def run_propagation_bench(
 
         def agents_side(mode: _Mode) -> Callable[[str], Awaitable[None]]:
             async def side(tag: str) -> None:
-                await _agents_round(mode, endpoints, tag, progress)
+                await _agents_round(mode, endpoints, interval, tag, progress)
 
             return side
 
@@ -250,6 +260,7 @@ async def run_propagation_bench(
         status.version,
         agents,
         endpoints,
+        interval,
         rounds,
         chosen,
         bare,
@@ -268,6 +279,7 @@ def _record(
     etcd_version: str,
     agents: int,
     endpoints: int,
+    interval: float | None,
     rounds: int,
     stores: tuple[str, ...],
     bare: bool,
@@ -281,6 +293,7 @@ def _record(
         "etcd_version": etcd_version,
         "agents": agents,
         "endpoints_per_round": endpoints,
+        "interval_s": interval,
         "rounds": rounds,
         "stores": list(stores),
         "cpus": os.cpu_count(),
@@ -293,6 +306,12 @@ def _record(
         "(kvstore: to etcd; crd: to the API server, a process of its own on the same etcd)",
         "a mode's figure: the creating agent issues the endpoint's write request -> every "
         "other agent's ipcache map written",
+        (
+            f"writes start every {interval * 1000:g} ms on every side"
+            if interval
+            else f"each write starts {PAUSE * 1000:g} ms after the previous create returned, "
+            "so a mode with slower creates writes at a lower rate (writes_per_s)"
+        ),
     ]
     if len(modes) > 1:
         notes.append("both modes' agents run throughout; the other mode's are idle meanwhile")
@@ -331,6 +350,7 @@ async def _bare_round(
     urls: str,
     watchers_count: int,
     count: int,
+    interval: float | None,
     tag: str,
     workdir: Path,
     bare_all: list[float],
@@ -361,11 +381,12 @@ async def _bare_round(
 
         await _wait("bare watchers ready", ready, 120, progress)
         put_at: dict[str, float] = {}
+        pace = _Pace(interval)
         for i in range(count):
+            await pace.next()
             key = f"{prefix}{i:05d}"
             put_at[key] = time.monotonic()
             await backend.put(key.encode(), b"x" * 100)
-            await asyncio.sleep(PAUSE)
 
         async def finished() -> tuple[int, int]:
             return sum(1 for w in watchers if not w.running), len(watchers)
@@ -400,12 +421,37 @@ async def _ipcache(sock: Path, wanted: set[str]) -> dict[str, float]:
     }
 
 
-async def _agents_round(mode: _Mode, count: int, tag: str, progress: Progress) -> None:
+class _Pace:
+    """Starts of a round's writes: every ``interval`` seconds from the first (at once when
+    behind), or ``PAUSE`` after the previous write returned."""
+
+    def __init__(self, interval: float | None) -> None:
+        self.interval = interval
+        self.count = 0
+        self.start = 0.0
+
+    async def next(self) -> None:
+        if self.count == 0:
+            self.start = time.monotonic()
+        elif self.interval is None:
+            await asyncio.sleep(PAUSE)
+        else:
+            await asyncio.sleep(
+                max(0.0, self.start + self.count * self.interval - time.monotonic())
+            )
+        self.count += 1
+
+
+async def _agents_round(
+    mode: _Mode, count: int, interval: float | None, tag: str, progress: Progress
+) -> None:
     creator, others = mode.sockets[0], mode.sockets[1:]
     published: dict[str, float] = {}
     names = []
     progress(f"round {tag} {mode.store}: creating {count} endpoints...")
+    pace = _Pace(interval)
     for i in range(count):
+        await pace.next()
         name = f"{tag}-{i}"
         body = {"namespace": NAMESPACE, "name": name, "labels": ["k8s:app=bench"]}
         started = time.monotonic()
@@ -415,7 +461,9 @@ async def _agents_round(mode: _Mode, count: int, tag: str, progress: Progress) -
             raise BenchError(f"creating an endpoint ({mode.store}) failed: {reply}")
         published[f"{reply['ip']}/32"] = float(reply["write_issued_at"])
         names.append(name)
-        await asyncio.sleep(PAUSE)
+    issued = sorted(published.values())
+    if count > 1:
+        mode.write_rates.append((count - 1) / max(issued[-1] - issued[0], 1e-9))
     wanted = set(published)
     written: dict[Path, dict[str, float]] = {}
 

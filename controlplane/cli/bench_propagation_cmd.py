@@ -15,7 +15,13 @@ from controlplane.cli.bench_common import (
     progress,
     run_measure,
 )
-from controlplane.cli.common import CommandError, add_json_flag, positive_int, print_table
+from controlplane.cli.common import (
+    CommandError,
+    add_json_flag,
+    positive_float,
+    positive_int,
+    print_table,
+)
 from controlplane.config import KvstoreConfig
 
 
@@ -54,6 +60,13 @@ def register(commands: Any) -> None:
         help="endpoints (and bare keys) per round (default 50)",
     )
     prop.add_argument(
+        "--interval",
+        type=positive_float,
+        metavar="SECONDS",
+        help="start a create (and a bare put) every SECONDS, the same rate on every side "
+        "(default: 10 ms after the previous create returned)",
+    )
+    prop.add_argument(
         "--rounds", type=positive_int, default=2, help="interleaved rounds (default 2)"
     )
     prop.add_argument("--workdir", type=Path, help="agent logs and sockets (default: temp dir)")
@@ -89,6 +102,10 @@ def show_record(record: dict[str, Any]) -> None:
         ["MEASURE", "P50 MS", "P99 MS", "MAX MS"],
         [[name, s["p50_ms"], s["p99_ms"], s["max_ms"]] for name, s in rows],
     )
+    print(
+        "endpoint writes/s (median of rounds): "
+        + ", ".join(f"{store} {mode['writes_per_s']}" for store, mode in record["modes"].items())
+    )
     for store, mode in record["modes"].items():
         if "ratio_to_bare" in mode:
             ratio = mode["ratio_to_bare"]
@@ -117,6 +134,7 @@ async def run_propagation(args: argparse.Namespace) -> int:
             rounds=args.rounds,
             stores=args.stores,
             bare=args.bare,
+            interval=args.interval,
             workdir=args.workdir,
             progress=progress,
         ),
