@@ -84,21 +84,25 @@ class Row:
     new_raw: list[float] = field(default_factory=list)
     ref_ours: list[float] = field(default_factory=list)
     ref_raw: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    """Measurements that failed (CRD mode: the API server gave up), one line each."""
 
     def summary(
         self, raw_new: str = "raw_new_txn_per_s", raw_ref: str = "raw_ref_txn_per_s"
     ) -> dict[str, Any]:
-        """Medians; ``raw_new``/``raw_ref`` name the raw side's rates (txns, creates, lists)."""
-        new_ours, new_raw = statistics.median(self.new_ours), statistics.median(self.new_raw)
-        ref_ours, ref_raw = statistics.median(self.ref_ours), statistics.median(self.ref_raw)
+        """Medians of the rounds that completed (None: none did); ``raw_new``/``raw_ref``
+        name the raw side's rates (txns, creates, lists)."""
+        new_ours, new_raw = _median(self.new_ours), _median(self.new_raw)
+        ref_ours, ref_raw = _median(self.ref_ours), _median(self.ref_raw)
         return {
             "allocators": self.allocators,
-            "new_per_s": round(new_ours, 1),
-            raw_new: round(new_raw, 1),
-            "new_ratio": round(new_ours / new_raw, 3),
-            "ref_per_s": round(ref_ours, 1),
-            raw_ref: round(ref_raw, 1),
-            "ref_ratio": round(ref_ours / ref_raw, 3),
+            "new_per_s": _rounded(new_ours, 1),
+            raw_new: _rounded(new_raw, 1),
+            "new_ratio": _ratio(new_ours, new_raw),
+            "ref_per_s": _rounded(ref_ours, 1),
+            raw_ref: _rounded(ref_raw, 1),
+            "ref_ratio": _ratio(ref_ours, ref_raw),
+            "failures": self.failures,
             "rounds": {
                 "new_ours": self.new_ours,
                 "new_raw": self.new_raw,
@@ -106,6 +110,18 @@ class Row:
                 "ref_raw": self.ref_raw,
             },
         }
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else round(a / b, 3)
 
 
 async def _timed(workers: int, count: int, work: Callable[[int, int], Awaitable[None]]) -> float:
@@ -118,9 +134,12 @@ async def _timed(workers: int, count: int, work: Callable[[int, int], Awaitable[
             await work(w, i)
 
     start = time.perf_counter()
-    async with asyncio.TaskGroup() as group:
-        for w in range(workers):
-            group.create_task(worker(w))
+    try:
+        async with asyncio.TaskGroup() as group:
+            for w in range(workers):
+                group.create_task(worker(w))
+    except ExceptionGroup as failed:  # the first worker's error, as one line can say it
+        raise failed.exceptions[0] from failed
     return count / (time.perf_counter() - start)
 
 
@@ -186,8 +205,10 @@ async def run_identity_bench(
                         _say(progress, "kvstore", ("txn", "txn"), params, row, round_no)
                     else:
                         assert client is not None
-                        await _crd_round(client, metrics, params, row, run, round_no)
-                        _say(progress, "crd", ("create", "list"), params, row, round_no)
+                        if await _crd_round(client, metrics, params, row, run, round_no):
+                            _say(progress, "crd", ("create", "list"), params, row, round_no)
+                        else:
+                            progress(f"crd allocators={row.allocators}: {row.failures[-1]}")
     record: dict[str, Any] = {
         "benchmark": "identities",
         "etcd_version": status.version,
@@ -239,8 +260,8 @@ async def run_identity_bench(
         record["crd_vs_kvstore"] = [
             {
                 "allocators": kv["allocators"],
-                "new_ratio": round(crd["new_per_s"] / kv["new_per_s"], 3),
-                "ref_ratio": round(crd["ref_per_s"] / kv["ref_per_s"], 3),
+                "new_ratio": _ratio(crd["new_per_s"], kv["new_per_s"]),
+                "ref_ratio": _ratio(crd["ref_per_s"], kv["ref_per_s"]),
             }
             for kv, crd in zip(record["results"], record["crd_results"], strict=True)
         ]
@@ -269,8 +290,9 @@ async def _crd_round(
     row: Row,
     run: str,
     round_no: int,
-) -> None:
-    """One CRD-mode measurement of each kind; every Identity it made is deleted after."""
+) -> bool:
+    """One CRD-mode measurement of each kind; every Identity it made is deleted after.
+    False when one failed (in ``row.failures``; the round's later ones are skipped)."""
     n, count = row.allocators, params.count
     tag = f"r{round_no}a{n}c"
     made: set[int] = set()
@@ -329,11 +351,14 @@ async def _crd_round(
         order = [raw_new, ours_new, ours_ref, raw_ref]
     try:
         for measure in order:
-            await measure()
-    except CrdError as exc:
-        raise BenchError(f"crd: {exc}") from exc
+            try:
+                await measure()
+            except CrdError as exc:  # a result too: the rest of this round is skipped
+                row.failures.append(f"round {round_no + 1} {measure.__name__}: {exc}")
+                return False
     finally:
         await _delete_identities(client, sorted(made))
+    return True
 
 
 async def _delete_identities(client: KubeClient, ids: Sequence[int], workers: int = 32) -> None:
@@ -341,7 +366,14 @@ async def _delete_identities(client: KubeClient, ids: Sequence[int], workers: in
 
     async def worker() -> None:
         for ident in pending:
-            await client.delete(IDENTITIES, identity_name(ident))
+            for attempt in range(5):  # an API server still busy with a failed measurement
+                try:
+                    await client.delete(IDENTITIES, identity_name(ident))
+                    break
+                except CrdError:
+                    if attempt == 4:
+                        raise
+                    await asyncio.sleep(1 + attempt)
 
     async with asyncio.TaskGroup() as group:
         for _ in range(workers):
