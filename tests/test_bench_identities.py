@@ -48,6 +48,7 @@ async def test_identity_bench_both_modes_side_by_side(etcd1: EmbeddedEtcd) -> No
         for key in ("new_per_s", "raw_create_per_s", "ref_per_s", "raw_list_per_s"):
             assert row[key] > 0
         assert len(row["rounds"]["new_ours"]) == len(row["rounds"]["new_raw"]) == 2
+        assert row["failures"] == []
     assert [r["allocators"] for r in record["crd_vs_kvstore"]] == [1, 4]
     for row, kv, crd in zip(
         record["crd_vs_kvstore"], record["results"], record["crd_results"], strict=True

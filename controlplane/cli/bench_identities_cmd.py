@@ -121,6 +121,9 @@ async def run_identities(args: argparse.Namespace) -> int:
                     for r in record["crd_results"]
                 ],
             )
+            for r in record["crd_results"]:
+                for failure in r["failures"]:
+                    print(f"crd allocators={r['allocators']} failed: {failure}")
         if "crd_vs_kvstore" in record:
             print("CRD mode / kvstore mode")
             print_table(
