@@ -55,6 +55,7 @@ async def test_propagation_bench_both_modes(etcd1: EmbeddedEtcd, tmp_path: Path)
             assert mode[key]["max_ms"] >= mode[key]["p50_ms"] > 0
         assert "ratio_to_bare" not in mode
         assert mode["writes_per_s"] > 0
+        assert mode["create_503_retries"] >= 0
     assert set(record["ratio_crd_kvstore"]) == {"p50", "p99", "max"}
     assert all(v > 0 for v in record["ratio_crd_kvstore"].values())
     assert "bare_all_watchers" not in record and "ratio_p99" not in record

@@ -51,6 +51,8 @@ NAMESPACE = "bench"
 PAUSE = 0.01
 """Seconds between one endpoint's create returning and the next (and between bare puts)."""
 DELIVERY_TIMEOUT = 120.0
+CREATE_RETRIES = 30
+"""503 answers (store unavailable) a create is retried after, a second apart."""
 
 
 async def _wait(
@@ -85,6 +87,8 @@ class _Mode:
     """Per endpoint and receiving agent."""
     creates: list[float] = field(default_factory=list)
     """Seconds each create request to the creating agent's API took."""
+    unavailable: list[str] = field(default_factory=list)
+    """The creating agent's 503 answers (store unavailable), each retried."""
     write_rates: list[float] = field(default_factory=list)
     """Per round: endpoint writes per second (first to last write issued)."""
 
@@ -97,6 +101,7 @@ class _Mode:
             "all_datapaths": latency_summary_ms(self.all_, 2),
             "each_datapath": latency_summary_ms(self.each, 2),
             "agent_create_request": latency_summary_ms(self.creates, 2),
+            "create_503_retries": len(self.unavailable),
             "writes_per_s": round(statistics.median(self.write_rates), 1)
             if self.write_rates
             else None,
@@ -456,6 +461,15 @@ async def _agents_round(
         body = {"namespace": NAMESPACE, "name": name, "labels": ["k8s:app=bench"]}
         started = time.monotonic()
         status, reply = await request(creator, "POST", "/v1/endpoints", body, timeout=30)
+        for _ in range(CREATE_RETRIES):
+            if status != 503:
+                break
+            # the agent found its store unavailable (on an overloaded host, a health check
+            # that timed out): counted, and tried again; the latency is the retry's write's
+            mode.unavailable.append(str(reply.get("error", reply)))
+            progress(f"  {mode.store}: create {name} answered 503 ({reply}); retrying")
+            await asyncio.sleep(1.0)
+            status, reply = await request(creator, "POST", "/v1/endpoints", body, timeout=30)
         mode.creates.append(time.monotonic() - started)
         if status not in (200, 201):
             raise BenchError(f"creating an endpoint ({mode.store}) failed: {reply}")

@@ -107,6 +107,9 @@ def show_record(record: dict[str, Any]) -> None:
         + ", ".join(f"{store} {mode['writes_per_s']}" for store, mode in record["modes"].items())
     )
     for store, mode in record["modes"].items():
+        if mode["create_503_retries"]:
+            print(f"{store}: {mode['create_503_retries']} creates answered 503 and were retried")
+    for store, mode in record["modes"].items():
         if "ratio_to_bare" in mode:
             ratio = mode["ratio_to_bare"]
             print(f"ratio {store} agents/bare: p50 {ratio['p50']}, p99 {ratio['p99']}")
