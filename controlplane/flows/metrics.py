@@ -1,0 +1,97 @@
+"""Flow metrics on the agent's registry (its ``/metrics``), in the spirit of Hubble's.
+
+- ``cp_flows_processed_total{type,verdict}``: every flow the server took in; ``type`` is the
+  datapath event (``drop``, ``trace``, ``policy_verdict``), ``verdict`` FORWARDED/DROPPED;
+- ``cp_flow_drops_total{reason,protocol}``: drops by Hubble's drop reason and L4 protocol;
+- ``cp_flow_tcp_flags_total{flag,family}``: TCP flags seen in flows (SYN, SYN-ACK, FIN,
+  RST, ...), by IP family;
+- ``cp_flow_lost_events_total{source}``: events lost, by where: ``kernel_ring_buffer``
+  (the BPF ring buffer was full), ``kernel_rate_limit`` (the program's rate limit),
+  ``reader_lapped`` (a GetFlows reader fell behind the server's ring);
+- ``cp_flow_ring_flows`` / ``cp_flow_ring_capacity``: what the server's ring holds.
+
+Children are cached per label set: one dict lookup per flow and metric.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from controlplane.flows.proto import flow_pb2 as pb
+
+__all__ = ["FlowMetrics"]
+
+_TYPES: Final = {1: "drop", 4: "trace", 5: "policy_verdict"}
+
+
+def _tcp_flag_label(flags: pb.TCPFlags) -> str | None:
+    if flags.SYN:
+        return "SYN-ACK" if flags.ACK else "SYN"
+    if flags.RST:
+        return "RST"
+    if flags.FIN:
+        return "FIN"
+    return None
+
+
+class FlowMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.processed = Counter(
+            "cp_flows_processed_total",
+            "Flows the flow server took in, by datapath event type and verdict",
+            ["type", "verdict"],
+            registry=registry,
+        )
+        self.drops = Counter(
+            "cp_flow_drops_total",
+            "Dropped flows by drop reason and L4 protocol",
+            ["reason", "protocol"],
+            registry=registry,
+        )
+        self.tcp_flags = Counter(
+            "cp_flow_tcp_flags_total",
+            "TCP flags seen in flows (SYN, SYN-ACK, FIN, RST) by IP family",
+            ["flag", "family"],
+            registry=registry,
+        )
+        self.lost = Counter(
+            "cp_flow_lost_events_total",
+            "Flow events lost, by where: kernel_ring_buffer, kernel_rate_limit, reader_lapped",
+            ["source"],
+            registry=registry,
+        )
+        self.ring_flows = Gauge(
+            "cp_flow_ring_flows", "Entries the flow server's ring holds", registry=registry
+        )
+        self.ring_capacity = Gauge(
+            "cp_flow_ring_capacity", "Capacity of the flow server's ring", registry=registry
+        )
+        for source in ("kernel_ring_buffer", "kernel_rate_limit", "reader_lapped"):
+            self.lost.labels(source)  # exported as 0 from the start
+        self._children: dict[tuple[object, ...], Counter] = {}
+
+    def _child(self, metric: Counter, *labels: str) -> Counter:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def observe(self, flow: pb.Flow) -> None:
+        kind = _TYPES.get(flow.event_type.type, "other")
+        verdict = pb.Verdict.Name(flow.verdict)
+        self._child(self.processed, kind, verdict).inc()
+        protocol = flow.l4.WhichOneof("protocol") or "other"
+        if flow.verdict == pb.DROPPED:
+            reason = pb.DropReason.Name(flow.drop_reason_desc)
+            self._child(self.drops, reason, protocol).inc()
+        if protocol == "TCP":
+            label = _tcp_flag_label(flow.l4.TCP.flags)
+            if label is not None:
+                family = "IPv6" if flow.IP.ipVersion == pb.IPv6 else "IPv4"
+                self._child(self.tcp_flags, label, family).inc()
+
+    def lost_events(self, source: str, count: int) -> None:
+        self._child(self.lost, source).inc(count)
