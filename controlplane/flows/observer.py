@@ -202,5 +202,5 @@ class ObserverServer:
                 continue
             yield entry
             sent += 1
-            if number and sent >= number and (request.first or not request.follow):
-                return
+            if number and sent >= number and (request.first or since is not None):
+                return  # (the last N: their start bounds them; a follow goes on)
