@@ -39,6 +39,7 @@ from controlplane.agent.datapath import (
     open_policy_maps,
     unpin_ipcache,
 )
+from controlplane.agent.flows import AgentFlows
 from controlplane.agent.endpoints import EndpointPublisher, NotReady, OwnedEndpoints
 from controlplane.agent.health import Failure, ShardHealth
 from controlplane.agent.metrics import AgentMetrics, DatapathCounters
@@ -148,6 +149,18 @@ class Agent:
             netns=settings.routes_netns,
         )
         """Routes to the other nodes' pod CIDRs (``--routes``)."""
+        self.flows: AgentFlows | None = None
+        """The flow server (``--flows``): kernel flow events when this agent drives the
+        kernel maps, else an empty ring."""
+        if settings.flows_enabled:
+            self.flows = AgentFlows(
+                settings.node,
+                self.cache,
+                settings.flows,
+                self.metrics.registry,
+                kernel=self.datapath.kernel and self._own_ipcache,
+                pin_dir=settings.bpf_pin_dir,
+            )
         self.restarts = 0
         self.last_restart_reason: str | None = None
         self.last_restart_at: float | None = None
@@ -201,6 +214,8 @@ class Agent:
         """Serve until :meth:`stop`; raises :class:`AgentExit` in ``--restart-mode=exit``."""
         await self.api.start()
         try:
+            if self.flows is not None:
+                await self.flows.start(self.settings.flows_socket, self.settings.flows_listen)
             if self.settings.telemetry_port is not None:
                 self.telemetry = TelemetryServer(
                     self.metrics.registry,
@@ -217,6 +232,8 @@ class Agent:
                     group.create_task(self.routes.run(self.stopping), name="routes"),
                     group.create_task(self._gauges(), name="gauges"),
                 ]
+                if self.flows is not None:
+                    helpers.append(group.create_task(self.flows.server.run(), name="flows"))
                 sessions = group.create_task(self._sessions(), name=f"agent:{self.settings.node}")
                 await sessions  # returns on stop, raises AgentExit
                 for task in helpers:
@@ -228,6 +245,8 @@ class Agent:
             raise group.exceptions[0] from None
         finally:
             await self.api.close()
+            if self.flows is not None:
+                await self.flows.close()
             if self.telemetry is not None:
                 await self.telemetry.close()
             if self._own_ipcache:
@@ -330,6 +349,23 @@ class Agent:
         agent = Check(session.ready.is_set(), session.phase)
         return {"etcd": etcd, "heartbeat": heartbeat, "agent": agent}
 
+    def _flows_status(self) -> dict[str, Any] | None:
+        if self.flows is None:
+            return None
+        s = self.flows.server.status()
+        return {
+            "source": s.source,
+            "error": self.flows.error,
+            "flows": s.num_flows,
+            "capacity": s.max_flows,
+            "seen": s.seen_flows,
+            "lost_ring_buffer": s.lost_ring_buffer,
+            "lost_rate_limit": s.lost_rate_limit,
+            "aggregation": self.settings.flows.aggregation.name.lower(),
+            "socket": None if self.flows.api.socket is None else str(self.flows.api.socket),
+            "port": self.flows.api.port,
+        }
+
     def status(self) -> dict[str, Any]:
         shards = self.shard_health()
         session = self._session
@@ -362,6 +398,7 @@ class Agent:
                 "endpoints": len(self.cache.endpoints),
                 "nodes": len(self.cache.nodes),
             },
+            "flows": self._flows_status(),
             "datapath": {
                 "mode": self.datapath_mode,
                 "reason": self.datapath.reason,
