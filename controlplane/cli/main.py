@@ -17,6 +17,7 @@ from controlplane.cli import (
     ipam_cmd,
     kube_cmd,
     kvstore_cmd,
+    observe_cmd,
     policy_cmd,
     scale_cmd,
     status_cmd,
@@ -45,6 +46,7 @@ def build_parser() -> Parser:
     views_cmd.register_node(commands)
     ipam_cmd.register(commands)
     status_cmd.register(commands)
+    observe_cmd.register(commands)
     policy_cmd.register(commands)
     bpf_cmd.register(commands)
     bench_cmd.register(commands)
