@@ -39,8 +39,8 @@ from controlplane.agent.datapath import (
     open_policy_maps,
     unpin_ipcache,
 )
-from controlplane.agent.flows import AgentFlows
 from controlplane.agent.endpoints import EndpointPublisher, NotReady, OwnedEndpoints
+from controlplane.agent.flows import AgentFlows
 from controlplane.agent.health import Failure, ShardHealth
 from controlplane.agent.metrics import AgentMetrics, DatapathCounters
 from controlplane.agent.policy import PolicyFlusher

@@ -12,8 +12,6 @@ from typing import Final
 
 from controlplane.datapath.flowevents import Aggregation
 from controlplane.datapath.sysctls import PROC_SYS
-from controlplane.flows.client import DEFAULT_OBSERVER_SOCKET
-from controlplane.flows.server import DEFAULT_CAPACITY, FlowSettings
 from controlplane.flags import (
     Parser,
     add_kvstore_flags,
@@ -21,6 +19,8 @@ from controlplane.flags import (
     positive_float,
     positive_int,
 )
+from controlplane.flows.client import DEFAULT_OBSERVER_SOCKET
+from controlplane.flows.server import DEFAULT_CAPACITY, FlowSettings
 from controlplane.model import IPAddress, NodeName, parse_ip, parse_node_name
 
 EXIT_OK: Final = 0
@@ -114,7 +114,7 @@ class AgentSettings:
     flows_enabled: bool = True
     """Run the flow server (issue 14): with kernel maps it configures the programs' flow
     events and reads them; else it serves an empty ring."""
-    flows: FlowSettings = FlowSettings()
+    flows: FlowSettings = _FLOW_DEFAULTS
     """Ring size, aggregation, rate limit of the flow server."""
     flows_socket: Path | None = None
     """Unix socket of the Observer API (gRPC). The command line defaults to
@@ -323,8 +323,7 @@ def add_agent_flags(parser: argparse.ArgumentParser) -> None:
         "--flows",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="run the flow server: datapath flow events into a ring, the Observer API "
-        "(default on)",
+        help="run the flow server: datapath flow events into a ring, the Observer API (default on)",
     )
     flows.add_argument(
         "--flows-socket",
