@@ -71,7 +71,7 @@ def record(
 def feed(server: FlowServer, *records: bytes) -> None:
     for raw in records:
         server.ingest(decode_event(raw))
-    server.ring.notify()
+    server.end_batch()
 
 
 @pytest_asyncio.fixture

@@ -20,15 +20,16 @@ from controlplane.datapath.bpf_syscall import KernelMapError
 from controlplane.datapath.capabilities import DatapathSupport, detect_datapath
 from controlplane.datapath.ipcache import IPCACHE_MAP_NAME, Ipcache, userspace_ipcache
 from controlplane.datapath.kernel import KernelMap, pinned_ipcache
-from controlplane.datapath.layouts import CT_MAP_NAME, METRICS_MAP_NAME
+from controlplane.datapath.layouts import CT_MAP_NAME, FLOW_MAP_NAMES, METRICS_MAP_NAME
 from controlplane.datapath.policymap import (
     PolicyMaps,
     pinned_policy_maps,
     userspace_policy_maps,
 )
 
-PROGRAM_ONLY_MAPS = (CT_MAP_NAME, METRICS_MAP_NAME)
-"""Maps the tc program pins beside ours and the agent never writes."""
+PROGRAM_ONLY_MAPS = (CT_MAP_NAME, METRICS_MAP_NAME, *FLOW_MAP_NAMES)
+"""Maps the tc program pins beside ours and the agent does not reconcile (the flow
+server opens three of the flow maps, and unpins them too on ``--cleanup-on-exit``)."""
 
 
 class DatapathUnavailable(Exception):
@@ -90,7 +91,8 @@ def open_policy_maps(choice: DatapathChoice, pin_dir: Path) -> PolicyMaps:
 
 def unpin_ipcache(ipcache: Ipcache, pin_dir: Path) -> bool:
     """``--cleanup-on-exit``: remove the ipcache pin, the pins of the maps only the tc
-    program uses (``cp_ct``, ``cp_metrics``: the loader created them for ``cp-cni``), and
+    program uses (``cp_ct``, ``cp_metrics``, the flow maps: the loader created them for
+    ``cp-cni``), and
     the pin dir when left empty.
 
     Programs still attached keep their reference to the maps; only the names go."""

@@ -18,12 +18,10 @@ namespace, labels and identity. The message's fields keep Hubble's meanings:
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
-
-from google.protobuf.timestamp_pb2 import Timestamp
-from google.protobuf.wrappers_pb2 import BoolValue
 
 from controlplane.datapath.flowevents import FlowFlag, FlowKind, FlowType, RawFlow
 from controlplane.datapath.layouts import MetricReason
@@ -32,6 +30,7 @@ from controlplane.flows.proto import flow_pb2 as pb
 __all__ = [
     "DROP_REASONS",
     "IPPROTO_NAMES",
+    "FlowConverter",
     "PeerInfo",
     "Resolver",
     "StaticResolver",
@@ -71,12 +70,17 @@ _TCP_FLAGS: Final = (
     (0x80, "CWR"),
 )
 _V4_MAPPED: Final = b"\x00" * 10 + b"\xff\xff"
-_ICMP_TYPES: Final = {
+_ICMP_TYPES: Final[dict[tuple[bool, int], int]] = {
     (False, FlowKind.ECHO_REQUEST): 8,
     (False, FlowKind.ECHO_REPLY): 0,
     (True, FlowKind.ECHO_REQUEST): 128,
     (True, FlowKind.ECHO_REPLY): 129,
 }
+_F_TO_ENDPOINT: Final = int(FlowFlag.TO_ENDPOINT)
+_F_REPLY: Final = int(FlowFlag.REPLY)
+_F_IDENTITY: Final = int(FlowFlag.IDENTITY)
+_T_DROP: Final = int(FlowType.DROP)
+_T_TRACE: Final = int(FlowType.TRACE)
 _TRACE_FROM_LXC: Final = 5
 """Cilium's trace sub-type of a packet from an endpoint (TraceFromLxc); TO is 0."""
 
@@ -144,78 +148,103 @@ def _endpoint(resolver: Resolver, address: str, identity: int, *, local_id: int 
     )
 
 
-def _layer4(raw: RawFlow, ipv6: bool) -> pb.Layer4 | None:
+def _layer4(l4: pb.Layer4, raw: RawFlow) -> None:
     proto = raw.proto
     if proto == IPPROTO_TCP:
+        tcp = l4.TCP
+        tcp.source_port = raw.sport
+        tcp.destination_port = raw.dport
         flags = raw.tcp_flags
-        return pb.Layer4(
-            TCP=pb.TCP(
-                source_port=raw.sport,
-                destination_port=raw.dport,
-                flags=pb.TCPFlags(
-                    FIN=bool(flags & 0x01),
-                    SYN=bool(flags & 0x02),
-                    RST=bool(flags & 0x04),
-                    PSH=bool(flags & 0x08),
-                    ACK=bool(flags & 0x10),
-                    URG=bool(flags & 0x20),
-                    ECE=bool(flags & 0x40),
-                    CWR=bool(flags & 0x80),
-                ),
-            )
-        )
-    if proto == IPPROTO_UDP:
-        return pb.Layer4(UDP=pb.UDP(source_port=raw.sport, destination_port=raw.dport))
-    if proto == IPPROTO_SCTP:
-        return pb.Layer4(SCTP=pb.SCTP(source_port=raw.sport, destination_port=raw.dport))
-    if proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
-        icmp_type = _ICMP_TYPES.get((proto == IPPROTO_ICMPV6, FlowKind(raw.kind)), 0)
-        if proto == IPPROTO_ICMP:
-            return pb.Layer4(ICMPv4=pb.ICMPv4(type=icmp_type))
-        return pb.Layer4(ICMPv6=pb.ICMPv6(type=icmp_type))
-    return None
+        out = tcp.flags
+        out.SetInParent()
+        for bit, name in _TCP_FLAGS:
+            if flags & bit:
+                setattr(out, name, True)
+    elif proto == IPPROTO_UDP:
+        l4.UDP.source_port = raw.sport
+        l4.UDP.destination_port = raw.dport
+    elif proto == IPPROTO_SCTP:
+        l4.SCTP.source_port = raw.sport
+        l4.SCTP.destination_port = raw.dport
+    elif proto == IPPROTO_ICMP:
+        l4.ICMPv4.type = _ICMP_TYPES.get((False, raw.kind), 0)
+        l4.ICMPv4.SetInParent()
+    elif proto == IPPROTO_ICMPV6:
+        l4.ICMPv6.type = _ICMP_TYPES.get((True, raw.kind), 0)
+        l4.ICMPv6.SetInParent()
+
+
+class FlowConverter:
+    """:func:`to_flow` with the endpoints of recent addresses kept (a second at most, so
+    a changed pod or identity shows within a second): most flows repeat their peers."""
+
+    def __init__(self, node: str, resolver: Resolver, ttl: float = 1.0) -> None:
+        self.node = node
+        self.resolver = resolver
+        self.ttl = ttl
+        self._endpoints: dict[tuple[str, int, int], pb.Endpoint] = {}
+        self._since = time.monotonic()
+
+    def _endpoint(self, address: str, identity: int, local_id: int) -> pb.Endpoint:
+        key = (address, identity, local_id)
+        ep = self._endpoints.get(key)
+        if ep is None:
+            if len(self._endpoints) > 8192:
+                self._endpoints.clear()
+            ep = _endpoint(self.resolver, address, identity, local_id=local_id)
+            self._endpoints[key] = ep
+        return ep
+
+    def expire(self) -> None:
+        """Forget the kept endpoints once they are ``ttl`` old (call once per batch)."""
+        now = time.monotonic()
+        if now - self._since >= self.ttl:
+            self._endpoints.clear()
+            self._since = now
+
+    def fill(self, flow: pb.Flow, raw: RawFlow, wall_ns: int) -> None:
+        """Write the event into ``flow`` (a new message, e.g. a response's ``flow``)."""
+        src, ipv6 = address_text(raw.src)
+        dst, _ = address_text(raw.dst)
+        flags = raw.flags
+        to_ep = bool(flags & _F_TO_ENDPOINT)
+        reply = bool(flags & _F_REPLY)
+        remote = raw.identity if flags & _F_IDENTITY else 0
+        if to_ep:
+            flow.source.CopyFrom(self._endpoint(src, remote, 0))
+            flow.destination.CopyFrom(self._endpoint(dst, 0, raw.endpoint_id))
+        else:
+            flow.source.CopyFrom(self._endpoint(src, 0, raw.endpoint_id))
+            flow.destination.CopyFrom(self._endpoint(dst, remote, 0))
+        flow.time.seconds = wall_ns // 1_000_000_000
+        flow.time.nanos = wall_ns % 1_000_000_000
+        ip = flow.IP
+        ip.source = src
+        ip.destination = dst
+        ip.ipVersion = pb.IPv6 if ipv6 else pb.IPv4
+        flow.Type = pb.L3_L4
+        flow.node_name = self.node
+        flow.reply = reply
+        flow.is_reply.value = reply
+        flow.traffic_direction = pb.INGRESS if to_ep != reply else pb.EGRESS
+        flow.trace_observation_point = pb.TO_ENDPOINT if to_ep else pb.FROM_ENDPOINT
+        _layer4(flow.l4, raw)
+        kind = raw.type
+        flow.event_type.type = kind
+        if kind == _T_DROP:
+            reason = DROP_REASONS.get(raw.reason, pb.DROP_REASON_UNKNOWN)
+            flow.verdict = pb.DROPPED
+            flow.drop_reason = reason
+            flow.drop_reason_desc = reason
+            flow.event_type.sub_type = reason
+        else:
+            flow.verdict = pb.FORWARDED
+            if kind == _T_TRACE and not to_ep:
+                flow.event_type.sub_type = _TRACE_FROM_LXC
 
 
 def to_flow(raw: RawFlow, wall_ns: int, node: str, resolver: Resolver) -> pb.Flow:
     """The ``flow.Flow`` of one event seen at ``wall_ns`` (ns since the epoch) on ``node``."""
-    src, ipv6 = address_text(raw.src)
-    dst, _ = address_text(raw.dst)
-    flags = raw.flags
-    to_ep = bool(flags & FlowFlag.TO_ENDPOINT)
-    reply = bool(flags & FlowFlag.REPLY)
-    remote_identity = raw.identity if flags & FlowFlag.IDENTITY else 0
-    if to_ep:
-        source = _endpoint(resolver, src, remote_identity)
-        destination = _endpoint(resolver, dst, 0, local_id=raw.endpoint_id)
-    else:
-        source = _endpoint(resolver, src, 0, local_id=raw.endpoint_id)
-        destination = _endpoint(resolver, dst, remote_identity)
-    drop = raw.type == FlowType.DROP
-    ingress = to_ep != reply  # the peer opened the connection
-    flow = pb.Flow(
-        time=Timestamp(seconds=wall_ns // 1_000_000_000, nanos=wall_ns % 1_000_000_000),
-        verdict=pb.DROPPED if drop else pb.FORWARDED,
-        IP=pb.IP(source=src, destination=dst, ipVersion=pb.IPv6 if ipv6 else pb.IPv4),
-        source=source,
-        destination=destination,
-        Type=pb.L3_L4,
-        node_name=node,
-        reply=reply,
-        is_reply=BoolValue(value=reply),
-        traffic_direction=pb.INGRESS if ingress else pb.EGRESS,
-        trace_observation_point=pb.TO_ENDPOINT if to_ep else pb.FROM_ENDPOINT,
-    )
-    l4 = _layer4(raw, ipv6)
-    if l4 is not None:
-        flow.l4.CopyFrom(l4)
-    if drop:
-        reason = DROP_REASONS.get(raw.reason, pb.DROP_REASON_UNKNOWN)
-        flow.drop_reason = reason
-        flow.drop_reason_desc = reason
-        flow.event_type.type = raw.type
-        flow.event_type.sub_type = reason
-    else:
-        flow.event_type.type = raw.type
-        if raw.type == FlowType.TRACE and not to_ep:
-            flow.event_type.sub_type = _TRACE_FROM_LXC
+    flow = pb.Flow()
+    FlowConverter(node, resolver).fill(flow, raw, wall_ns)
     return flow

@@ -24,6 +24,7 @@ from controlplane.flows.proto import flow_pb2 as pb
 __all__ = ["FlowMetrics"]
 
 _TYPES: Final = {1: "drop", 4: "trace", 5: "policy_verdict"}
+_PROTOCOLS: Final = {6: "TCP", 17: "UDP", 1: "ICMPv4", 58: "ICMPv6", 132: "SCTP"}
 
 
 def _tcp_flag_label(flags: pb.TCPFlags) -> str | None:
@@ -71,6 +72,10 @@ class FlowMetrics:
         for source in ("kernel_ring_buffer", "kernel_rate_limit", "reader_lapped"):
             self.lost.labels(source)  # exported as 0 from the start
         self._children: dict[tuple[object, ...], Counter] = {}
+        self._pending: dict[tuple[int, int, int, int, bool], int] = {}
+        self._labels: dict[
+            tuple[int, int, int, int, bool], list[tuple[Counter, tuple[str, ...]]]
+        ] = {}
 
     def _child(self, metric: Counter, *labels: str) -> Counter:
         key = (id(metric), *labels)
@@ -79,7 +84,42 @@ class FlowMetrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
+    def count(self, key: tuple[int, int, int, int, bool]) -> None:
+        """Count one flow by its datapath fields ``(type, drop reason or 0, IP protocol,
+        TCP flags, IPv6)``; :meth:`flush` exports the counts (once per batch)."""
+        self._pending[key] = self._pending.get(key, 0) + 1
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for key, n in pending.items():
+            labels = self._labels.get(key)
+            if labels is None:
+                labels = self._labels[key] = self._describe(*key)
+            for metric, values in labels:
+                self._child(metric, *values).inc(n)
+
+    def _describe(
+        self, kind: int, reason: int, proto: int, tcp_flags: int, ipv6: bool
+    ) -> list[tuple[Counter, tuple[str, ...]]]:
+        drop = kind == 1
+        verdict = "DROPPED" if drop else "FORWARDED"
+        protocol = _PROTOCOLS.get(proto, "other")
+        out: list[tuple[Counter, tuple[str, ...]]] = [
+            (self.processed, (_TYPES.get(kind, "other"), verdict))
+        ]
+        if drop:
+            out.append((self.drops, (pb.DropReason.Name(reason), protocol)))
+        if protocol == "TCP":
+            label = _tcp_flag_label(pb.TCPFlags(
+                SYN=bool(tcp_flags & 0x02), ACK=bool(tcp_flags & 0x10),
+                FIN=bool(tcp_flags & 0x01), RST=bool(tcp_flags & 0x04),
+            ))  # fmt: skip
+            if label is not None:
+                out.append((self.tcp_flags, (label, "IPv6" if ipv6 else "IPv4")))
+        return out
+
     def observe(self, flow: pb.Flow) -> None:
+        """Count one converted flow now (for flows not from :meth:`count`'s fields)."""
         kind = _TYPES.get(flow.event_type.type, "other")
         verdict = pb.Verdict.Name(flow.verdict)
         self._child(self.processed, kind, verdict).inc()

@@ -146,7 +146,7 @@ class ObserverServer:
     async def _flows(
         self, request: obs.GetFlowsRequest, predicate: Callable[[pb.Flow], bool]
     ) -> AsyncIterator[obs.GetFlowsResponse]:
-        since = _ns(request.since) if request.HasField("since") else None
+        since = _ns(request.since) if request.HasField("since") else None  # (0: not set)
         until = _ns(request.until) if request.HasField("until") else None
         number = request.number
         ring = self.flows.ring
@@ -202,5 +202,5 @@ class ObserverServer:
                 continue
             yield entry
             sent += 1
-            if number and sent >= number and (request.first or since is not None):
+            if number and sent >= number and (request.first or (since and not request.follow)):
                 return  # (the last N: their start bounds them; a follow goes on)

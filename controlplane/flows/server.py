@@ -32,7 +32,7 @@ from controlplane.datapath.flowevents import (
     RingBufferReader,
     decode_event,
 )
-from controlplane.flows.convert import Resolver, to_flow
+from controlplane.flows.convert import DROP_REASONS, FlowConverter, Resolver
 from controlplane.flows.metrics import FlowMetrics
 from controlplane.flows.proto import flow_pb2 as pb
 from controlplane.flows.proto import observer_pb2 as obs
@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CAPACITY: Final = 4095
 BATCH: Final = 4096
 """Records taken per wakeup before the loop serves others (the fd stays readable)."""
+_T_DROP: Final = 1
+_FLAGS: Final = 0x17  # FIN, SYN, RST, ACK: what the TCP flag metric tells apart
+_V4: Final = b"\x00" * 10 + b"\xff\xff"
 _LOST_SOURCES: Final = {
     LostReason.RINGBUF_FULL: "kernel_ring_buffer",
     LostReason.RATE_LIMIT: "kernel_rate_limit",
@@ -105,6 +108,7 @@ class FlowServer:
         self._rate_window: collections.deque[tuple[float, int]] = collections.deque()
         self._reader: RingBufferReader | None = None
         self._clock_offset = time.time_ns() - time.monotonic_ns()
+        self._converter = FlowConverter(node, resolver)
 
     @property
     def source(self) -> str:
@@ -113,11 +117,24 @@ class FlowServer:
     # -- taking events in ---------------------------------------------------------------
 
     def ingest(self, raw: RawFlow) -> None:
-        """One datapath event into the ring (call :meth:`FlowRing.notify` after a batch)."""
-        flow = to_flow(raw, raw.ktime_ns + self._clock_offset, self.node, self.resolver)
-        self.ring.push(obs.GetFlowsResponse(flow=flow, node_name=self.node, time=flow.time))
+        """One datapath event into the ring (call :meth:`end_batch` after a batch)."""
+        response = obs.GetFlowsResponse(node_name=self.node)
+        wall_ns = raw.ktime_ns + self._clock_offset
+        self._converter.fill(response.flow, raw, wall_ns)
+        response.time.CopyFrom(response.flow.time)
+        self.ring.push(response)
         self.seen += 1
-        self.metrics.observe(flow)
+        drop_reason = DROP_REASONS.get(raw.reason, 0) if raw.type == _T_DROP else 0
+        self.metrics.count(
+            (raw.type, drop_reason, raw.proto, raw.tcp_flags & _FLAGS, raw.src[:12] != _V4)
+        )
+
+    def end_batch(self) -> None:
+        """After a batch of :meth:`ingest`: export the metrics, wake the readers."""
+        self.metrics.flush()
+        self.metrics.ring_flows.set(len(self.ring))
+        self._converter.expire()
+        self.ring.notify()
 
     def _record(self, view: memoryview) -> None:
         self.ingest(decode_event(view))
@@ -131,8 +148,7 @@ class FlowServer:
             reader.drain(self._record, BATCH)
         except Exception:  # a bug in decoding must not kill the loop's reader
             log.exception("flow server: reading the ring buffer failed")
-        self.metrics.ring_flows.set(len(self.ring))
-        self.ring.notify()
+        self.end_batch()
 
     def push_lost(self, source: int, count: int, metric_source: str) -> None:
         """A lost-event record into the ring (for every reader) and the metric."""
