@@ -56,6 +56,6 @@ clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
 # The Observer API's Python modules (committed; tests/test_flows_proto.py checks they match).
-PROTOS := controlplane/flows/proto/flow.proto controlplane/flows/proto/observer.proto
+PROTOS := controlplane/flows/proto/flow.proto controlplane/flows/proto/relay.proto controlplane/flows/proto/observer.proto
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. $(PROTOS)

@@ -298,14 +298,14 @@ def test_generated_modules_are_current(tmp_path: Path) -> None:
     """The committed *_pb2.py[i] are what `make proto` makes from the .proto files."""
     out = tmp_path / "out"
     out.mkdir()
-    protos = ["controlplane/flows/proto/flow.proto", "controlplane/flows/proto/observer.proto"]
+    protos = [f"controlplane/flows/proto/{n}.proto" for n in ("flow", "relay", "observer")]
     proc = subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", "-I", ".", f"--python_out={out}",
          f"--pyi_out={out}", *protos],
         cwd=REPO, capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    for name in ("flow_pb2.py", "flow_pb2.pyi", "observer_pb2.py", "observer_pb2.pyi"):
+    for name in [f"{n}_pb2.{ext}" for n in ("flow", "relay", "observer") for ext in ("py", "pyi")]:
         made = (out / "controlplane/flows/proto" / name).read_text()
         committed = (REPO / "controlplane/flows/proto" / name).read_text()
         assert made == committed, f"{name} is stale: run `make proto`"

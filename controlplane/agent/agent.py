@@ -349,6 +349,17 @@ class Agent:
         agent = Check(session.ready.is_set(), session.phase)
         return {"etcd": etcd, "heartbeat": heartbeat, "agent": agent}
 
+    def flows_address(self) -> str:
+        """Where a relay reaches this node's Observer API: ``--flows-listen``'s address with
+        the port it got, the node's first IP when it listens on every address; "" when
+        it serves none over TCP."""
+        if self.flows is None or self.flows.api.port is None or self.settings.flows_listen is None:
+            return ""
+        host = self.settings.flows_listen.rpartition(":")[0].strip("[]")
+        if host in ("", "0.0.0.0", "::"):
+            host = str(self.settings.node_ips[0])
+        return f"[{host}]:{self.flows.api.port}" if ":" in host else f"{host}:{self.flows.api.port}"
+
     def _flows_status(self) -> dict[str, Any] | None:
         if self.flows is None:
             return None

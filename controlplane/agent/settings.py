@@ -183,7 +183,9 @@ def non_negative_int(text: str) -> int:
 
 def _listen(text: str) -> str | None:
     host, port = _address(text)
-    return None if port is None else f"{host}:{port}"
+    if port is None:
+        return None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def add_agent_flags(parser: argparse.ArgumentParser) -> None:

@@ -18,6 +18,7 @@ __all__ = ["DEFAULT_OBSERVER_SOCKET", "ObserverClient", "target_of"]
 DEFAULT_OBSERVER_SOCKET: Final = Path("/var/run/cp/observer.sock")
 _GET_FLOWS: Final = "/observer.Observer/GetFlows"
 _SERVER_STATUS: Final = "/observer.Observer/ServerStatus"
+_GET_NODES: Final = "/observer.Observer/GetNodes"
 
 
 def target_of(server: str) -> str:
@@ -30,13 +31,27 @@ def target_of(server: str) -> str:
 
 
 class ObserverClient:
-    def __init__(self, server: str, options: list[tuple[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        server: str,
+        options: list[tuple[str, Any]] | None = None,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self.target = target_of(server)
-        self._channel = grpc.aio.insecure_channel(self.target, options=options or [])
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(self.target, options=options or [])
+        else:
+            self._channel = grpc.aio.secure_channel(self.target, credentials, options or [])
         self._get_flows = self._channel.unary_stream(
             _GET_FLOWS,
             request_serializer=obs.GetFlowsRequest.SerializeToString,
             response_deserializer=obs.GetFlowsResponse.FromString,
+        )
+        self._nodes = self._channel.unary_unary(
+            _GET_NODES,
+            request_serializer=obs.GetNodesRequest.SerializeToString,
+            response_deserializer=obs.GetNodesResponse.FromString,
         )
         self._status = self._channel.unary_unary(
             _SERVER_STATUS,
@@ -64,4 +79,9 @@ class ObserverClient:
         response: obs.ServerStatusResponse = await self._status(
             obs.ServerStatusRequest(), timeout=timeout
         )
+        return response
+
+    async def get_nodes(self, timeout: float = 5.0) -> obs.GetNodesResponse:
+        """The relay's nodes (an agent answers UNIMPLEMENTED)."""
+        response: obs.GetNodesResponse = await self._nodes(obs.GetNodesRequest(), timeout=timeout)
         return response
