@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -41,6 +43,7 @@ from controlplane.relay.peers import PeerSettings
 from controlplane.store_types import EventKind, StoreEvent
 from tests.helpers import eventually, running
 from tests.test_agent import agent_settings, give_cidrs, kv_config
+from tests.test_e2e_flows import CPCTL, ENV
 from tests.test_flows_api import DB, RESOLVER, WEB, record
 
 FAST_PEERS = PeerSettings(check_interval=0.2, backoff_min=0.05, backoff_max=0.3, timeout=1.0)
@@ -152,6 +155,21 @@ async def test_merge_in_time_order_status_and_nodes(two: tuple[Agentish, Agentis
             ("node-a", rpb.NODE_CONNECTED, 3), ("node-b", rpb.NODE_CONNECTED, 3),
         ]  # fmt: skip
         assert listed.nodes[0].address == f"127.0.0.1:{a.port}"
+
+        server = f"127.0.0.1:{relay.observer.port}"
+        ran = await asyncio.to_thread(
+            subprocess.run, [*CPCTL, "observe", "nodes", "--server", server, "--json"],
+            capture_output=True, text=True, env=ENV, check=False,
+        )  # fmt: skip
+        assert ran.returncode == 0, ran.stderr
+        assert [n["state"] for n in json.loads(ran.stdout)] == ["NODE_CONNECTED"] * 2
+        ran = await asyncio.to_thread(
+            subprocess.run, [*CPCTL, "observe", "--server", server, "--last", "2"],
+            capture_output=True, text=True, env=ENV, check=False,
+        )  # fmt: skip
+        lines = ran.stdout.splitlines()
+        assert lines[0] == "NODE STATUS: NODE_CONNECTED node-a, node-b", ran.stdout
+        assert "[node-a]" in lines[1] and "[node-b]" in lines[2] and len(lines) == 3
 
         with pytest.raises(grpc.aio.AioRpcError) as info:
             bad = obs.GetFlowsRequest(whitelist=[pb.FlowFilter(protocol=["nope"])])

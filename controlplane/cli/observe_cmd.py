@@ -1,5 +1,6 @@
-"""`cpctl observe`: flows from an Observer API (the local agent's socket, or HOST:PORT), with
-the flags users know from ``hubble observe``; `cpctl observe status`: the server's status.
+"""`cpctl observe`: flows from an Observer API (the local agent's socket, or HOST:PORT: an
+agent's --flows-listen or cp-relay), with the flags users know from ``hubble observe``;
+`cpctl observe status`: the server's status; `cpctl observe nodes`: the relay's nodes.
 
 Filters: ``--pod``, ``--namespace``, ``--label``, ``--identity``, ``--ip`` and ``--port``
 match either side (two allow filters, source and destination, as Hubble builds them);
@@ -38,11 +39,13 @@ from controlplane.cli.common import (
     CommandError,
     positive_float,
     print_json,
+    print_table,
 )
 from controlplane.flows.client import DEFAULT_OBSERVER_SOCKET, ObserverClient
 from controlplane.flows.filters import PROTOCOLS, FilterError, parse_selector
 from controlplane.flows.proto import flow_pb2 as pb
 from controlplane.flows.proto import observer_pb2 as obs
+from controlplane.flows.proto import relay_pb2 as rpb
 
 __all__ = ["build_request", "format_compact", "parse_time", "register"]
 
@@ -301,6 +304,11 @@ def _sides(flow: pb.Flow) -> tuple[str, str, str]:
 
 
 def format_compact(response: obs.GetFlowsResponse) -> str:
+    if response.HasField("node_status"):
+        st = response.node_status
+        state = rpb.NodeState.Name(st.state_change)
+        why = f" ({st.message})" if st.message else ""
+        return f"NODE STATUS: {state} {', '.join(st.node_names)}{why}"
     if response.HasField("lost_events"):
         lost = response.lost_events
         source = pb.LostEventSource.Name(lost.source)
@@ -323,7 +331,7 @@ def _table_row(cells: Sequence[str]) -> str:
 
 
 def format_table(response: obs.GetFlowsResponse) -> str:
-    if response.HasField("lost_events"):
+    if not response.HasField("flow"):
         return format_compact(response)
     flow = response.flow
     left, _, right = _sides(flow)
@@ -372,7 +380,7 @@ def register(subparsers: Any) -> None:
         help="connect deadline; without --follow also the whole request's (default 5)",
     )  # fmt: skip
     parser.set_defaults(run=run, filter_lists=None, negate_next=False)
-    sub = parser.add_subparsers(dest="observe_command", metavar="[status]")
+    sub = parser.add_subparsers(dest="observe_command", metavar="[status|nodes]")
     status = sub.add_parser("status", help="the flow server's status")
     status.add_argument("--server", default=argparse.SUPPRESS, help="as for observe")
     status.add_argument(
@@ -380,6 +388,13 @@ def register(subparsers: Any) -> None:
     )
     status.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON")
     status.set_defaults(run=run_status)
+    nodes = sub.add_parser("nodes", help="the relay's nodes and their state (GetNodes)")
+    nodes.add_argument("--server", default=argparse.SUPPRESS, help="as for observe")
+    nodes.add_argument(
+        "--timeout", type=positive_float, default=argparse.SUPPRESS, help="as for observe"
+    )
+    nodes.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON")
+    nodes.set_defaults(run=run_nodes)
 
     what = parser.add_argument_group("which flows")
     what.add_argument("-f", "--follow", action="store_true", help="stream new flows as they come")
@@ -487,4 +502,31 @@ async def run_status(args: argparse.Namespace) -> int:
     print(f"Connected nodes: {s.num_connected_nodes.value}")
     print(f"Version: {s.version}")
     sys.stdout.flush()
+    return EXIT_OK
+
+
+async def run_nodes(args: argparse.Namespace) -> int:
+    async with ObserverClient(args.server) as client:
+        try:
+            got = await client.get_nodes(timeout=args.timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise CommandError(f"{client.target} is not a relay (no GetNodes)") from None
+            raise _fail(exc, client.target) from None
+    if args.json:
+        print_json(
+            [
+                MessageToDict(n, preserving_proto_field_name=True,
+                              always_print_fields_with_no_presence=True)
+                for n in got.nodes
+            ]
+        )  # fmt: skip
+        return EXIT_OK
+    rows = [
+        [n.name, rpb.NodeState.Name(n.state).removeprefix("NODE_"), n.address,
+         f"{n.num_flows:,}/{n.max_flows:,}", f"{n.seen_flows:,}",
+         str(dt.timedelta(seconds=n.uptime_ns // 1_000_000_000)), n.version or "-"]
+        for n in got.nodes
+    ]  # fmt: skip
+    print_table(["NAME", "STATE", "ADDRESS", "FLOWS", "SEEN", "UPTIME", "VERSION"], rows)
     return EXIT_OK
