@@ -278,3 +278,27 @@ async def test_relay_finds_agents_in_the_kvstore(etcd1: EmbeddedEtcd, tmp_path: 
             flows = sorted((r.flow.node_name, r.flow.l4.TCP.destination_port)
                            for r in got if r.HasField("flow"))  # fmt: skip
             assert flows == [("node-a", 100), ("node-b", 101)]
+
+
+def test_manifests_use_real_flags() -> None:
+    """The relay's Deployment and the agent DaemonSet's flow flags parse as the daemons'."""
+    import yaml
+
+    from controlplane.agent.settings import build_parser as agent_parser
+    from controlplane.agent.settings import settings_from_args
+    from controlplane.relay.main import build_parser as relay_parser
+
+    repo = Path(__file__).resolve().parents[1]
+    deployment, service = yaml.safe_load_all((repo / "relay/deployment.yaml").read_text())
+    (relay,) = deployment["spec"]["template"]["spec"]["containers"]
+    args = relay_parser().parse_args(relay["args"])
+    assert args.listen == ("0.0.0.0", 4245) and args.peer_port == 4244
+    assert service["spec"]["ports"][0]["port"] == 4245
+    ds = yaml.safe_load((repo / "agent/daemonset.yaml").read_text())
+    agent = next(c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "agent")
+    argv = [
+        a.replace("$(NODE_NAME)", "n1").replace("$(NODE_IP)", "10.0.0.7") for a in agent["args"]
+    ]
+    settings = settings_from_args(agent_parser().parse_args(argv))
+    assert settings.flows_listen == "10.0.0.7:4244"
+    assert str(settings.flows_socket) == "/var/run/cp/observer.sock"
