@@ -6,6 +6,9 @@ network namespaces, and the real ``cpctl observe`` against each agent's Observer
   pods, namespaces and identities of both sides (the remote pod named from the store);
 - a denied one as DROPPED, reason POLICY_DENIED; a denied echo likewise (ICMPv4);
 - ``--follow`` streams a new connection's flows as they happen;
+- cp-relay finds both agents through their node records and merges both nodes' flows in
+  time order; with one agent stopped it reports that node unavailable and the other
+  node's flows go on;
 - filters, outputs and ``cpctl observe status``; bad flags and an unreachable server are
   one line and a non-zero exit; the flow metrics on the agent's registry.
 """
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest_asyncio
+from prometheus_client import CollectorRegistry
 
 from controlplane.agent.agent import Agent
 from controlplane.agent.settings import DatapathMode
@@ -29,7 +33,11 @@ from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.kvstore.policies import KvPolicyStore
 from controlplane.kvstore.shards import ShardMap
 from controlplane.metrics import StoreMetrics
-from tests.helpers import eventually, kernel_tests_unmet, requires
+from controlplane.relay.daemon import Relay, RelaySettings
+from controlplane.relay.main import kvstore_nodes
+from controlplane.relay.observer import MergeSettings
+from controlplane.relay.peers import PeerSettings
+from tests.helpers import eventually, kernel_tests_unmet, requires, running
 from tests.icmp_echo import ping
 from tests.test_agent import agent_settings, api, give_cidrs, kv_config
 from tests.test_e2e_datapath import (
@@ -66,6 +74,7 @@ async def cluster(
             routes=True,
             routes_netns=topology.netns[node],
             flows_socket=tmp_path / f"{node}-observer.sock",
+            flows_listen="127.0.0.1:0",  # published in the node record, for the relay
         )
         for node, ip in NODE_IPS.items()
     }
@@ -225,3 +234,77 @@ async def test_follow_bad_flags_and_no_server(cluster: Cluster, tmp_path: Path) 
         ran = await cpctl(*argv)
         assert ran.returncode != 0, argv
         assert len(ran.stderr.strip().splitlines()) == 1 and words in ran.stderr, ran.stderr
+
+
+async def test_relay_merges_both_nodes(cluster: Cluster) -> None:
+    c = cluster
+    _, _, ips = await _bring_up(c)
+    db_ip = ips["db"]
+    settings = RelaySettings(
+        listen="127.0.0.1:0",
+        peers=PeerSettings(check_interval=0.2, backoff_min=0.05, backoff_max=0.5),
+        merge=MergeSettings(drain_timeout=0.2),
+        metrics_port=0,
+    )
+    relay = Relay(settings, lambda: kvstore_nodes(kv_config(c.etcd), "default"),
+                  CollectorRegistry())  # fmt: skip
+    async with running(relay, name="e2e-relay"):
+        await eventually(
+            lambda: {p.name for p in relay.peers.connected()} == {"node1", "node2"},
+            message="the relay connected to both agents",
+        )
+        server = f"127.0.0.1:{relay.observer.port}"
+        got = await asyncio.to_thread(_connect, c.topo.netns["web"], c.topo.netns["db"], db_ip, 5)
+        assert got == "ok"
+
+        async def merged() -> list[dict[str, Any]]:
+            ran = await cpctl("observe", "--server", server, "--json", "--to-port", str(PORT),
+                              "--protocol", "tcp", "--last", "200")  # fmt: skip
+            assert ran.returncode == 0, ran.stderr
+            rs = [json.loads(line) for line in ran.stdout.splitlines()]
+            flows = [r["flow"] for r in rs if "flow" in r]
+            return rs if {f["node_name"] for f in flows} == {"node1", "node2"} else []
+
+        responses = await eventually(merged, message="flows of both nodes through the relay")
+        assert responses[0]["node_status"]["state_change"] == "NODE_CONNECTED"
+        times = [r["flow"]["time"] for r in responses if "flow" in r]
+        assert times == sorted(times)  # RFC 3339 with the same precision: text order is time
+        by_node = {r["flow"]["node_name"]: r["flow"] for r in responses if "flow" in r}
+        assert by_node["node1"]["trace_observation_point"] == "FROM_ENDPOINT"
+        assert by_node["node2"]["trace_observation_point"] == "TO_ENDPOINT"
+
+        # node1's agent dies: the relay says so, node2's flows keep coming through it
+        follower = await asyncio.create_subprocess_exec(
+            *CPCTL, "observe", "--server", server, "--follow", "--json",
+            stdout=asyncio.subprocess.PIPE, env=ENV,
+        )  # fmt: skip
+        assert follower.stdout is not None
+        try:
+            await eventually(lambda: relay.observer.streams == 1, message="the follower")
+            await c.kill("node1")
+            lines: list[dict[str, Any]] = []
+
+            async def unavailable() -> bool:
+                line = await asyncio.wait_for(follower.stdout.readline(), 20)  # type: ignore[union-attr]
+                lines.append(json.loads(line))
+                st = lines[-1].get("node_status", {})
+                return st.get("state_change") == "NODE_UNAVAILABLE" and st["node_names"] == [
+                    "node1"
+                ]
+
+            await eventually(unavailable, message="node1 unavailable in the relay's stream")
+            other, db = c.topo.netns["other"], c.topo.netns["db"]
+            assert await asyncio.to_thread(_connect, other, db, db_ip, 5) == "ok"
+
+            async def from_node2() -> bool:
+                line = await asyncio.wait_for(follower.stdout.readline(), 20)  # type: ignore[union-attr]
+                flow = json.loads(line).get("flow", {})
+                source = flow.get("source", {})
+                return flow.get("node_name") == "node2" and source.get("pod_name") == "other"
+
+            await eventually(from_node2, message="node2's new flows through the relay")
+            status = await cpctl("observe", "status", "--server", server, "--json")
+            assert json.loads(status.stdout)["unavailable_nodes"] == ["node1"]
+        finally:
+            follower.terminate()
+            await follower.wait()
