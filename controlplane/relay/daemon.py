@@ -22,6 +22,7 @@ from controlplane.flows.proto import relay_pb2 as rpb
 from controlplane.model import Node
 from controlplane.relay.observer import MergeSettings, RelayObserver
 from controlplane.relay.peers import Peer, PeerManager, PeerSettings
+from controlplane.relay.ui import FlowUI
 from controlplane.store_types import EventKind, StoreEvent
 from controlplane.telemetry import Check, TelemetryServer
 
@@ -49,6 +50,9 @@ class RelaySettings:
     """TLS of the relay's own listener (None: plain)."""
     watch_retry: float = 2.0
     """Seconds before watching the node records again after the watch failed."""
+    ui_host: str = "127.0.0.1"
+    ui_port: int | None = None
+    """The web UI (0: ephemeral; None: off)."""
 
 
 class RelayMetrics:
@@ -84,6 +88,7 @@ class Relay:
         self.peers.on_state = self._state
         self.observer = RelayObserver(self.peers, settings.merge)
         self.telemetry: TelemetryServer | None = None
+        self.ui = FlowUI(self.observer)
         self.synced = False
         self.started = asyncio.Event()
         self._stop = asyncio.Event()
@@ -116,6 +121,8 @@ class Relay:
                     self.metrics.registry, self.health, host=s.metrics_host, port=s.metrics_port
                 )
                 await self.telemetry.start()
+            if s.ui_port is not None:
+                await self.ui.start(s.ui_host, s.ui_port)
             self.started.set()
             async with asyncio.TaskGroup() as group:
                 watch = group.create_task(self._watch(), name="relay-node-watch")
@@ -124,10 +131,13 @@ class Relay:
                 watch.cancel()
                 gauge.cancel()
         finally:
-            await self.observer.close()
-            await self.peers.close()
-            if self.telemetry is not None:
-                await self.telemetry.close()
+            try:
+                await self.ui.close()
+                await self.observer.close()
+            finally:
+                await self.peers.close()
+                if self.telemetry is not None:
+                    await self.telemetry.close()
 
     async def _watch(self) -> None:
         while True:

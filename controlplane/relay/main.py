@@ -86,16 +86,14 @@ def build_parser() -> Parser:
         type=positive_int,
         default=_MERGE.sort_buffer,
         metavar="N",
-        help=f"responses the follow merge holds to order them (default "
-        f"{_MERGE.sort_buffer})",
+        help=f"responses the follow merge holds to order them (default {_MERGE.sort_buffer})",
     )
     relay.add_argument(
         "--drain-timeout",
         type=positive_float,
         default=_MERGE.drain_timeout,
         metavar="S",
-        help=f"the longest a response waits in the sort buffer (default "
-        f"{_MERGE.drain_timeout})",
+        help=f"the longest a response waits in the sort buffer (default {_MERGE.drain_timeout})",
     )
     relay.add_argument(
         "--tls-cert", type=_readable, metavar="FILE", help="serve TLS with this certificate"
@@ -113,6 +111,13 @@ def build_parser() -> Parser:
         default=("127.0.0.1", 9966),
         metavar="HOST:PORT",
         help="/metrics, /healthz, /readyz (default 127.0.0.1:9966; none = off)",
+    )
+    relay.add_argument(
+        "--ui-listen",
+        type=_address,
+        default=("127.0.0.1", 12000),
+        metavar="HOST:PORT",
+        help="the web UI: live flows, filters, a service map (default 127.0.0.1:12000; none = off)",
     )
     relay.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     return parser
@@ -140,6 +145,8 @@ def settings_from_args(args: argparse.Namespace) -> RelaySettings:
         metrics_host=args.metrics_address[0] if args.metrics_address else "127.0.0.1",
         metrics_port=args.metrics_address[1] if args.metrics_address else None,
         server_credentials=server_credentials,
+        ui_host=args.ui_listen[0] if args.ui_listen else "127.0.0.1",
+        ui_port=args.ui_listen[1] if args.ui_listen else None,
     )
 
 
@@ -167,9 +174,10 @@ async def serve(settings: RelaySettings, kvstore: KvstoreConfig, cluster: str) -
     async def announce() -> None:
         await relay.started.wait()
         log.info(
-            "listening on %s (Observer API), metrics on %s",
+            "listening on %s (Observer API), metrics on %s, UI on %s",
             settings.listen,
             relay.telemetry.port if relay.telemetry is not None else "-",
+            relay.ui.port if relay.ui.port is not None else "-",
         )
 
     task = asyncio.create_task(announce(), name="relay-announce")

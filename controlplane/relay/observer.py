@@ -151,6 +151,10 @@ class RelayObserver:
     async def server_status(
         self, request: obs.ServerStatusRequest, context: grpc.aio.ServicerContext
     ) -> obs.ServerStatusResponse:
+        return await self.status()
+
+    async def status(self) -> obs.ServerStatusResponse:
+        """The connected nodes' status, summed (ServerStatus)."""
         out = obs.ServerStatusResponse(version=VERSION)
         unavailable = []
         connected = 0
@@ -174,6 +178,10 @@ class RelayObserver:
     async def get_nodes(
         self, request: obs.GetNodesRequest, context: grpc.aio.ServicerContext
     ) -> obs.GetNodesResponse:
+        return await self.nodes()
+
+    async def nodes(self) -> obs.GetNodesResponse:
+        """Every node and its state (GetNodes)."""
         nodes: list[obs.Node] = []
         for peer, status in await self._statuses():
             node = obs.Node(name=peer.name, address=peer.address, state=peer.state)  # type: ignore[arg-type]
@@ -199,6 +207,11 @@ class RelayObserver:
         except FilterError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
+        async for response in self.flows(request):
+            yield response
+
+    async def flows(self, request: obs.GetFlowsRequest) -> AsyncIterator[obs.GetFlowsResponse]:
+        """GetFlows' stream for a checked request (the UI's too)."""
         self.streams += 1
         try:
             stream = self._follow(request) if request.follow else self._collect(request)
