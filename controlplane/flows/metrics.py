@@ -27,12 +27,13 @@ _TYPES: Final = {1: "drop", 4: "trace", 5: "policy_verdict"}
 _PROTOCOLS: Final = {6: "TCP", 17: "UDP", 1: "ICMPv4", 58: "ICMPv6", 132: "SCTP"}
 
 
-def _tcp_flag_label(flags: pb.TCPFlags) -> str | None:
-    if flags.SYN:
-        return "SYN-ACK" if flags.ACK else "SYN"
-    if flags.RST:
+def _tcp_flag_label(flags: int) -> str | None:
+    """SYN, SYN-ACK, RST or FIN (the first that applies) of raw TCP flags."""
+    if flags & 0x02:
+        return "SYN-ACK" if flags & 0x10 else "SYN"
+    if flags & 0x04:
         return "RST"
-    if flags.FIN:
+    if flags & 0x01:
         return "FIN"
     return None
 
@@ -110,28 +111,10 @@ class FlowMetrics:
         if drop:
             out.append((self.drops, (pb.DropReason.Name(reason), protocol)))
         if protocol == "TCP":
-            label = _tcp_flag_label(pb.TCPFlags(
-                SYN=bool(tcp_flags & 0x02), ACK=bool(tcp_flags & 0x10),
-                FIN=bool(tcp_flags & 0x01), RST=bool(tcp_flags & 0x04),
-            ))  # fmt: skip
+            label = _tcp_flag_label(tcp_flags)
             if label is not None:
                 out.append((self.tcp_flags, (label, "IPv6" if ipv6 else "IPv4")))
         return out
-
-    def observe(self, flow: pb.Flow) -> None:
-        """Count one converted flow now (for flows not from :meth:`count`'s fields)."""
-        kind = _TYPES.get(flow.event_type.type, "other")
-        verdict = pb.Verdict.Name(flow.verdict)
-        self._child(self.processed, kind, verdict).inc()
-        protocol = flow.l4.WhichOneof("protocol") or "other"
-        if flow.verdict == pb.DROPPED:
-            reason = pb.DropReason.Name(flow.drop_reason_desc)
-            self._child(self.drops, reason, protocol).inc()
-        if protocol == "TCP":
-            label = _tcp_flag_label(flow.l4.TCP.flags)
-            if label is not None:
-                family = "IPv6" if flow.IP.ipVersion == pb.IPv6 else "IPv4"
-                self._child(self.tcp_flags, label, family).inc()
 
     def lost_events(self, source: str, count: int) -> None:
         self._child(self.lost, source).inc(count)

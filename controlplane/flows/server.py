@@ -3,7 +3,7 @@
 :class:`FlowServer` configures the programs (``cp_flow_config``: aggregation, rate limit),
 watches the ring buffer's fd with ``loop.add_reader`` (epoll, level-triggered: a batch
 left behind wakes the loop again; no thread, no polling of the buffer), decodes each
-record, turns it into a ``flow.Flow`` (:func:`~controlplane.flows.convert.to_flow`) and
+record, turns it into a ``flow.Flow`` (:class:`~controlplane.flows.convert.FlowConverter`) and
 keeps it in a :class:`~controlplane.flows.ring.FlowRing` of ``GetFlowsResponse`` entries.
 Every ``lost_poll_interval`` it reads the kernel's loss counters (``cp_flow_lost``) and,
 when they grew, puts a lost-event record into the ring, so every reader sees where flows
