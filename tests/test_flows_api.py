@@ -309,3 +309,22 @@ def test_generated_modules_are_current(tmp_path: Path) -> None:
         made = (out / "controlplane/flows/proto" / name).read_text()
         committed = (REPO / "controlplane/flows/proto" / name).read_text()
         assert made == committed, f"{name} is stale: run `make proto`"
+
+
+async def test_agent_flows_survive_an_unbindable_socket(tmp_path: Path) -> None:
+    """The agent's flow server keeps running when its Observer socket cannot be bound: one
+    warning, the reason in its status (the agent's other work is not at stake)."""
+    from controlplane.agent.flows import AgentFlows
+    from controlplane.agent.watches import AgentCache
+    from controlplane.model import NodeName
+
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    flows = AgentFlows(
+        NodeName("n1"), AgentCache(), FlowSettings(), CollectorRegistry(),
+        kernel=False, pin_dir=tmp_path,
+    )  # fmt: skip
+    await flows.start(blocked / "observer.sock", None)
+    assert flows.error is not None and "observer.sock" in flows.error
+    assert flows.api.socket is None
+    await flows.close()

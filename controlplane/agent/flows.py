@@ -97,8 +97,17 @@ class AgentFlows:
         self.api = ObserverServer(self.server)
 
     async def start(self, socket: Path | None, listen: str | None) -> None:
-        if socket is not None or listen is not None:
+        """Serve the Observer API; a socket or address it cannot bind is one warning (the
+        agent's other work goes on, and its status says why there is no API)."""
+        if socket is None and listen is None:
+            return
+        try:
             await self.api.start(socket, listen)
+        except (OSError, RuntimeError) as exc:  # grpc: RuntimeError("Failed to bind ...")
+            self.error = f"Observer API on {socket or listen}: {exc}"
+            log.warning("%s: flows: %s", self.server.node, self.error)
+            await self.api.close()
+            self.api.socket = None
 
     async def close(self) -> None:
         await self.api.close()

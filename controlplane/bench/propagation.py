@@ -79,6 +79,7 @@ async def run_propagation_bench(
                 str(workdir / f"agent-{i}.sock"),
                 "--metrics-address",
                 "none",
+                "--no-flows",  # (the benchmark measures propagation, not flows)
                 # many agents on one host: each its own userspace maps, never the shared
                 # machine-wide pinned kernel ipcache
                 "--datapath",

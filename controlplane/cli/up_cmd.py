@@ -154,6 +154,9 @@ async def start_daemons(args: argparse.Namespace, workdir: Path, endpoints: str)
                 f"node-{i}",
                 "--api-socket",
                 str(workdir / f"node-{i}.sock"),
+                # its flow server (userspace maps: an empty ring): cpctl observe --server
+                "--flows-socket",
+                str(workdir / f"node-{i}-observer.sock"),
                 # several agents on one host: each keeps its own userspace maps (kernel
                 # mode would make them share the machine-wide pinned ipcache)
                 "--datapath",
