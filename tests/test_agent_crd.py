@@ -154,8 +154,13 @@ async def test_endpoints_propagate_and_kubectl_sees_them(
         table = await kubectl(apiserver.kubeconfig, "get", "endpoints.controlplane.io", "-A")
         assert "web-2" in table and web2["ip"] in table and "node-b" in table
         status = a.status()
+        assert status["store"]["mode"] == "crd"
         assert status["kvstore"]["shards"][0]["name"] == "apiserver"
         assert status["kvstore"]["healthy"]
+        json.dumps(status, allow_nan=False)  # strict JSON: no heartbeat infinity
+        code, out, err = await cpctl("status", "--socket", str(a.settings.api_socket))
+        assert code == 0, err
+        assert "store:      crd: Kubernetes API https://" in out and "healthy" in out
 
 
 async def test_api_server_outage_empties_no_map_and_restarts_nothing(

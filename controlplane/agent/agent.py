@@ -387,6 +387,9 @@ class Agent:
             "ready": self.ready,
             "phase": "restarting" if session is None else session.phase,
             "endpoints": len(self.owned.items),
+            # the store's mode and health ("kvstore" keeps its name for the kvstore mode's
+            # users and scripts; in CRD mode its one part is the "apiserver")
+            "store": {"mode": self.store.describe.split(":", 1)[0], "describe": self.store.describe},
             "kvstore": {
                 "healthy": healthy,
                 "state": "healthy"
