@@ -389,7 +389,10 @@ class Agent:
             "endpoints": len(self.owned.items),
             # the store's mode and health ("kvstore" keeps its name for the kvstore mode's
             # users and scripts; in CRD mode its one part is the "apiserver")
-            "store": {"mode": self.store.describe.split(":", 1)[0], "describe": self.store.describe},
+            "store": {
+                "mode": self.store.describe.split(":", 1)[0],
+                "describe": self.store.describe,
+            },
             "kvstore": {
                 "healthy": healthy,
                 "state": "healthy"
