@@ -217,11 +217,13 @@ async def test_api_server_outage_empties_no_map_and_restarts_nothing(
 async def test_agent_restart_keeps_ips_and_identities(apiserver: ApiServer, tmp_path: Path) -> None:
     await give_cidrs(apiserver, "node-a")
     a = crd_agent(apiserver, tmp_path, "node-a", "127.0.0.11")
-    async with running(a):
+    async with running(a) as task:
         await asyncio.wait_for(a.wait_ready(), 30)
         await create(a, "default", "web", ["k8s:app=web"])
         await create(a, "default", "db", ["k8s:app=db"])
         before = await endpoints_of(a)
+        task.cancel()  # killed: no shutdown, no cleanup
+        await asyncio.gather(task, return_exceptions=True)
     # a new process: nothing in memory, everything from the API server
     again = crd_agent(apiserver, tmp_path, "node-a", "127.0.0.11")
     async with running(again):
