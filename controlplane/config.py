@@ -1,4 +1,5 @@
-"""Typed settings for the kvstore, loaded from flags, the environment or a YAML file.
+"""Typed settings for the stores: the kvstore (loaded from flags, the environment or a YAML
+file) and CRD mode's Kubernetes API.
 
 Precedence: a flag beats the environment, which beats the file. A single cluster given by
 ``--kvstore-endpoints`` is the common case; the YAML file can describe several clusters
@@ -354,3 +355,16 @@ def _number(data: Mapping[str, Any], key: str, default: float, positive: bool = 
     if positive and value == 0:
         raise ConfigError(f"{key} must be positive")
     return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class CrdConfig:
+    """CRD mode: the store is the Kubernetes API named by a kubeconfig (or the pod's
+    service account)."""
+
+    kubeconfig: str | None = None
+    """A kubeconfig file (or a colon-separated list); None: $KUBECONFIG, ~/.kube/config,
+    then in-cluster."""
+    context: str | None = None
+    request_timeout: float = 10.0
+    """Deadline of each API request (a watch's is its idle timeout instead)."""

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import replace
 from typing import NoReturn
 
-from controlplane.config import KvstoreConfig, load_kvstore_config
+from controlplane.config import (
+    ENV_CONFIG,
+    ENV_ENDPOINTS,
+    ConfigError,
+    CrdConfig,
+    KvstoreConfig,
+    load_kvstore_config,
+)
 
 EXIT_USAGE = 2
+STORES = ("crd", "kvstore")
+ENV_STORE = "CP_STORE"
 
 
 class Parser(argparse.ArgumentParser):
@@ -42,6 +52,55 @@ def add_kvstore_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_store_flags(parser: argparse.ArgumentParser) -> None:
+    """``--store`` and CRD mode's flags, beside :func:`add_kvstore_flags`."""
+    group = parser.add_argument_group("store")
+    group.add_argument(
+        "--store",
+        choices=STORES,
+        help="where the state lives: crd (the Kubernetes API; the default) or kvstore "
+        "(external etcd). Without this flag: kvstore when a kvstore endpoint or config is "
+        f"given (flag or env), else crd (env {ENV_STORE})",
+    )
+    group.add_argument(
+        "--kubeconfig",
+        metavar="FILE",
+        help="kubeconfig for CRD mode (default: $KUBECONFIG, ~/.kube/config, in-cluster)",
+    )
+    group.add_argument("--kube-context", metavar="NAME", help="kubeconfig context to use")
+
+
+def store_mode(args: argparse.Namespace) -> str:
+    """``crd`` or ``kvstore`` (raises ConfigError with one line)."""
+    chosen = getattr(args, "store", None) or os.environ.get(ENV_STORE) or ""
+    kvstore_given = bool(
+        getattr(args, "kvstore_endpoints", None)
+        or getattr(args, "kvstore_config", None)
+        or os.environ.get(ENV_ENDPOINTS)
+        or os.environ.get(ENV_CONFIG)
+    )
+    if not chosen:
+        return "kvstore" if kvstore_given else "crd"
+    if chosen not in STORES:
+        raise ConfigError(f"{ENV_STORE}={chosen!r}: expected one of {', '.join(STORES)}")
+    if chosen == "crd" and (
+        getattr(args, "kvstore_endpoints", None) or getattr(args, "kvstore_config", None)
+    ):
+        raise ConfigError("--kvstore-endpoints/--kvstore-config need --store kvstore")
+    return chosen
+
+
+def store_config(args: argparse.Namespace) -> KvstoreConfig | CrdConfig:
+    """The store the flags name: a kvstore or a Kubernetes API (raises ConfigError)."""
+    if store_mode(args) == "kvstore":
+        return kvstore_config(args)
+    return CrdConfig(
+        kubeconfig=getattr(args, "kubeconfig", None),
+        context=getattr(args, "kube_context", None),
+        request_timeout=getattr(args, "timeout", 10.0),
+    )
+
+
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -70,6 +129,16 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
     return value
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_asyncio
 from helpers import eventually
 
@@ -199,12 +200,15 @@ async def test_stale_heartbeat_restarts_each_agent_once(cluster: Cluster) -> Non
         assert (await cluster.status(agent))["restarts"]["count"] == 1
 
 
-async def test_cpctl_up_runs_a_cluster(tmp_path: Path) -> None:
+@pytest.mark.parametrize("store", ["crd", "kvstore"])
+async def test_cpctl_up_runs_a_cluster(store: str, tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "controlplane.cli.main",
         "up",
+        "--store",
+        store,
         "--agents",
         "2",
         "--duration",
@@ -228,6 +232,7 @@ async def test_cpctl_up_runs_a_cluster(tmp_path: Path) -> None:
     views = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
     assert views, out.decode()
     last = views[-1]
+    assert last["mode"] == store
     assert last["leader"] in ("operator-0", "operator-1")
     assert sorted(n["name"] for n in last["nodes"]) == ["node-0", "node-1"]
     assert all(len(n["cidrs"]) == 1 for n in last["nodes"])
@@ -236,6 +241,9 @@ async def test_cpctl_up_runs_a_cluster(tmp_path: Path) -> None:
     assert all(a["ready"] for a in last["agents"].values())
     assert [a["ipcache"] for a in last["agents"].values()] == [6, 6]
     assert "userspace maps" in out.decode()
+    if store == "crd":  # kubectl sees the custom resources
+        kubeconfig = tmp_path / "kube" / "kubeconfig"
+        assert f"KUBECONFIG={kubeconfig} kubectl" in out.decode()
 
 
 async def test_propagation_bench_runs(etcd1: EmbeddedEtcd, tmp_path: Path) -> None:

@@ -289,11 +289,20 @@ def test_manifests_use_real_flags() -> None:
     from controlplane.relay.main import build_parser as relay_parser
 
     repo = Path(__file__).resolve().parents[1]
-    deployment, service = yaml.safe_load_all((repo / "relay/deployment.yaml").read_text())
-    (relay,) = deployment["spec"]["template"]["spec"]["containers"]
+    docs = {d["kind"]: d for d in yaml.safe_load_all((repo / "relay/deployment.yaml").read_text())}
+    (relay,) = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
     args = relay_parser().parse_args(relay["args"])
     assert args.listen == ("0.0.0.0", 4245) and args.peer_port == 4244
-    assert service["spec"]["ports"][0]["port"] == 4245
+    assert args.store == "crd" and args.ui_listen == ("0.0.0.0", 12000)
+    assert docs["Service"]["spec"]["ports"][0]["port"] == 4245
+    account = docs["Deployment"]["spec"]["template"]["spec"]["serviceAccountName"]
+    assert account == docs["ServiceAccount"]["metadata"]["name"] == "cp-relay"
+    (rule,) = docs["ClusterRole"]["rules"]
+    assert rule == {
+        "apiGroups": ["controlplane.io"],
+        "resources": ["nodes"],
+        "verbs": ["get", "list", "watch"],
+    }
     ds = yaml.safe_load((repo / "agent/daemonset.yaml").read_text())
     agent = next(c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "agent")
     argv = [

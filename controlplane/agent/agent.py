@@ -11,7 +11,8 @@ connections, cache, maps and metrics). It wires the parts, each in a module of i
   time over a store session (:mod:`.store_session`; kvstore mode in
   :mod:`.kvstore_session`), with the watches into the cache and the ipcache
   (:mod:`.watches`);
-- policy (:mod:`.policy`) and routes to other nodes (:mod:`.routes`), following the cache;
+- policy (:mod:`.policy`), service load balancing (:mod:`.services`) and routes to other
+  nodes (:mod:`.routes`), following the cache;
 - the local API (:mod:`.api`), metrics and health.
 
 When the store turns unhealthy (see :mod:`controlplane.agent.health`) the session is torn
@@ -33,10 +34,13 @@ from prometheus_client import CollectorRegistry
 from controlplane.agent.api import LocalAPI
 from controlplane.agent.datapath import (
     DatapathChoice,
+    SockLbState,
     choose_datapath,
     close_ipcache,
     open_ipcache,
+    open_lb_maps,
     open_policy_maps,
+    start_sock_lb,
     unpin_ipcache,
 )
 from controlplane.agent.endpoints import EndpointPublisher, NotReady, OwnedEndpoints
@@ -45,15 +49,18 @@ from controlplane.agent.health import Failure, ShardHealth
 from controlplane.agent.metrics import AgentMetrics, DatapathCounters
 from controlplane.agent.policy import PolicyFlusher
 from controlplane.agent.routes import RouteSyncer
+from controlplane.agent.services import ServiceCounters, ServiceFlusher
 from controlplane.agent.session import Session
 from controlplane.agent.settings import EXIT_RESTART, AgentSettings, RestartMode
 from controlplane.agent.stores import StoreConfig, store_connector
 from controlplane.agent.watches import AgentCache
 from controlplane.datapath.ipcache import Ipcache
 from controlplane.datapath.kernel import KernelMap
+from controlplane.datapath.lbmap import LbMaps, close_lb_maps, unpin_lb_maps
 from controlplane.datapath.policymap import PolicyMaps, close_policy_maps, unpin_policy_maps
 from controlplane.datapath.reconciler import IpcacheReconciler, describe
 from controlplane.datapath.routes import RouteManager
+from controlplane.datapath.sock_lb import detach_sock_lb
 from controlplane.datapath.sysctls import apply as apply_sysctls
 from controlplane.datapath.sysctls import summary as sysctl_summary
 from controlplane.datapath.sysctls import warning as sysctl_warning
@@ -85,6 +92,7 @@ class Agent:
         registry: CollectorRegistry | None = None,
         ipcache: Ipcache | None = None,
         policy_maps: PolicyMaps | None = None,
+        lb_maps: LbMaps | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = AgentMetrics.create(registry)
@@ -115,6 +123,29 @@ class Agent:
                     close_ipcache(self.ipcache)
                 raise
         self.policy_maps = policy_maps
+        # cp_lb_*: the service maps, owned like the policy maps; the socket LB programs
+        # on --lb-cgroup (kernel mode)
+        self._own_lb_maps = lb_maps is None
+        if lb_maps is None:
+            choice = self.datapath if self._own_ipcache else DatapathChoice(False, "")
+            try:
+                lb_maps = open_lb_maps(choice, settings.bpf_pin_dir)
+            except BaseException:
+                if self._own_ipcache:
+                    close_ipcache(self.ipcache)
+                if self._own_policy_maps:
+                    close_policy_maps(policy_maps)
+                raise
+            self.sock_lb = start_sock_lb(choice, settings.bpf_pin_dir, settings.lb_cgroup)
+            if choice.kernel and settings.lb_cgroup is not None and not self.sock_lb.attached:
+                log.error("%s: services not balanced: %s", settings.node, self.sock_lb.detail)
+            elif self.sock_lb.attached:
+                log.info("%s: socket load balancer: %s", settings.node, self.sock_lb.detail)
+            elif choice.kernel and settings.lb_cgroup is None:
+                log.info("%s: service maps kept, not balanced: no --lb-cgroup", settings.node)
+        else:
+            self.sock_lb = SockLbState(False, "load-balancer maps given by the caller")
+        self.lb_maps = lb_maps
         if self.datapath.kernel:
             log.info(
                 "%s: datapath: kernel maps (%s), ipcache pinned at %s",
@@ -142,6 +173,13 @@ class Agent:
                 self._session is not None and self._session.inputs_listed("identities", "policies")
             ),
         )
+        self.services = ServiceFlusher(
+            self.cache.services,
+            self.lb_maps,
+            lambda: self._session is not None and self._session.inputs_listed("services"),
+        )
+        if self.lb_maps.metrics is not None:
+            self.metrics.registry.register(ServiceCounters(self.services))
         self.routes = RouteSyncer(
             settings.node,
             self.cache.nodes,
@@ -229,6 +267,7 @@ class Agent:
                 helpers = [
                     group.create_task(self.reconciler.run(), name="ipcache-flush"),
                     group.create_task(self.policy.run(), name="policy-flush"),
+                    group.create_task(self.services.run(), name="services-flush"),
                     group.create_task(self.routes.run(self.stopping), name="routes"),
                     group.create_task(self._gauges(), name="gauges"),
                 ]
@@ -253,6 +292,8 @@ class Agent:
                 close_ipcache(self.ipcache)  # the pin keeps the map and its entries
             if self._own_policy_maps:
                 close_policy_maps(self.policy_maps)
+            if self._own_lb_maps:
+                close_lb_maps(self.lb_maps)
 
     async def _clean_up_node(self) -> None:
         """``--cleanup-on-exit`` (the node is withdrawn): routes, then the pinned maps,
@@ -260,6 +301,9 @@ class Agent:
         await self.routes.remove_all()
         if self._own_policy_maps:
             unpin_policy_maps(self.policy_maps, self.settings.bpf_pin_dir)
+        if self._own_lb_maps and self.datapath.kernel:
+            detach_sock_lb(self.settings.bpf_pin_dir)  # the programs go with their links
+            unpin_lb_maps(self.settings.bpf_pin_dir)
         if self._own_ipcache and unpin_ipcache(self.ipcache, self.settings.bpf_pin_dir):
             log.info("%s: unpinned the kernel maps", self.settings.node)
 
@@ -390,6 +434,12 @@ class Agent:
             "ready": self.ready,
             "phase": "restarting" if session is None else session.phase,
             "endpoints": len(self.owned.items),
+            # the store's mode and health ("kvstore" keeps its name for the kvstore mode's
+            # users and scripts; in CRD mode its one part is the "apiserver")
+            "store": {
+                "mode": self.store.describe.split(":", 1)[0],
+                "describe": self.store.describe,
+            },
             "kvstore": {
                 "healthy": healthy,
                 "state": "healthy"
@@ -408,6 +458,7 @@ class Agent:
                 "identities": len(self.cache.identities),
                 "endpoints": len(self.cache.endpoints),
                 "nodes": len(self.cache.nodes),
+                "services": len(self.cache.services),
             },
             "flows": self._flows_status(),
             "datapath": {
@@ -425,9 +476,13 @@ class Agent:
                     },
                     self.policy_maps.policy.name: {"entries": len(self.policy_maps.policy)},
                     self.policy_maps.endpoints.name: {"entries": len(self.policy_maps.endpoints)},
+                    self.lb_maps.services.name: {"entries": len(self.lb_maps.services)},
+                    self.lb_maps.slots.name: {"entries": len(self.lb_maps.slots)},
                 },
+                "socket_lb": {"attached": self.sock_lb.attached, "detail": self.sock_lb.detail},
             },
             "policy": self.policy.status(),
+            "services": self.services.status(),
             "routes": self.routes.status(),
             "malformed_skipped": _sample_sum(
                 self.metrics.registry, "cp_store_malformed_values_total"

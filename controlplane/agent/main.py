@@ -24,15 +24,16 @@ from controlplane.agent.settings import (
     build_parser,
     settings_from_args,
 )
-from controlplane.config import ConfigError, KvstoreConfig
-from controlplane.flags import kvstore_config
+from controlplane.agent.stores import StoreConfig, check_store
+from controlplane.config import ConfigError
+from controlplane.flags import store_config
 from controlplane.runtime import tune_gc
 
 
-async def serve(settings: AgentSettings, kvstore: KvstoreConfig) -> int:
+async def serve(settings: AgentSettings, store: StoreConfig) -> int:
     """Run one agent until a signal; returns the exit status."""
     try:
-        agent = Agent(settings, kvstore)
+        agent = Agent(settings, store)
     except DatapathUnavailable as exc:
         print(f"cp-agent: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE
@@ -67,7 +68,8 @@ async def serve(settings: AgentSettings, kvstore: KvstoreConfig) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        kvstore = kvstore_config(args)
+        store = store_config(args)
+        check_store(store)
     except ConfigError as exc:
         print(f"cp-agent: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -76,12 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("controlplane.kvstore").setLevel(
-        logging.DEBUG if args.verbose else logging.WARNING
-    )
+    for quiet in ("controlplane.kvstore", "controlplane.crd"):
+        logging.getLogger(quiet).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     tune_gc()
     try:
-        return asyncio.run(serve(settings, kvstore))
+        return asyncio.run(serve(settings, store))
     except KeyboardInterrupt:
         return EXIT_OK
 

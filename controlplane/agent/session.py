@@ -23,6 +23,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponen
 from controlplane.agent.endpoints import EndpointPublisher, OwnedEndpoints
 from controlplane.agent.policy import PolicyFlusher
 from controlplane.agent.routes import RouteSyncer
+from controlplane.agent.services import ServiceFlusher
 from controlplane.agent.settings import AgentSettings
 from controlplane.agent.store_session import RestartNeeded, StoreSession
 from controlplane.agent.watches import AgentCache, CacheWatches
@@ -47,6 +48,7 @@ class SessionHost(Protocol):
     owned: OwnedEndpoints
     policy: PolicyFlusher
     routes: RouteSyncer
+    services: ServiceFlusher
     stopping: asyncio.Event
 
     def session_ready(self) -> None: ...
@@ -95,6 +97,7 @@ class Session:
             self.stores,
             node,
             policy_changed=host.policy.changed,
+            services_changed=host.services.changed,
             routes=host.routes,
         )
         stopped = False
@@ -197,6 +200,7 @@ class Session:
         self.ready.set()
         host.session_ready()
         host.policy.changed()
+        host.services.changed()
         log.info(
             "%s: ready (generation %d, CIDR %s, %d endpoints)",
             s.node,

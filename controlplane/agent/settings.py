@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Final
 
 from controlplane.datapath.flowevents import Aggregation
+from controlplane.datapath.sock_lb import cgroup2_mount
 from controlplane.datapath.sysctls import PROC_SYS
 from controlplane.flags import (
     Parser,
     add_kvstore_flags,
+    add_store_flags,
     non_negative_float,
     positive_float,
     positive_int,
@@ -121,6 +123,12 @@ class AgentSettings:
     /var/run/cp/observer.sock; an in-process agent serves none unless given one."""
     flows_listen: str | None = None
     """HOST:PORT of the Observer API over TCP (for a relay); None: none."""
+    lb_cgroup: Path | None = None
+    """The cgroup v2 directory whose processes get socket load balancing of services (the
+    ``cgroup/connect4``, ``sendmsg4``, ``recvmsg4`` programs, kernel mode only); None: the
+    service maps are kept, no program is attached. The command line defaults to the
+    cgroup v2 root (every pod); a programmatic agent to None, so it never touches the
+    machine's cgroups."""
 
     def restart_jitter(self) -> float:
         """The per-node restart delay: base + a fixed fraction of the spread."""
@@ -320,6 +328,14 @@ def add_agent_flags(parser: argparse.ArgumentParser) -> None:
         help="at start set the sysctls the datapath needs (net.ipv4.ip_forward=1) when they "
         "differ (default off: check, warn in one line, report in cpctl status)",
     )
+    datapath.add_argument(
+        "--lb-cgroup",
+        default="auto",
+        metavar="DIR|auto|none",
+        help="cgroup v2 directory whose processes get socket load balancing of services "
+        "(kernel datapath; default auto: the cgroup v2 mount, i.e. every pod; none: keep the "
+        "service maps but attach no program)",
+    )
     flows = parser.add_argument_group("flow observability")
     flows.add_argument(
         "--flows",
@@ -384,11 +400,13 @@ def add_agent_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> Parser:
     parser = Parser(
         prog="cp-agent",
-        description="The control plane's node agent (kvstore mode).",
+        description="The control plane's node agent (CRD mode by default; kvstore mode "
+        "with --store kvstore).",
         epilog=f"Exit status: 0 after SIGTERM/SIGINT, 1 on a fatal error, 2 on a bad flag or "
         f"--datapath kernel without usable kernel maps, "
         f"{EXIT_RESTART} when --restart-mode=exit and the kvstore went unhealthy.",
     )
+    add_store_flags(parser)
     add_kvstore_flags(parser)
     add_agent_flags(parser)
     return parser
@@ -428,4 +446,13 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         ),
         flows_socket=args.flows_socket,
         flows_listen=args.flows_listen,
+        lb_cgroup=_lb_cgroup(args.lb_cgroup),
     )
+
+
+def _lb_cgroup(text: str) -> Path | None:
+    if text == "none":
+        return None
+    if text == "auto":
+        return cgroup2_mount()
+    return Path(text)

@@ -2,9 +2,9 @@
 
 This module adds the ``bench`` command and its subcommands. Each subcommand's module
 (``bench_kvstore_cmd``, ``bench_identities_cmd``, ``bench_propagation_cmd``,
-``bench_datapath_cmd``, ``bench_kube_cmd``) parses its arguments, runs a benchmark of
-:mod:`controlplane.bench` and prints its result; what they share is in ``bench_common``;
-progress goes to stderr.
+``bench_datapath_cmd``, ``bench_kube_cmd``, ``bench_lb_cmd``) parses its arguments, runs a
+benchmark of :mod:`controlplane.bench` and prints its result; what they share is in
+``bench_common``; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from controlplane.cli import (
     bench_identities_cmd,
     bench_kube_cmd,
     bench_kvstore_cmd,
+    bench_lb_cmd,
     bench_propagation_cmd,
 )
 
@@ -30,3 +31,4 @@ def register(subparsers: Any) -> None:
     bench_datapath_cmd.register(commands)
     bench_flows_cmd.register(commands)
     bench_kube_cmd.register(commands)
+    bench_lb_cmd.register(commands)

@@ -10,15 +10,10 @@ from controlplane.cli.common import (
     EXIT_OK,
     CommandError,
     add_json_flag,
-    add_kvstore_flags,
-    kvstore_config,
     print_json,
     print_table,
 )
-from controlplane.kvstore.identities import KvIdentityStore
-from controlplane.kvstore.keys import KeyLayout
-from controlplane.kvstore.shards import ShardMap
-from controlplane.metrics import StoreMetrics
+from controlplane.cli.stores import add_cluster_flags, open_stores
 from controlplane.model import (
     RESERVED_IDENTITIES,
     Identity,
@@ -31,19 +26,18 @@ from controlplane.model import (
 def register(subparsers: Any) -> None:
     identity = subparsers.add_parser("identity", help="security identities")
     commands = identity.add_subparsers(dest="identity_command", required=True, metavar="COMMAND")
-    lst = commands.add_parser("list", help="every identity, with its references")
+    lst = commands.add_parser(
+        "list",
+        help="every identity, with its references (nodes in kvstore mode, endpoints in CRD mode)",
+    )
     lst.add_argument("--reserved", action="store_true", help="include the reserved identities")
     lst.set_defaults(run=run_list)
     get = commands.add_parser("get", help="one identity by number")
     get.add_argument("id", help="numeric identity")
     get.set_defaults(run=run_get)
     for parser in (lst, get):
-        add_kvstore_flags(parser)
+        add_cluster_flags(parser)
         add_json_flag(parser)
-
-
-def _store(shards: ShardMap) -> KvIdentityStore:
-    return KvIdentityStore(shards, KeyLayout(shards.prefix), StoreMetrics.create())
 
 
 def _row(identity: Identity, nodes: Sequence[str], version: int) -> dict[str, Any]:
@@ -57,13 +51,10 @@ def _row(identity: Identity, nodes: Sequence[str], version: int) -> dict[str, An
 
 
 async def run_list(args: argparse.Namespace) -> int:
-    async with ShardMap(kvstore_config(args)) as shards:
-        store = _store(shards)
-        identities = await store.list()
-        refs = await store.references()
-        skipped = store.codec.metrics.registry.get_sample_value(
-            "cp_store_malformed_values_total", {"resource": "identity"}
-        )
+    async with open_stores(args) as stores:
+        identities = await stores.identities.list()
+        refs = await stores.references()
+        skipped = stores.malformed("identity")
     rows = [_row(v.value, refs.get(v.value.id, []), v.version) for v in identities]
     if args.reserved:
         rows = [_row(Identity(i, lbls), [], 0) for i, lbls in RESERVED_IDENTITIES.items()] + rows
@@ -85,12 +76,11 @@ async def run_get(args: argparse.Namespace) -> int:
         ident = parse_numeric_identity(args.id)
     except ModelError as exc:
         raise CommandError(f"bad identity {args.id!r}: {exc}", 2) from exc
-    async with ShardMap(kvstore_config(args)) as shards:
-        store = _store(shards)
-        found = await store.get(NumericIdentity(ident))
+    async with open_stores(args) as stores:
+        found = await stores.identities.get(NumericIdentity(ident))
         if found is None:
             raise CommandError(f"identity {ident} not found")
-        refs = await store.references()
+        refs = await stores.references()
     row = _row(found.value, refs.get(found.value.id, []), found.version)
     if args.json:
         print_json(row)

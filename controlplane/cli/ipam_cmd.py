@@ -9,20 +9,10 @@ from typing import Any
 from controlplane.cli.common import (
     EXIT_OK,
     add_json_flag,
-    add_kvstore_flags,
-    kvstore_config,
     print_json,
     print_table,
 )
-from controlplane.kvstore.ipam import (
-    CLAIM_RESOURCE,
-    LEASE_RESOURCE,
-    list_all_claims,
-    list_all_leases,
-)
-from controlplane.kvstore.keys import KeyLayout
-from controlplane.kvstore.shards import ShardMap
-from controlplane.metrics import StoreMetrics
+from controlplane.cli.stores import add_cluster_flags, open_stores
 from controlplane.model import DEFAULT_CLUSTER_POOL, CIDRPool, ModelError
 
 
@@ -33,7 +23,7 @@ def register(subparsers: Any) -> None:
     lst.add_argument(
         "--pool", type=pool_name, default="default", help="CIDR pool name (default: default)"
     )
-    add_kvstore_flags(lst)
+    add_cluster_flags(lst)
     add_json_flag(lst)
     lst.set_defaults(run=run_list)
 
@@ -46,21 +36,10 @@ def pool_name(text: str) -> str:
 
 
 async def run_list(args: argparse.Namespace) -> int:
-    config = kvstore_config(args)
-    layout = KeyLayout(config.prefix)
-    metrics = StoreMetrics.create()
-    async with ShardMap(config) as shards:
-        claims = await list_all_claims(shards, layout, metrics, args.pool)
-        leases = await list_all_leases(shards, layout, metrics)
-    skipped = {
-        resource: int(
-            metrics.registry.get_sample_value(
-                "cp_store_malformed_values_total", {"resource": resource}
-            )
-            or 0
-        )
-        for resource in (CLAIM_RESOURCE, LEASE_RESOURCE)
-    }
+    async with open_stores(args) as stores:
+        claims = await stores.claims(args.pool)
+        leases = await stores.leases()
+        skipped = {resource: stores.malformed(resource) for resource in ("cidr-claim", "ip-lease")}
     by_node: dict[str, dict[str, str]] = {}
     for lease in leases:
         by_node.setdefault(str(lease.value.node), {})[str(lease.value.ip)] = str(lease.value.owner)

@@ -20,13 +20,14 @@ from controlplane.cli import (
     observe_cmd,
     policy_cmd,
     scale_cmd,
+    service_cmd,
     status_cmd,
     up_cmd,
     views_cmd,
 )
 from controlplane.cli.common import EXIT_FAIL, EXIT_USAGE, CommandError, Parser
 from controlplane.config import ConfigError
-from controlplane.kvstore.errors import KvstoreError
+from controlplane.store_types import StoreError
 
 EXIT_INTERRUPTED = 130
 
@@ -48,6 +49,7 @@ def build_parser() -> Parser:
     status_cmd.register(commands)
     observe_cmd.register(commands)
     policy_cmd.register(commands)
+    service_cmd.register(commands)
     bpf_cmd.register(commands)
     bench_cmd.register(commands)
     scale_cmd.register(commands)
@@ -95,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"cpctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KvstoreError as exc:
+    except StoreError as exc:  # kvstore and CRD mode alike: one line
         print(f"cpctl: {exc}", file=sys.stderr)
         return EXIT_FAIL
     except KeyboardInterrupt:

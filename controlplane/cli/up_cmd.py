@@ -1,4 +1,8 @@
-"""`cpctl up`: a local cluster (embedded etcd, two operators, N agents) with a live status view.
+"""`cpctl up`: a local cluster (two operators, N agents) with a live status view.
+
+In CRD mode (the default) the state lives in custom resources on the local Kubernetes API
+server (:mod:`controlplane.apiserver`, on an embedded etcd), so ``kubectl`` works against
+it; with ``--store kvstore`` the daemons use the embedded etcd directly.
 
 Every daemon is a separate process, as in a real cluster; their logs and the agents' API
 sockets live in a work directory that the command prints. Ctrl-C (or ``--duration``) stops
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import tempfile
@@ -19,18 +24,19 @@ from typing import Any
 
 from controlplane import codec
 from controlplane.agent.api import request
+from controlplane.apiserver import KubeServer, KubeServerSettings
 from controlplane.cli.common import CommandError, positive_float, positive_int, print_table
 from controlplane.cli.etcd_cmd import start_embedded
-from controlplane.config import ClientSettings, EtcdClusterConfig, KvstoreConfig
+from controlplane.cli.stores import open_config_stores
+from controlplane.config import ClientSettings, CrdConfig, EtcdClusterConfig, KvstoreConfig
+from controlplane.crd.client import KubeClient
+from controlplane.crd.errors import AlreadyExists, CrdError
+from controlplane.crd.kubeconfig import load_connection
+from controlplane.crd.resources import LEASES, NAMESPACES, OPERATOR_LEASE
 from controlplane.datapath.ipcache import IPCACHE_MAP_NAME
-from controlplane.kvstore.embedded import EmbeddedEtcd
-from controlplane.kvstore.endpoints import KvEndpointStore
 from controlplane.kvstore.health import cluster_health
-from controlplane.kvstore.identities import KvIdentityStore
 from controlplane.kvstore.keys import KeyLayout
-from controlplane.kvstore.nodes import KvNodeStore
 from controlplane.kvstore.shards import ShardMap
-from controlplane.metrics import StoreMetrics
 from controlplane.processes import Daemon, stop_all
 
 DEMO_ENDPOINTS = (  # (namespace, name, labels), spread over the agents round-robin
@@ -45,6 +51,13 @@ DEMO_ENDPOINTS = (  # (namespace, name, labels), spread over the agents round-ro
 def register(subparsers: Any) -> None:
     up = subparsers.add_parser(
         "up", help="run a local cluster: embedded etcd, 2 operators, N agents, live status"
+    )
+    up.add_argument(
+        "--store",
+        choices=("crd", "kvstore"),
+        default="crd",
+        help="crd: custom resources on a local Kubernetes API server (default); "
+        "kvstore: the embedded etcd",
     )
     up.add_argument(
         "--etcd-members",
@@ -102,36 +115,60 @@ async def run_up(args: argparse.Namespace) -> int:
     say(f"starting an embedded etcd with {args.etcd_members} member(s)...")
     etcd = await start_embedded(args.etcd_members, workdir / "etcd")
     daemons: list[Daemon] = []
+    kube: KubeServer | None = None
     try:
         endpoints = ",".join(etcd.client_urls)
         say(f"etcd endpoints: {endpoints}")
-        daemons = await start_daemons(args, workdir, endpoints)
+        config: KvstoreConfig | CrdConfig
+        if args.store == "crd":
+            say("starting the local Kubernetes API server (CRD mode)...")
+            kube = KubeServer(
+                KubeServerSettings(
+                    data_dir=workdir / "kube", etcd_endpoints=tuple(etcd.client_urls)
+                )
+            )
+            await kube.start()
+            say(f"Kubernetes API: {kube.url}")
+            say(
+                f"  try: KUBECONFIG={kube.kubeconfig} kubectl get "
+                "identities,endpoints.controlplane.io -A"
+            )
+            store_args = ["--store", "crd", "--kubeconfig", str(kube.kubeconfig)]
+            config = CrdConfig(kubeconfig=str(kube.kubeconfig), request_timeout=3.0)
+            await create_namespaces(config, sorted({ns for ns, _, _ in DEMO_ENDPOINTS}))
+        else:
+            store_args = ["--kvstore-endpoints", endpoints]
+            config = KvstoreConfig(
+                clusters=(EtcdClusterConfig("default", tuple(etcd.client_urls)),),
+                client=replace(ClientSettings(), request_timeout=3.0),
+            )
+        daemons = await start_daemons(args, workdir, store_args)
         agents = [d for d in daemons if d.module.endswith("agent.main")]
         await wait_agents_ready(agents, workdir, daemons)
         await create_demo_endpoints(agents, workdir)
-        config = KvstoreConfig(
-            clusters=(EtcdClusterConfig("default", tuple(etcd.client_urls)),),
-            client=replace(ClientSettings(), request_timeout=3.0),
-        )
-        await status_loop(args, config, etcd, daemons, workdir)
+        await status_loop(args, config, daemons, workdir)
     finally:
         say("stopping agents and operators...")
         await stop_all(daemons)
+        if kube is not None:
+            say("stopping the Kubernetes API server...")
+            await kube.stop()
         say("stopping etcd...")
         await etcd.stop()
         say("stopped.")
     return 0
 
 
-async def start_daemons(args: argparse.Namespace, workdir: Path, endpoints: str) -> list[Daemon]:
+async def start_daemons(
+    args: argparse.Namespace, workdir: Path, store_args: list[str]
+) -> list[Daemon]:
     hb = str(args.heartbeat_interval)
     daemons = [
         Daemon(
             f"operator-{i}",
             "controlplane.operator.main",
             [
-                "--kvstore-endpoints",
-                endpoints,
+                *store_args,
                 "--id",
                 f"operator-{i}",
                 "--heartbeat-interval",
@@ -148,8 +185,7 @@ async def start_daemons(args: argparse.Namespace, workdir: Path, endpoints: str)
             f"node-{i}",
             "controlplane.agent.main",
             [
-                "--kvstore-endpoints",
-                endpoints,
+                *store_args,
                 "--node-name",
                 f"node-{i}",
                 "--api-socket",
@@ -203,6 +239,15 @@ async def wait_agents_ready(agents: list[Daemon], workdir: Path, all_: list[Daem
             await asyncio.sleep(0.5)
 
 
+async def create_namespaces(config: CrdConfig, names: list[str]) -> None:
+    """The demo pods' namespaces (in a real cluster the pods' namespaces exist)."""
+    async with KubeClient(load_connection(config.kubeconfig), request_timeout=5.0) as client:
+        for name in names:
+            with contextlib.suppress(AlreadyExists):
+                body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+                await client.create(NAMESPACES, body)
+
+
 async def create_demo_endpoints(agents: list[Daemon], workdir: Path) -> None:
     say("creating demo endpoints...")
     for i, (namespace, name, labels) in enumerate(DEMO_ENDPOINTS):
@@ -217,15 +262,17 @@ async def create_demo_endpoints(agents: list[Daemon], workdir: Path) -> None:
         )
 
 
-async def snapshot(config: KvstoreConfig, daemons: list[Daemon], workdir: Path) -> dict[str, Any]:
-    layout = KeyLayout(config.prefix)
-    metrics = StoreMetrics.create()
-    async with ShardMap(config) as shards:
-        health = await cluster_health(shards)
-        nodes = await KvNodeStore(shards, layout, metrics, None, node=None).list()
-        endpoints = await KvEndpointStore(shards, layout, metrics, None, node=None).list()
-        identities = await KvIdentityStore(shards, layout, metrics).list()
-        leader = await current_leader(shards, layout)
+async def snapshot(
+    config: KvstoreConfig | CrdConfig, daemons: list[Daemon], workdir: Path
+) -> dict[str, Any]:
+    async with open_config_stores(config) as stores:
+        nodes = await stores.nodes.list()
+        endpoints = await stores.endpoints.list()
+        identities = await stores.identities.list()
+    if isinstance(config, CrdConfig):
+        leader, beat, store_state = await crd_view(config)
+    else:
+        leader, beat, store_state = await kvstore_view(config)
     agents: dict[str, Any] = {}
     for daemon in daemons:
         if not daemon.module.endswith("agent.main"):
@@ -234,24 +281,24 @@ async def snapshot(config: KvstoreConfig, daemons: list[Daemon], workdir: Path) 
             _, body = await request(workdir / f"{daemon.name}.sock", "GET", "/v1/status", timeout=2)
             agents[daemon.name] = {
                 "ready": body.get("ready"),
-                "kvstore": body["kvstore"]["state"],
+                "store": body["kvstore"]["state"],
                 "restarts": body["restarts"]["count"],
                 "ipcache": body["datapath"]["maps"][IPCACHE_MAP_NAME]["entries"],
             }
         except (OSError, TimeoutError, KeyError, TypeError, ValueError):
             agents[daemon.name] = {
                 "ready": False,
-                "kvstore": "no answer",
+                "store": "no answer",
                 "restarts": None,
                 "ipcache": None,
             }
-    shard = health[0]
     return {
         "time": time.strftime("%H:%M:%S"),
+        "mode": stores.mode,
         "leader": leader,
-        "heartbeat_age": shard.heartbeat_age,
-        "heartbeat_writer": shard.heartbeat_writer,
-        "kvstore": {s.name: s.status for s in health},
+        "heartbeat_age": beat[0],
+        "heartbeat_writer": beat[1],
+        "store": store_state,
         "processes": {
             d.name: "running" if d.running else f"exited {d.process.returncode}"
             for d in daemons
@@ -276,6 +323,31 @@ async def snapshot(config: KvstoreConfig, daemons: list[Daemon], workdir: Path) 
     }
 
 
+async def kvstore_view(
+    config: KvstoreConfig,
+) -> tuple[str | None, tuple[float | None, str | None], dict[str, str]]:
+    """The leader, the heartbeat (age, writer) and each etcd cluster's state."""
+    layout = KeyLayout(config.prefix)
+    async with ShardMap(config) as shards:
+        health = await cluster_health(shards)
+        leader = await current_leader(shards, layout)
+    shard = health[0]
+    return leader, (shard.heartbeat_age, shard.heartbeat_writer), {s.name: s.status for s in health}
+
+
+async def crd_view(
+    config: CrdConfig,
+) -> tuple[str | None, tuple[float | None, str | None], dict[str, str]]:
+    """The Lease holder (CRD mode has no heartbeat) and the API server's state."""
+    async with KubeClient(load_connection(config.kubeconfig), request_timeout=3.0) as client:
+        try:
+            lease = await client.get_or_none(LEASES, OPERATOR_LEASE, namespace="kube-system")
+        except CrdError as exc:
+            return None, (None, None), {"apiserver": f"unreachable: {exc}"}
+    holder = ((lease or {}).get("spec") or {}).get("holderIdentity") or None
+    return holder, (None, None), {"apiserver": "ok"}
+
+
 async def current_leader(shards: ShardMap, layout: KeyLayout) -> str | None:
     """The operator whose election key has the lowest create revision."""
     backend = shards.all()[0]
@@ -289,21 +361,24 @@ async def current_leader(shards: ShardMap, layout: KeyLayout) -> str | None:
 
 def show(view: dict[str, Any]) -> None:
     age = view["heartbeat_age"]
+    beat = ""
+    if view["mode"] == "kvstore":
+        beat = "   heartbeat: " + (
+            f"{age:.1f}s old by {view['heartbeat_writer']}" if age is not None else "none yet"
+        )
     say(
-        f"\n=== {view['time']}  leader: {view['leader'] or '-'}   heartbeat: "
-        + (f"{age:.1f}s old by {view['heartbeat_writer']}" if age is not None else "none yet")
-        + "   kvstore: "
-        + ", ".join(f"{k} {v}" for k, v in view["kvstore"].items())
+        f"\n=== {view['time']}  leader: {view['leader'] or '-'}{beat}   {view['mode']}: "
+        + ", ".join(f"{k} {v}" for k, v in view["store"].items())
     )
     say("processes: " + ", ".join(f"{k} {v}" for k, v in view["processes"].items()))
     print_table(
-        ["NODE", "POD CIDRS", "READY", "KVSTORE", "RESTARTS", "IPCACHE"],
+        ["NODE", "POD CIDRS", "READY", "STORE", "RESTARTS", "IPCACHE"],
         [
             [
                 n["name"],
                 ",".join(n["cidrs"]) or "-",
                 view["agents"].get(n["name"], {}).get("ready"),
-                view["agents"].get(n["name"], {}).get("kvstore"),
+                view["agents"].get(n["name"], {}).get("store"),
                 view["agents"].get(n["name"], {}).get("restarts"),
                 view["agents"].get(n["name"], {}).get("ipcache"),
             ]
@@ -321,8 +396,7 @@ def show(view: dict[str, Any]) -> None:
 
 async def status_loop(
     args: argparse.Namespace,
-    config: KvstoreConfig,
-    etcd: EmbeddedEtcd,
+    config: KvstoreConfig | CrdConfig,
     daemons: list[Daemon],
     workdir: Path,
 ) -> None:

@@ -9,16 +9,10 @@ from typing import Any
 from controlplane.cli.common import (
     EXIT_OK,
     add_json_flag,
-    add_kvstore_flags,
-    kvstore_config,
     print_json,
     print_table,
 )
-from controlplane.kvstore.endpoints import KvEndpointStore
-from controlplane.kvstore.keys import KeyLayout
-from controlplane.kvstore.nodes import KvNodeStore
-from controlplane.kvstore.shards import ShardMap
-from controlplane.metrics import StoreMetrics
+from controlplane.cli.stores import add_cluster_flags, open_stores
 from controlplane.model import Endpoint, Node
 from controlplane.store_types import Versioned
 
@@ -40,7 +34,7 @@ def register_node(subparsers: Any) -> None:
 
 
 def _add_flags(parser: argparse.ArgumentParser) -> None:
-    add_kvstore_flags(parser)
+    add_cluster_flags(parser)
     add_json_flag(parser)
     parser.add_argument(
         "--cluster-name",
@@ -50,27 +44,16 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _malformed(metrics: StoreMetrics, resource: str) -> int:
-    value = metrics.registry.get_sample_value(
-        "cp_store_malformed_values_total", {"resource": resource}
-    )
-    return int(value or 0)
-
-
 def _report(what: str, count: int, skipped: int) -> None:
     note = f"; {skipped} malformed skipped (see the log with -v)" if skipped else ""
     print(f"# {count} {what}{note}", file=sys.stderr)
 
 
 async def run_endpoint_list(args: argparse.Namespace) -> int:
-    config = kvstore_config(args)
-    metrics = StoreMetrics.create()
-    async with ShardMap(config) as shards:
-        store = KvEndpointStore(
-            shards, KeyLayout(config.prefix), metrics, None, node=None, cluster=args.cluster_name
-        )
-        items = sorted(await store.list(), key=lambda e: (e.value.ip.version, int(e.value.ip)))
-    skipped = _malformed(metrics, store.codec.resource)
+    async with open_stores(args, cluster=args.cluster_name) as stores:
+        found = await stores.endpoints.list()
+        skipped = stores.malformed("endpoint")
+    items = sorted(found, key=lambda e: (e.value.ip.version, int(e.value.ip)))
     if args.json:
         print_json({"endpoints": [endpoint_json(e) for e in items], "malformed": skipped})
         return EXIT_OK
@@ -96,14 +79,10 @@ def endpoint_json(item: Versioned[Endpoint]) -> dict[str, Any]:
 
 
 async def run_node_list(args: argparse.Namespace) -> int:
-    config = kvstore_config(args)
-    metrics = StoreMetrics.create()
-    async with ShardMap(config) as shards:
-        store = KvNodeStore(
-            shards, KeyLayout(config.prefix), metrics, None, node=None, cluster=args.cluster_name
-        )
-        items = sorted(await store.list(), key=lambda n: n.value.name)
-    skipped = _malformed(metrics, store.codec.resource)
+    async with open_stores(args, cluster=args.cluster_name) as stores:
+        found = await stores.nodes.list()
+        skipped = stores.malformed("node")
+    items = sorted(found, key=lambda n: n.value.name)
     if args.json:
         print_json({"nodes": [node_json(n) for n in items], "malformed": skipped})
         return EXIT_OK

@@ -13,16 +13,20 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from controlplane.config import ConfigError, KvstoreConfig
+from controlplane.config import ConfigError, CrdConfig, KvstoreConfig
+from controlplane.crd.kubeconfig import KubeConnection, load_connection
 from controlplane.flags import (
     EXIT_USAGE,
     Parser,
     add_kvstore_flags,
-    kvstore_config,
+    add_store_flags,
     non_negative_float,
     positive_float,
     positive_int,
+    store_config,
+    store_mode,
 )
+from controlplane.operator.crd_daemon import CrdOperator
 from controlplane.operator.daemon import Operator
 from controlplane.operator.settings import (
     LOG_LEVELS,
@@ -41,7 +45,19 @@ EXIT_FAILURE = 1
 def build_parser() -> Parser:
     d = OperatorSettings(id="-")
     parser = Parser(prog=PROG, description="The control plane's operator daemon.")
+    add_store_flags(parser)
     add_kvstore_flags(parser)
+    kube = parser.add_argument_group("CRD mode: the election Lease")
+    kube.add_argument(
+        "--lease-namespace",
+        default=d.lease_namespace,
+        help=f"namespace of the election Lease (default {d.lease_namespace})",
+    )
+    kube.add_argument(
+        "--lease-name",
+        default=d.lease_name,
+        help=f"name of the election Lease (default {d.lease_name})",
+    )
     op = parser.add_argument_group("operator")
     op.add_argument("--id", help="replica identity (default: <hostname>-<pid>)")
     op.add_argument(
@@ -127,6 +143,9 @@ def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
     """The settings named by the flags (ConfigError with one line when invalid)."""
     host, port = parse_address(args.metrics_address)
     settings = OperatorSettings(
+        store=store_mode(args),
+        lease_namespace=args.lease_namespace,
+        lease_name=args.lease_name,
         id=args.id if args.id is not None else default_id(),
         heartbeat_interval=args.heartbeat_interval,
         lease_duration=args.lease_duration,
@@ -145,12 +164,20 @@ def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
     return settings
 
 
-async def serve(settings: OperatorSettings, kvstore: KvstoreConfig) -> int:
+async def serve(
+    settings: OperatorSettings,
+    backend: KvstoreConfig | KubeConnection,
+    request_timeout: float = 5.0,
+) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    operator = Operator(settings, kvstore)
+    operator: Operator | CrdOperator
+    if isinstance(backend, KubeConnection):
+        operator = CrdOperator(settings, backend, request_timeout=request_timeout)
+    else:
+        operator = Operator(settings, backend)
 
     def listening(port: int) -> None:
         logging.getLogger("cp-operator").info(
@@ -168,7 +195,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
-        kvstore = kvstore_config(args)
+        store = store_config(args)
+        backend: KvstoreConfig | KubeConnection
+        if isinstance(store, CrdConfig):
+            backend = load_connection(store.kubeconfig, store.context)
+        else:
+            backend = store
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -179,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     tune_gc()
     try:
-        return asyncio.run(serve(settings, kvstore))
+        return asyncio.run(serve(settings, backend, args.timeout))
     except OSError as exc:  # e.g. the metrics port is taken
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE

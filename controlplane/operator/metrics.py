@@ -32,6 +32,14 @@ class OperatorMetrics:
     """Nodes seen absent that still hold state, waiting out the grace period."""
     node_gc_duration: Histogram
     """Duration of one stale-node GC sweep."""
+    lease_renewals: Counter
+    """CRD mode: the leader's Lease renewals, by result (ok, conflict, error)."""
+    fenced_writes: Counter
+    """CRD mode: leader writes refused locally (term over or renewal overdue) before they
+    were sent, by resource."""
+    write_conflicts: Counter
+    """CRD mode: leader writes the API server refused on a resourceVersion or uid
+    precondition (409), by resource."""
 
     @classmethod
     def create(cls) -> OperatorMetrics:
@@ -82,6 +90,24 @@ class OperatorMetrics:
             node_gc_duration=Histogram(
                 "cp_operator_node_gc_duration_seconds",
                 "Duration of one stale-node GC sweep",
+                registry=registry,
+            ),
+            lease_renewals=Counter(
+                "cp_operator_lease_renewals_total",
+                "Lease renewals by the leader (CRD mode), by result",
+                ["result"],
+                registry=registry,
+            ),
+            fenced_writes=Counter(
+                "cp_operator_fenced_writes_total",
+                "Leader writes refused locally before sending (term over or renewal overdue)",
+                ["resource"],
+                registry=registry,
+            ),
+            write_conflicts=Counter(
+                "cp_operator_write_conflicts_total",
+                "Leader writes refused by the API server on a precondition (409)",
+                ["resource"],
                 registry=registry,
             ),
         )

@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass, field
 
 from controlplane.config import ConfigError
+from controlplane.flags import STORES
 from controlplane.model import CIDRPool, ModelError, parse_cidr
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -21,6 +22,8 @@ def default_id() -> str:
 class OperatorSettings:
     """Everything cp-operator needs besides the kvstore connection."""
 
+    store: str = "crd"
+    """Where the state lives: ``kvstore`` (etcd) or ``crd`` (the Kubernetes API)."""
     id: str = field(default_factory=default_id)
     """This replica's identity: the election candidate id and the heartbeat ``writer``."""
     heartbeat_interval: float = 15.0
@@ -49,9 +52,17 @@ class OperatorSettings:
     """Port of that endpoint; 0 picks a free one (printed on startup)."""
     log_level: str = "info"
     """One of debug, info, warning, error."""
+    lease_namespace: str = "kube-system"
+    """CRD mode: namespace of the election's coordination.k8s.io/v1 Lease."""
+    lease_name: str = "cp-operator"
+    """CRD mode: name of that Lease."""
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` (one line) for settings that cannot work."""
+        if self.store not in STORES:
+            raise ConfigError(f"store must be one of {', '.join(STORES)}, got {self.store!r}")
+        if not self.lease_namespace or not self.lease_name:
+            raise ConfigError("lease-namespace and lease-name must not be empty")
         if not self.id or any(c.isspace() for c in self.id):
             raise ConfigError(f"operator id must be non-empty without spaces, got {self.id!r}")
         for name in ("heartbeat_interval", "gc_interval", "identity_gc_rate"):

@@ -1,4 +1,6 @@
-"""cp-relay: the relay daemon's command line (kvstore mode: the node records in etcd)."""
+"""cp-relay: the relay daemon's command line. The node records come from either store mode
+(``--store crd``, the default: the Kubernetes API's Node objects; ``--store kvstore``: etcd),
+through the store's read-only node store."""
 
 from __future__ import annotations
 
@@ -7,20 +9,24 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import grpc
 from prometheus_client import CollectorRegistry
 
-from controlplane.config import ConfigError, KvstoreConfig
+from controlplane.config import ConfigError, CrdConfig, KvstoreConfig
+from controlplane.crd.client import KubeClient
+from controlplane.crd.kubeconfig import load_connection
+from controlplane.crd.nodes import CrdNodeStore
 from controlplane.flags import (
     EXIT_USAGE,
     Parser,
     add_kvstore_flags,
-    kvstore_config,
+    add_store_flags,
     positive_float,
     positive_int,
+    store_config,
 )
 from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.nodes import KvNodeStore
@@ -62,6 +68,7 @@ def build_parser() -> Parser:
         "from the node records, merges their GetFlows streams by time.",
         epilog="Exit status: 0 after SIGTERM/SIGINT, 1 on a fatal error, 2 on a bad flag.",
     )
+    add_store_flags(parser)
     add_kvstore_flags(parser)
     relay = parser.add_argument_group("relay")
     relay.add_argument(
@@ -155,17 +162,40 @@ def kvstore_nodes(kvstore: KvstoreConfig, cluster: str) -> AsyncIterator[StoreEv
 
     async def watch() -> AsyncIterator[StoreEvent[Node]]:
         async with ShardMap(kvstore) as shards:
-            store = KvNodeStore(
-                shards, KeyLayout(), StoreMetrics.create(), None, node=None, cluster=cluster
-            )
+            layout = KeyLayout(kvstore.prefix)
+            metrics = StoreMetrics.create()
+            store = KvNodeStore(shards, layout, metrics, None, node=None, cluster=cluster)
             async for event in store.watch():
                 yield event
 
     return watch()
 
 
-async def serve(settings: RelaySettings, kvstore: KvstoreConfig, cluster: str) -> int:
-    relay = Relay(settings, lambda: kvstore_nodes(kvstore, cluster), CollectorRegistry())
+def crd_nodes(config: CrdConfig) -> AsyncIterator[StoreEvent[Node]]:
+    """The Node objects of the Kubernetes API (a read-only CRD node store's watch)."""
+
+    async def watch() -> AsyncIterator[StoreEvent[Node]]:
+        connection = load_connection(config.kubeconfig, config.context)
+        async with KubeClient(
+            connection, request_timeout=config.request_timeout, user_agent=PROG
+        ) as client:
+            async for event in CrdNodeStore(client, StoreMetrics.create()).watch():
+                yield event
+
+    return watch()
+
+
+def node_watch(
+    config: KvstoreConfig | CrdConfig, cluster: str
+) -> Callable[[], AsyncIterator[StoreEvent[Node]]]:
+    """The node watch of either store mode (a new one at each call)."""
+    if isinstance(config, CrdConfig):
+        return lambda: crd_nodes(config)
+    return lambda: kvstore_nodes(config, cluster)
+
+
+async def serve(settings: RelaySettings, config: KvstoreConfig | CrdConfig, cluster: str) -> int:
+    relay = Relay(settings, node_watch(config, cluster), CollectorRegistry())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, relay.stop)
@@ -192,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
-        kvstore = kvstore_config(args)
+        config = store_config(args)
     except (ConfigError, OSError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -203,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     tune_gc()
     try:
-        return asyncio.run(serve(settings, kvstore, args.cluster_name))
+        return asyncio.run(serve(settings, config, args.cluster_name))
     except OSError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
