@@ -311,3 +311,41 @@ def test_manifests_use_real_flags() -> None:
     settings = settings_from_args(agent_parser().parse_args(argv))
     assert settings.flows_listen == "10.0.0.7:4244"
     assert str(settings.flows_socket) == "/var/run/cp/observer.sock"
+
+
+async def test_relay_finds_agents_in_crd_mode(etcd1: EmbeddedEtcd, tmp_path: Path) -> None:
+    """CRD mode: the agents publish spec.flowsAddress in their Node objects and the relay's
+    CRD node watch (the read-only CrdNodeStore) finds them."""
+    from controlplane.relay.main import node_watch
+    from tests.test_agent_crd import POOL, ApiServer
+    from tests.test_agent_crd import give_cidrs as give_crd_cidrs
+
+    server = ApiServer(etcd1, tmp_path / "kube")
+    await server.start()
+    try:
+        from controlplane.crd.install import install_crds
+
+        async with server.client() as client:
+            await install_crds(client)
+        await give_crd_cidrs(server, "node-a", "node-b")
+        agents = [
+            crd_agent(server, tmp_path, n, ip)
+            for n, ip in (("node-a", "127.0.0.31"), ("node-b", "127.0.0.32"))
+        ]
+        agents = [
+            Agent(replace(a.settings, flows_listen="127.0.0.1:0"), server.config()) for a in agents
+        ]
+        async with running(agents[0]), running(agents[1]):
+            await asyncio.wait_for(asyncio.gather(*(ag.wait_ready() for ag in agents)), 30)
+            settings = RelaySettings(
+                listen="127.0.0.1:0", peers=FAST_PEERS, merge=FAST_MERGE, metrics_port=0
+            )
+            relay = Relay(settings, node_watch(server.config(), "default"), CollectorRegistry())
+            async with running(relay, name="test-relay-crd"):
+                await eventually(
+                    lambda: _connected(relay, "node-a", "node-b"), message="connected (CRD)"
+                )
+                addresses = {p.name: p.address for p in relay.peers.peers.values()}
+                assert addresses == {ag.settings.node: ag.flows_address() for ag in agents}
+    finally:
+        await server.stop()
