@@ -329,11 +329,11 @@ async def test_relay_finds_agents_in_crd_mode(etcd1: EmbeddedEtcd, tmp_path: Pat
             await install_crds(client)
         await give_crd_cidrs(server, "node-a", "node-b")
         agents = [
-            crd_agent(server, tmp_path, n, ip)
+            Agent(
+                agent_settings(tmp_path, n, ip, pool=POOL.name, flows_listen="127.0.0.1:0"),
+                server.config(),
+            )
             for n, ip in (("node-a", "127.0.0.31"), ("node-b", "127.0.0.32"))
-        ]
-        agents = [
-            Agent(replace(a.settings, flows_listen="127.0.0.1:0"), server.config()) for a in agents
         ]
         async with running(agents[0]), running(agents[1]):
             await asyncio.wait_for(asyncio.gather(*(ag.wait_ready() for ag in agents)), 30)
