@@ -29,6 +29,7 @@ from controlplane.apiserver.middleware import MAX_BODY_BYTES, User, framed
 from controlplane.apiserver.objects import now
 from controlplane.apiserver.resources import BUILTINS, CRDS, NAMESPACES, Registry
 from controlplane.apiserver.rest import Rest
+from controlplane.apiserver.services import DEFAULT_SERVICE_CIDR, ClusterIPs
 from controlplane.apiserver.storage import Obj, ObjectStorage, WriteConflict
 from controlplane.apiserver.watchcache import Change, WatchCache
 from controlplane.config import EtcdClusterConfig
@@ -59,6 +60,8 @@ class KubeServerSettings:
     """Seconds between BOOKMARK events on an idle watch that asked for them."""
     watch_cache_capacity: int = 10_000
     """Changes each resource's watch cache keeps for watches that resume."""
+    service_cidr: str = DEFAULT_SERVICE_CIDR
+    """Where Services' cluster IPs are allocated from (kube's --service-cluster-ip-range)."""
 
 
 class KubeServer:
@@ -134,7 +137,9 @@ class KubeServer:
         tokens = {self.token: User("admin")}
         if settings.read_only_token:
             tokens[settings.read_only_token] = User("viewer", read_only=True)
-        rest = Rest(storage, self._on_crd, self.namespaces)
+        rest = Rest(
+            storage, self._on_crd, self.namespaces, ClusterIPs(storage, settings.service_cidr)
+        )
         api = Api(self.registry, rest, self.caches, settings.bookmark_interval)
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_route("*", "/{tail:.*}", framed(tokens, api.handle))
