@@ -107,7 +107,7 @@ def _namespace(data: bytes) -> dict[str, Any]:
 def _put(obj: dict[str, Any], key: str, value: Any) -> None:
     """Set a field the way JSON would carry it: gogo protobuf writes zero values, which
     JSON omits (an empty string, port 0: "not set")."""
-    if value not in ("", 0, None) or isinstance(value, bool) and value:
+    if value not in ("", 0, None):  # False == 0: a false bool is omitted too
         obj[key] = value
 
 

@@ -41,8 +41,8 @@ from controlplane.apiserver.objects import (
 )
 from controlplane.apiserver.patch import PatchError, json_patch, merge_patch, strip_directives
 from controlplane.apiserver.resources import BUILTINS, NAMESPACES, SERVICES, Resource
-from controlplane.apiserver.services import ClusterIPs, complete_endpoint_slice, complete_service
 from controlplane.apiserver.selectors import Selector
+from controlplane.apiserver.services import ClusterIPs, complete_endpoint_slice, complete_service
 from controlplane.apiserver.storage import Obj, ObjectStorage, WriteConflict
 
 MERGE = "application/merge-patch+json"

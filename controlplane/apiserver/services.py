@@ -27,6 +27,7 @@ allocated, the ``kubernetes`` service in ``default``.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import random
 import re
@@ -356,10 +357,8 @@ class ClusterIPs:
         held = await self.storage.get(key)
         if held is None or held.get("service") != owner:
             return
-        try:
+        with contextlib.suppress(WriteConflict):
             await self.storage.delete(key, int(held["metadata"]["resourceVersion"]))
-        except WriteConflict:
-            pass
 
 
 def complete_endpoint_slice(obj: Obj, old: Obj | None) -> None:
