@@ -39,7 +39,14 @@ from controlplane.apiserver.objects import (
     unchanged,
     unknown_field_error,
 )
-from controlplane.apiserver.patch import PatchError, json_patch, merge_patch, strip_directives
+from controlplane.apiserver.patch import (
+    MERGE_KEYS,
+    PatchError,
+    json_patch,
+    merge_patch,
+    strategic_merge,
+    strip_directives,
+)
 from controlplane.apiserver.resources import BUILTINS, NAMESPACES, SERVICES, Resource
 from controlplane.apiserver.selectors import Selector
 from controlplane.apiserver.services import ClusterIPs, complete_endpoint_slice, complete_service
@@ -300,11 +307,15 @@ class Rest:
         self, target: Target, content_type: str, patch: Any, options: WriteOptions
     ) -> Result:
         resource = target.resource
+        merge_keys = MERGE_KEYS.get(resource.kind)
         if content_type == STRATEGIC:
             if resource.custom:
                 raise unsupported_media(f"{JSON_PATCH}, {MERGE}, {APPLY}")
-            patch, content_type = strip_directives(patch), MERGE
-        if content_type not in (MERGE, JSON_PATCH, APPLY):
+            if not isinstance(patch, dict):
+                raise bad_request("a strategic merge patch must be a JSON object")
+            if merge_keys is None:
+                patch, content_type = strip_directives(patch), MERGE
+        if content_type not in (MERGE, JSON_PATCH, APPLY, STRATEGIC):
             raise unsupported_media(f"{JSON_PATCH}, {MERGE}, {APPLY}, {STRATEGIC}")
         if content_type == APPLY:
             if not options.field_manager:
@@ -346,6 +357,8 @@ class Rest:
                         status_split=resource.status_subresource,
                     )
                     managed = new["metadata"]["managedFields"]
+                elif content_type == STRATEGIC:
+                    new = strategic_merge(current, patch, merge_keys or {})
                 else:
                     new = merge_patch(current, patch)
             except PatchError as exc:
