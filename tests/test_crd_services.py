@@ -20,7 +20,7 @@ from controlplane.apiserver import KubeServer, KubeServerSettings
 from controlplane.apiserver.patch import MERGE_KEYS, strategic_merge
 from controlplane.config import CrdConfig
 from controlplane.crd.client import KubeClient
-from controlplane.crd.errors import Invalid
+from controlplane.crd.errors import CrdError, Invalid
 from controlplane.crd.install import install_crds
 from controlplane.crd.ipam import CrdCIDRStore
 from controlplane.crd.kubeconfig import load_connection
@@ -263,6 +263,25 @@ async def test_cluster_ip_allocated_checked_immutable_and_released(api: KubeClie
     )
     reused = await api.create(SERVICES, svc("x", ip="10.96.0.10", namespace="other"))
     assert reused["spec"]["clusterIP"] == "10.96.0.10"
+
+
+async def test_a_small_range_is_used_up_then_refused(tmp_path: Path) -> None:
+    """10.96.0.0/29: .2 to .6 (not the network, .1, the broadcast); then 500, as kube."""
+    settings = KubeServerSettings(data_dir=tmp_path / "kube", service_cidr="10.96.0.0/29")
+    async with (
+        KubeServer(settings) as server,
+        KubeClient(load_connection(str(server.kubeconfig))) as client,
+    ):
+        ips: dict[str, str] = {}
+        for i in range(5):
+            created = await client.create(SERVICES, svc(f"s{i}", ip=None, namespace="default"))
+            ips[f"s{i}"] = created["spec"]["clusterIP"]
+        assert set(ips.values()) == {f"10.96.0.{n}" for n in range(2, 7)}
+        with pytest.raises(CrdError, match=r"range 10\.96\.0\.0/29 is full"):
+            await client.create(SERVICES, svc("s5", ip=None, namespace="default"))
+        assert await client.delete(SERVICES, "s3", namespace="default")
+        again = await client.create(SERVICES, svc("s6", ip=None, namespace="default"))
+        assert again["spec"]["clusterIP"] == ips["s3"]  # the one address freed
 
 
 @pytest.mark.parametrize(

@@ -299,20 +299,30 @@ class ClusterIPs:
                     f"failed to allocate IP {given}: provided IP is already allocated",
                 )
             return
-        for candidate in self._candidates():
-            if dry_run or await self._claim(candidate, owner):
-                spec["clusterIP"] = candidate
-                spec["clusterIPs"] = [candidate]
-                return
+        for attempt in range(2):
+            candidates = self._candidates() if attempt == 0 else await self._free()
+            for candidate in candidates:
+                if dry_run or await self._claim(candidate, owner):
+                    spec["clusterIP"] = candidate
+                    spec["clusterIPs"] = [candidate]
+                    return
         raise ApiError(
             500,
             "InternalError",
             f"failed to allocate a serviceIP: range {self.network} is full",
         )
 
+    async def _free(self) -> list[str]:
+        """Every unclaimed address, in order (for when random picks kept hitting claims:
+        the range is nearly full)."""
+        claimed = {str(obj.get("ip")) for obj in (await self.storage.list(CLAIMS_PREFIX)).items}
+        first, size = int(self.network.network_address), self.network.num_addresses
+        every = (str(ipaddress.ip_address(first + offset)) for offset in range(2, size - 1))
+        return [ip for ip in every if ip not in claimed]
+
     async def _claim(self, ip: str, owner: str) -> bool:
         key = CLAIMS_PREFIX + ip
-        claim = {"service": owner, "claimedAt": time.time()}
+        claim = {"ip": ip, "service": owner, "claimedAt": time.time()}
         try:
             await self.storage.create(key, claim)
             return True
