@@ -24,13 +24,14 @@ from controlplane.crd.errors import CrdError, Invalid
 from controlplane.crd.install import install_crds
 from controlplane.crd.ipam import CrdCIDRStore
 from controlplane.crd.kubeconfig import load_connection
-from controlplane.crd.resources import NAMESPACES
+from controlplane.crd.resources import ENDPOINTS, IDENTITIES, NAMESPACES
 from controlplane.crd.services import (
     ENDPOINT_SLICES,
     MANAGED_BY,
     SERVICE_NAME,
     SERVICES,
     CrdServiceStore,
+    EndpointSliceController,
     Skip,
     desired_slice,
     service_from,
@@ -40,7 +41,7 @@ from controlplane.ipam.cidr import ClusterPoolAllocator
 from controlplane.metrics import StoreMetrics
 from controlplane.model import Backend, Frontend, NodeName, Service
 from controlplane.store_types import EventKind, StoreEvent
-from tests.helpers import eventually, requires, running, tools_unmet
+from tests.helpers import eventually, holds_for, requires, running, tools_unmet
 from tests.kube_fixtures import kubectl
 from tests.test_agent import agent_settings, create
 from tests.test_agent import api as agent_api
@@ -581,3 +582,74 @@ def test_strategic_merge_of_service_ports_by_their_port() -> None:
     }
     replaced = strategic_merge(got, {"spec": {"$patch": "replace", "ports": []}}, {})
     assert replaced == {"spec": {"ports": []}}
+
+
+async def test_controller_keeps_slices_of_selected_endpoints(api: KubeClient) -> None:
+    """The controller on its own: pods are Endpoint objects labelled by their identity;
+    an address that is not IPv4 is left out; a slice of its name it does not manage is
+    left alone (no write loop); a selector change and a removed selector are followed."""
+    await install_crds(api)
+
+    def identity(ident: int, *labels: str) -> dict[str, Any]:
+        return {
+            "apiVersion": "controlplane.io/v1",
+            "kind": "Identity",
+            "metadata": {"name": str(ident)},
+            "spec": {"labels": list(labels)},
+        }
+
+    def pod(name: str, ip: str, ident: int) -> dict[str, Any]:
+        return {
+            "apiVersion": "controlplane.io/v1",
+            "kind": "Endpoint",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {
+                "addressing": [{"family": "IPv4", "ip": ip}],
+                "identity": {"id": ident},
+                "node": "node-a",
+                "hostIP": "192.168.0.1",
+            },
+        }
+
+    await api.create(IDENTITIES, identity(1001, "k8s:app=web"))
+    await api.create(IDENTITIES, identity(1002, "k8s:app=db"))
+    await api.create(ENDPOINTS, pod("web-1", "10.0.1.1", 1001))
+    await api.create(ENDPOINTS, pod("web-bad", "not-an-ip", 1001))
+    await api.create(ENDPOINTS, pod("db-1", "10.0.1.2", 1002))
+    foreign = eps("api-controlplane", "api", [ep("10.0.9.9")])  # someone else's, same name
+    await api.create(ENDPOINT_SLICES, foreign)
+    await api.create(SERVICES, svc("web", selector={"app": "web"}))
+    await api.create(SERVICES, svc("api", ip="10.96.0.11", selector={"app": "web"}))
+    controller = EndpointSliceController(api)
+    task = asyncio.create_task(controller.run())
+
+    async def addresses(name: str) -> list[str] | None:
+        got = await api.get_or_none(ENDPOINT_SLICES, name, "shop")
+        return None if got is None else [e["addresses"][0] for e in got["endpoints"]]
+
+    try:
+        await eventually(lambda: addresses("web-controlplane"), message="web's slice")
+        assert await addresses("web-controlplane") == ["10.0.1.1"]
+        assert await addresses("api-controlplane") == ["10.0.9.9"]  # not taken over
+        writes = controller.writes
+        await holds_for(lambda: controller.writes == writes, 0.3, "no write loop")
+        web = await api.get(SERVICES, "web", "shop")
+        web["spec"]["selector"] = {"app": "db"}
+        await api.replace(SERVICES, web)
+
+        async def db_selected() -> bool:
+            return await addresses("web-controlplane") == ["10.0.1.2"]
+
+        await eventually(db_selected, message="the new selector")
+        web = await api.get(SERVICES, "web", "shop")
+        del web["spec"]["selector"]
+        await api.replace(SERVICES, web)
+
+        async def gone() -> bool:
+            return await addresses("web-controlplane") is None
+
+        await eventually(gone, message="no selector: no slice of ours")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

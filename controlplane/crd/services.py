@@ -39,13 +39,14 @@ import contextlib
 import logging
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from ipaddress import IPv4Address
 from typing import Final
 
 from controlplane.crd.client import JSON, ApiResource, KubeClient
-from controlplane.crd.errors import AlreadyExists, Conflict, CrdError, NotFound
+from controlplane.crd.errors import AlreadyExists, Conflict, CrdError, Invalid, NotFound
 from controlplane.crd.listwatch import EventType, KubeEvent, KubeListWatcher, object_revision
 from controlplane.crd.records import MALFORMED, meta_of
 from controlplane.crd.resources import ENDPOINTS, IDENTITIES
@@ -56,6 +57,7 @@ from controlplane.model import (
     Backend,
     Frontend,
     InvalidRecord,
+    ModelError,
     NodeName,
     Service,
     parse_ip,
@@ -514,6 +516,13 @@ def _pod_labels(labels: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def _is_ipv4(text: object) -> bool:
+    try:
+        return isinstance(parse_ip(str(text)), IPv4Address)
+    except (ModelError, ValueError):
+        return False
+
+
 def desired_slice(service: JSON, pods: Iterable[tuple[JSON, dict[str, str]]]) -> JSON | None:
     """The slice kube's controller would write for ``service`` over ``pods`` (Endpoint
     objects of its namespace with their labels), or None when it gets none (no selector,
@@ -540,7 +549,7 @@ def desired_slice(service: JSON, pods: Iterable[tuple[JSON, dict[str, str]]]) ->
             continue
         pod_spec, pod_meta = pod.get("spec") or {}, pod.get("metadata") or {}
         for entry in pod_spec.get("addressing") or []:
-            if entry.get("family") != "IPv4":
+            if entry.get("family") != "IPv4" or not _is_ipv4(entry.get("ip")):
                 continue
             endpoint: JSON = {
                 "addresses": [entry.get("ip")],
@@ -675,42 +684,51 @@ class EndpointSliceController:
         return desired
 
     async def reconcile(self) -> None:
-        """One pass: write what differs from the watched slices (guarded)."""
+        """One pass: write what differs from the watched slices (each write guarded).
+
+        A 409 or 404 makes another pass (the watch brings the newer state); a 422 is
+        logged and not retried until something changes; any other failure is raised at
+        the end of the pass, after the other writes were tried (the loop backs off)."""
         desired = self._desired()
         current = dict(self._objects["slice"])
+        failed: CrdError | None = None
+
+        async def attempt(what: str, write: Callable[[], Awaitable[object]]) -> None:
+            nonlocal failed
+            try:
+                await write()
+                self.writes += 1
+            except AlreadyExists:
+                pass  # ours: the watch shows it; not ours: not ours to take
+            except (Conflict, NotFound):
+                self._dirty.set()
+            except Invalid as exc:
+                log.warning("endpoint slices: %s refused: %s", what, exc)
+            except CrdError as exc:
+                failed = exc
+
         for key, wanted in desired.items():
             held = current.pop(key, None)
             if held is None:
-                with contextlib.suppress(AlreadyExists):  # the watch will show it
-                    await self.client.create(ENDPOINT_SLICES, wanted)
-                    self.writes += 1
+                await attempt(f"create {key}", partial(self.client.create, ENDPOINT_SLICES, wanted))
                 continue
-            same = all(held.get(k) == wanted[k] for k in ("addressType", "ports", "endpoints"))
             held_meta = meta_of(held)
-            same = (
-                same and held_meta.get("ownerReferences") == wanted["metadata"]["ownerReferences"]
-            )
-            if same:
+            if all(held.get(k) == wanted[k] for k in ("addressType", "ports", "endpoints")) and (
+                held_meta.get("ownerReferences") == wanted["metadata"]["ownerReferences"]
+            ):
                 continue
             body = {**wanted, "metadata": {**held_meta, **wanted["metadata"]}}
             body["metadata"]["resourceVersion"] = held_meta.get("resourceVersion")
-            try:
-                await self.client.replace(ENDPOINT_SLICES, body)
-                self.writes += 1
-            except Conflict:
-                self._dirty.set()  # the watch brings the newer one; go again
-            except NotFound:
-                self._dirty.set()
+            await attempt(f"update {key}", partial(self.client.replace, ENDPOINT_SLICES, body))
         for key, stale in current.items():
             meta = meta_of(stale)
-            try:
-                await self.client.delete(
-                    ENDPOINT_SLICES,
-                    meta["name"],
-                    namespace=meta.get("namespace"),
-                    resource_version=meta.get("resourceVersion"),
-                )
-                self.writes += 1
-            except Conflict:
-                self._dirty.set()
-            log.debug("endpoint slices: deleted %s", key)
+            delete = partial(
+                self.client.delete,
+                ENDPOINT_SLICES,
+                meta["name"],
+                namespace=meta.get("namespace"),
+                resource_version=meta.get("resourceVersion"),
+            )
+            await attempt(f"delete {key}", delete)
+        if failed is not None:
+            raise failed
