@@ -47,7 +47,13 @@ from typing import Final
 
 from controlplane.crd.client import JSON, ApiResource, KubeClient
 from controlplane.crd.errors import AlreadyExists, Conflict, CrdError, Invalid, NotFound
-from controlplane.crd.listwatch import EventType, KubeEvent, KubeListWatcher, object_revision
+from controlplane.crd.listwatch import (
+    EventType,
+    KubeEvent,
+    KubeListWatcher,
+    object_revision,
+    revision_of,
+)
 from controlplane.crd.records import MALFORMED, meta_of
 from controlplane.crd.resources import ENDPOINTS, IDENTITIES
 from controlplane.crd.retry import on_conflict
@@ -324,7 +330,8 @@ class CrdServiceStore:
                 pending.clear()
                 if "synced" not in listed:
                     listed.add("synced")
-                    out.append(StoreEvent(EventKind.SYNCED, "", None, 0))
+                    revision = max(revision_of(w.resource_version) for w in watchers.values())
+                    out.append(StoreEvent(EventKind.SYNCED, "", None, revision))
                 if out:
                     yield out
         finally:
