@@ -56,6 +56,15 @@ def _quote(value: Any) -> str:
     return f'"{value}"' if isinstance(value, str) else str(value)
 
 
+def _not_supported(value: Any, allowed: tuple[str, ...], path: str) -> Cause:
+    supported = ", ".join(f'"{a}"' for a in allowed)
+    return Cause(
+        "FieldValueNotSupported",
+        f"Unsupported value: {_quote(value)}: supported values: {supported}",
+        path,
+    )
+
+
 def _port_number(value: Any, path: str, causes: list[Cause], *, low: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 65535:
         causes.append(
@@ -70,14 +79,7 @@ def _port_number(value: Any, path: str, causes: list[Cause], *, low: int = 1) ->
 def _protocol(port: dict[str, Any], path: str, causes: list[Cause]) -> None:
     protocol = port.setdefault("protocol", "TCP")
     if protocol not in PROTOCOLS:
-        causes.append(
-            Cause(
-                "FieldValueNotSupported",
-                f"Unsupported value: {_quote(protocol)}: supported values: "
-                + ", ".join(f'"{p}"' for p in PROTOCOLS),
-                path,
-            )
-        )
+        causes.append(_not_supported(protocol, PROTOCOLS, path))
 
 
 def _ports(spec: dict[str, Any], causes: list[Cause], *, required: bool) -> None:
@@ -171,14 +173,7 @@ def complete_service(obj: Obj, old: Obj | None) -> None:
     causes: list[Cause] = []
     kind = spec.setdefault("type", "ClusterIP")
     if kind not in TYPES:
-        causes.append(
-            Cause(
-                "FieldValueNotSupported",
-                f"Unsupported value: {_quote(kind)}: supported values: "
-                + ", ".join(f'"{t}"' for t in TYPES),
-                "spec.type",
-            )
-        )
+        causes.append(_not_supported(kind, TYPES, "spec.type"))
     old_spec = (old or {}).get("spec") or {}
     ip = spec.get("clusterIP") or ""
     ips = spec.get("clusterIPs") or []
@@ -379,14 +374,7 @@ def complete_endpoint_slice(obj: Obj, old: Obj | None) -> None:
     if not address_type:
         causes.append(Cause("FieldValueRequired", "Required value", "addressType"))
     elif address_type not in ADDRESS_TYPES:
-        causes.append(
-            Cause(
-                "FieldValueNotSupported",
-                f"Unsupported value: {_quote(address_type)}: supported values: "
-                + ", ".join(f'"{t}"' for t in ADDRESS_TYPES),
-                "addressType",
-            )
-        )
+        causes.append(_not_supported(address_type, ADDRESS_TYPES, "addressType"))
     if old is not None and old.get("addressType") != address_type:
         causes.append(
             Cause(
