@@ -337,6 +337,8 @@ AGENT_GRANTS = expand(
         (CP, "nodes/status", ()): "update patch",
         (CP, "podcidrs", ()): "get list watch",
         (CP, "networkpolicies", ()): "get list watch",
+        ("", "services", ()): "get list watch",
+        ("discovery.k8s.io", "endpointslices", ()): "get list watch",
     }
 )
 OPERATOR_GRANTS = expand(
