@@ -349,3 +349,63 @@ async def test_relay_finds_agents_in_crd_mode(etcd1: EmbeddedEtcd, tmp_path: Pat
                 assert addresses == {ag.settings.node: ag.flows_address() for ag in agents}
     finally:
         await server.stop()
+
+
+async def test_tls_between_agent_relay_and_client(tmp_path: Path) -> None:
+    """TLS end to end: the agent's flow server (its --flows-tls-cert/--flows-tls-key), the
+    relay's peers verified by --peer-tls-ca, the relay's own listener (--tls-cert), a client
+    verifying it; a client without the CA is refused."""
+    from controlplane.agent.flows import AgentFlows
+    from controlplane.agent.watches import AgentCache
+    from tests.pki import make_test_pki
+
+    pki = make_test_pki(tmp_path / "pki")
+    ca = pki.ca_file.read_bytes()
+    agent = AgentFlows(
+        NodeName("node-a"), AgentCache(), FlowSettings(), CollectorRegistry(),
+        kernel=False, pin_dir=tmp_path,
+    )  # fmt: skip
+    await agent.start(None, "127.0.0.1:0", (pki.server_cert, pki.server_key))
+    try:
+        assert agent.error is None and agent.api.port is not None
+        agent.server.ingest(decode_event(record(WEB, DB, dport=443)))
+        agent.server.end_batch()
+        nodes = Nodes()
+        nodes.put("node-a", f"127.0.0.1:{agent.api.port}")
+        server_tls = grpc.ssl_server_credentials(
+            [(pki.server_key.read_bytes(), pki.server_cert.read_bytes())]
+        )
+        settings = RelaySettings(
+            listen="127.0.0.1:0",
+            peers=replace(FAST_PEERS, credentials=grpc.ssl_channel_credentials(ca)),
+            merge=FAST_MERGE,
+            metrics_port=None,
+            server_credentials=server_tls,
+        )
+        relay = Relay(settings, nodes.watch, CollectorRegistry())
+        async with running(relay, name="test-relay-tls"):
+            await eventually(lambda: _connected(relay, "node-a"), message="connected over TLS")
+            target = f"127.0.0.1:{relay.observer.port}"
+            creds = grpc.ssl_channel_credentials(ca)
+            async with ObserverClient(target, credentials=creds) as client:
+                got = [r async for r in client.get_flows(obs.GetFlowsRequest(), timeout=10)]
+                nodes_seen = await client.get_nodes()
+            assert [r.flow.l4.TCP.destination_port for r in got if r.HasField("flow")] == [443]
+            assert nodes_seen.nodes[0].tls.enabled
+            async with ObserverClient(target) as plain:  # no TLS: refused
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await plain.server_status(timeout=2)
+    finally:
+        await agent.close()
+
+
+def test_agent_tls_flags_go_together() -> None:
+    from controlplane.agent.settings import build_parser as agent_parser
+    from controlplane.agent.settings import settings_from_args
+    from controlplane.config import ConfigError
+
+    args = agent_parser().parse_args(["--node-name=n1", "--flows-tls-cert=/tmp/c.pem"])
+    with pytest.raises(ConfigError, match="--flows-tls-cert and --flows-tls-key go together"):
+        settings_from_args(args)
+    args = agent_parser().parse_args(["--flows-tls-cert=/c", "--flows-tls-key=/k"])
+    assert settings_from_args(args).flows_tls == (Path("/c"), Path("/k"))

@@ -253,7 +253,9 @@ class Agent:
         await self.api.start()
         try:
             if self.flows is not None:
-                await self.flows.start(self.settings.flows_socket, self.settings.flows_listen)
+                await self.flows.start(
+                    self.settings.flows_socket, self.settings.flows_listen, self.settings.flows_tls
+                )
             if self.settings.telemetry_port is not None:
                 self.telemetry = TelemetryServer(
                     self.metrics.registry,

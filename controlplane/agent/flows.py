@@ -13,6 +13,7 @@ import logging
 import time
 from pathlib import Path
 
+import grpc
 from prometheus_client import CollectorRegistry
 
 from controlplane.agent.watches import AgentCache
@@ -96,13 +97,20 @@ class AgentFlows:
         self.server = FlowServer(node, settings, CacheResolver(cache, node), registry, self.maps)
         self.api = ObserverServer(self.server)
 
-    async def start(self, socket: Path | None, listen: str | None) -> None:
-        """Serve the Observer API; a socket or address it cannot bind is one warning (the
+    async def start(
+        self, socket: Path | None, listen: str | None, tls: tuple[Path, Path] | None = None
+    ) -> None:
+        """Serve the Observer API (TCP with TLS when ``tls`` = (certificate, key) files); a
+        socket, address or certificate it cannot use is one warning (the
         agent's other work goes on, and its status says why there is no API)."""
         if socket is None and listen is None:
             return
         try:
-            await self.api.start(socket, listen)
+            credentials = None
+            if tls is not None and listen is not None:
+                cert, key = tls
+                credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+            await self.api.start(socket, listen, credentials)
         except (OSError, RuntimeError) as exc:  # grpc: RuntimeError("Failed to bind ...")
             self.error = f"Observer API on {socket or listen}: {exc}"
             log.warning("%s: flows: %s", self.server.node, self.error)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from controlplane.config import ConfigError
 from controlplane.datapath.flowevents import Aggregation
 from controlplane.datapath.sock_lb import cgroup2_mount
 from controlplane.datapath.sysctls import PROC_SYS
@@ -123,6 +124,8 @@ class AgentSettings:
     /var/run/cp/observer.sock; an in-process agent serves none unless given one."""
     flows_listen: str | None = None
     """HOST:PORT of the Observer API over TCP (for a relay); None: none."""
+    flows_tls: tuple[Path, Path] | None = None
+    """(certificate, key) files: serve ``flows_listen`` with TLS (None: plain)."""
     lb_cgroup: Path | None = None
     """The cgroup v2 directory whose processes get socket load balancing of services (the
     ``cgroup/connect4``, ``sendmsg4``, ``recvmsg4`` programs, kernel mode only); None: the
@@ -358,6 +361,14 @@ def add_agent_flags(parser: argparse.ArgumentParser) -> None:
         help="also serve the Observer API on this TCP address (default: none)",
     )
     flows.add_argument(
+        "--flows-tls-cert",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="serve --flows-listen with TLS: this certificate (with --flows-tls-key)",
+    )
+    flows.add_argument("--flows-tls-key", type=Path, default=None, metavar="FILE", help="its key")
+    flows.add_argument(
         "--flow-buffer-size",
         type=positive_int,
         default=DEFAULT_CAPACITY,
@@ -446,8 +457,15 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         ),
         flows_socket=args.flows_socket,
         flows_listen=args.flows_listen,
+        flows_tls=_flows_tls(args.flows_tls_cert, args.flows_tls_key),
         lb_cgroup=_lb_cgroup(args.lb_cgroup),
     )
+
+
+def _flows_tls(cert: Path | None, key: Path | None) -> tuple[Path, Path] | None:
+    if (cert is None) != (key is None):
+        raise ConfigError("--flows-tls-cert and --flows-tls-key go together")
+    return None if cert is None or key is None else (cert, key)
 
 
 def _lb_cgroup(text: str) -> Path | None:

@@ -74,9 +74,14 @@ class ObserverServer:
         self.socket: Path | None = None
         self.port: int | None = None
 
-    async def start(self, socket: Path | None = None, listen: str | None = None) -> None:
+    async def start(
+        self,
+        socket: Path | None = None,
+        listen: str | None = None,
+        credentials: grpc.ServerCredentials | None = None,
+    ) -> None:
         """Listen on ``socket`` (a unix socket path, replaced if present) and/or ``listen``
-        (HOST:PORT; port 0 picks one, see :attr:`port`)."""
+        (HOST:PORT; port 0 picks one, see :attr:`port`; TLS with ``credentials``)."""
         server = grpc.aio.server()
         handler = grpc.method_handlers_generic_handler(
             SERVICE,
@@ -98,7 +103,10 @@ class ObserverServer:
             server.add_insecure_port(f"unix:{_prepare_socket(socket)}")
             self.socket = socket
         if listen is not None:
-            self.port = server.add_insecure_port(listen)
+            if credentials is not None:
+                self.port = server.add_secure_port(listen, credentials)
+            else:
+                self.port = server.add_insecure_port(listen)
         await server.start()
         self._server = server
 
