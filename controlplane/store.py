@@ -28,6 +28,7 @@ from controlplane.model import (
     Node,
     NodeName,
     NumericIdentity,
+    Service,
 )
 from controlplane.store_types import (
     CIDRClaim,
@@ -157,4 +158,22 @@ class PolicyStore(Protocol):
 
     def watch(self) -> AsyncIterator[StoreEvent[NetworkPolicy]]:
         """Events named ``namespace/name``."""
+        ...
+
+
+class ServiceStore(Protocol):
+    """Services (virtual IPs, frontends, backends): written by tools or derived from
+    Kubernetes Services and EndpointSlices; read by every agent, which programs its
+    load-balancing maps from them."""
+
+    async def put(self, service: Service) -> None: ...
+
+    async def delete(self, namespace: str, name: str) -> bool:
+        """Remove the service; False when it did not exist."""
+        ...
+
+    async def list(self) -> list[Versioned[Service]]: ...
+
+    def watch(self) -> AsyncIterator[StoreEvent[Service]]:
+        """List-then-watch; events named ``namespace/name``; one SYNCED once listed."""
         ...

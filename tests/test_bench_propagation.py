@@ -6,6 +6,7 @@ stores."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
@@ -131,9 +132,15 @@ async def test_crd_upsert_returns_when_the_create_was_issued(
         assert [c[0] for c in calls] == ["list", "get_or_none", "create"]
         assert calls[1][1] < issued <= calls[2][1]
         calls.clear()
-        issued = await store.upsert(_endpoint("node-a"))  # again: an update this time
+        moved = replace(_endpoint("node-a"), identity=NumericIdentity(1001))
+        issued = await store.upsert(moved)  # another identity: an update this time
         assert [c[0] for c in calls] == ["list", "get_or_none", "replace"]
         assert calls[1][1] < issued <= calls[2][1]
+        calls.clear()
+        before = time.monotonic()
+        issued = await store.upsert(moved)  # already so: no write, so nothing was issued
+        assert [c[0] for c in calls] == ["list", "get_or_none"]
+        assert issued >= before
 
 
 async def test_kvstore_upsert_returns_when_the_transaction_was_issued(

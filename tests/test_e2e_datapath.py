@@ -28,7 +28,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from ipaddress import ip_network
 from pathlib import Path
@@ -39,6 +39,7 @@ import pytest_asyncio
 
 from controlplane.agent.agent import Agent
 from controlplane.agent.settings import AgentSettings, DatapathMode
+from controlplane.config import CrdConfig, KvstoreConfig
 from controlplane.datapath import loader
 from controlplane.datapath.counters import pinned_verdict_counts
 from controlplane.datapath.routes import RTPROT_CP
@@ -67,6 +68,9 @@ LAYOUT = KeyLayout()
 class Topology:
     netns: dict[str, str]  # node or pod name -> network namespace
     pin_dirs: dict[str, Path]  # node -> bpffs directory
+    pods: Mapping[str, tuple[str, str]] = field(default_factory=lambda: PODS)
+    """Pod -> (node, label); ``cni`` ADDs them."""
+    token: str = ""
 
 
 def _remove_pins(pin_dir: Path) -> None:
@@ -78,8 +82,15 @@ def _remove_pins(pin_dir: Path) -> None:
 
 @pytest.fixture
 def topology() -> Iterator[Topology]:
+    with build_topology(PODS) as topo:
+        yield topo
+
+
+@contextlib.contextmanager
+def build_topology(pods: Mapping[str, tuple[str, str]]) -> Iterator[Topology]:
+    """The two node namespaces joined by a veth, and an (empty) namespace per pod."""
     tok = secrets.token_hex(3)
-    netns = {name: f"cpe2e-{tok}-{name}" for name in (*NODE_IPS, *PODS)}
+    netns = {name: f"cpe2e-{tok}-{name}" for name in (*NODE_IPS, *pods)}
     pin_dirs = {node: Path(f"/sys/fs/bpf/cp-e2e-{tok}-{node}") for node in NODE_IPS}
     try:
         for ns in netns.values():
@@ -96,7 +107,7 @@ def topology() -> Iterator[Topology]:
                 Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
                 for conf in ("all", "default"):
                     Path(f"/proc/sys/net/ipv4/conf/{conf}/rp_filter").write_text("0\n")
-        yield Topology(netns, pin_dirs)
+        yield Topology(netns, pin_dirs, pods, tok)
     finally:
         # Deleting a node namespace takes its veths (and their tc programs and routes).
         for ns in netns.values():
@@ -112,9 +123,11 @@ class Cluster:
     settings: dict[str, AgentSettings]
     agents: dict[str, Agent] = field(default_factory=dict)
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    config: KvstoreConfig | CrdConfig | None = None
+    """The agents' store (None: kvstore mode on ``etcd``)."""
 
     async def start(self, node: str) -> Agent:
-        agent = Agent(self.settings[node], kv_config(self.etcd))
+        agent = Agent(self.settings[node], self.config or kv_config(self.etcd))
         self.agents[node] = agent
         self.tasks[node] = asyncio.create_task(agent.run(), name=f"e2e-agent:{node}")
         await asyncio.wait_for(agent.started.wait(), 10)
@@ -145,7 +158,7 @@ class Cluster:
         }
 
     async def cni(self, command: str, pod: str) -> Ran:
-        node, label = PODS[pod]
+        node, label = self.topo.pods[pod]
         env = {
             "CNI_CONTAINERID": f"ctr-{pod}",
             "CNI_NETNS": f"/run/netns/{self.topo.netns[pod]}",
@@ -160,7 +173,23 @@ class Cluster:
 async def cluster(
     etcd1: EmbeddedEtcd, tmp_path: Path, topology: Topology
 ) -> AsyncIterator[Cluster]:
-    await give_cidrs(etcd1, *NODE_IPS)
+    async with running_cluster(etcd1, tmp_path, topology) as c:
+        yield c
+
+
+@contextlib.asynccontextmanager
+async def running_cluster(
+    etcd: EmbeddedEtcd,
+    tmp_path: Path,
+    topology: Topology,
+    config: KvstoreConfig | CrdConfig | None = None,
+    **overrides: Any,
+) -> AsyncIterator[Cluster]:
+    """A :class:`Cluster` over ``topology`` (agents not started yet); ``overrides`` of
+    the agents' settings take a callable of the node name. With a CRD ``config`` the
+    caller has given the nodes their CIDRs."""
+    if config is None:
+        await give_cidrs(etcd, *NODE_IPS)
     settings = {
         node: agent_settings(
             tmp_path,
@@ -170,10 +199,11 @@ async def cluster(
             bpf_pin_dir=topology.pin_dirs[node],
             routes=True,
             routes_netns=topology.netns[node],
+            **{key: value(node) for key, value in overrides.items()},
         )
         for node, ip in NODE_IPS.items()
     }
-    c = Cluster(etcd1, topology, settings)
+    c = Cluster(etcd, topology, settings, config=config)
     try:
         yield c
     finally:
@@ -335,12 +365,12 @@ async def _bring_up(c: Cluster) -> tuple[Agent, Agent, dict[str, str]]:
 
     # pods through the plugin, labels from CNI_ARGS
     ips: dict[str, str] = {}
-    for pod in PODS:
+    cidrs = {"node1": n1.cidr, "node2": n2.cidr}
+    for pod, (node, _) in c.topo.pods.items():
         ran = await c.cni("ADD", pod)
         assert ran.rc == 0, ran
         ips[pod] = ran.out["ips"][0]["address"].split("/")[0]
-    db_ip = ips["db"]
-    assert ip_network(f"{db_ip}/32").subnet_of(n2.cidr)  # type: ignore[arg-type]
+        assert ip_network(f"{ips[pod]}/32").subnet_of(cidrs[node])  # type: ignore[arg-type]
     return n1, n2, ips
 
 

@@ -192,6 +192,25 @@ async def test_pool_exhaustion(etcd1: EmbeddedEtcd) -> None:
             await op.allocator.allocate(NodeName("n5"))
 
 
+async def test_a_preferred_cidr_is_claimed_when_free(etcd1: EmbeddedEtcd) -> None:
+    """A node that shows a CIDR but lost its claim gets that CIDR back if it is free."""
+    config = config_for(etcd1)
+    async with operator(config) as op, operator(config) as other:
+        assert await op.allocator.allocate(NodeName("a"), prefer=POOL.cidr_at(7)) == POOL.cidr_at(7)
+        # Taken in our view: the lowest free instead.
+        assert await op.allocator.allocate(NodeName("b"), prefer=POOL.cidr_at(7)) == POOL.cidr_at(0)
+        # Taken by a claim we have not read (another allocator's): refused, lowest free.
+        taken = await other.allocator.allocate(NodeName("d"), prefer=POOL.cidr_at(9))
+        assert taken == POOL.cidr_at(9)
+        assert await op.allocator.allocate(NodeName("e"), prefer=POOL.cidr_at(9)) == POOL.cidr_at(1)
+        # Outside the pool: ignored.
+        outside = IPv4Network("192.168.0.0/24")
+        assert await op.allocator.allocate(NodeName("f"), prefer=outside) == POOL.cidr_at(2)
+        claims = await op.store.list(POOL.name)
+        cidrs = [c.value.cidr for c in claims]
+        assert len(cidrs) == len(set(cidrs))
+
+
 async def test_fenced_writes_are_refused(etcd1: EmbeddedEtcd) -> None:
     config = config_for(etcd1)
     leader_key = LAYOUT.leader_prefix + b"1"

@@ -53,6 +53,7 @@ PLAIN_MANIFESTS = (
     "operator/deployment.yaml",
     "deploy/etcd/statefulset.yaml",
     "deploy/etcd/bootstrap-job.yaml",
+    "relay/deployment.yaml",  # (its flags: tests/test_relay.py)
 )
 # The kustomize name of the image in the bases; deploy/crd's `images:` sets it.
 IMAGE_PLACEHOLDER = "controlplane"
@@ -60,12 +61,8 @@ OUR_COMMANDS = ("cp-agent", "cp-operator", "cp-cni")
 # Flags being added on other branches, allowed here while a daemon's --help lacks them
 # (cp-operator's --store/--kubeconfig/--kube-context; cp-agent has them on main). Drop an
 # entry once the daemon has the flag: it is then checked against --help like the rest.
-PENDING_FLAGS: dict[str, frozenset[str]] = {
-    "cp-operator": frozenset({"--store", "--kubeconfig", "--kube-context"}),
-}
-PENDING_CHOICES: dict[str, dict[str, frozenset[str]]] = {
-    "cp-operator": {"--store": frozenset({"crd", "kvstore"})},
-}
+PENDING_FLAGS: dict[str, frozenset[str]] = {}
+PENDING_CHOICES: dict[str, dict[str, frozenset[str]]] = {}
 needs_kubectl = requires(tools_unmet("kubectl"))
 
 
@@ -334,12 +331,14 @@ CRD_NAMES = tuple(
 )
 AGENT_GRANTS = expand(
     {
-        (CP, "identities", ()): "get list watch create update",
+        (CP, "identities", ()): "get list watch create update patch delete",
         (CP, "endpoints", ()): "get list watch create update delete",
-        (CP, "nodes", ()): "get list watch create update",
-        (CP, "nodes/status", ()): "update",
+        (CP, "nodes", ()): "get list watch create update patch delete",
+        (CP, "nodes/status", ()): "update patch",
         (CP, "podcidrs", ()): "get list watch",
         (CP, "networkpolicies", ()): "get list watch",
+        ("", "services", ()): "get list watch",
+        ("discovery.k8s.io", "endpointslices", ()): "get list watch",
     }
 )
 OPERATOR_GRANTS = expand(

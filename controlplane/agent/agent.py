@@ -11,7 +11,8 @@ connections, cache, maps and metrics). It wires the parts, each in a module of i
   time over a store session (:mod:`.store_session`; kvstore mode in
   :mod:`.kvstore_session`), with the watches into the cache and the ipcache
   (:mod:`.watches`);
-- policy (:mod:`.policy`) and routes to other nodes (:mod:`.routes`), following the cache;
+- policy (:mod:`.policy`), service load balancing (:mod:`.services`) and routes to other
+  nodes (:mod:`.routes`), following the cache;
 - the local API (:mod:`.api`), metrics and health.
 
 When the store turns unhealthy (see :mod:`controlplane.agent.health`) the session is torn
@@ -33,26 +34,33 @@ from prometheus_client import CollectorRegistry
 from controlplane.agent.api import LocalAPI
 from controlplane.agent.datapath import (
     DatapathChoice,
+    SockLbState,
     choose_datapath,
     close_ipcache,
     open_ipcache,
+    open_lb_maps,
     open_policy_maps,
+    start_sock_lb,
     unpin_ipcache,
 )
 from controlplane.agent.endpoints import EndpointPublisher, NotReady, OwnedEndpoints
+from controlplane.agent.flows import AgentFlows
 from controlplane.agent.health import Failure, ShardHealth
 from controlplane.agent.metrics import AgentMetrics, DatapathCounters
 from controlplane.agent.policy import PolicyFlusher
 from controlplane.agent.routes import RouteSyncer
+from controlplane.agent.services import ServiceCounters, ServiceFlusher
 from controlplane.agent.session import Session
 from controlplane.agent.settings import EXIT_RESTART, AgentSettings, RestartMode
 from controlplane.agent.stores import StoreConfig, store_connector
 from controlplane.agent.watches import AgentCache
 from controlplane.datapath.ipcache import Ipcache
 from controlplane.datapath.kernel import KernelMap
+from controlplane.datapath.lbmap import LbMaps, close_lb_maps, unpin_lb_maps
 from controlplane.datapath.policymap import PolicyMaps, close_policy_maps, unpin_policy_maps
 from controlplane.datapath.reconciler import IpcacheReconciler, describe
 from controlplane.datapath.routes import RouteManager
+from controlplane.datapath.sock_lb import detach_sock_lb
 from controlplane.datapath.sysctls import apply as apply_sysctls
 from controlplane.datapath.sysctls import summary as sysctl_summary
 from controlplane.datapath.sysctls import warning as sysctl_warning
@@ -84,6 +92,7 @@ class Agent:
         registry: CollectorRegistry | None = None,
         ipcache: Ipcache | None = None,
         policy_maps: PolicyMaps | None = None,
+        lb_maps: LbMaps | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = AgentMetrics.create(registry)
@@ -114,6 +123,29 @@ class Agent:
                     close_ipcache(self.ipcache)
                 raise
         self.policy_maps = policy_maps
+        # cp_lb_*: the service maps, owned like the policy maps; the socket LB programs
+        # on --lb-cgroup (kernel mode)
+        self._own_lb_maps = lb_maps is None
+        if lb_maps is None:
+            choice = self.datapath if self._own_ipcache else DatapathChoice(False, "")
+            try:
+                lb_maps = open_lb_maps(choice, settings.bpf_pin_dir)
+            except BaseException:
+                if self._own_ipcache:
+                    close_ipcache(self.ipcache)
+                if self._own_policy_maps:
+                    close_policy_maps(policy_maps)
+                raise
+            self.sock_lb = start_sock_lb(choice, settings.bpf_pin_dir, settings.lb_cgroup)
+            if choice.kernel and settings.lb_cgroup is not None and not self.sock_lb.attached:
+                log.error("%s: services not balanced: %s", settings.node, self.sock_lb.detail)
+            elif self.sock_lb.attached:
+                log.info("%s: socket load balancer: %s", settings.node, self.sock_lb.detail)
+            elif choice.kernel and settings.lb_cgroup is None:
+                log.info("%s: service maps kept, not balanced: no --lb-cgroup", settings.node)
+        else:
+            self.sock_lb = SockLbState(False, "load-balancer maps given by the caller")
+        self.lb_maps = lb_maps
         if self.datapath.kernel:
             log.info(
                 "%s: datapath: kernel maps (%s), ipcache pinned at %s",
@@ -141,6 +173,13 @@ class Agent:
                 self._session is not None and self._session.inputs_listed("identities", "policies")
             ),
         )
+        self.services = ServiceFlusher(
+            self.cache.services,
+            self.lb_maps,
+            lambda: self._session is not None and self._session.inputs_listed("services"),
+        )
+        if self.lb_maps.metrics is not None:
+            self.metrics.registry.register(ServiceCounters(self.services))
         self.routes = RouteSyncer(
             settings.node,
             self.cache.nodes,
@@ -148,6 +187,18 @@ class Agent:
             netns=settings.routes_netns,
         )
         """Routes to the other nodes' pod CIDRs (``--routes``)."""
+        self.flows: AgentFlows | None = None
+        """The flow server (``--flows``): kernel flow events when this agent drives the
+        kernel maps, else an empty ring."""
+        if settings.flows_enabled:
+            self.flows = AgentFlows(
+                settings.node,
+                self.cache,
+                settings.flows,
+                self.metrics.registry,
+                kernel=self.datapath.kernel and self._own_ipcache,
+                pin_dir=settings.bpf_pin_dir,
+            )
         self.restarts = 0
         self.last_restart_reason: str | None = None
         self.last_restart_at: float | None = None
@@ -201,6 +252,10 @@ class Agent:
         """Serve until :meth:`stop`; raises :class:`AgentExit` in ``--restart-mode=exit``."""
         await self.api.start()
         try:
+            if self.flows is not None:
+                await self.flows.start(
+                    self.settings.flows_socket, self.settings.flows_listen, self.settings.flows_tls
+                )
             if self.settings.telemetry_port is not None:
                 self.telemetry = TelemetryServer(
                     self.metrics.registry,
@@ -214,9 +269,12 @@ class Agent:
                 helpers = [
                     group.create_task(self.reconciler.run(), name="ipcache-flush"),
                     group.create_task(self.policy.run(), name="policy-flush"),
+                    group.create_task(self.services.run(), name="services-flush"),
                     group.create_task(self.routes.run(self.stopping), name="routes"),
                     group.create_task(self._gauges(), name="gauges"),
                 ]
+                if self.flows is not None:
+                    helpers.append(group.create_task(self.flows.server.run(), name="flows"))
                 sessions = group.create_task(self._sessions(), name=f"agent:{self.settings.node}")
                 await sessions  # returns on stop, raises AgentExit
                 for task in helpers:
@@ -228,12 +286,16 @@ class Agent:
             raise group.exceptions[0] from None
         finally:
             await self.api.close()
+            if self.flows is not None:
+                await self.flows.close()
             if self.telemetry is not None:
                 await self.telemetry.close()
             if self._own_ipcache:
                 close_ipcache(self.ipcache)  # the pin keeps the map and its entries
             if self._own_policy_maps:
                 close_policy_maps(self.policy_maps)
+            if self._own_lb_maps:
+                close_lb_maps(self.lb_maps)
 
     async def _clean_up_node(self) -> None:
         """``--cleanup-on-exit`` (the node is withdrawn): routes, then the pinned maps,
@@ -241,6 +303,9 @@ class Agent:
         await self.routes.remove_all()
         if self._own_policy_maps:
             unpin_policy_maps(self.policy_maps, self.settings.bpf_pin_dir)
+        if self._own_lb_maps and self.datapath.kernel:
+            detach_sock_lb(self.settings.bpf_pin_dir)  # the programs go with their links
+            unpin_lb_maps(self.settings.bpf_pin_dir)
         if self._own_ipcache and unpin_ipcache(self.ipcache, self.settings.bpf_pin_dir):
             log.info("%s: unpinned the kernel maps", self.settings.node)
 
@@ -330,6 +395,34 @@ class Agent:
         agent = Check(session.ready.is_set(), session.phase)
         return {"etcd": etcd, "heartbeat": heartbeat, "agent": agent}
 
+    def flows_address(self) -> str:
+        """Where a relay reaches this node's Observer API: ``--flows-listen``'s address with
+        the port it got, the node's first IP when it listens on every address; "" when
+        it serves none over TCP."""
+        if self.flows is None or self.flows.api.port is None or self.settings.flows_listen is None:
+            return ""
+        host = self.settings.flows_listen.rpartition(":")[0].strip("[]")
+        if host in ("", "0.0.0.0", "::"):
+            host = str(self.settings.node_ips[0])
+        return f"[{host}]:{self.flows.api.port}" if ":" in host else f"{host}:{self.flows.api.port}"
+
+    def _flows_status(self) -> dict[str, Any] | None:
+        if self.flows is None:
+            return None
+        s = self.flows.server.status()
+        return {
+            "source": s.source,
+            "error": self.flows.error,
+            "flows": s.num_flows,
+            "capacity": s.max_flows,
+            "seen": s.seen_flows,
+            "lost_ring_buffer": s.lost_ring_buffer,
+            "lost_rate_limit": s.lost_rate_limit,
+            "aggregation": self.settings.flows.aggregation.name.lower(),
+            "socket": None if self.flows.api.socket is None else str(self.flows.api.socket),
+            "port": self.flows.api.port,
+        }
+
     def status(self) -> dict[str, Any]:
         shards = self.shard_health()
         session = self._session
@@ -343,6 +436,12 @@ class Agent:
             "ready": self.ready,
             "phase": "restarting" if session is None else session.phase,
             "endpoints": len(self.owned.items),
+            # the store's mode and health ("kvstore" keeps its name for the kvstore mode's
+            # users and scripts; in CRD mode its one part is the "apiserver")
+            "store": {
+                "mode": self.store.describe.split(":", 1)[0],
+                "describe": self.store.describe,
+            },
             "kvstore": {
                 "healthy": healthy,
                 "state": "healthy"
@@ -361,7 +460,9 @@ class Agent:
                 "identities": len(self.cache.identities),
                 "endpoints": len(self.cache.endpoints),
                 "nodes": len(self.cache.nodes),
+                "services": len(self.cache.services),
             },
+            "flows": self._flows_status(),
             "datapath": {
                 "mode": self.datapath_mode,
                 "reason": self.datapath.reason,
@@ -377,9 +478,13 @@ class Agent:
                     },
                     self.policy_maps.policy.name: {"entries": len(self.policy_maps.policy)},
                     self.policy_maps.endpoints.name: {"entries": len(self.policy_maps.endpoints)},
+                    self.lb_maps.services.name: {"entries": len(self.lb_maps.services)},
+                    self.lb_maps.slots.name: {"entries": len(self.lb_maps.slots)},
                 },
+                "socket_lb": {"attached": self.sock_lb.attached, "detail": self.sock_lb.detail},
             },
             "policy": self.policy.status(),
+            "services": self.services.status(),
             "routes": self.routes.status(),
             "malformed_skipped": _sample_sum(
                 self.metrics.registry, "cp_store_malformed_values_total"

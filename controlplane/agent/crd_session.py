@@ -2,7 +2,8 @@
 
 One :class:`CrdSession` per generation holds its own client (connection pool) to the API
 server, the CRD implementations of every store bound to this node, their self-repair
-loops (an object of this node deleted or edited by hand comes back) and the status check:
+loops (an object of this node, or an identity it uses, deleted or edited by hand comes
+back) and the status check:
 every ``status_check_interval`` a cheap list feeds a
 :class:`~controlplane.agent.health.ShardHealth` named ``apiserver``.
 
@@ -26,18 +27,19 @@ from controlplane.agent.settings import AgentSettings
 from controlplane.agent.store_session import Stores
 from controlplane.config import CrdConfig
 from controlplane.crd.client import KubeClient
-from controlplane.crd.endpoints import CrdEndpointStore
 from controlplane.crd.errors import CrdError
-from controlplane.crd.identities import CrdIdentityStore
-from controlplane.crd.ipam import CrdCIDRStore, CrdIPLeaseStore
 from controlplane.crd.kubeconfig import KubeConnection, load_connection
-from controlplane.crd.nodes import CrdNodeStore
-from controlplane.crd.policies import CrdPolicyStore
 from controlplane.crd.resources import NODES
+from controlplane.crd.stores import node_stores
 from controlplane.model import Identity, Labels
 
 log = logging.getLogger(__name__)
 APISERVER = "apiserver"
+
+
+def check_connection(config: CrdConfig) -> None:
+    """Raise ConfigError (one line) when the kubeconfig rules give no usable connection."""
+    load_connection(config.kubeconfig, config.context)
 
 
 class CrdConnector:
@@ -73,17 +75,15 @@ class CrdSession:
             request_timeout=connector.config.request_timeout,
             user_agent=f"cp-agent/{s.node}",
         )
-        self.identity_store = CrdIdentityStore(self.client, metrics, node=s.node)
-        self.endpoint_store = CrdEndpointStore(self.client, metrics, node=s.node)
-        self.node_store = CrdNodeStore(self.client, metrics, node=s.node)
-        self.lease_store = CrdIPLeaseStore(self.client, metrics, node=s.node)
+        self.crd = node_stores(self.client, metrics, s.node)
         self._stores = Stores(
-            identities=self.identity_store,
-            endpoints=self.endpoint_store,
-            nodes=self.node_store,
-            cidrs=CrdCIDRStore(self.client, metrics),
-            leases=self.lease_store,
-            policies=CrdPolicyStore(self.client, metrics),
+            identities=self.crd.identities,
+            endpoints=self.crd.endpoints,
+            nodes=self.crd.nodes,
+            cidrs=self.crd.cidrs,
+            leases=self.crd.leases,
+            policies=self.crd.policies,
+            services=self.crd.services,
         )
         self._health = ShardHealth(APISERVER, s.max_consecutive_quorum_errors, connector.arm).carry(
             connector.last_health
@@ -99,12 +99,7 @@ class CrdSession:
         """Nothing to open ahead: the client connects on its first request."""
 
     def tasks(self) -> Mapping[str, Callable[[], Awaitable[None]]]:
-        return {
-            "checks": self._checks,
-            "repair:endpoints": self.endpoint_store.run,
-            "repair:node": self.node_store.run,
-            "repair:ip-leases": self.lease_store.run,
-        }
+        return {"checks": self._checks, **self.crd.tasks()}
 
     def health(self) -> list[ShardHealth]:
         return [self._health]
@@ -118,7 +113,7 @@ class CrdSession:
         return None
 
     def on_identity_changed(self, callback: Callable[[Identity, Identity], None]) -> None:
-        self.identity_store.changed.append(callback)
+        self.crd.identities.changed.append(callback)
 
     async def release_all(self) -> None:
         """``--cleanup-on-exit``: the endpoints and the node record are withdrawn by the

@@ -20,15 +20,19 @@ from controlplane.datapath.bpf_syscall import KernelMapError
 from controlplane.datapath.capabilities import DatapathSupport, detect_datapath
 from controlplane.datapath.ipcache import IPCACHE_MAP_NAME, Ipcache, userspace_ipcache
 from controlplane.datapath.kernel import KernelMap, pinned_ipcache
-from controlplane.datapath.layouts import CT_MAP_NAME, METRICS_MAP_NAME
+from controlplane.datapath.layouts import CT_MAP_NAME, FLOW_MAP_NAMES, METRICS_MAP_NAME
+from controlplane.datapath.lbmap import LbMaps, pinned_lb_maps, userspace_lb_maps
+from controlplane.datapath.loader import LoaderError
 from controlplane.datapath.policymap import (
     PolicyMaps,
     pinned_policy_maps,
     userspace_policy_maps,
 )
+from controlplane.datapath.sock_lb import attach_sock_lb
 
-PROGRAM_ONLY_MAPS = (CT_MAP_NAME, METRICS_MAP_NAME)
-"""Maps the tc program pins beside ours and the agent never writes."""
+PROGRAM_ONLY_MAPS = (CT_MAP_NAME, METRICS_MAP_NAME, *FLOW_MAP_NAMES)
+"""Maps the tc program pins beside ours and the agent does not reconcile (the flow
+server opens three of the flow maps, and unpins them too on ``--cleanup-on-exit``)."""
 
 
 class DatapathUnavailable(Exception):
@@ -88,9 +92,44 @@ def open_policy_maps(choice: DatapathChoice, pin_dir: Path) -> PolicyMaps:
         raise DatapathUnavailable(f"kernel policy maps under {pin_dir}: {exc}") from None
 
 
+def open_lb_maps(choice: DatapathChoice, pin_dir: Path) -> LbMaps:
+    """``cp_lb_services``, ``cp_lb_slots`` (and the program's ``cp_lb_metrics``): pinned
+    under ``pin_dir`` (opened with their content when pinned, else created as
+    ``bpf/cp_lb.h`` declares them), or fresh userspace maps."""
+    if not choice.kernel:
+        return userspace_lb_maps()
+    try:
+        return pinned_lb_maps(pin_dir)
+    except (KernelMapError, OSError) as exc:
+        raise DatapathUnavailable(f"kernel load-balancer maps under {pin_dir}: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class SockLbState:
+    """Whether the socket load balancer is attached, and why not."""
+
+    attached: bool
+    detail: str
+
+
+def start_sock_lb(choice: DatapathChoice, pin_dir: Path, cgroup: Path | None) -> SockLbState:
+    """Load ``cp_sock_lb.o`` and attach (or swap into the pinned links) its programs on
+    ``cgroup``. A failure is reported, not fatal: the rest of the datapath still works."""
+    if not choice.kernel:
+        return SockLbState(False, "userspace datapath")
+    if cgroup is None:
+        return SockLbState(False, "no --lb-cgroup (no cgroup v2 found, or none)")
+    try:
+        done = attach_sock_lb(pin_dir, cgroup)
+    except (LoaderError, OSError) as exc:
+        return SockLbState(False, f"socket load balancer not attached: {exc}")
+    return SockLbState(True, f"cgroup {cgroup}: {', '.join(done)}")
+
+
 def unpin_ipcache(ipcache: Ipcache, pin_dir: Path) -> bool:
     """``--cleanup-on-exit``: remove the ipcache pin, the pins of the maps only the tc
-    program uses (``cp_ct``, ``cp_metrics``: the loader created them for ``cp-cni``), and
+    program uses (``cp_ct``, ``cp_metrics``, the flow maps: the loader created them for
+    ``cp-cni``), and
     the pin dir when left empty.
 
     Programs still attached keep their reference to the maps; only the names go."""

@@ -34,6 +34,7 @@ from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.nodes import KvNodeStore
 from controlplane.kvstore.owner import Owners
 from controlplane.kvstore.policies import KvPolicyStore
+from controlplane.kvstore.services import KvServiceStore
 from controlplane.kvstore.shards import ShardMap
 from controlplane.model import Identity, Labels, reserved_identity_for
 
@@ -93,6 +94,7 @@ class KvstoreSession:
             cidrs=KvCIDRStore(self.shards, layout, metrics),
             leases=KvIPLeaseStore(self.shards, layout, metrics, self.owners, node=s.node),
             policies=KvPolicyStore(self.shards, layout, metrics),
+            services=KvServiceStore(self.shards, layout, metrics),
         )
         self.monitors = {
             b.name: HeartbeatMonitor(

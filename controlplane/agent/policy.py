@@ -10,13 +10,13 @@ on pinned maps keeps what they hold rather than a half-known truth.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from controlplane.agent.api import APIError
 from controlplane.agent.endpoints import OwnedEndpoints
+from controlplane.agent.flushing import Flusher
 from controlplane.datapath.policymap import PolicyMaps
 from controlplane.model import RESERVED_IDENTITIES, EndpointID, Identity, Labels, NetworkPolicy
 from controlplane.policy.compute import NOT_ENFORCED, EndpointPolicy, Subject, compute
@@ -25,7 +25,7 @@ from controlplane.policy.endpoint_id import EndpointIDError, check_cidr
 log = logging.getLogger(__name__)
 
 
-class PolicyFlusher:
+class PolicyFlusher(Flusher):
     """Keeps the policy maps equal to the policy of the node's endpoints."""
 
     def __init__(
@@ -36,6 +36,7 @@ class PolicyFlusher:
         maps: PolicyMaps,
         inputs_listed: Callable[[], bool],
     ) -> None:
+        super().__init__()
         self.owned = owned
         self.identities = identities
         self.policies = policies
@@ -46,21 +47,6 @@ class PolicyFlusher:
         self.error: str | None = None
         self.computes = 0
         self._listed_once = False
-        self._wake = asyncio.Event()
-
-    def changed(self) -> None:
-        """An input of the policy computation changed: recompute soon (at once when idle;
-        changes that arrive during a computation form the next batch)."""
-        self._wake.set()
-
-    async def run(self) -> None:
-        while True:
-            await self._wake.wait()
-            await asyncio.sleep(0)
-            self._wake.clear()
-            if self.flush() is None:  # a map write failed: retry after a pause
-                await asyncio.sleep(1.0)
-                self._wake.set()
 
     def _inputs_ready(self) -> bool:
         if not self._listed_once:

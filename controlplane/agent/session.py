@@ -23,6 +23,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponen
 from controlplane.agent.endpoints import EndpointPublisher, OwnedEndpoints
 from controlplane.agent.policy import PolicyFlusher
 from controlplane.agent.routes import RouteSyncer
+from controlplane.agent.services import ServiceFlusher
 from controlplane.agent.settings import AgentSettings
 from controlplane.agent.store_session import RestartNeeded, StoreSession
 from controlplane.agent.watches import AgentCache, CacheWatches
@@ -47,9 +48,14 @@ class SessionHost(Protocol):
     owned: OwnedEndpoints
     policy: PolicyFlusher
     routes: RouteSyncer
+    services: ServiceFlusher
     stopping: asyncio.Event
 
     def session_ready(self) -> None: ...
+
+    def flows_address(self) -> str:
+        """HOST:PORT of this node's Observer API over TCP for the node record, or ""."""
+        ...
 
 
 class Session:
@@ -91,6 +97,7 @@ class Session:
             self.stores,
             node,
             policy_changed=host.policy.changed,
+            services_changed=host.services.changed,
             routes=host.routes,
         )
         stopped = False
@@ -158,11 +165,13 @@ class Session:
             # A restarted process must not publish its node without the CIDR it already
             # has: other nodes would withdraw their route to it until the claim is seen.
             owned.cidr = await _retrying(self._claimed_cidr)
+        flows = host.flows_address()
         node = Node(
             name=s.node,
             ips=s.node_ips,
             pod_cidrs=(owned.cidr,) if owned.cidr is not None else (),
             boot_id=boot_id,
+            flows_address=flows,
         )
         self.phase = "registering the node"
         await _retrying(lambda: self.stores.nodes.register(node))
@@ -174,7 +183,13 @@ class Session:
         if node.pod_cidrs != (cidr,):
             await _retrying(
                 lambda: self.stores.nodes.register(
-                    Node(name=s.node, ips=s.node_ips, pod_cidrs=(cidr,), boot_id=boot_id)
+                    Node(
+                        name=s.node,
+                        ips=s.node_ips,
+                        pod_cidrs=(cidr,),
+                        boot_id=boot_id,
+                        flows_address=flows,
+                    )
                 )
             )
         self.publisher.use_cidr(cidr)
@@ -185,6 +200,7 @@ class Session:
         self.ready.set()
         host.session_ready()
         host.policy.changed()
+        host.services.changed()
         log.info(
             "%s: ready (generation %d, CIDR %s, %d endpoints)",
             s.node,

@@ -30,6 +30,7 @@ from controlplane.store import (
     IPLeaseStore,
     NodeStore,
     PolicyStore,
+    ServiceStore,
 )
 
 
@@ -51,6 +52,9 @@ class Stores:
     cidrs: CIDRStore
     leases: IPLeaseStore
     policies: PolicyStore
+    services: ServiceStore | None = None
+    """None where the mode has no service source yet (CRD mode, until it reads Kubernetes
+    Services and EndpointSlices): the node then balances no service."""
 
 
 class StoreSession(Protocol):

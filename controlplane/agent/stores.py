@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from typing import TypeAlias
 
-from controlplane.agent.crd_session import CrdConnector
+from controlplane.agent.crd_session import CrdConnector, check_connection
 from controlplane.agent.kvstore_session import KvstoreConnector
 from controlplane.agent.metrics import AgentMetrics
 from controlplane.agent.settings import AgentSettings
 from controlplane.agent.store_session import StoreConnector
 from controlplane.config import CrdConfig, KvstoreConfig
-from controlplane.crd.kubeconfig import load_connection
 
 StoreConfig: TypeAlias = KvstoreConfig | CrdConfig
 """Every store configuration the agent accepts."""
@@ -24,7 +23,7 @@ StoreConfig: TypeAlias = KvstoreConfig | CrdConfig
 def check_store(config: StoreConfig) -> None:
     """Fail at start, with one line (ConfigError), when the store cannot be configured."""
     if isinstance(config, CrdConfig):
-        load_connection(config.kubeconfig, config.context)
+        check_connection(config)
 
 
 def store_connector(

@@ -1,6 +1,7 @@
 """The agent's view of the cluster: one session's watches into its cache and the ipcache.
 
-Each session lists and watches identities, endpoints, nodes and policies from its stores.
+Each session lists and watches identities, endpoints, nodes, policies and services from
+its stores.
 Events go into the :class:`AgentCache` (which outlives sessions) and, for endpoints and
 nodes, into the ipcache reconciler. A session starts a resync: the names cached before it
 are stale until its lists deliver them again, and those that do not come back are swept
@@ -30,6 +31,7 @@ from controlplane.model import (
     Node,
     NodeName,
     NumericIdentity,
+    Service,
 )
 from controlplane.store_types import EventKind, StoreEvent
 
@@ -49,6 +51,7 @@ class AgentCache:
     endpoints: dict[str, IPIdentity] = field(default_factory=dict)
     nodes: dict[str, Node] = field(default_factory=dict)
     policies: dict[str, NetworkPolicy] = field(default_factory=dict)
+    services: dict[str, Service] = field(default_factory=dict)
 
 
 class CacheWatches:
@@ -62,6 +65,7 @@ class CacheWatches:
         node: NodeName,
         *,
         policy_changed: Callable[[], None],
+        services_changed: Callable[[str | None], None],
         routes: RouteSyncer,
     ) -> None:
         self.cache = cache
@@ -69,6 +73,7 @@ class CacheWatches:
         self.stores = stores
         self.node = node
         self.policy_changed = policy_changed
+        self.services_changed = services_changed
         self.routes = routes
         self.synced: set[str] = set()
         """The streams listed in this session."""
@@ -78,15 +83,23 @@ class CacheWatches:
             "endpoints": set(cache.endpoints),
             "nodes": set(cache.nodes),
             "policies": set(cache.policies),
+            "services": set(cache.services),
         }
 
     def tasks(self) -> dict[str, Callable[[], Awaitable[None]]]:
-        return {
+        tasks: dict[str, Callable[[], Awaitable[None]]] = {
             "watch-identities": self._watch_identities,
             "watch-endpoints": self._watch_endpoints,
             "watch-nodes": self._watch_nodes,
             "watch-policies": self._watch_policies,
         }
+        if self.stores.services is not None:
+            tasks["watch-services"] = self._watch_services
+        else:  # no service source in this mode: listed, and empty
+            self._sweep("services", self.cache.services)
+            self._synced_stream("services")
+            self.services_changed(None)
+        return tasks
 
     async def _watch_identities(self) -> None:
         await self._watch_into("identities", self.stores.identities.watch(), self.cache.identities)
@@ -94,21 +107,38 @@ class CacheWatches:
     async def _watch_policies(self) -> None:
         await self._watch_into("policies", self.stores.policies.watch(), self.cache.policies)
 
+    async def _watch_services(self) -> None:
+        assert self.stores.services is not None
+        await self._watch_into(
+            "services", self.stores.services.watch(), self.cache.services, self.services_changed
+        )
+
     async def _watch_into(
-        self, stream: str, events: AsyncIterator[StoreEvent[V]], cache: dict[str, V]
+        self,
+        stream: str,
+        events: AsyncIterator[StoreEvent[V]],
+        cache: dict[str, V],
+        changed: Callable[[str | None], None] | None = None,
     ) -> None:
-        """Mirror a store watch into a cache; every change may change the policy."""
+        """Mirror a store watch into a cache. Every event calls ``changed`` with the
+        object's name (None for the list's end, after the sweep); without it, every event
+        may change the policy."""
         async for event in events:
-            self.policy_changed()
+            if changed is None:
+                self.policy_changed()
             if event.kind is EventKind.SYNCED:
                 self._sweep(stream, cache)
                 self._synced_stream(stream)
+                if changed is not None:
+                    changed(None)
                 continue
             self._stale[stream].discard(event.name)
             if event.kind is EventKind.UPSERT and event.value is not None:
                 cache[event.name] = event.value
             else:
                 cache.pop(event.name, None)
+            if changed is not None:
+                changed(event.name)
 
     async def _watch_endpoints(self) -> None:
         mirror = EndpointMirror(

@@ -129,6 +129,7 @@ def _mode(store: str, store_args: list[str], agents: int, run: str, workdir: Pat
                 str(sockets[i]),
                 "--metrics-address",
                 "none",
+                "--no-flows",  # (the benchmark measures propagation, not flows)
                 # many agents on one host: each its own userspace maps, never the shared
                 # machine-wide pinned kernel ipcache, and no routes in the host's table
                 "--datapath",

@@ -2,9 +2,9 @@
 
 This module adds the ``bench`` command and its subcommands. Each subcommand's module
 (``bench_kvstore_cmd``, ``bench_identities_cmd``, ``bench_propagation_cmd``,
-``bench_datapath_cmd``, ``bench_kube_cmd``) parses its arguments, runs a benchmark of
-:mod:`controlplane.bench` and prints its result; what they share is in ``bench_common``;
-progress goes to stderr.
+``bench_datapath_cmd``, ``bench_kube_cmd``, ``bench_lb_cmd``) parses its arguments, runs a
+benchmark of :mod:`controlplane.bench` and prints its result; what they share is in
+``bench_common``; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from typing import Any
 
 from controlplane.cli import (
     bench_datapath_cmd,
+    bench_flows_cmd,
     bench_identities_cmd,
     bench_kube_cmd,
     bench_kvstore_cmd,
+    bench_lb_cmd,
     bench_propagation_cmd,
 )
 
@@ -27,4 +29,6 @@ def register(subparsers: Any) -> None:
     bench_identities_cmd.register(commands)
     bench_propagation_cmd.register(commands)
     bench_datapath_cmd.register(commands)
+    bench_flows_cmd.register(commands)
     bench_kube_cmd.register(commands)
+    bench_lb_cmd.register(commands)

@@ -1,4 +1,4 @@
-"""`cpctl bpf ipcache list|policy list ENDPOINT_ID|metrics|ct list`: read the pinned maps.
+"""`cpctl bpf ipcache list|policy list ENDPOINT_ID|metrics|ct list|lb list`: the pinned maps.
 
 Reads the maps the agent and the tc program share, pinned under ``--pin-dir`` (default
 ``/sys/fs/bpf/cp``, the agent's ``--bpf-pin-dir``). Needs root; a missing pin (no agent in
@@ -27,6 +27,13 @@ from controlplane.datapath.layouts import (
     METRICS_MAP_NAME,
     POLICY_MAP_NAME,
 )
+from controlplane.datapath.lbmap import (
+    LB_METRICS_MAP_NAME,
+    LB_SERVICES_MAP_NAME,
+    LB_SLOTS_MAP_NAME,
+    lb_entries,
+    read_counters,
+)
 from controlplane.datapath.policymap import endpoint_flags, policy_rows
 from controlplane.model import PROTOCOLS
 
@@ -54,7 +61,13 @@ def register(subparsers: Any) -> None:
     ct_cmds = ct.add_subparsers(dest="ct_command", required=True)
     ct_list = ct_cmds.add_parser("list", help="the flows endpoints opened, with their state")
     ct_list.set_defaults(run=run_ct_list)
-    for parser in (ipcache_list, policy_list, metrics, ct_list):
+    lb = commands.add_parser("lb", help="the service load-balancing maps")
+    lb_cmds = lb.add_subparsers(dest="lb_command", required=True)
+    lb_list = lb_cmds.add_parser(
+        "list", help="every service frontend with its current backend set and counters"
+    )
+    lb_list.set_defaults(run=run_lb_list)
+    for parser in (ipcache_list, policy_list, metrics, ct_list, lb_list):
         parser.add_argument(
             "--pin-dir", type=Path, default=DEFAULT_PIN_DIR, help="where the maps are pinned"
         )
@@ -161,6 +174,41 @@ async def run_ct_list(args: argparse.Namespace) -> int:
             "closing" if r["closing"] else "open",
             f"{r['age_s']:.0f}s",
             f"{r['expires_in_s']:.0f}s" if r["expires_in_s"] else "expired",
+        ],
+    )
+
+
+async def run_lb_list(args: argparse.Namespace) -> int:
+    with (
+        _pinned(args.pin_dir, LB_SERVICES_MAP_NAME) as services,
+        _pinned(args.pin_dir, LB_SLOTS_MAP_NAME) as slots,
+        _pinned(args.pin_dir, LB_METRICS_MAP_NAME) as metrics,
+    ):
+        rows = []
+        for entry in lb_entries(services, slots):
+            counters = read_counters(metrics, entry.frontend_id)
+            fe = entry.frontend
+            rows.append({
+                "frontend": f"{fe.vip}:{fe.port}/{_PROTO_NAMES.get(fe.proto, fe.proto)}",
+                "frontend_id": entry.frontend_id,
+                "revision": entry.revision,
+                "backends": [None if b is None else f"{b.ip}:{b.port}" for b in entry.backends],
+                "counters": None if counters is None else asdict(counters),
+            })  # fmt: skip
+    return _show(
+        args,
+        rows,
+        ["FRONTEND", "ID", "REV", "BACKENDS", "CONNECTS", "DATAGRAMS", "REFUSED"],
+        lambda r: [
+            r["frontend"],
+            r["frontend_id"],
+            r["revision"],
+            ",".join(b or "(missing)" for b in r["backends"]) or "(none: refused)",
+            *(
+                [r["counters"][k] for k in ("connects", "datagrams", "refused")]
+                if r["counters"]
+                else ["-", "-", "-"]
+            ),
         ],
     )
 

@@ -17,8 +17,10 @@ from controlplane.cli import (
     ipam_cmd,
     kube_cmd,
     kvstore_cmd,
+    observe_cmd,
     policy_cmd,
     scale_cmd,
+    service_cmd,
     status_cmd,
     up_cmd,
     views_cmd,
@@ -45,7 +47,9 @@ def build_parser() -> Parser:
     views_cmd.register_node(commands)
     ipam_cmd.register(commands)
     status_cmd.register(commands)
+    observe_cmd.register(commands)
     policy_cmd.register(commands)
+    service_cmd.register(commands)
     bpf_cmd.register(commands)
     bench_cmd.register(commands)
     scale_cmd.register(commands)

@@ -69,7 +69,11 @@ def _print(status: dict[str, Any]) -> None:
     print(f"cluster:    {status.get('cluster')}")
     print(f"pod CIDR:   {status.get('cidr') or '-'}")
     print(f"phase:      {status.get('phase')}")
-    print(f"kvstore:    {kv.get('state')}")
+    store = status.get("store") or {}
+    if store.get("mode") == "crd":
+        print(f"store:      {store.get('describe')}: {kv.get('state')}")
+    else:
+        print(f"kvstore:    {kv.get('state')}")
     print(f"endpoints:  {status.get('endpoints')}")
     last = restarts.get("last_reason")
     print(
@@ -88,6 +92,17 @@ def _print(status: dict[str, Any]) -> None:
         print(f"sysctl:     {s.get('name')}={s.get('value')} {state}{changed}")
     for name, m in datapath.get("maps", {}).items():
         print(f"map:        {name} ({datapath.get('mode')}): {m.get('entries')} entries")
+    services = status.get("services")
+    if services is not None:
+        sock_lb = datapath.get("socket_lb") or {}
+        lb_state = "attached" if sock_lb.get("attached") else "not attached"
+        print(
+            f"services:   {services.get('services', 0)} services, "
+            f"{services.get('frontends', 0)} frontends; socket LB {lb_state} "
+            f"({sock_lb.get('detail', '-')})"
+        )
+        for conflict in services.get("conflicts", []):
+            print(f"conflict:   {conflict}")
     if status.get("malformed_skipped"):
         print(f"malformed:  {int(status['malformed_skipped'])} values skipped")
     rows = []

@@ -15,10 +15,12 @@ from controlplane.crd.client import KubeClient
 from controlplane.crd.endpoints import CrdEndpointStore
 from controlplane.crd.identities import CrdIdentityStore
 from controlplane.crd.ipam import CrdCIDRStore
+from controlplane.crd.ipam import list_all_claims as list_crd_claims
 from controlplane.crd.ipam import list_all_leases as list_crd_leases
 from controlplane.crd.kubeconfig import load_connection
 from controlplane.crd.nodes import CrdNodeStore
 from controlplane.crd.policies import CrdPolicyStore
+from controlplane.crd.services import CrdServiceStore
 from controlplane.flags import add_kvstore_flags, add_store_flags, store_config
 from controlplane.kvstore.endpoints import KvEndpointStore
 from controlplane.kvstore.identities import KvIdentityStore
@@ -26,10 +28,18 @@ from controlplane.kvstore.ipam import KvCIDRStore, list_all_claims, list_all_lea
 from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.nodes import KvNodeStore
 from controlplane.kvstore.policies import KvPolicyStore
+from controlplane.kvstore.services import KvServiceStore
 from controlplane.kvstore.shards import ShardMap
 from controlplane.metrics import StoreMetrics
 from controlplane.model import IPLease, NumericIdentity
-from controlplane.store import CIDRStore, EndpointStore, IdentityStore, NodeStore, PolicyStore
+from controlplane.store import (
+    CIDRStore,
+    EndpointStore,
+    IdentityStore,
+    NodeStore,
+    PolicyStore,
+    ServiceStore,
+)
 from controlplane.store_types import CIDRClaim, Versioned
 
 
@@ -57,6 +67,9 @@ class ClusterStores:
     """Every node's IP leases."""
     claims: Callable[[str], Awaitable[list[Versioned[CIDRClaim]]]]
     """Every pod CIDR claim of a pool, sorted by CIDR (kvstore mode: from every shard)."""
+    services: ServiceStore | None = None
+    """Services: kvstore records, or Kubernetes Services and their EndpointSlices (CRD
+    mode); None where a mode has none."""
 
     def malformed(self, resource: str) -> int:
         value = self.metrics.registry.get_sample_value(
@@ -96,9 +109,7 @@ async def open_config_stores(
             cidrs = CrdCIDRStore(client, metrics)
 
             async def crd_claims(pool: str) -> list[Versioned[CIDRClaim]]:
-                found = await cidrs.list(pool)
-                found.sort(key=lambda v: (v.value.cidr.version, int(v.value.cidr.network_address)))
-                return found
+                return await list_crd_claims(client, metrics, pool)
 
             yield ClusterStores(
                 mode="crd",
@@ -109,6 +120,7 @@ async def open_config_stores(
                 nodes=CrdNodeStore(client, metrics),
                 cidrs=cidrs,
                 policies=CrdPolicyStore(client, metrics),
+                services=CrdServiceStore(client, metrics),
                 references=users,
                 leases=crd_leases,
                 claims=crd_claims,
@@ -137,6 +149,7 @@ async def open_config_stores(
             nodes=KvNodeStore(shards, layout, metrics, None, node=None, cluster=cluster),
             cidrs=KvCIDRStore(shards, layout, metrics),
             policies=KvPolicyStore(shards, layout, metrics),
+            services=KvServiceStore(shards, layout, metrics),
             references=references,
             leases=leases,
             claims=claims,

@@ -13,11 +13,13 @@ Writes come from the pod's node only: :meth:`CrdEndpointStore.upsert` merges its
 into the pod's object (create, or an update guarded by the resourceVersion; a 409 is
 re-read and retried with backoff). An object of another node is never overwritten, and
 an IP that another node's object already publishes is refused
-(:class:`EndpointConflict`), as far as a label-selector read just before the write can
-tell: two nodes writing one IP into different objects at the same instant both succeed,
+(:class:`EndpointConflict`), as far as the store knows (what its ipcache watch,
+:meth:`CrdEndpointStore.watch_ip_identities`, has seen; without one, a label-selector read
+just before the write): two nodes writing one IP into different objects at once both succeed,
 and readers then pick one as above (IPAM's disjoint per-node CIDRs are what keeps IPs
 unique). The node keeps what it published in memory and repairs it: an object deleted or
-edited by hand is re-created or re-written (:meth:`CrdEndpointStore.run`).
+edited by hand is re-created or re-written (:meth:`CrdEndpointStore.run`). As for any
+namespaced object, the pod's namespace must exist (else the write fails with NotFound).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from controlplane.crd.client import JSON, KubeClient
@@ -58,7 +61,7 @@ from controlplane.model import (
     ip_identity_from_dict,
     parse_ip,
 )
-from controlplane.store_types import AddressConflict, StoreEvent, Versioned
+from controlplane.store_types import AddressConflict, EventKind, StoreEvent, Versioned
 
 __all__ = ["RESOURCE", "CrdEndpointStore", "EndpointConflict", "ReadOnlyStore"]
 
@@ -75,6 +78,14 @@ class ReadOnlyStore(RuntimeError):
 
 class EndpointConflict(CrdError, AddressConflict):
     """The IP (or the pod's object) is published by another node; nothing was written."""
+
+
+@dataclass(slots=True)
+class _AddressBook:
+    """Who claims each IP, as an ip-identity watch of this store sees it."""
+
+    claims: dict[str, dict[str, IPIdentity]] = field(default_factory=dict)
+    synced: bool = False
 
 
 def _records(obj: JSON) -> list[tuple[str, dict[str, Any]]]:
@@ -167,6 +178,7 @@ class CrdEndpointStore:
         """namespace/name -> the spec this node wants its object to have."""
         self._where: dict[IPAddress, str] = {}
         self._locks: KeyedLocks[str] = KeyedLocks()
+        self._book: _AddressBook | None = None
         self.repairer: Repairer | None = None
         if node is not None:
             self.repairer = Repairer(
@@ -222,6 +234,10 @@ class CrdEndpointStore:
                 "hostIP": str(endpoint.host_ip),
             }
             self._wanted[key] = spec
+            if current is not None and self._looks_right(key, current):
+                # already so (a re-publish after a restart): no write, no event; nothing
+                # propagates, so "issued" is now
+                return time.monotonic()
             issued = await self._write(key, spec, current)
             if dropped is not None and dropped.get("ip") != entry["ip"]:
                 with contextlib.suppress(ModelError):
@@ -247,12 +263,18 @@ class CrdEndpointStore:
 
     async def _take_address(self, ip: IPAddress, key: str, node: str) -> None:
         """Refuse an IP another node's object publishes; drop it from our other objects."""
-        found = await self.client.list(ENDPOINTS, label_selector=address_selector(ip))
-        for obj in found.items:
-            other = object_key(obj)
-            if other == key or not any(_is_ip(e, ip) for e in _entries(obj)):
-                continue
-            holder = _holder(obj)
+        claimants: dict[str, str | None] = {}
+        book = self._book
+        if book is not None and book.synced:
+            for other, pair in book.claims.get(str(ip), {}).items():
+                claimants[other] = pair.node
+        else:
+            found = await self.client.list(ENDPOINTS, label_selector=address_selector(ip))
+            for obj in found.items:
+                if any(_is_ip(e, ip) for e in _entries(obj)):
+                    claimants[object_key(obj)] = _holder(obj)
+        claimants.pop(key, None)
+        for other, holder in sorted(claimants.items()):
             if holder is not None and holder != node:
                 log.warning(
                     "IP %s is held by node %r (%s); node %r gives it up", ip, holder, other, node
@@ -262,6 +284,7 @@ class CrdEndpointStore:
                     f"overwrite it",
                     status=409,
                 )
+        for other in sorted(claimants):
             await self._remove_from(other, ip, node)  # a stale object of ours
 
     async def _remove_from(self, key: str, ip: IPAddress, node: str) -> None:
@@ -372,7 +395,23 @@ class CrdEndpointStore:
         return self.codec.watch(KubeListWatcher(self.client, ENDPOINTS))
 
     def watch_ip_identities(self) -> AsyncIterator[builtins.list[StoreEvent[IPIdentity]]]:
-        return self.ip_codec.watch_batches(KubeListWatcher(self.client, ENDPOINTS))
+        """:meth:`watch`, as the ipcache needs it. While one runs (an agent's ipcache
+        watch always does), who claims each IP is known here, and :meth:`upsert` checks
+        an IP against it instead of listing the API server."""
+        return self._ip_identities()
+
+    async def _ip_identities(self) -> AsyncIterator[builtins.list[StoreEvent[IPIdentity]]]:
+        book = _AddressBook()
+        self._book = book
+        try:
+            watcher = KubeListWatcher(self.client, ENDPOINTS)
+            async for batch in self.ip_codec.watch_batches(watcher, book.claims):
+                if not book.synced and any(e.kind is EventKind.SYNCED for e in batch):
+                    book.synced = True
+                yield batch
+        finally:
+            if self._book is book:
+                self._book = None
 
     def _writer(self, what: str) -> NodeName:
         if self.node is None:

@@ -16,6 +16,12 @@ someone already adopted is never deleted as a loser. The creation revision is th
 object's resourceVersion until its first update; every update we make (the GC's mark)
 writes it into the ``controlplane.io/created-revision`` annotation first.
 
+While :meth:`CrdIdentityStore.run` runs, its watch of every Identity (which repairs the
+identities this node holds: re-created with the same ID when deleted, put back when
+edited) also keeps an index by label set; a list+watch is a consistent view, as good as a
+fresh list for "the earliest created of this label set", so adopting a known identity
+costs no request (a marked one, the guarded unmark).
+
 References are the Endpoint objects (there are no per-node reference objects, so
 ``release`` is local). The collector marks identities that no Endpoint references (the
 ``controlplane.io/gc-unused-since`` annotation, a resourceVersion-guarded write) and, a
@@ -39,7 +45,7 @@ from datetime import UTC, datetime
 
 from controlplane.crd.client import JSON, KubeClient
 from controlplane.crd.errors import AlreadyExists, Conflict, CrdError, NotFound
-from controlplane.crd.listwatch import KubeListWatcher, revision_of
+from controlplane.crd.listwatch import EventType, KubeEvent, KubeListWatcher, revision_of
 from controlplane.crd.names import (
     CREATED_REVISION,
     GC_MARK,
@@ -48,9 +54,11 @@ from controlplane.crd.names import (
     labels_hash,
     labels_selector,
 )
-from controlplane.crd.records import ObjectCodec, meta_of, spec_of
+from controlplane.crd.owner import Repairer
+from controlplane.crd.records import MALFORMED, ObjectCodec, meta_of, spec_of
 from controlplane.crd.resources import ENDPOINTS, IDENTITIES
-from controlplane.crd.retry import backoff
+from controlplane.crd.retry import backoff, on_conflict
+from controlplane.keyedlocks import KeyedLocks
 from controlplane.metrics import StoreMetrics
 from controlplane.model import (
     Identity,
@@ -148,12 +156,74 @@ class CrdIdentityStore:
         self.client = client
         self.node = node
         self.ids = id_range or cluster_identity_range()
+        self.metrics = metrics
         self.codec = ObjectCodec(RESOURCE, metrics, _expand)
         self._used: set[int] = set()
         self._loaded = False
         self.changed: list[Callable[[Identity, Identity], None]] = []
-        """Kept for parity with the kvstore store; CRD mode never replaces an identity a
-        node references (references are its Endpoints, which the GC counts)."""
+        """Called with (old, new) when an identity this node holds was deleted (by hand, or
+        by the GC in its known window) and its labels had to take another ID."""
+        self._held: dict[Labels, Identity] = {}
+        self._held_by_name: dict[str, Identity] = {}
+        self._locks: KeyedLocks[Labels] = KeyedLocks()
+        self.repairer: Repairer | None = None
+        if node is not None:
+            self.repairer = Repairer(
+                f"identities of {node}",
+                lambda: KubeListWatcher(client, IDENTITIES),
+                lambda: self._held_by_name.keys(),
+                self._looks_right,
+                self._reconcile,
+                observe=self._observe,
+            )
+        self._index: dict[Labels, dict[str, tuple[tuple[int, str], JSON]]] = {}
+        """label set -> its identity objects as the repair watch last saw them."""
+        self._index_keys: dict[str, Labels] = {}
+        self._indexed = False
+
+    async def run(self) -> None:
+        """Put back the identities this node holds when they are deleted or edited by
+        others (re-created with the same ID when it is still free), until cancelled.
+        Its watch also feeds the index that lets :meth:`acquire` find an existing
+        identity without asking the API server."""
+        if self.repairer is None:
+            return
+        try:
+            await self.repairer.run()
+        finally:
+            self._indexed = False
+            self._index.clear()
+            self._index_keys.clear()
+
+    def _observe(self, event: KubeEvent) -> None:
+        if event.type is EventType.LIST_DONE:
+            self._indexed = True
+            return
+        labels = self._index_keys.pop(event.key, None)
+        if labels is not None:
+            bucket = self._index[labels]
+            del bucket[event.key]
+            if not bucket:
+                del self._index[labels]
+        if event.type is not EventType.PUT or event.object is None:
+            return
+        try:
+            identity = _expand(event.object)[0][1]
+        except MALFORMED:
+            return  # readers count it; for allocation it does not exist
+        if identity.is_reserved:
+            return
+        order = creation_order(event.object)
+        self._index.setdefault(identity.labels, {})[event.key] = (order, event.object)
+        self._index_keys[event.key] = identity.labels
+
+    def _indexed_matches(self, labels: Labels) -> list[JSON]:
+        """The identities of ``labels`` the watch knows, earliest created first; [] when
+        the index is not ready or knows none (then the API server is asked)."""
+        bucket = self._index.get(labels) if self._indexed else None
+        if not bucket:
+            return []
+        return [obj for _, obj in sorted(bucket.values(), key=lambda item: item[0])]
 
     @property
     def id_ranges(self) -> list[IdentityRange]:
@@ -167,6 +237,26 @@ class CrdIdentityStore:
             return Identity(reserved, labels)
         if self.node is None:
             raise RuntimeError("a read-only identity store cannot allocate")
+        async with self._locks(labels):
+            identity = await self._allocate(labels)
+            self._hold(identity)
+        return identity
+
+    def _hold(self, identity: Identity) -> None:
+        previous = self._held.pop(identity.labels, None)
+        if previous is not None:
+            self._held_by_name.pop(identity_name(previous.id), None)
+        self._held[identity.labels] = identity
+        self._held_by_name[identity_name(identity.id)] = identity
+
+    async def _allocate(self, labels: Labels, prefer: int | None = None) -> Identity:
+        # The watch's index is a consistent (if slightly late) view, as good as a list for
+        # "the earliest created of this label set"; it saves a list per acquire.
+        indexed = self._indexed_matches(labels)
+        if indexed and prefer is None:
+            adopted = await self._adopt(labels, indexed[0])
+            if adopted is not None:
+                return adopted
         for attempt in range(MAX_ATTEMPTS):
             matches = await self._matches(labels)
             if matches:
@@ -174,7 +264,7 @@ class CrdIdentityStore:
                 if adopted is not None:
                     return adopted
                 continue  # collected under us: look again
-            created = await self._create(labels)
+            created = await self._create(labels, prefer if attempt == 0 else None)
             if created is None:
                 continue  # the ID was taken: another one
             obj, identity = created
@@ -235,8 +325,13 @@ class CrdIdentityStore:
                 obj = current
         raise AllocationConflict(f"identity for {labels} kept changing while we adopted it")
 
-    async def _create(self, labels: Labels) -> tuple[JSON, Identity] | None:
-        candidate = await self._pick_free()
+    async def _create(
+        self, labels: Labels, prefer: int | None = None
+    ) -> tuple[JSON, Identity] | None:
+        if prefer is not None and self.ids.contains(prefer):
+            candidate = NumericIdentity(prefer)
+        else:
+            candidate = await self._pick_free()
         identity = Identity(candidate, labels)
         try:
             obj = await self.client.create(IDENTITIES, identity_object(identity))
@@ -274,7 +369,72 @@ class CrdIdentityStore:
         self._loaded = True
 
     async def release(self, identity: Identity) -> None:
-        """Nothing to write: in CRD mode a node's references are its Endpoint objects."""
+        """Nothing to write (in CRD mode a node's references are its Endpoint objects);
+        the identity is no longer this node's to repair."""
+        if self._held.get(identity.labels) == identity:
+            del self._held[identity.labels]
+            self._held_by_name.pop(identity_name(identity.id), None)
+
+    # -- repair ----------------------------------------------------------------------
+
+    def _looks_right(self, key: str, obj: JSON) -> bool:
+        held = self._held_by_name.get(key)
+        try:
+            return held is None or _expand(obj)[0][1] == held
+        except MALFORMED:
+            return False
+
+    async def _reconcile(self, key: str) -> None:
+        held = self._held_by_name.get(key)
+        if held is None:
+            return
+        async with self._locks(held.labels):
+            if self._held.get(held.labels) != held:
+                return  # released or replaced meanwhile
+            current = await self.client.get_or_none(IDENTITIES, key)
+            if current is not None:
+                if self._looks_right(key, current):
+                    return
+                await self._put_back(held, current)
+                log.warning("identity %s was edited by someone else; put back", key)
+                self.metrics.repairs.labels(RESOURCE, "changed").inc()
+                return
+            identity = await self._allocate(held.labels, prefer=held.id)
+            self._hold(identity)
+            self.metrics.repairs.labels(RESOURCE, "deleted").inc()
+        if identity == held:
+            log.warning("identity %s was deleted while this node holds it; re-created", key)
+            return
+        log.warning(
+            "identity %s of %s was deleted while this node holds it; it is %d now",
+            key,
+            held.labels,
+            identity.id,
+        )
+        for callback in self.changed:
+            callback(held, identity)
+
+    async def _put_back(self, held: Identity, current: JSON) -> None:
+        """Rewrite the object's labels as ``held`` has them (guarded; 409 re-read)."""
+        seen: JSON | None = current
+
+        async def step() -> None:
+            nonlocal seen
+            obj = (
+                seen
+                if seen is not None
+                else await self.client.get(IDENTITIES, identity_name(held.id))
+            )
+            seen = None
+            meta = meta_of(obj)
+            body = identity_object(held)
+            body["metadata"] = {
+                **meta,
+                "labels": {**(meta.get("labels") or {}), LABELS_HASH: labels_hash(held.labels)},
+            }
+            await self.client.replace(IDENTITIES, body)
+
+        await on_conflict(step, f"put back identity {held.id}")
 
     # -- reads -----------------------------------------------------------------------
 
@@ -300,6 +460,21 @@ class CrdIdentityStore:
 
     def watch(self) -> AsyncIterator[StoreEvent[Identity]]:
         return self.codec.watch(KubeListWatcher(self.client, IDENTITIES))
+
+    async def references(self) -> dict[NumericIdentity, builtins.list[NodeName]]:
+        """Which nodes reference each identity: the nodes of the Endpoints that name it
+        (for `cpctl identity get`)."""
+        refs: dict[NumericIdentity, set[NodeName]] = {}
+        async for page in self.client.list_pages(ENDPOINTS):
+            for obj in page.items:
+                try:
+                    spec = spec_of(obj)
+                    ident, node = spec["identity"]["id"], spec["node"]
+                except (ValueError, KeyError, TypeError):
+                    continue  # the endpoint readers count it
+                if isinstance(ident, int) and isinstance(node, str):
+                    refs.setdefault(NumericIdentity(ident), set()).add(NodeName(node))
+        return {ident: sorted(nodes) for ident, nodes in refs.items()}
 
 
 class CrdIdentityCollector:

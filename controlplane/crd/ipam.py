@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from controlplane.crd.client import JSON, KubeClient
 from controlplane.crd.errors import AlreadyExists, Conflict
 from controlplane.crd.listwatch import KubeListWatcher, object_revision
-from controlplane.crd.names import POD_CIDR_POOL, cidr_name, label_value, pool_selector
+from controlplane.crd.names import POD_CIDR_POOL, cidr_name, label_value
 from controlplane.crd.nodes import node_object
 from controlplane.crd.owner import Repairer
 from controlplane.crd.records import ObjectCodec, meta_of, spec_of
@@ -45,7 +45,14 @@ from controlplane.model import (
 )
 from controlplane.store_types import CIDRClaim, StoreEvent, Versioned
 
-__all__ = ["CLAIM_RESOURCE", "LEASE_RESOURCE", "CrdCIDRStore", "CrdIPLeaseStore"]
+__all__ = [
+    "CLAIM_RESOURCE",
+    "LEASE_RESOURCE",
+    "CrdCIDRStore",
+    "CrdIPLeaseStore",
+    "list_all_claims",
+    "list_all_leases",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +70,12 @@ def claim_name(claim: CIDRClaim) -> str:
 def _claim_expander(pool: str) -> Callable[[JSON], list[tuple[str, CIDRClaim]]]:
     def expand(obj: JSON) -> list[tuple[str, CIDRClaim]]:
         spec = spec_of(obj)
-        if spec["pool"] != pool:
-            raise InvalidRecord(f"PodCIDR of pool {spec['pool']!r} labelled as pool {pool!r}")
+        if spec.get("pool") != pool:
+            return []  # another pool's claim (or a malformed one, counted by its readers)
         cidr = parse_cidr(spec["cidr"])
-        if str(cidr) != spec["cidr"] or meta_of(obj).get("name") != cidr_name(pool, cidr):
+        if str(cidr) != spec["cidr"]:
             raise InvalidRecord(
-                f"PodCIDR {meta_of(obj).get('name')!r} does not name {spec['cidr']!r}"
+                f"PodCIDR {meta_of(obj).get('name')!r}: {spec['cidr']!r} is not canonical"
             )
         claim = CIDRClaim(pool, cidr, parse_node_name(spec["node"]))
         return [(claim_name(claim), claim)]
@@ -97,8 +104,9 @@ class CrdCIDRStore:
         return codec
 
     async def list(self, pool: str) -> builtins.list[Versioned[CIDRClaim]]:
-        found = await self.client.list(POD_CIDRS, label_selector=pool_selector(pool))
-        return self._codec(pool).decode_all(found.items)
+        # Every claim, filtered by spec.pool (a node count of objects): a claim written
+        # without the pool label still counts.
+        return self._codec(pool).decode_all((await self.client.list(POD_CIDRS)).items)
 
     async def claim(self, claim: CIDRClaim) -> bool:
         """Create the claim: False when the CIDR is taken."""
@@ -134,21 +142,35 @@ class CrdCIDRStore:
 
     def watch(self, pool: str) -> AsyncIterator[StoreEvent[CIDRClaim]]:
         """List-then-watch the claims of ``pool`` (named by CIDR, ``_`` for ``/``)."""
-        watcher = KubeListWatcher(self.client, POD_CIDRS, label_selector=pool_selector(pool))
-        return self._codec(pool).watch(watcher)
+        return self._codec(pool).watch(KubeListWatcher(self.client, POD_CIDRS))
 
 
-def _used(obj: JSON) -> dict[str, object]:
-    status = obj.get("status")
-    ipam = status.get("ipam") if isinstance(status, dict) else None
-    used = ipam.get("used") if isinstance(ipam, dict) else None
-    return dict(used) if isinstance(used, dict) else {}
+async def list_all_leases(client: KubeClient, metrics: StoreMetrics) -> list[Versioned[IPLease]]:
+    """Every node's IP leases (from every Node's status), sorted by node then IP."""
+    out: list[Versioned[IPLease]] = []
+    codec: ObjectCodec[IPLease] = ObjectCodec(LEASE_RESOURCE, metrics, lambda _: [])
+    for obj in (await client.list(NODES)).items:
+        name = str((obj.get("metadata") or {}).get("name", ""))
+        try:
+            node = parse_node_name(name)
+        except ModelError as exc:
+            codec.skip(name, exc)
+            continue
+        out.extend(_leases_of(obj, node, codec))
+    out.sort(key=lambda v: (v.value.node, v.value.ip.version, int(v.value.ip)))
+    return out
 
 
-def _leases_of(
-    node: NodeName, obj: JSON, codec: ObjectCodec[IPLease]
-) -> builtins.list[Versioned[IPLease]]:
-    """The leases in one Node object's status (malformed entries skipped and counted)."""
+async def list_all_claims(
+    client: KubeClient, metrics: StoreMetrics, pool: str = "default"
+) -> list[Versioned[CIDRClaim]]:
+    """Every claim of ``pool``, sorted by CIDR."""
+    claims = await CrdCIDRStore(client, metrics).list(pool)
+    claims.sort(key=lambda v: (v.value.cidr.version, int(v.value.cidr.network_address)))
+    return claims
+
+
+def _leases_of(obj: JSON, node: NodeName, codec: ObjectCodec[IPLease]) -> list[Versioned[IPLease]]:
     version = object_revision(obj)
     out: list[Versioned[IPLease]] = []
     for text, owner in _used(obj).items():
@@ -158,25 +180,14 @@ def _leases_of(
             codec.skip(f"{node}/status.ipam.used[{text}]", exc)
             continue
         out.append(Versioned(lease, version))
-    out.sort(key=lambda v: (v.value.ip.version, int(v.value.ip)))
     return out
 
 
-async def list_all_leases(
-    client: KubeClient, metrics: StoreMetrics
-) -> builtins.list[Versioned[IPLease]]:
-    """Every node's IP leases, sorted by node then IP."""
-    codec: ObjectCodec[IPLease] = ObjectCodec(LEASE_RESOURCE, metrics, lambda _: [])
-    out: list[Versioned[IPLease]] = []
-    for obj in (await client.list(NODES)).items:
-        name = str((obj.get("metadata") or {}).get("name", ""))
-        try:
-            node = parse_node_name(name)
-        except ModelError as exc:
-            codec.skip(name, exc)
-            continue
-        out.extend(_leases_of(node, obj, codec))
-    return out
+def _used(obj: JSON) -> dict[str, object]:
+    status = obj.get("status")
+    ipam = status.get("ipam") if isinstance(status, dict) else None
+    used = ipam.get("used") if isinstance(ipam, dict) else None
+    return dict(used) if isinstance(used, dict) else {}
 
 
 class CrdIPLeaseStore:
@@ -207,7 +218,11 @@ class CrdIPLeaseStore:
 
     async def list(self) -> builtins.list[Versioned[IPLease]]:
         obj = await self.client.get_or_none(NODES, self.node)
-        return [] if obj is None else _leases_of(self.node, obj, self.codec)
+        if obj is None:
+            return []
+        out = _leases_of(obj, self.node, self.codec)
+        out.sort(key=lambda v: (v.value.ip.version, int(v.value.ip)))
+        return out
 
     async def claim(self, lease: IPLease) -> bool:
         """Record the lease unless the IP is leased to another endpoint; False when it is."""
@@ -260,7 +275,16 @@ class CrdIPLeaseStore:
 
     async def _reassert(self, *, repair: bool) -> None:
         async def step() -> int:
-            current = await self._node_object()
+            if repair:
+                # A repair waits for the Node object: after a kubectl delete the node
+                # store re-creates it (an event that brings us back); after deregister
+                # nobody should.
+                found = await self.client.get_or_none(NODES, self.node)
+                if found is None:
+                    return 0
+                current = found
+            else:
+                current = await self._node_object()
             used = _used(current)
             missing = self._missing(current)
             put: dict[str, object] = {}

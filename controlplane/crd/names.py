@@ -15,13 +15,7 @@ import re
 from typing import Final
 
 from controlplane.crd.resources import GC_MARK, GROUP, LABELS_HASH
-from controlplane.model import (
-    IPAddress,
-    IPNetwork,
-    Labels,
-    NumericIdentity,
-    parse_numeric_identity,
-)
+from controlplane.model import IPAddress, IPNetwork, Labels
 
 __all__ = [
     "CREATED_REVISION",
@@ -38,6 +32,7 @@ __all__ = [
     "label_value",
     "labels_hash",
     "labels_selector",
+    "node_selector",
 ]
 
 ENDPOINT_NODE: Final = f"{GROUP}/node"
@@ -70,10 +65,6 @@ def identity_name(ident: int) -> str:
     return str(int(ident))
 
 
-def identity_of_name(name: str) -> NumericIdentity:
-    return parse_numeric_identity(name)
-
-
 def label_value(text: str) -> str:
     """``text`` when it is a valid label value, else ``h-`` + 56 hex digits of its SHA-256."""
     if _LABEL_VALUE_RE.fullmatch(text):
@@ -95,10 +86,6 @@ def address_selector(ip: IPAddress) -> str:
 
 def node_selector(node: str) -> str:
     return f"{ENDPOINT_NODE}={label_value(node)}"
-
-
-def pool_selector(pool: str) -> str:
-    return f"{POD_CIDR_POOL}={label_value(pool)}"
 
 
 def cidr_name(pool: str, cidr: IPNetwork) -> str:

@@ -18,12 +18,13 @@ import random
 from collections.abc import Awaitable, Callable, Collection
 
 from controlplane.crd.client import JSON
-from controlplane.crd.listwatch import EventType, KubeListWatcher
+from controlplane.crd.listwatch import EventType, KubeEvent, KubeListWatcher
 from controlplane.store_types import StoreError
 
 log = logging.getLogger(__name__)
 
 RETRY_DELAY = 1.0
+MAX_RETRY_DELAY = 10.0
 
 
 class Repairer:
@@ -36,12 +37,16 @@ class Repairer:
         owned: Callable[[], Collection[str]],
         looks_right: Callable[[str, JSON], bool],
         reconcile: Callable[[str], Awaitable[None]],
+        *,
+        observe: Callable[[KubeEvent], None] | None = None,
     ) -> None:
         self.what = what
         self._watcher = watcher
         self._owned = owned
         self._looks_right = looks_right
         self._reconcile = reconcile
+        self._observe = observe
+        """Sees every event of the watch first (a store's read cache rides on it)."""
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self.synced = asyncio.Event()
@@ -60,6 +65,8 @@ class Repairer:
         seen: set[str] = set()
         async for batch in self._watcher().batches():
             for event in batch:
+                if self._observe is not None:
+                    self._observe(event)
                 if event.type is EventType.LIST_DONE:
                     for key in self._owned():
                         if key not in seen:
@@ -81,6 +88,7 @@ class Repairer:
                     self.touch(event.key)
 
     async def _work(self) -> None:
+        failures = 0
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -93,6 +101,18 @@ class Repairer:
                     log.warning("repairing %s %s failed (%s); will retry", self.what, key, exc)
                     self._dirty.add(key)
                     failed = True
+                except Exception:
+                    # A bug or an object nobody foresaw must not end the repairs of the
+                    # rest (bad input never crashes a daemon): say so loudly, retry later.
+                    log.exception("repairing %s %s failed; will retry", self.what, key)
+                    self._dirty.add(key)
+                    failed = True
             if failed:
-                await asyncio.sleep(random.uniform(0.5, 1.0) * RETRY_DELAY)
+                # Jittered and growing while the failures go on (an outage, a namespace
+                # that does not exist yet), so a stuck key costs a line a while, not a flood.
+                failures += 1
+                delay = min(MAX_RETRY_DELAY, RETRY_DELAY * 2 ** min(failures - 1, 8))
+                await asyncio.sleep(random.uniform(0.5, 1.0) * delay)
                 self._wake.set()
+            else:
+                failures = 0

@@ -77,6 +77,8 @@ class CrdPolicyStore:
                 except AlreadyExists:
                     raise Conflict(f"policy {policy.id} was created meanwhile") from None
                 return
+            if current.get("spec") == spec:
+                return  # unchanged: no write, no event for every agent
             body["metadata"] = meta_of(current)
             await self.client.replace(NETWORK_POLICIES, body)
 

@@ -92,9 +92,14 @@ class ObjectCodec(Generic[T]):
             for event in batch:
                 yield event
 
-    async def watch_batches(self, watcher: KubeListWatcher) -> AsyncIterator[list[StoreEvent[T]]]:
-        """The watcher's list+watch as store events, in its batches (never empty ones)."""
-        claims: dict[str, dict[str, T]] = {}
+    async def watch_batches(
+        self, watcher: KubeListWatcher, claims: dict[str, dict[str, T]] | None = None
+    ) -> AsyncIterator[list[StoreEvent[T]]]:
+        """The watcher's list+watch as store events, in its batches (never empty ones).
+
+        ``claims`` (empty; kept up to date for the caller to read): name -> {object key:
+        value} of every object that claims the name."""
+        claims = {} if claims is None else claims
         names_of: dict[str, list[str]] = {}
         shown: dict[str, T] = {}
         synced = False

@@ -474,6 +474,37 @@ class KernelMap(SizedMap):
             )
 
 
+def pinned_map(
+    directory: str | os.PathLike[str],
+    name: str,
+    map_type: int,
+    sizes: tuple[int, int],
+    max_entries: int,
+    flags: int = 0,
+) -> KernelMap:
+    """The map pinned at ``<directory>/<name>``: opened when pinned (its type, key and value
+    sizes, max entries and flags must be these), else created so and pinned. Declared so
+    in the C program too, libbpf reuses the pin and the map outlives the agent."""
+    path = os.path.join(directory, name)
+    want = (map_type, sizes[0], sizes[1], max_entries, flags)
+    if os.path.exists(path):
+        kmap = KernelMap.open_pinned(path)
+        got = (kmap.map_type, kmap.key_size, kmap.value_size, kmap.max_entries, kmap.flags)
+        if got != want:
+            kmap.close()
+            raise MapMismatchError(
+                f"pinned map {path}: (type, key, value, max, flags) {got}, want {want}"
+            )
+        return kmap
+    kmap = KernelMap.create(name, map_type, sizes[0], sizes[1], max_entries, flags)
+    try:
+        kmap.pin(path)
+    except BaseException:
+        kmap.close()
+        raise
+    return kmap
+
+
 def pinned_ipcache(
     prefix_dir: str, *, bpffs: str = BPFFS_ROOT, max_entries: int = IPCACHE_MAX_ENTRIES
 ) -> Ipcache:

@@ -33,6 +33,7 @@ from typing import Any, Final
 from controlplane.datapath.layouts import (
     CT_MAP_NAME,
     ENDPOINTS_MAP_NAME,
+    FLOW_MAP_NAMES,
     METRICS_MAP_NAME,
     POLICY_MAP_NAME,
     Config,
@@ -78,6 +79,7 @@ SHARED_MAPS: Final = (
     ENDPOINTS_MAP_NAME,
     METRICS_MAP_NAME,
     CT_MAP_NAME,
+    *FLOW_MAP_NAMES,
 )
 
 _BPFFS_MAGIC: Final = 0xCAFE4A11
@@ -139,31 +141,36 @@ def _in_source_tree() -> bool:
     return (BPF_SRC_DIR / "cp_datapath.c").is_file() and (BPF_SRC_DIR / "Makefile").is_file()
 
 
-def find_object(override: Path | None = None) -> Path:
+def find_object(override: Path | None = None, *, name: str = OBJECT_PATH.name) -> Path:
     """The datapath object to load: ``override`` (cp-cni's ``bpfObject``), else
     ``$CP_BPF_OBJECT``, else the source tree's ``bpf/cp_datapath.o`` (built when missing or
-    stale: a checkout or an editable install), else the one packaged in the wheel."""
-    if override is None and os.environ.get(OBJECT_ENV):
+    stale: a checkout or an editable install), else the one packaged in the wheel.
+    ``name`` picks another object of ``bpf/`` (``cp_sock_lb.o``: then only ``override``,
+    the source tree and the package are looked at)."""
+    if override is None and name == OBJECT_PATH.name and os.environ.get(OBJECT_ENV):
         override = Path(os.environ[OBJECT_ENV])
     if override is not None:
         if not override.is_file():
             raise BpfUnavailableError(f"datapath object {override} does not exist")
         return override
     if _in_source_tree():
-        return build_object()
-    if PACKAGED_OBJECT.is_file():
-        return PACKAGED_OBJECT
+        return build_object(name=name)
+    packaged = PACKAGED_OBJECT.with_name(name)
+    if packaged.is_file():
+        return packaged
     raise BpfUnavailableError(
-        f"no datapath object: {PACKAGED_OBJECT} is missing (a package built without clang?); "
-        f"rebuild it with `make -C {PACKAGED_OBJECT.parent}` or set {OBJECT_ENV}"
+        f"no datapath object: {packaged} is missing (a package built without clang?); "
+        f"rebuild it with `make -C {packaged.parent}` or set {OBJECT_ENV}"
     )
 
 
-def build_object(src_dir: Path = BPF_SRC_DIR, *, force: bool = False) -> Path:
-    """Run ``make -C bpf`` when the object is missing or older than a source in
+def build_object(
+    src_dir: Path = BPF_SRC_DIR, *, force: bool = False, name: str = OBJECT_PATH.name
+) -> Path:
+    """Run ``make -C bpf`` when the object ``name`` is missing or older than a source in
     ``src_dir`` (always with ``force``). An object older than its sources is used as it
     is where clang or make is missing (an installed copy whose files' times say little)."""
-    obj = src_dir / OBJECT_PATH.name
+    obj = src_dir / name
     if obj.exists() and not force:
         built = obj.stat().st_mtime
         sources = [*src_dir.glob("*.c"), *src_dir.glob("*.h")]

@@ -174,3 +174,13 @@ class UserspaceMap(SizedMap):
             raise MapError(f"map {self._name}: full ({self.max_entries} entries)")
         self._data[key] = value
         self.stats.updates += 1
+
+
+def update_in_batches(map_: Map, entries: Sequence[tuple[bytes, bytes]], size: int) -> int:
+    """Write ``entries`` in batch calls of at most ``size``, in order; how many were written."""
+    return sum(map_.batch_update(entries[i : i + size]) for i in range(0, len(entries), size))
+
+
+def delete_in_batches(map_: Map, keys: Sequence[bytes], size: int) -> int:
+    """Remove ``keys`` in batch calls of at most ``size``; how many were present."""
+    return sum(map_.batch_delete(keys[i : i + size]) for i in range(0, len(keys), size))

@@ -20,8 +20,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from controlplane.datapath.bpf_syscall import BPF_MAP_TYPE_HASH, MapMismatchError, ensure_bpffs
-from controlplane.datapath.kernel import KernelMap
+from controlplane.datapath.bpf_syscall import BPF_MAP_TYPE_HASH, ensure_bpffs
+from controlplane.datapath.kernel import KernelMap, pinned_map
 from controlplane.datapath.layouts import (
     ENDPOINTS_MAP_NAME,
     ENDPOINTS_MAX_ENTRIES,
@@ -36,7 +36,13 @@ from controlplane.datapath.layouts import (
     encode_policy_key,
     encode_policy_value,
 )
-from controlplane.datapath.maps import Map, MapError, UserspaceMap
+from controlplane.datapath.maps import (
+    Map,
+    MapError,
+    UserspaceMap,
+    delete_in_batches,
+    update_in_batches,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +122,10 @@ class PolicyMaps:
         return endpoint_flags(self.endpoints)
 
     def _update(self, map_: Map, entries: list[tuple[bytes, bytes]]) -> None:
-        for i in range(0, len(entries), self.batch_size):
-            self.stats.updates += map_.batch_update(entries[i : i + self.batch_size])
+        self.stats.updates += update_in_batches(map_, entries, self.batch_size)
 
     def _delete(self, map_: Map, keys: list[bytes]) -> None:
-        for i in range(0, len(keys), self.batch_size):
-            self.stats.deletes += map_.batch_delete(keys[i : i + self.batch_size])
+        self.stats.deletes += delete_in_batches(map_, keys, self.batch_size)
 
 
 def policy_rows(policy: Map, endpoint_id: int | None = None) -> list[PolicyRow]:
@@ -159,24 +163,7 @@ def pinned_hash_map(
     match ``bpf/cp_maps.h``), else created with flags 0 and pinned."""
     ensure_bpffs()
     os.makedirs(directory, exist_ok=True)
-    path = directory / name
-    want = (BPF_MAP_TYPE_HASH, sizes[0], sizes[1], max_entries, 0)
-    if path.exists():
-        kmap = KernelMap.open_pinned(path)
-        got = (kmap.map_type, kmap.key_size, kmap.value_size, kmap.max_entries, kmap.flags)
-        if got != want:
-            kmap.close()
-            raise MapMismatchError(
-                f"pinned map {path}: (type, key, value, max, flags) {got}, want {want}"
-            )
-        return kmap
-    kmap = KernelMap.create(name, BPF_MAP_TYPE_HASH, sizes[0], sizes[1], max_entries)
-    try:
-        kmap.pin(os.fspath(path))
-    except BaseException:
-        kmap.close()
-        raise
-    return kmap
+    return pinned_map(directory, name, BPF_MAP_TYPE_HASH, sizes, max_entries)
 
 
 def pinned_policy_maps(pin_dir: Path) -> PolicyMaps:

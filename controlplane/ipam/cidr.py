@@ -72,12 +72,22 @@ class ClusterPoolAllocator:
             self._lost.clear()
             await self._refresh()
 
-    async def allocate(self, node: NodeName) -> IPNetwork:
-        """The node's CIDR: its existing one, else the lowest free one, claimed."""
+    async def allocate(self, node: NodeName, prefer: IPNetwork | None = None) -> IPNetwork:
+        """The node's CIDR: its existing one, else ``prefer`` when it is a free CIDR of the
+        pool (the one the node already uses, whose claim was lost), else the lowest free
+        one, claimed."""
         async with self._lock:
             existing = self.cidr_of(node)
             if existing is not None:
                 return existing
+            if prefer is not None and self.pool.contains(prefer):
+                preferred = self.pool.index_of(prefer)
+                if not self._taken(preferred):
+                    claim = CIDRClaim(self.pool.name, prefer, node)
+                    if await self.store.claim(claim):
+                        self._record(preferred, Versioned(claim, 0))
+                        return prefer
+                    self._lost.add(preferred)
             refreshed = False
             while True:
                 index = self._lowest_free()

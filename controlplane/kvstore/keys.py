@@ -97,3 +97,11 @@ class KeyLayout:
 
     def policy(self, namespace: str, name: str) -> bytes:
         return self._key("state", "policies", "v1", namespace, name)
+
+    # services (appended: keys above are a stable interface)
+    @property
+    def service_prefix(self) -> bytes:
+        return self._key("state", "services", "v1", "")
+
+    def service(self, namespace: str, name: str) -> bytes:
+        return self._key("state", "services", "v1", namespace, name)

@@ -1,5 +1,5 @@
-"""Domain model: labels, identities, ID ranges, endpoints, nodes, CIDR pools, IP leases and
-network policy.
+"""Domain model: labels, identities, ID ranges, endpoints, nodes, CIDR pools, IP leases,
+network policy and services.
 
 Pure data and validation; no store code, no I/O, no global mutable state.
 
@@ -28,8 +28,9 @@ Each module imports only from the modules listed before it:
 * ``identity``: numeric and reserved identities, :class:`IdentityRange`, :class:`Identity`.
 * ``endpoint``: :class:`Endpoint`, :class:`IPIdentity` and the strict and fast paths that
   read stored endpoint records.
-* ``node``, ``ipam`` and ``policy`` (independent of each other): :class:`Node`;
-  :class:`IPLease`, :class:`CIDRPool` and usable addresses; network policy.
+* ``node``, ``ipam``, ``policy`` and ``service`` (independent of each other):
+  :class:`Node`; :class:`IPLease`, :class:`CIDRPool` and usable addresses; network
+  policy; services (:class:`Service`, :class:`Frontend`, :class:`Backend`).
 
 This package re-exports every public name; import from ``controlplane.model``.
 """
@@ -105,6 +106,13 @@ from controlplane.model.policy import (
     PortProtocol,
     selector_matches,
 )
+from controlplane.model.service import (
+    MAX_SERVICE_BACKENDS,
+    SERVICE_PROTOCOLS,
+    Backend,
+    Frontend,
+    Service,
+)
 
 __all__ = [
     "DEFAULT_CLUSTER_POOL",
@@ -120,19 +128,23 @@ __all__ = [
     "IDENTITY_WORLD",
     "KEY_COMPONENT_MAX_BYTES",
     "MAX_NUMERIC_IDENTITY",
+    "MAX_SERVICE_BACKENDS",
     "PROTOCOLS",
     "RESERVED_IDENTITIES",
     "RESERVED_IDENTITY_RANGE",
+    "SERVICE_PROTOCOLS",
     "SOURCE_ANY",
     "SOURCE_CIDR",
     "SOURCE_CONTAINER",
     "SOURCE_K8S",
     "SOURCE_RESERVED",
     "SOURCE_UNSPEC",
+    "Backend",
     "CIDRPool",
     "Endpoint",
     "EndpointID",
     "EndpointRecord",
+    "Frontend",
     "IPAddress",
     "IPIdentity",
     "IPLease",
@@ -151,6 +163,7 @@ __all__ = [
     "NodeName",
     "NumericIdentity",
     "PortProtocol",
+    "Service",
     "cluster_identity_range",
     "ip_identity_from_dict",
     "ip_identity_from_record",

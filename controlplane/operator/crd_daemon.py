@@ -10,7 +10,7 @@ together), then campaigns for the ``coordination.k8s.io/v1`` Lease
   ``PodCIDR`` named by the CIDR: the create is the claim), then write
   ``Node.spec.podCIDRs`` with a merge patch guarded by the resourceVersion it read; a node
   whose ``spec.podCIDRs`` was edited by hand is set back to its claim;
-- identity GC every ``gc_interval`` (:class:`~controlplane.crd.identity_gc.CrdIdentityCollector`,
+- identity GC every ``gc_interval`` (:class:`~controlplane.crd.identities.CrdIdentityCollector`,
   two rounds, uid and resourceVersion preconditions);
 - GC of the PodCIDR claims and Endpoints of nodes gone for ``node_gc_grace`` (deletes
   guarded by uid and resourceVersion).
@@ -32,32 +32,27 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
-from controlplane.crd.client import JSON, KubeClient
+from controlplane.crd.client import KubeClient
 from controlplane.crd.election import LeaseElection, LeaseSettings, LeaseTerm, NotLeader
 from controlplane.crd.errors import Conflict, CrdError, NotFound
-from controlplane.crd.identity_gc import CrdIdentityCollector
+from controlplane.crd.identities import CrdIdentityCollector
 from controlplane.crd.install import install_crds
 from controlplane.crd.ipam import CrdCIDRStore
 from controlplane.crd.kubeconfig import KubeConnection
-from controlplane.crd.listwatch import EventType, KubeListWatcher
+from controlplane.crd.nodes import CrdNodeStore
 from controlplane.crd.resources import ENDPOINTS, NODES
 from controlplane.ipam.cidr import ClusterPoolAllocator, PoolExhausted
-from controlplane.model import (
-    IPNetwork,
-    ModelError,
-    Node,
-    NodeName,
-    parse_cidr,
-    parse_ip,
-    parse_node_name,
-)
+from controlplane.model import IPNetwork, ModelError, Node, NodeName, parse_node_name
 from controlplane.operator.metrics import OperatorMetrics
 from controlplane.operator.settings import OperatorSettings
+from controlplane.operator.term import Job, run_term
+from controlplane.store_types import EventKind
 from controlplane.telemetry import Check, TelemetryServer
 
 log = logging.getLogger("cp-operator")
 
 _INSTALL_BACKOFF_MAX = 10.0
+_PATCH_ATTEMPTS = 8
 
 
 @dataclass(slots=True)
@@ -65,8 +60,11 @@ class _TermState:
     """What the leader tasks of one term share."""
 
     allocator: ClusterPoolAllocator | None = None
+    restored: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once ``allocator`` holds the claims as listed at the start of the term."""
     present: set[NodeName] = field(default_factory=set)
-    """Node objects that exist now (from the watch), readable or not."""
+    """Readable Node objects that exist now (from the watch; a malformed one reads as
+    absent, and the node GC reads the object itself before collecting anything)."""
     synced: bool = False
     """The node watch delivered its initial list."""
     absent_since: dict[NodeName, float] = field(default_factory=dict)
@@ -79,31 +77,6 @@ class _EndpointRef:
     name: str
     uid: str
     resource_version: str
-
-
-def parse_node(obj: JSON) -> Node:
-    """The Node an object describes (as the agent writes it); ModelError/ValueError when
-    anything in it is malformed."""
-    meta = obj.get("metadata") or {}
-    name = parse_node_name(meta.get("name"))
-    spec = obj.get("spec") or {}
-    if not isinstance(spec, dict):
-        raise ValueError("spec is not an object")
-    addresses = spec.get("addresses") or []
-    cidrs = spec.get("podCIDRs") or []
-    if not isinstance(addresses, list) or not isinstance(cidrs, list):
-        raise ValueError("addresses and podCIDRs must be lists")
-    ips = []
-    for entry in addresses:
-        if not isinstance(entry, dict) or not isinstance(entry.get("ip"), str):
-            raise ValueError(f"bad address {entry!r}")
-        ips.append(parse_ip(entry["ip"]))
-    return Node(
-        name=name,
-        ips=tuple(ips),
-        pod_cidrs=tuple(parse_cidr(str(c)) for c in cidrs),
-        boot_id=spec.get("bootID") or "",
-    )
 
 
 class CrdOperator:
@@ -182,13 +155,16 @@ class CrdOperator:
             except CrdError as exc:
                 self._install_error = str(exc)
                 log.warning("installing the CRDs failed: %s; retrying in %gs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(_INSTALL_BACKOFF_MAX, delay * 2)
-                continue
-            self.crds_installed = True
-            self._install_error = ""
-            log.info("CRDs ready: %s", ", ".join(done))
-            return
+            except Exception as exc:  # a bad definition or answer: never a crash loop
+                self._install_error = f"{type(exc).__name__}: {exc}"
+                log.exception("installing the CRDs crashed; retrying in %gs", delay)
+            else:
+                self.crds_installed = True
+                self._install_error = ""
+                log.info("CRDs ready: %s", ", ".join(done))
+                return
+            await asyncio.sleep(delay)
+            delay = min(_INSTALL_BACKOFF_MAX, delay * 2)
 
     def health(self) -> Mapping[str, Check]:
         election = self.election
@@ -212,11 +188,12 @@ class CrdOperator:
 
     # -- one term --------------------------------------------------------------------
 
-    def _fence(self, term: LeaseTerm, resource: str) -> Callable[[], None]:
-        """The local half of the fence, counted when it refuses."""
+    def _fence(self, term: LeaseTerm, resource: str) -> Callable[[], Awaitable[None]]:
+        """The local half of the fence (awaited right before each write), counted when it
+        refuses."""
         refused = self.metrics.fenced_writes.labels(resource)
 
-        def check() -> None:
+        async def check() -> None:
             try:
                 term.check()
             except NotLeader:
@@ -226,119 +203,130 @@ class CrdOperator:
         return check
 
     async def _lead(self, client: KubeClient, term: LeaseTerm) -> None:
-        metrics = self.metrics
-        metrics.leader.set(1)
-        metrics.epoch.set(term.epoch)
-        metrics.leader_transitions.labels("elected").inc()
-        log.info("leading (Lease transitions %d): starting leader tasks", term.epoch)
         state = _TermState()
-        try:
-            async with asyncio.TaskGroup() as group:
-                jobs: dict[str, Callable[[], Awaitable[None]]] = {
-                    "cidr-allocation": lambda: self._allocate(client, term, state),
-                    "identity-gc": lambda: self._identity_gc(client, term),
-                    "node-gc": lambda: self._node_gc(client, term, state),
-                }
-                for name, job in jobs.items():
-                    group.create_task(self._leader_task(name, term, job), name=name)
-        finally:
-            metrics.leader.set(0)
-            metrics.epoch.set(0)
-            metrics.leader_transitions.labels("lost").inc()
-            log.info("leader tasks of term %d stopped", term.epoch)
-
-    async def _leader_task(
-        self, name: str, term: LeaseTerm, body: Callable[[], Awaitable[None]]
-    ) -> None:
-        while True:
-            try:
-                await body()
-                return
-            except NotLeader as exc:
-                log.warning("%s: write refused (%s); ending the term", name, exc)
-                term.lose(f"{name}: {exc}")
-                return
-            except CrdError as exc:
-                log.warning("%s: %s; retrying in %gs", name, exc, self.settings.retry_period)
-            except Exception:
-                log.exception("%s: crashed; restarting", name)
-            await asyncio.sleep(self.settings.retry_period)
+        jobs: dict[str, Job] = {
+            "cidr-allocation": lambda: self._allocate(client, term, state),
+            "identity-gc": lambda: self._identity_gc(client, term),
+            "node-gc": lambda: self._node_gc(client, term, state),
+            "cidr-claim-repair": lambda: self._repair_claims(client, term, state),
+        }
+        await run_term(
+            term,
+            jobs,
+            metrics=self.metrics,
+            retry_period=self.settings.retry_period,
+            fenced=NotLeader,
+        )
 
     # -- CIDR allocation -------------------------------------------------------------
 
     async def _allocate(self, client: KubeClient, term: LeaseTerm, state: _TermState) -> None:
-        check_claim = self._fence(term, "pod-cidr")
-
-        async def claim_fence() -> None:
-            check_claim()
-
-        store = CrdCIDRStore(client, self.metrics.store, fence=claim_fence)
+        store = CrdCIDRStore(client, self.metrics.store, fence=self._fence(term, "pod-cidr"))
         allocator = ClusterPoolAllocator(store, self.settings.pool)
         await allocator.restore()
         state.allocator = allocator
+        state.restored.set()
         state.present.clear()
         state.synced = False
         self.metrics.cidrs_in_use.set(allocator.in_use)
         log.info("CIDR allocator restored: %d CIDR(s) in use", allocator.in_use)
         fence = self._fence(term, "node")
-        async for event in KubeListWatcher(client, NODES).events():
-            if event.type is EventType.LIST_DONE:
+        # Malformed Node objects are counted and skipped by the store's codec (for
+        # readers, a node turning malformed is a delete; the node GC reads the object
+        # itself before collecting anything, so a malformed node loses nothing).
+        async for event in CrdNodeStore(client, self.metrics.store).watch():
+            if event.kind is EventKind.SYNCED:
                 state.synced = True
                 continue
-            name = NodeName(event.key)
-            if event.type is EventType.DELETE:
+            name = NodeName(event.name)
+            if event.kind is EventKind.DELETE:
                 state.present.discard(name)
                 continue
+            node = event.value
+            assert node is not None
             state.present.add(name)
             state.absent_since.pop(name, None)
-            assert event.object is not None
-            try:
-                node = parse_node(event.object)
-            except (ModelError, ValueError) as exc:
-                self.metrics.store.malformed.labels("node").inc()
-                log.warning("skipping malformed Node %r: %s", event.key, exc)
-                continue
-            cidr = allocator.cidr_of(node.name)
+            cidr = allocator.cidr_of(name)
             if cidr is None:
                 try:
-                    cidr = await allocator.allocate(node.name)
+                    # A node that shows a CIDR but has no claim (lost while no operator
+                    # ran) keeps it when it is still free.
+                    cidr = await allocator.allocate(name, prefer=next(iter(node.pod_cidrs), None))
                 except PoolExhausted as exc:
                     self.metrics.cidr_allocations.labels("exhausted").inc()
-                    log.error("no CIDR for node %s: %s", node.name, exc)
+                    log.error("no CIDR for node %s: %s", name, exc)
                     continue
                 self.metrics.cidr_allocations.labels("ok").inc()
                 self.metrics.cidrs_in_use.set(allocator.in_use)
-                log.info("allocated CIDR %s to node %s (term %d)", cidr, node.name, term.epoch)
+                log.info("allocated CIDR %s to node %s (term %d)", cidr, name, term.epoch)
             if node.pod_cidrs != (cidr,):
-                await self._write_pod_cidrs(client, event.object, node, cidr, fence)
+                await self._write_pod_cidrs(client, node, event.version, cidr, fence)
 
     async def _write_pod_cidrs(
         self,
         client: KubeClient,
-        obj: JSON,
         node: Node,
+        version: int,
         cidr: IPNetwork,
-        fence: Callable[[], None],
+        fence: Callable[[], Awaitable[None]],
     ) -> None:
-        """Set ``spec.podCIDRs``, guarded by the resourceVersion ``obj`` was read at."""
-        version = str((obj.get("metadata") or {}).get("resourceVersion", ""))
-        patch = {"metadata": {"resourceVersion": version}, "spec": {"podCIDRs": [str(cidr)]}}
-        fence()
-        try:
-            await client.patch(NODES, str(node.name), patch)
-        except Conflict:
-            # Changed since this event: the watch brings the newer version, decided then.
-            self.metrics.write_conflicts.labels("node").inc()
+        """Set ``spec.podCIDRs`` with a merge patch guarded by the resourceVersion read;
+        on 409 read the node again (its agent may have written its status) and retry."""
+        name = str(node.name)
+        current = node.pod_cidrs
+        for _ in range(_PATCH_ATTEMPTS):
+            patch = {
+                "metadata": {"resourceVersion": str(version)},
+                "spec": {"podCIDRs": [str(cidr)]},
+            }
+            await fence()
+            try:
+                await client.patch(NODES, name, patch)
+            except NotFound:
+                return
+            except Conflict:
+                self.metrics.write_conflicts.labels("node").inc()
+                obj = await client.get_or_none(NODES, name)
+                if obj is None:
+                    return
+                meta = obj.get("metadata") or {}
+                spec = obj.get("spec")
+                cidrs = spec.get("podCIDRs") if isinstance(spec, dict) else None
+                if cidrs == [str(cidr)]:
+                    return
+                version = int(meta.get("resourceVersion") or 0)
+                continue
+            if current:
+                log.warning(
+                    "node %s had pod CIDRs %s; set back to its claim %s",
+                    name,
+                    ",".join(map(str, current)),
+                    cidr,
+                )
             return
-        except NotFound:
-            return
-        if node.pod_cidrs:
-            log.warning(
-                "node %s had pod CIDRs %s; set back to its claim %s",
-                node.name,
-                ",".join(map(str, node.pod_cidrs)),
-                cidr,
-            )
+        raise CrdError(f"node {name} kept changing; its pod CIDRs are not written yet")
+
+    async def _repair_claims(self, client: KubeClient, term: LeaseTerm, state: _TermState) -> None:
+        """Re-create the PodCIDR claim of a present node when someone else deletes it
+        (kubectl delete): the node keeps its CIDR, and the CIDR stays claimed. The
+        create is the usual create-only claim, so it cannot take a CIDR from anyone."""
+        await state.restored.wait()
+        allocator = state.allocator
+        assert allocator is not None
+        store = CrdCIDRStore(client, self.metrics.store, fence=self._fence(term, "pod-cidr"))
+        async for event in store.watch(self.settings.pool.name):
+            claim = event.value
+            if event.kind is not EventKind.DELETE or claim is None:
+                continue
+            if claim.node not in state.present or allocator.cidr_of(claim.node) != claim.cidr:
+                continue  # a gone node's claim (the GC) or one the node does not use
+            if await store.claim(claim):
+                self.metrics.store.repairs.labels("cidr-claim", "deleted").inc()
+                log.warning(
+                    "the PodCIDR claim %s of node %s was deleted by someone else; re-created",
+                    claim.cidr,
+                    claim.node,
+                )
 
     # -- identity GC -----------------------------------------------------------------
 
@@ -348,7 +336,6 @@ class CrdOperator:
             self.metrics.store,
             deletes_per_second=self.settings.identity_gc_rate,
             fence=self._fence(term, "identity"),
-            clock=self.clock,
         )
         while True:
             stats = await collector.collect()
@@ -436,9 +423,9 @@ class CrdOperator:
         return out
 
     async def _delete_endpoint(
-        self, client: KubeClient, ref: _EndpointRef, fence: Callable[[], None]
+        self, client: KubeClient, ref: _EndpointRef, fence: Callable[[], Awaitable[None]]
     ) -> bool:
-        fence()
+        await fence()
         try:
             return await client.delete(
                 ENDPOINTS,

@@ -42,6 +42,7 @@ from controlplane.kvstore.types import Delete, Get, absent, mod_revision_is
 from controlplane.model import Endpoint, ModelError, NodeName, parse_node_name
 from controlplane.operator.metrics import OperatorMetrics
 from controlplane.operator.settings import OperatorSettings
+from controlplane.operator.term import Job, run_term
 from controlplane.store_types import EventKind
 from controlplane.telemetry import Check, TelemetryServer
 
@@ -182,44 +183,20 @@ class Operator:
     # -- one term --------------------------------------------------------------------
 
     async def _lead(self, shards: ShardMap, term: Term) -> None:
-        metrics = self.metrics
-        metrics.leader.set(1)
-        metrics.epoch.set(term.epoch)
-        metrics.leader_transitions.labels("elected").inc()
-        log.info("leading (epoch %d): starting leader tasks", term.epoch)
         state = _TermState()
-        try:
-            async with asyncio.TaskGroup() as group:
-                jobs: dict[str, Callable[[], Awaitable[None]]] = {
-                    "heartbeat": lambda: self._heartbeats(shards, term),
-                    "cidr-allocation": lambda: self._allocate(shards, term, state),
-                    "identity-gc": lambda: self._identity_gc(shards, term),
-                    "node-gc": lambda: self._node_gc(shards, term, state),
-                }
-                for name, job in jobs.items():
-                    group.create_task(self._leader_task(name, term, job), name=name)
-        finally:
-            metrics.leader.set(0)
-            metrics.epoch.set(0)
-            metrics.leader_transitions.labels("lost").inc()
-            log.info("leader tasks of epoch %d stopped", term.epoch)
-
-    async def _leader_task(
-        self, name: str, term: Term, body: Callable[[], Awaitable[None]]
-    ) -> None:
-        while True:
-            try:
-                await body()
-                return
-            except Fenced as exc:
-                log.warning("%s: fenced off (%s); ending the term", name, exc)
-                term.lose(f"{name}: {exc}")
-                return
-            except KvstoreError as exc:
-                log.warning("%s: %s; retrying in %gs", name, exc, self.settings.retry_period)
-            except Exception:
-                log.exception("%s: crashed; restarting", name)
-            await asyncio.sleep(self.settings.retry_period)
+        jobs: dict[str, Job] = {
+            "heartbeat": lambda: self._heartbeats(shards, term),
+            "cidr-allocation": lambda: self._allocate(shards, term, state),
+            "identity-gc": lambda: self._identity_gc(shards, term),
+            "node-gc": lambda: self._node_gc(shards, term, state),
+        }
+        await run_term(
+            term,
+            jobs,
+            metrics=self.metrics,
+            retry_period=self.settings.retry_period,
+            fenced=Fenced,
+        )
 
     # -- (a) heartbeat ---------------------------------------------------------------
 

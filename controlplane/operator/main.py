@@ -13,22 +13,23 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from controlplane.config import ConfigError, KvstoreConfig
+from controlplane.config import ConfigError, CrdConfig, KvstoreConfig
 from controlplane.crd.kubeconfig import KubeConnection, load_connection
 from controlplane.flags import (
     EXIT_USAGE,
     Parser,
     add_kvstore_flags,
-    kvstore_config,
+    add_store_flags,
     non_negative_float,
     positive_float,
     positive_int,
+    store_config,
+    store_mode,
 )
 from controlplane.operator.crd_daemon import CrdOperator
 from controlplane.operator.daemon import Operator
 from controlplane.operator.settings import (
     LOG_LEVELS,
-    STORES,
     OperatorSettings,
     default_id,
     parse_address,
@@ -44,20 +45,9 @@ EXIT_FAILURE = 1
 def build_parser() -> Parser:
     d = OperatorSettings(id="-")
     parser = Parser(prog=PROG, description="The control plane's operator daemon.")
+    add_store_flags(parser)
     add_kvstore_flags(parser)
-    kube = parser.add_argument_group("CRD mode")
-    kube.add_argument(
-        "--store",
-        choices=STORES,
-        default=d.store,
-        help=f"where the state lives: the Kubernetes API (crd) or etcd (default {d.store})",
-    )
-    kube.add_argument(
-        "--kubeconfig",
-        metavar="FILE",
-        help="kubeconfig (default: $KUBECONFIG, ~/.kube/config, else in-cluster)",
-    )
-    kube.add_argument("--context", metavar="NAME", help="kubeconfig context (default: current)")
+    kube = parser.add_argument_group("CRD mode: the election Lease")
     kube.add_argument(
         "--lease-namespace",
         default=d.lease_namespace,
@@ -153,7 +143,7 @@ def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
     """The settings named by the flags (ConfigError with one line when invalid)."""
     host, port = parse_address(args.metrics_address)
     settings = OperatorSettings(
-        store=args.store,
+        store=store_mode(args),
         lease_namespace=args.lease_namespace,
         lease_name=args.lease_name,
         id=args.id if args.id is not None else default_id(),
@@ -205,11 +195,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
+        store = store_config(args)
         backend: KvstoreConfig | KubeConnection
-        if settings.store == "crd":
-            backend = load_connection(args.kubeconfig, args.context)
+        if isinstance(store, CrdConfig):
+            backend = load_connection(store.kubeconfig, store.context)
         else:
-            backend = kvstore_config(args)
+            backend = store
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

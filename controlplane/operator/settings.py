@@ -7,10 +7,10 @@ import socket
 from dataclasses import dataclass, field
 
 from controlplane.config import ConfigError
+from controlplane.flags import STORES
 from controlplane.model import CIDRPool, ModelError, parse_cidr
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-STORES = ("kvstore", "crd")
 
 
 def default_id() -> str:
@@ -22,7 +22,7 @@ def default_id() -> str:
 class OperatorSettings:
     """Everything cp-operator needs besides the kvstore connection."""
 
-    store: str = "kvstore"
+    store: str = "crd"
     """Where the state lives: ``kvstore`` (etcd) or ``crd`` (the Kubernetes API)."""
     id: str = field(default_factory=default_id)
     """This replica's identity: the election candidate id and the heartbeat ``writer``."""
