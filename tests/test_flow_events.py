@@ -332,8 +332,9 @@ async def test_full_ring_buffer_losses_are_counted(topology: Topology) -> None:
             assert reader.pending_bytes() == 0
             assert drained <= fe.FLOW_EVENTS_BYTES // per_record
             # every to_endpoint packet made one event try; pod-side noise (IPv6 MLD...)
-            # may add a few from_endpoint ones
-            assert 0 <= drained + lost - seen <= 50, (drained, lost, seen)
+            # may add a few from_endpoint ones, and a packet in flight while the counters
+            # are read may be counted on one side only
+            assert -5 <= drained + lost - seen <= 50, (drained, lost, seen)
             maps.configure(fe.Aggregation.OFF, 0, 1, 5)
         finally:
             reader.close()
