@@ -63,6 +63,7 @@ from controlplane.datapath.routes import RouteManager
 from controlplane.datapath.sock_lb import detach_sock_lb
 from controlplane.datapath.sysctls import apply as apply_sysctls
 from controlplane.datapath.sysctls import summary as sysctl_summary
+from controlplane.datapath.sysctls import wanted as wanted_sysctls
 from controlplane.datapath.sysctls import warning as sysctl_warning
 from controlplane.model import IPNetwork
 from controlplane.telemetry import Check, TelemetryServer
@@ -155,8 +156,13 @@ class Agent:
             )
         else:
             log.info("%s: datapath: userspace maps (%s)", settings.node, self.datapath.reason)
-        # ip_forward: checked (set with --set-sysctls) once; a wrong value is one warning
-        self.sysctls = apply_sysctls(set_values=settings.set_sysctls, root=settings.sysctl_root)
+        # forwarding (IPv4; IPv6 too on a node with an IPv6 address): checked (set with
+        # --set-sysctls) once; a wrong value is one warning
+        self.sysctls = apply_sysctls(
+            set_values=settings.set_sysctls,
+            root=settings.sysctl_root,
+            wants=wanted_sysctls(ipv6=any(ip.version == 6 for ip in settings.node_ips)),
+        )
         if (wrong := sysctl_warning(self.sysctls)) is not None:
             log.warning("%s: %s", settings.node, wrong)
         # a restart on a pinned map: keep every entry, sweep only after the first sync
