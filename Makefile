@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test test-etcd35 lint typecheck bench install clean
+.PHONY: run test test-etcd35 lint typecheck bench install clean proto
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -54,3 +54,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# The Observer API's Python modules (committed; tests/test_flows_proto.py checks they match).
+PROTOS := controlplane/flows/proto/flow.proto controlplane/flows/proto/relay.proto controlplane/flows/proto/observer.proto
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. $(PROTOS)

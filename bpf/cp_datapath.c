@@ -68,6 +68,21 @@ CP_PINNED_MAP(CP_CT_MAP, BPF_MAP_TYPE_LRU_HASH, CP_CT_MAX_ENTRIES, struct cp_ct_
 CP_PINNED_MAP(CP_METRICS_MAP, BPF_MAP_TYPE_PERCPU_ARRAY, CP_METRICS_MAX_ENTRIES, __u32,
 	      struct cp_metrics_value);
 
+/* ==== Flow events (issue 14): maps =================================================== */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, CP_FLOW_EVENTS_BYTES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} CP_FLOW_EVENTS_MAP SEC(".maps");
+
+CP_PINNED_MAP(CP_FLOW_CONFIG_MAP, BPF_MAP_TYPE_ARRAY, 1, __u32, struct cp_flow_config);
+CP_PINNED_MAP(CP_FLOW_LOST_MAP, BPF_MAP_TYPE_PERCPU_ARRAY, CP_FLOW_LOST_MAX_ENTRIES, __u32,
+	      __u64);
+CP_PINNED_MAP(CP_FLOW_STATE_MAP, BPF_MAP_TYPE_LRU_HASH, CP_FLOW_STATE_MAX_ENTRIES,
+	      struct cp_ct_key, struct cp_flow_state);
+CP_PINNED_MAP(CP_FLOW_RATE_MAP, BPF_MAP_TYPE_PERCPU_ARRAY, 1, __u32, struct cp_flow_rate);
+/* ==== end of flow event maps ========================================================= */
+
 /* Set by the loader (bpf_map__set_initial_value on .rodata) before bpf_object__load. */
 const volatile struct cp_config cp_cfg = {};
 
@@ -272,6 +287,171 @@ static __always_inline int is_reply(const struct flow *f)
 	return 1;
 }
 
+/* ==== Flow events (issue 14): aggregation, rate limit, the ring buffer ===============
+ * See cp_maps.h for the maps and the aggregation levels. flow_event() is called once per
+ * packet by each program with the verdict it reached; it returns nothing and never changes
+ * the verdict. With aggregation off (the state before the agent configured it) it costs
+ * one array lookup. */
+_Static_assert(FLOW_OTHER == CP_FLOW_KIND_OTHER && FLOW_PORTS == CP_FLOW_KIND_PORTS &&
+		       FLOW_ECHO_REQUEST == CP_FLOW_KIND_ECHO_REQUEST &&
+		       FLOW_ECHO_REPLY == CP_FLOW_KIND_ECHO_REPLY && FLOW_ND == CP_FLOW_KIND_ND,
+	       "flow kinds as cp_maps.h says");
+_Static_assert(sizeof(struct cp_flow_event) == 64, "cp_flow_event is 64 bytes");
+
+#define FLOW_REPORTED_TCP_FLAGS (TCP_SYN | TCP_FIN | TCP_RST)
+
+static __always_inline void flow_lost(__u32 reason)
+{
+	__u64 *n = bpf_map_lookup_elem(&CP_FLOW_LOST_MAP, &reason);
+
+	if (n) /* per-CPU slot */
+		*n += 1;
+}
+
+/* The per-CPU token bucket: whether one more event may go out now. */
+static __always_inline int flow_rate_allows(const struct cp_flow_config *cfg, __u64 now)
+{
+	__u32 zero = 0;
+	struct cp_flow_rate *r;
+	__u64 elapsed, cap;
+
+	if (!cfg->rate_per_sec)
+		return 1;
+	r = bpf_map_lookup_elem(&CP_FLOW_RATE_MAP, &zero);
+	if (!r)
+		return 1;
+	cap = (__u64)(cfg->burst ? cfg->burst : 1) * NSEC_PER_SEC;
+	elapsed = now - r->last_ns;
+	if (elapsed > NSEC_PER_SEC)
+		elapsed = NSEC_PER_SEC; /* (a full second refills up to rate events) */
+	r->last_ns = now;
+	r->tokens += elapsed * cfg->rate_per_sec;
+	if (r->tokens > cap)
+		r->tokens = cap;
+	if (r->tokens < NSEC_PER_SEC)
+		return 0;
+	r->tokens -= NSEC_PER_SEC;
+	return 1;
+}
+
+/* Aggregation and reply detection for a packet of flow f (``to_ep``: toward the endpoint).
+ * Sets CP_FLOW_F_REPLY/NEW/CLOSE in *flags; returns whether the packet is reported.
+ * Drops (``drop``) are always reported and never create state. */
+static __always_inline int flow_aggregate(const struct cp_flow_config *cfg,
+					  const struct flow *f, int to_ep, int drop, __u64 now,
+					  __u8 *flags)
+{
+	struct cp_ct_key key = {};
+	struct cp_flow_state *st;
+	struct cp_flow_state fresh = {};
+	__u8 dir = to_ep ? CP_FLOW_F_TO_ENDPOINT : 0;
+	__u8 syn_only = f->proto == IPPROTO_TCP && (f->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
+	__u8 *seen;
+	__u8 fresh_bits;
+
+	if (ct_closes(f))
+		*flags |= CP_FLOW_F_CLOSE;
+	ct_key(f, !to_ep, &key);
+	st = bpf_map_lookup_elem(&CP_FLOW_STATE_MAP, &key);
+	if (st && syn_only && ((st->flags_to | st->flags_from) & (TCP_FIN | TCP_RST)))
+		st = 0; /* a closed flow's ports used again: a new flow */
+	if (!st) {
+		if (drop) {
+			/* who opened it: the sender of a bare SYN or an echo request */
+			if (f->proto == IPPROTO_TCP && (f->tcp_flags & (TCP_SYN | TCP_ACK)) ==
+							  (TCP_SYN | TCP_ACK))
+				*flags |= CP_FLOW_F_REPLY;
+			else if (f->kind == FLOW_ECHO_REPLY)
+				*flags |= CP_FLOW_F_REPLY;
+			return 1;
+		}
+		fresh.last_report_ns = now;
+		fresh.origin = dir;
+		if ((f->proto == IPPROTO_TCP &&
+		     (f->tcp_flags & (TCP_SYN | TCP_ACK)) == (TCP_SYN | TCP_ACK)) ||
+		    f->kind == FLOW_ECHO_REPLY)
+			fresh.origin = dir ^ CP_FLOW_F_TO_ENDPOINT; /* we see the answer first */
+		if (to_ep)
+			fresh.flags_to = f->tcp_flags;
+		else
+			fresh.flags_from = f->tcp_flags;
+		bpf_map_update_elem(&CP_FLOW_STATE_MAP, &key, &fresh, BPF_ANY);
+		*flags |= CP_FLOW_F_NEW;
+		if (fresh.origin != dir)
+			*flags |= CP_FLOW_F_REPLY;
+		return 1;
+	}
+	if (st->origin != dir)
+		*flags |= CP_FLOW_F_REPLY;
+	seen = to_ep ? &st->flags_to : &st->flags_from;
+	fresh_bits = f->tcp_flags & ~*seen & FLOW_REPORTED_TCP_FLAGS;
+	if (fresh_bits)
+		*seen |= f->tcp_flags;
+	if (drop || cfg->aggregation == CP_FLOW_AGG_NONE || fresh_bits ||
+	    now - st->last_report_ns >= (__u64)cfg->report_interval_s * NSEC_PER_SEC) {
+		st->last_report_ns = now;
+		return 1;
+	}
+	return 0;
+}
+
+static __always_inline void flow_event(struct __sk_buff *skb, const struct flow *f, int to_ep,
+				       __u8 type, __u32 reason, __u32 identity)
+{
+	__u32 zero = 0;
+	struct cp_flow_config *cfg = bpf_map_lookup_elem(&CP_FLOW_CONFIG_MAP, &zero);
+	struct cp_flow_event *ev;
+	__u64 now;
+	__u8 flags = to_ep ? CP_FLOW_F_TO_ENDPOINT : 0;
+
+	if (!cfg || cfg->aggregation == CP_FLOW_AGG_OFF)
+		return;
+	now = bpf_ktime_get_ns();
+	if (!flow_aggregate(cfg, f, to_ep, type == CP_FLOW_T_DROP, now, &flags))
+		return;
+	if (!flow_rate_allows(cfg, now)) {
+		flow_lost(CP_FLOW_LOST_RATE_LIMIT);
+		return;
+	}
+	ev = bpf_ringbuf_reserve(&CP_FLOW_EVENTS_MAP, sizeof(*ev), 0);
+	if (!ev) {
+		flow_lost(CP_FLOW_LOST_RINGBUF_FULL);
+		return;
+	}
+	ev->ktime_ns = now;
+	__builtin_memcpy(ev->src, f->src, 16);
+	__builtin_memcpy(ev->dst, f->dst, 16);
+	ev->endpoint_id = cp_cfg.endpoint_id;
+	ev->identity = identity;
+	if (identity)
+		flags |= CP_FLOW_F_IDENTITY;
+	ev->len = skb->len;
+	ev->sport = f->sport;
+	ev->dport = f->dport;
+	ev->proto = f->proto;
+	ev->type = type;
+	ev->reason = reason;
+	ev->tcp_flags = f->tcp_flags;
+	ev->flags = flags;
+	ev->kind = f->kind;
+	ev->pad[0] = ev->pad[1] = 0;
+	bpf_ringbuf_submit(ev, 0);
+}
+
+/* cp_to_endpoint's verdicts with a flow event (the flow was parsed). */
+static __always_inline int flow_verdict(struct __sk_buff *skb, const struct flow *f,
+					__u32 reason, __u32 identity, __u8 type, int action)
+{
+	flow_event(skb, f, 1, type, reason, identity);
+	return verdict(skb, reason, action);
+}
+
+#define FLOW_PASS(skb, f, reason, identity, type)                                            \
+	flow_verdict(skb, f, reason, identity, type, TC_ACT_OK)
+#define FLOW_DROP(skb, f, reason, identity)                                                  \
+	flow_verdict(skb, f, reason, identity, CP_FLOW_T_DROP, TC_ACT_SHOT)
+/* ==== end of flow events ============================================================= */
+
 SEC("tc")
 int cp_to_endpoint(struct __sk_buff *skb)
 {
@@ -290,17 +470,20 @@ int cp_to_endpoint(struct __sk_buff *skb)
 
 	ekey.endpoint_id = ep;
 	eval = bpf_map_lookup_elem(&CP_ENDPOINTS_MAP, &ekey);
-	if (!eval || !(eval->flags & CP_EP_F_INGRESS_ENFORCED))
-		return PASS(skb, CP_METRIC_ALLOW_NOT_ENFORCED);
+	if (!eval || !(eval->flags & CP_EP_F_INGRESS_ENFORCED)) {
+		if (parsed != PARSE_OK || f.kind == FLOW_ND)
+			return PASS(skb, CP_METRIC_ALLOW_NOT_ENFORCED);
+		return FLOW_PASS(skb, &f, CP_METRIC_ALLOW_NOT_ENFORCED, 0, CP_FLOW_T_TRACE);
+	}
 
 	if (parsed == PARSE_MALFORMED)
-		return DROP(skb, CP_METRIC_DROP_MALFORMED);
+		return FLOW_DROP(skb, &f, CP_METRIC_DROP_MALFORMED, 0);
 	if (parsed == PARSE_FRAGMENT)
-		return DROP(skb, CP_METRIC_DROP_FRAGMENT);
+		return FLOW_DROP(skb, &f, CP_METRIC_DROP_FRAGMENT, 0);
 	if (f.kind == FLOW_ND)
 		return PASS(skb, CP_METRIC_ALLOW_ICMPV6_ND);
 	if (is_reply(&f))
-		return PASS(skb, CP_METRIC_ALLOW_REPLY);
+		return FLOW_PASS(skb, &f, CP_METRIC_ALLOW_REPLY, 0, CP_FLOW_T_TRACE);
 
 	ckey.prefixlen = 128;
 	__builtin_memcpy(ckey.addr, f.src, 16);
@@ -308,8 +491,8 @@ int cp_to_endpoint(struct __sk_buff *skb)
 	identity = cval ? cval->sec_identity : CP_IDENTITY_WORLD;
 
 	if (policy_allows(ep, identity, f.kind == FLOW_PORTS ? f.dport : 0, f.proto))
-		return PASS(skb, CP_METRIC_ALLOW_POLICY);
-	return DROP(skb, CP_METRIC_DROP_POLICY_DENY);
+		return FLOW_PASS(skb, &f, CP_METRIC_ALLOW_POLICY, identity, CP_FLOW_T_POLICY_VERDICT);
+	return FLOW_DROP(skb, &f, CP_METRIC_DROP_POLICY_DENY, identity);
 }
 
 SEC("tc")
@@ -323,6 +506,8 @@ int cp_from_endpoint(struct __sk_buff *skb)
 
 	if (parse_flow(skb, &f) != PARSE_OK)
 		return TC_ACT_OK;
+	if (f.kind != FLOW_ND) /* flow events (issue 14) */
+		flow_event(skb, &f, 0, CP_FLOW_T_TRACE, CP_METRIC_ALLOW_NOT_ENFORCED, 0);
 	if (f.kind != FLOW_PORTS && f.kind != FLOW_ECHO_REQUEST)
 		return TC_ACT_OK;
 	ct_key(&f, 1, &key);

@@ -138,4 +138,106 @@ struct cp_config {
 	__u32 pad;
 };
 
+/* ==== Flow events (issue 14) ==========================================================
+ * The tc programs report flows into a BPF ring buffer (cp_flow_events) that the agent's
+ * flow server reads (controlplane/datapath/flowevents.py mirrors everything below).
+ *
+ *   cp_flow_events  RINGBUF of struct cp_flow_event records (CP_FLOW_EVENTS_BYTES)
+ *   cp_flow_config  ARRAY[1] struct cp_flow_config, written by the agent; all zero (the
+ *                   state before any agent configured it) = events off
+ *   cp_flow_lost    PERCPU_ARRAY u32 reason (enum cp_flow_lost_reason) -> u64 events the
+ *                   kernel could not deliver: never silent
+ *   cp_flow_state   LRU_HASH struct cp_ct_key -> struct cp_flow_state: per flow, who opened
+ *                   it (is_reply), the TCP flags already reported each way, the last report
+ *   cp_flow_rate    PERCPU_ARRAY[1] struct cp_flow_rate: the token bucket of the rate limit
+ *
+ * Aggregation (like Cilium's monitor aggregation): NONE reports every packet; MEDIUM
+ * reports each drop, the first packet of a flow in each direction, a TCP SYN, FIN or RST
+ * not yet reported in that direction, and otherwise at most one packet per flow and
+ * direction every report_interval_s. Then the per-CPU rate limit (rate_per_sec, burst;
+ * 0 = unlimited) applies; what it refuses counts as CP_FLOW_LOST_RATE_LIMIT, a full ring
+ * buffer as CP_FLOW_LOST_RINGBUF_FULL. */
+#define CP_FLOW_EVENTS_MAP cp_flow_events
+#define CP_FLOW_CONFIG_MAP cp_flow_config
+#define CP_FLOW_LOST_MAP   cp_flow_lost
+#define CP_FLOW_STATE_MAP  cp_flow_state
+#define CP_FLOW_RATE_MAP   cp_flow_rate
+
+#define CP_FLOW_EVENTS_BYTES       (4 * 1024 * 1024)
+#define CP_FLOW_STATE_MAX_ENTRIES  (64 * 1024)
+#define CP_FLOW_LOST_MAX_ENTRIES   4
+
+enum cp_flow_aggregation {
+	CP_FLOW_AGG_OFF = 0,    /* no events at all */
+	CP_FLOW_AGG_NONE = 1,   /* every packet */
+	CP_FLOW_AGG_MEDIUM = 2, /* drops, new flows, TCP flag changes, one per interval */
+};
+
+struct cp_flow_config {
+	__u32 aggregation;       /* enum cp_flow_aggregation */
+	__u32 rate_per_sec;      /* events per second per CPU; 0 = unlimited */
+	__u32 burst;             /* token bucket depth (events) */
+	__u32 report_interval_s; /* MEDIUM: re-report a busy flow at most this often */
+};
+
+/* Types as Cilium's monitor message types, so Flow.event_type means the same. */
+enum cp_flow_type {
+	CP_FLOW_T_DROP = 1,
+	CP_FLOW_T_TRACE = 4,          /* forwarded without a policy decision */
+	CP_FLOW_T_POLICY_VERDICT = 5, /* forwarded by a policy entry */
+};
+
+#define CP_FLOW_F_TO_ENDPOINT 0x01 /* seen by cp_to_endpoint (toward the pod), else from it */
+#define CP_FLOW_F_REPLY       0x02 /* the other side opened the flow */
+#define CP_FLOW_F_NEW         0x04 /* first packet of the flow the programs saw */
+#define CP_FLOW_F_CLOSE       0x08 /* a TCP FIN or RST */
+#define CP_FLOW_F_IDENTITY    0x10 /* identity is the remote side's, from cp_ipcache */
+
+/* struct flow's kind in cp_datapath.c (the ICMP type is told from it). */
+#define CP_FLOW_KIND_OTHER         0
+#define CP_FLOW_KIND_PORTS         1
+#define CP_FLOW_KIND_ECHO_REQUEST  2
+#define CP_FLOW_KIND_ECHO_REPLY    3
+#define CP_FLOW_KIND_ND            4
+
+/* One ring buffer record: 64 bytes. Addresses as in cp_ipcache (IPv4-mapped); ports host
+ * order (ICMP echo: the identifier). */
+struct cp_flow_event {
+	__u64 ktime_ns;  /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u8 src[16];
+	__u8 dst[16];
+	__u32 endpoint_id;
+	__u32 identity;  /* with CP_FLOW_F_IDENTITY */
+	__u32 len;       /* skb->len */
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 type;       /* enum cp_flow_type */
+	__u8 reason;     /* enum cp_metric_reason */
+	__u8 tcp_flags;
+	__u8 flags;      /* CP_FLOW_F_* */
+	__u8 kind;       /* CP_FLOW_KIND_* */
+	__u8 pad[2];
+};
+
+enum cp_flow_lost_reason {
+	CP_FLOW_LOST_RINGBUF_FULL = 0, /* the reader did not keep up */
+	CP_FLOW_LOST_RATE_LIMIT = 1,   /* refused by the rate limit */
+	CP_FLOW_LOST_REASONS = 2,
+};
+
+struct cp_flow_state {
+	__u64 last_report_ns;
+	__u8 flags_to;   /* TCP flags reported toward the endpoint */
+	__u8 flags_from; /* ... and from it */
+	__u8 origin;     /* CP_FLOW_F_TO_ENDPOINT when the peer opened the flow, else 0 */
+	__u8 pad[5];
+};
+
+struct cp_flow_rate {
+	__u64 tokens; /* in 1e-9 events */
+	__u64 last_ns;
+};
+/* ==== end of flow events ============================================================= */
+
 #endif /* CP_MAPS_H */

@@ -74,8 +74,12 @@ class IdentityCollector(Protocol):
 class EndpointStore(Protocol):
     """Endpoints (the ipcache source): every node's, written by their owners."""
 
-    async def upsert(self, endpoint: Endpoint) -> None:
-        """Publish one of this node's endpoints (leased, re-created, self-repaired)."""
+    async def upsert(self, endpoint: Endpoint) -> float:
+        """Publish one of this node's endpoints (leased, re-created, self-repaired).
+
+        Returns when the write request that published it was issued (``time.monotonic()``,
+        one clock for every process of a host): the start of propagation, after the reads
+        that guard the write."""
         ...
 
     async def remove(self, ip: IPAddress) -> None: ...

@@ -170,7 +170,17 @@ async def test_endpoints_through_the_local_api(etcd1: EmbeddedEtcd, tmp_path: Pa
         status, st = await api(a, "GET", "/v1/status")
         assert status == 200 and st["node"] == "node-a" and st["cidr"] == str(cidrs["node-a"])
         assert st["endpoints"] == 1 and st["kvstore"]["healthy"] and st["ready"]
-        assert st["datapath"]["maps"]["cp_ipcache"]["entries"] >= 4
+
+        async def a_map_entries() -> int:
+            _, now = await api(a, "GET", "/v1/status")
+            return int(now["datapath"]["maps"]["cp_ipcache"]["entries"])
+
+        # web-2 and node-b reach a on their own watches: wait for them, then count
+        await eventually(
+            lambda: cached(a, web_b["ip"]) == web_b["identity"] and cached(a, "127.0.0.12") == 6,
+            message="a holds web-2 and node-b",
+        )
+        assert await a_map_entries() >= 4
         # Delete reverses all three.
         status, _ = await api(a, "DELETE", "/v1/endpoints/default/web-1")
         assert status == 200

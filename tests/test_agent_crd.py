@@ -154,8 +154,13 @@ async def test_endpoints_propagate_and_kubectl_sees_them(
         table = await kubectl(apiserver.kubeconfig, "get", "endpoints.controlplane.io", "-A")
         assert "web-2" in table and web2["ip"] in table and "node-b" in table
         status = a.status()
+        assert status["store"]["mode"] == "crd"
         assert status["kvstore"]["shards"][0]["name"] == "apiserver"
         assert status["kvstore"]["healthy"]
+        json.dumps(status, allow_nan=False)  # strict JSON: no heartbeat infinity
+        code, out, err = await cpctl("status", "--socket", str(a.settings.api_socket))
+        assert code == 0, err
+        assert "store:      crd: Kubernetes API https://" in out and "healthy" in out
 
 
 async def test_api_server_outage_empties_no_map_and_restarts_nothing(
@@ -212,11 +217,13 @@ async def test_api_server_outage_empties_no_map_and_restarts_nothing(
 async def test_agent_restart_keeps_ips_and_identities(apiserver: ApiServer, tmp_path: Path) -> None:
     await give_cidrs(apiserver, "node-a")
     a = crd_agent(apiserver, tmp_path, "node-a", "127.0.0.11")
-    async with running(a):
+    async with running(a) as task:
         await asyncio.wait_for(a.wait_ready(), 30)
         await create(a, "default", "web", ["k8s:app=web"])
         await create(a, "default", "db", ["k8s:app=db"])
         before = await endpoints_of(a)
+        task.cancel()  # killed: no shutdown, no cleanup
+        await asyncio.gather(task, return_exceptions=True)
     # a new process: nothing in memory, everything from the API server
     again = crd_agent(apiserver, tmp_path, "node-a", "127.0.0.11")
     async with running(again):
@@ -318,15 +325,27 @@ async def test_cpctl_reads_and_writes_the_crd_store(apiserver: ApiServer, tmp_pa
         code, out, err = await cpctl("policy", "delete", "default/db", *kc)
         assert code == 1 and err.strip() == "cpctl: policy default/db not found"
 
-        # services have no CRD-mode source yet: cpctl says so in one line, the agent
-        # balances none (its service stream counts as listed and empty)
-        code, out, err = await cpctl("service", "list", *kc)
-        assert code == 2, err
-        assert (
-            err.strip() == "cpctl: services are not available in crd mode yet; use --store kvstore"
+        # services: Kubernetes Services and EndpointSlices; put writes both, the agent
+        # balances it, list shows it, delete removes both
+        service = tmp_path / "service.yaml"
+        service.write_text(
+            "namespace: default\nname: web\ncluster_ip: 10.96.0.10\n"
+            "frontends: [{port: 80, protocol: TCP}]\n"
+            f"backends: [{{ip: {web['ip']}, port: 8080}}]\n"
         )
-        await eventually(lambda: a.services.synced_revision > 0, message="services flushed")
-        assert a.status()["services"]["frontends"] == 0
+        code, out, err = await cpctl("service", "put", str(service), *kc)
+        assert code == 0, err
+        out = await kubectl(apiserver.kubeconfig, "get", "services,endpointslices", "-A")
+        assert "10.96.0.10" in out and "web-cpctl" in out
+        await eventually(lambda: a.status()["services"]["frontends"] == 1, message="balanced")
+        code, out, err = await cpctl("service", "list", *kc)
+        assert code == 0, err
+        [row] = json.loads(out)["services"]
+        assert row["backends"] == [{"ip": web["ip"], "port": 8080}]
+        assert row["backend_endpoints"] == {f"{web['ip']}:8080": "default/web"}
+        code, out, err = await cpctl("service", "delete", "default/web", *kc)
+        assert code == 0, err
+        await eventually(lambda: a.status()["services"]["frontends"] == 0, message="removed")
 
     # no store reachable: one line, no traceback
     code, out, err = await cpctl("identity", "list", "--kubeconfig", str(tmp_path / "none"))

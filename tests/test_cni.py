@@ -34,6 +34,11 @@ from controlplane.agent.settings import DatapathMode
 from controlplane.cni import netlink
 from controlplane.cni.main import SUPPORTED_VERSIONS, endpoint_offset
 from controlplane.datapath import loader
+from controlplane.datapath.lbmap import (
+    LB_METRICS_MAP_NAME,
+    LB_SERVICES_MAP_NAME,
+    LB_SLOTS_MAP_NAME,
+)
 from controlplane.kvstore.embedded import EmbeddedEtcd
 from tests.helpers import ip, kernel_tests_unmet, requires, running
 from tests.test_agent import agent_settings, api, give_cidrs, kv_config
@@ -276,7 +281,9 @@ async def test_add_check_del(env: Env) -> None:
     assert "default via 169.254.1.1 dev eth0" in routes
     assert await asyncio.to_thread(loader.is_attached, host, env.node)
     assert f"{pod_ip} dev {host}" in ip("-n", env.node, "route", "show")
-    assert sorted(p.name for p in env.pin_dir.iterdir()) == sorted(loader.SHARED_MAPS)
+    # the program's shared maps, and the agent's load-balancer maps beside them
+    agent_lb = (LB_SERVICES_MAP_NAME, LB_SLOTS_MAP_NAME, LB_METRICS_MAP_NAME)
+    assert sorted(p.name for p in env.pin_dir.iterdir()) == sorted((*loader.SHARED_MAPS, *agent_lb))
 
     # ADD again for the same container (a retried ADD): same endpoint, same address
     again = await env.run("ADD", "web", CNI_ARGS="K8S_POD_NAMESPACE=ns;K8S_POD_NAME=web;"

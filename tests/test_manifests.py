@@ -53,6 +53,7 @@ PLAIN_MANIFESTS = (
     "operator/deployment.yaml",
     "deploy/etcd/statefulset.yaml",
     "deploy/etcd/bootstrap-job.yaml",
+    "relay/deployment.yaml",  # (its flags: tests/test_relay.py)
 )
 # The kustomize name of the image in the bases; deploy/crd's `images:` sets it.
 IMAGE_PLACEHOLDER = "controlplane"
@@ -336,6 +337,8 @@ AGENT_GRANTS = expand(
         (CP, "nodes/status", ()): "update patch",
         (CP, "podcidrs", ()): "get list watch",
         (CP, "networkpolicies", ()): "get list watch",
+        ("", "services", ()): "get list watch",
+        ("discovery.k8s.io", "endpointslices", ()): "get list watch",
     }
 )
 OPERATOR_GRANTS = expand(

@@ -34,14 +34,17 @@ from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.nodes import KvNodeStore
 from controlplane.kvstore.owner import Owners
 from controlplane.kvstore.policies import KvPolicyStore
+from controlplane.kvstore.services import KvServiceStore
 from controlplane.kvstore.shards import ShardMap
 from controlplane.metrics import StoreMetrics
 from controlplane.migrate.plan import drift, read_snapshot
 from controlplane.migrate.run import Conflicts, copy_missing
 from controlplane.migrate.side import open_side
 from controlplane.model import (
+    Backend,
     Endpoint,
     EndpointID,
+    Frontend,
     Identity,
     IngressRule,
     IPLease,
@@ -50,6 +53,7 @@ from controlplane.model import (
     Node,
     NodeName,
     PortProtocol,
+    Service,
 )
 from controlplane.store_types import CIDRClaim
 
@@ -137,6 +141,17 @@ POLICY = NetworkPolicy(
     namespace="default",
     endpoint_selector=Labels.from_strings(["k8s:app=db"]),
     ingress=(IngressRule(Labels.from_strings(["k8s:app=web"]), (PortProtocol(5432, 6),)),),
+)
+
+
+SERVICE = Service(
+    namespace="default",
+    name="web",
+    cluster_ip=ip_address("10.96.0.10"),
+    frontends=(Frontend(port=80, name="http"),),
+    backends=(
+        Backend(ip=ip_address("10.0.1.10"), port=8080, node=NodeName("node-a"), frontend="http"),
+    ),
 )
 
 
@@ -340,6 +355,7 @@ async def test_kvstore_to_crd_copies_everything_and_the_crd_agent_adopts_it(
         await populate(a, "node-a")
         await populate(b, "node-b")
         await a.policies.put(POLICY)
+        await KvServiceStore(cluster.shards, LAYOUT, StoreMetrics.create()).put(SERVICE)
 
         status, out, err = await cpctl(
             "migrate", "--from", "kvstore", "--to", "crd", *cluster.flags()
@@ -348,8 +364,9 @@ async def test_kvstore_to_crd_copies_everything_and_the_crd_agent_adopts_it(
         assert "records written to crd" in out
 
         kv, crd = await snapshots(cluster)
-        assert drift(crd, kv).total == 0
+        assert drift(crd, kv).total == 0, drift(crd, kv)
         assert identity_numbers(crd) == identity_numbers(kv)
+        assert crd.services == {"default/web": SERVICE}  # a Service and its EndpointSlice
 
         status, out, _ = await cpctl(
             "migrate", "--from", "kvstore", "--to", "crd", *cluster.flags()
@@ -455,7 +472,7 @@ async def test_status_counts_drift_per_resource_and_side(cluster: Cluster) -> No
     assert found["cidrs"] == {"only_crd": 1, "only_kvstore": 1, "different": 0}
     # both allocated app=web on their own: likely different numbers, at least one each side
     assert found["identities"]["only_crd"] + found["identities"]["different"] >= 1
-    assert "services" not in found  # CRD mode has no service store yet
+    assert found["services"] == {"only_crd": 0, "only_kvstore": 0, "different": 0}
 
 
 async def test_the_copy_waits_for_the_target_modes_operator_to_stop(cluster: Cluster) -> None:

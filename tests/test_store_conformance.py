@@ -37,6 +37,7 @@ from controlplane.crd.resources import (
     NODES,
     POD_CIDRS,
 )
+from controlplane.crd.services import ENDPOINT_SLICES, SERVICE_NAME, SERVICES
 from controlplane.crd.stores import node_stores
 from controlplane.identity.allocator import IdentityAllocator
 from controlplane.kvstore.embedded import EmbeddedEtcd
@@ -47,6 +48,7 @@ from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.nodes import KvNodeStore
 from controlplane.kvstore.owner import Owners
 from controlplane.kvstore.policies import KvPolicyStore
+from controlplane.kvstore.services import KvServiceStore
 from controlplane.kvstore.shards import ShardMap
 from controlplane.metrics import StoreMetrics
 from controlplane.model import (
@@ -63,6 +65,7 @@ from controlplane.model import (
     NodeName,
     NumericIdentity,
     PortProtocol,
+    Service,
     cluster_identity_range,
 )
 from controlplane.store import (
@@ -73,6 +76,7 @@ from controlplane.store import (
     IPLeaseStore,
     NodeStore,
     PolicyStore,
+    ServiceStore,
 )
 from controlplane.store_types import AddressConflict, CIDRClaim, EventKind, StoreEvent
 
@@ -96,6 +100,7 @@ class NodeStores:
     cidrs: CIDRStore
     leases: IPLeaseStore
     policies: PolicyStore
+    services: ServiceStore
     collector: IdentityCollector
 
 
@@ -154,6 +159,7 @@ class KvBackend:
                 cidrs=KvCIDRStore(shards, LAYOUT, metrics),
                 leases=KvIPLeaseStore(shards, LAYOUT, metrics, owners, node=node),
                 policies=KvPolicyStore(shards, LAYOUT, metrics),
+                services=KvServiceStore(shards, LAYOUT, metrics),
                 collector=KvIdentityCollector(shards, LAYOUT, metrics),
             )
             async with background(owners.run()):
@@ -179,6 +185,11 @@ class KvBackend:
             key = LAYOUT.policy("default", name)
             bad = {**policy(name).to_dict(), "endpoint_selector": [7]}
             value = codec.encode("policy", bad)
+        elif resource == "service":
+            key = LAYOUT.service("default", name)
+            bad = {**service(name).to_dict(), "backends": [{"ip": "10.0.9.1", "port": 1,
+                                                            "node": "Not_A_Node"}]}  # fmt: skip
+            value = codec.encode("service", bad)
         else:
             raise AssertionError(resource)
         await self.raw.put(key, value)
@@ -219,6 +230,7 @@ class CrdBackend:
                 cidrs=built.cidrs,
                 leases=built.leases,
                 policies=built.policies,
+                services=built.services,
                 collector=CrdIdentityCollector(client, metrics),
             )
             async with background(*(run() for run in built.tasks().values())):
@@ -262,6 +274,28 @@ class CrdBackend:
                 "ingress": [{"fromSelector": [], "ports": [{"port": 80, "protocol": "ANY"}]}],
             }
             await self.raw.create(NETWORK_POLICIES, _obj("NetworkPolicy", meta, spec))
+        elif resource == "service":
+            # the API server takes it; the model refuses the backend's node name
+            body = {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": name, "namespace": "default"},
+                "spec": {"clusterIP": "10.96.0.99", "ports": [{"port": 80}]},
+            }
+            await self.raw.create(SERVICES, body)
+            endpoint_slice = {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": name,
+                    "namespace": "default",
+                    "labels": {SERVICE_NAME: name},
+                },
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": ["10.0.9.1"], "nodeName": "Not_A_Node"}],
+                "ports": [{"port": 1}],
+            }
+            await self.raw.create(ENDPOINT_SLICES, endpoint_slice)
         else:
             raise AssertionError(resource)
 
@@ -881,6 +915,50 @@ async def test_policies_round_trip_watch_and_malformed(backend: Backend) -> None
             assert not await tool.policies.delete("default", "web")
             await eventually(lambda: state(events) == {})
         assert await a.policies.list() == []
+
+
+# ---------------------------------------------------------------------------------------
+# Services
+# ---------------------------------------------------------------------------------------
+
+
+def service(name: str, *backends: tuple[str, int, str | None], ip: str = "10.96.0.10") -> Service:
+    """A service of one frontend (80/TCP) with backends (ip, port, node), in the order
+    both stores give them back (CRD mode sorts them, as slices carry no order)."""
+    return Service.from_dict(
+        {
+            "namespace": "default",
+            "name": name,
+            "cluster_ip": ip,
+            "frontends": [{"port": 80, "protocol": "TCP"}],
+            "backends": [
+                {"ip": b_ip, "port": port, **({"node": node} if node else {})}
+                for b_ip, port, node in sorted(backends, key=lambda b: (ip_address(b[0]), b[1]))
+            ],
+        }
+    )
+
+
+async def test_services_round_trip_watch_and_malformed(backend: Backend) -> None:
+    async with backend.node("tool") as tool, backend.node("node-a") as a:
+        web = service("web", ("10.0.1.2", 8080, "node-a"), ("10.0.1.1", 8080, None))
+        await tool.services.put(web)
+        await backend.put_malformed("service", "broken")
+        assert [v.value for v in await a.services.list()] == [web]
+        assert malformed(a.metrics, "service") == 1
+        async with collecting(a.services.watch()) as events:
+            await eventually(lambda: synced(events))
+            assert listed(events) == {"default/web": web}
+            moved = service("web", ("10.0.1.3", 9090, "node-b"), ip="10.96.0.11")
+            await tool.services.put(moved)
+            await eventually(lambda: state(events) == {"default/web": moved})
+            empty = service("web", ip="10.96.0.11")
+            await tool.services.put(empty)  # no backends: valid, refused by the datapath
+            await eventually(lambda: state(events) == {"default/web": empty})
+            assert await tool.services.delete("default", "web")
+            assert not await tool.services.delete("default", "web")
+            await eventually(lambda: state(events) == {})
+        assert await a.services.list() == []
 
 
 # Identity objects of the same labels made in a race, and other CRD-only behaviour, are

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,14 +15,16 @@ from controlplane.agent.agent import Agent
 from controlplane.agent.settings import build_parser, settings_from_args
 from controlplane.datapath import sysctls
 from controlplane.kvstore.embedded import EmbeddedEtcd
+from controlplane.model import parse_ip
 from tests.helpers import no_privilege, requires
 from tests.test_agent import agent_settings, api, kv_config, running
 
 
-def _root(tmp_path: Path, forward: str = "0", rp: str = "1") -> Path:
+def _root(tmp_path: Path, forward: str = "0", rp: str = "1", forward6: str = "0") -> Path:
     root = tmp_path / "proc-sys"
     for name, value in (
         ("net.ipv4.ip_forward", forward),
+        ("net.ipv6.conf.all.forwarding", forward6),
         ("net.ipv4.conf.all.rp_filter", rp),
         ("net.ipv4.conf.default.rp_filter", rp),
     ):
@@ -55,6 +58,29 @@ def test_set_writes_what_differs_only(tmp_path: Path) -> None:
     assert (root / "net/ipv4/conf/all/rp_filter").read_text() == "1\n"  # reported, not set
     (again,) = sysctls.apply(set_values=True, root=root)
     assert again.ok and not again.changed and sysctls.warning([again]) is None
+
+
+def test_ipv6_forwarding_is_wanted_only_with_ipv6(tmp_path: Path) -> None:
+    assert [w.name for w in sysctls.wanted(ipv6=False)] == ["net.ipv4.ip_forward"]
+    root = _root(tmp_path, forward="1")
+    v4, v6 = sysctls.apply(set_values=False, root=root, wants=sysctls.wanted(ipv6=True))
+    assert v4.ok and not v6.ok and v6.name == "net.ipv6.conf.all.forwarding"
+    line = sysctls.warning([v4, v6])
+    assert line is not None and "net.ipv6.conf.all.forwarding=0 (want 1" in line
+    _, v6 = sysctls.apply(set_values=True, root=root, wants=sysctls.wanted(ipv6=True))
+    assert v6.ok and v6.changed
+    assert (root / "net/ipv6/conf/all/forwarding").read_text().strip() == "1"
+
+
+async def test_an_ipv6_node_agent_sets_ipv6_forwarding(etcd1: EmbeddedEtcd, tmp_path: Path) -> None:
+    root = _root(tmp_path)
+    settings = agent_settings(tmp_path, "node-6", "127.0.0.32", set_sysctls=True,
+                              sysctl_root=root)  # fmt: skip
+    settings = replace(settings, node_ips=(*settings.node_ips, parse_ip("fd00::32")))
+    agent = Agent(settings, kv_config(etcd1))
+    assert (root / "net/ipv6/conf/all/forwarding").read_text().strip() == "1"
+    names = [s.name for s in agent.sysctls]
+    assert names == ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"]
 
 
 def test_not_settable_is_reported(tmp_path: Path) -> None:

@@ -44,6 +44,7 @@ from controlplane.agent.datapath import (
     unpin_ipcache,
 )
 from controlplane.agent.endpoints import EndpointPublisher, NotReady, OwnedEndpoints
+from controlplane.agent.flows import AgentFlows
 from controlplane.agent.health import Failure, ShardHealth
 from controlplane.agent.metrics import AgentMetrics, DatapathCounters
 from controlplane.agent.policy import PolicyFlusher
@@ -62,6 +63,7 @@ from controlplane.datapath.routes import RouteManager
 from controlplane.datapath.sock_lb import detach_sock_lb
 from controlplane.datapath.sysctls import apply as apply_sysctls
 from controlplane.datapath.sysctls import summary as sysctl_summary
+from controlplane.datapath.sysctls import wanted as wanted_sysctls
 from controlplane.datapath.sysctls import warning as sysctl_warning
 from controlplane.model import IPNetwork
 from controlplane.telemetry import Check, TelemetryServer
@@ -154,8 +156,13 @@ class Agent:
             )
         else:
             log.info("%s: datapath: userspace maps (%s)", settings.node, self.datapath.reason)
-        # ip_forward: checked (set with --set-sysctls) once; a wrong value is one warning
-        self.sysctls = apply_sysctls(set_values=settings.set_sysctls, root=settings.sysctl_root)
+        # forwarding (IPv4; IPv6 too on a node with an IPv6 address): checked (set with
+        # --set-sysctls) once; a wrong value is one warning
+        self.sysctls = apply_sysctls(
+            set_values=settings.set_sysctls,
+            root=settings.sysctl_root,
+            wants=wanted_sysctls(ipv6=any(ip.version == 6 for ip in settings.node_ips)),
+        )
         if (wrong := sysctl_warning(self.sysctls)) is not None:
             log.warning("%s: %s", settings.node, wrong)
         # a restart on a pinned map: keep every entry, sweep only after the first sync
@@ -186,6 +193,18 @@ class Agent:
             netns=settings.routes_netns,
         )
         """Routes to the other nodes' pod CIDRs (``--routes``)."""
+        self.flows: AgentFlows | None = None
+        """The flow server (``--flows``): kernel flow events when this agent drives the
+        kernel maps, else an empty ring."""
+        if settings.flows_enabled:
+            self.flows = AgentFlows(
+                settings.node,
+                self.cache,
+                settings.flows,
+                self.metrics.registry,
+                kernel=self.datapath.kernel and self._own_ipcache,
+                pin_dir=settings.bpf_pin_dir,
+            )
         self.restarts = 0
         self.last_restart_reason: str | None = None
         self.last_restart_at: float | None = None
@@ -239,6 +258,10 @@ class Agent:
         """Serve until :meth:`stop`; raises :class:`AgentExit` in ``--restart-mode=exit``."""
         await self.api.start()
         try:
+            if self.flows is not None:
+                await self.flows.start(
+                    self.settings.flows_socket, self.settings.flows_listen, self.settings.flows_tls
+                )
             if self.settings.telemetry_port is not None:
                 self.telemetry = TelemetryServer(
                     self.metrics.registry,
@@ -256,6 +279,8 @@ class Agent:
                     group.create_task(self.routes.run(self.stopping), name="routes"),
                     group.create_task(self._gauges(), name="gauges"),
                 ]
+                if self.flows is not None:
+                    helpers.append(group.create_task(self.flows.server.run(), name="flows"))
                 sessions = group.create_task(self._sessions(), name=f"agent:{self.settings.node}")
                 await sessions  # returns on stop, raises AgentExit
                 for task in helpers:
@@ -267,6 +292,8 @@ class Agent:
             raise group.exceptions[0] from None
         finally:
             await self.api.close()
+            if self.flows is not None:
+                await self.flows.close()
             if self.telemetry is not None:
                 await self.telemetry.close()
             if self._own_ipcache:
@@ -374,6 +401,34 @@ class Agent:
         agent = Check(session.ready.is_set(), session.phase)
         return {"etcd": etcd, "heartbeat": heartbeat, "agent": agent}
 
+    def flows_address(self) -> str:
+        """Where a relay reaches this node's Observer API: ``--flows-listen``'s address with
+        the port it got, the node's first IP when it listens on every address; "" when
+        it serves none over TCP."""
+        if self.flows is None or self.flows.api.port is None or self.settings.flows_listen is None:
+            return ""
+        host = self.settings.flows_listen.rpartition(":")[0].strip("[]")
+        if host in ("", "0.0.0.0", "::"):
+            host = str(self.settings.node_ips[0])
+        return f"[{host}]:{self.flows.api.port}" if ":" in host else f"{host}:{self.flows.api.port}"
+
+    def _flows_status(self) -> dict[str, Any] | None:
+        if self.flows is None:
+            return None
+        s = self.flows.server.status()
+        return {
+            "source": s.source,
+            "error": self.flows.error,
+            "flows": s.num_flows,
+            "capacity": s.max_flows,
+            "seen": s.seen_flows,
+            "lost_ring_buffer": s.lost_ring_buffer,
+            "lost_rate_limit": s.lost_rate_limit,
+            "aggregation": self.settings.flows.aggregation.name.lower(),
+            "socket": None if self.flows.api.socket is None else str(self.flows.api.socket),
+            "port": self.flows.api.port,
+        }
+
     def status(self) -> dict[str, Any]:
         shards = self.shard_health()
         session = self._session
@@ -387,6 +442,12 @@ class Agent:
             "ready": self.ready,
             "phase": "restarting" if session is None else session.phase,
             "endpoints": len(self.owned.items),
+            # the store's mode and health ("kvstore" keeps its name for the kvstore mode's
+            # users and scripts; in CRD mode its one part is the "apiserver")
+            "store": {
+                "mode": self.store.describe.split(":", 1)[0],
+                "describe": self.store.describe,
+            },
             "kvstore": {
                 "healthy": healthy,
                 "state": "healthy"
@@ -407,6 +468,7 @@ class Agent:
                 "nodes": len(self.cache.nodes),
                 "services": len(self.cache.services),
             },
+            "flows": self._flows_status(),
             "datapath": {
                 "mode": self.datapath_mode,
                 "reason": self.datapath.reason,

@@ -86,6 +86,7 @@ class CrdSession:
             cidrs=self.crd.cidrs,
             leases=self.crd.leases,
             policies=self.crd.policies,
+            services=self.crd.services,
         )
         self._health = ShardHealth(APISERVER, s.max_consecutive_quorum_errors, connector.arm).carry(
             connector.last_health

@@ -20,7 +20,7 @@ from controlplane.datapath.bpf_syscall import KernelMapError
 from controlplane.datapath.capabilities import DatapathSupport, detect_datapath
 from controlplane.datapath.ipcache import IPCACHE_MAP_NAME, Ipcache, userspace_ipcache
 from controlplane.datapath.kernel import KernelMap, pinned_ipcache
-from controlplane.datapath.layouts import CT_MAP_NAME, METRICS_MAP_NAME
+from controlplane.datapath.layouts import CT_MAP_NAME, FLOW_MAP_NAMES, METRICS_MAP_NAME
 from controlplane.datapath.lbmap import LbMaps, pinned_lb_maps, userspace_lb_maps
 from controlplane.datapath.loader import LoaderError
 from controlplane.datapath.policymap import (
@@ -30,8 +30,9 @@ from controlplane.datapath.policymap import (
 )
 from controlplane.datapath.sock_lb import attach_sock_lb
 
-PROGRAM_ONLY_MAPS = (CT_MAP_NAME, METRICS_MAP_NAME)
-"""Maps the tc program pins beside ours and the agent never writes."""
+PROGRAM_ONLY_MAPS = (CT_MAP_NAME, METRICS_MAP_NAME, *FLOW_MAP_NAMES)
+"""Maps the tc program pins beside ours and the agent does not reconcile (the flow
+server opens three of the flow maps, and unpins them too on ``--cleanup-on-exit``)."""
 
 
 class DatapathUnavailable(Exception):
@@ -127,7 +128,8 @@ def start_sock_lb(choice: DatapathChoice, pin_dir: Path, cgroup: Path | None) ->
 
 def unpin_ipcache(ipcache: Ipcache, pin_dir: Path) -> bool:
     """``--cleanup-on-exit``: remove the ipcache pin, the pins of the maps only the tc
-    program uses (``cp_ct``, ``cp_metrics``: the loader created them for ``cp-cni``), and
+    program uses (``cp_ct``, ``cp_metrics``, the flow maps: the loader created them for
+    ``cp-cni``), and
     the pin dir when left empty.
 
     Programs still attached keep their reference to the maps; only the names go."""

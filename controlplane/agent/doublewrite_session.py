@@ -409,8 +409,9 @@ class _Endpoints:
         """IPs leased by a claim of this session and not yet published: a new endpoint
         (a restored one's lease is adopted, never claimed)."""
 
-    async def upsert(self, endpoint: Endpoint) -> None:
-        await self.read.upsert(endpoint)
+    async def upsert(self, endpoint: Endpoint) -> float:
+        """The read store's write's issue time (propagation starts in the read store)."""
+        issued = await self.read.upsert(endpoint)
         key = str(endpoint.ip)
         if endpoint.ip in self.fresh:
             # a new endpoint: both or neither (the agent then releases its IP and identity)
@@ -424,9 +425,10 @@ class _Endpoints:
                 raise
             self.fresh.discard(endpoint.ip)
             self.repairs.drop("endpoint", key)
-            return
+            return issued
         # a live endpoint (re-published): never withdrawn; the other store is repaired
         await self.repairs.attempt("endpoint", key, lambda: self.other.upsert(endpoint))
+        return issued
 
     async def remove(self, ip: IPAddress) -> None:
         await self.read.remove(ip)

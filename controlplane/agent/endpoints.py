@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -203,8 +202,8 @@ class EndpointPublisher:
     async def publish(self, local: LocalEndpoint) -> float:
         """Lease the IP, take the identity reference, publish the record (idempotent).
 
-        Returns when the endpoint's write to the store was issued (host-wide monotonic
-        clock).
+        Returns when the endpoint's write request to the store was issued (host-wide
+        monotonic clock; after the reads that guard it: the store stamps it).
         """
         node = self.owned.node
         ip = await self.ips.allocate(local.id)
@@ -225,9 +224,8 @@ class EndpointPublisher:
             name=local.name,
             namespace=local.namespace,
         )
-        issued = time.monotonic()
         try:
-            await self.stores.endpoints.upsert(endpoint)
+            issued = await self.stores.endpoints.upsert(endpoint)
         except Exception:
             if local.ip is None:
                 with contextlib.suppress(StoreError):

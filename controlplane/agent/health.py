@@ -27,6 +27,7 @@ the disarmed trigger is what keeps it from restarting again.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 
@@ -162,6 +163,8 @@ class ShardHealth:
 
     def to_json(self) -> dict[str, object]:
         last = self.last
+        if last is not None and math.isinf(last.heartbeat_threshold):
+            last = None  # no heartbeat here (CRD mode): nothing to report, and JSON has no inf
         return {
             "name": self.name,
             "healthy": self.healthy,

@@ -70,10 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         store = agent_store_config(args)
         check_store(store)
+        settings = settings_from_args(args)
     except ConfigError as exc:
         print(f"cp-agent: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    settings = settings_from_args(args)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

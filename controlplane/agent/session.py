@@ -53,6 +53,10 @@ class SessionHost(Protocol):
 
     def session_ready(self) -> None: ...
 
+    def flows_address(self) -> str:
+        """HOST:PORT of this node's Observer API over TCP for the node record, or ""."""
+        ...
+
 
 class Session:
     """One generation of a store session, watches, startup and re-publishing."""
@@ -161,11 +165,13 @@ class Session:
             # A restarted process must not publish its node without the CIDR it already
             # has: other nodes would withdraw their route to it until the claim is seen.
             owned.cidr = await _retrying(self._claimed_cidr)
+        flows = host.flows_address()
         node = Node(
             name=s.node,
             ips=s.node_ips,
             pod_cidrs=(owned.cidr,) if owned.cidr is not None else (),
             boot_id=boot_id,
+            flows_address=flows,
         )
         self.phase = "registering the node"
         await _retrying(lambda: self.stores.nodes.register(node))
@@ -177,7 +183,13 @@ class Session:
         if node.pod_cidrs != (cidr,):
             await _retrying(
                 lambda: self.stores.nodes.register(
-                    Node(name=s.node, ips=s.node_ips, pod_cidrs=(cidr,), boot_id=boot_id)
+                    Node(
+                        name=s.node,
+                        ips=s.node_ips,
+                        pod_cidrs=(cidr,),
+                        boot_id=boot_id,
+                        flows_address=flows,
+                    )
                 )
             )
         self.publisher.use_cidr(cidr)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from controlplane.config import ConfigError
+from controlplane.datapath.flowevents import Aggregation
 from controlplane.datapath.sock_lb import cgroup2_mount
 from controlplane.datapath.sysctls import PROC_SYS
 from controlplane.flags import (
@@ -20,6 +22,8 @@ from controlplane.flags import (
     positive_float,
     positive_int,
 )
+from controlplane.flows.client import DEFAULT_OBSERVER_SOCKET
+from controlplane.flows.server import DEFAULT_CAPACITY, FlowSettings
 from controlplane.model import IPAddress, NodeName, parse_ip, parse_node_name
 
 EXIT_OK: Final = 0
@@ -33,6 +37,7 @@ EXIT_RESTART: Final = 75
 
 DEFAULT_SOCKET: Final = Path("/var/run/cp/agent.sock")
 DEFAULT_TELEMETRY: Final = "127.0.0.1:9962"
+_FLOW_DEFAULTS: Final = FlowSettings()
 DEFAULT_BPF_PIN_DIR: Final = Path("/sys/fs/bpf/cp")
 """Where the tc program's maps are pinned (``loader.DEFAULT_PIN_DIR``); the agent's
 ``cp_ipcache`` pin lives there too, so the program reuses the map the agent fills."""
@@ -109,6 +114,18 @@ class AgentSettings:
     differ; off: only check and warn. The DaemonSet turns it on."""
     sysctl_root: Path = PROC_SYS
     """Where the sysctls are read and written (a test's directory instead of /proc/sys)."""
+    flows_enabled: bool = True
+    """Run the flow server (issue 14): with kernel maps it configures the programs' flow
+    events and reads them; else it serves an empty ring."""
+    flows: FlowSettings = _FLOW_DEFAULTS
+    """Ring size, aggregation, rate limit of the flow server."""
+    flows_socket: Path | None = None
+    """Unix socket of the Observer API (gRPC). The command line defaults to
+    /var/run/cp/observer.sock; an in-process agent serves none unless given one."""
+    flows_listen: str | None = None
+    """HOST:PORT of the Observer API over TCP (for a relay); None: none."""
+    flows_tls: tuple[Path, Path] | None = None
+    """(certificate, key) files: serve ``flows_listen`` with TLS (None: plain)."""
     lb_cgroup: Path | None = None
     """The cgroup v2 directory whose processes get socket load balancing of services (the
     ``cgroup/connect4``, ``sendmsg4``, ``recvmsg4`` programs, kernel mode only); None: the
@@ -159,6 +176,27 @@ def _address(text: str) -> tuple[str, int | None]:
     if not 0 <= number <= 65535:
         raise argparse.ArgumentTypeError(f"bad port in {text!r}")
     return host.strip("[]"), number
+
+
+def _optional_path(text: str) -> Path | None:
+    return None if text in ("", "none", "off") else Path(text)
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"want a number >= 0, got {text!r}")
+    return value
+
+
+def _listen(text: str) -> str | None:
+    host, port = _address(text)
+    if port is None:
+        return None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def add_agent_flags(parser: argparse.ArgumentParser) -> None:
@@ -301,6 +339,72 @@ def add_agent_flags(parser: argparse.ArgumentParser) -> None:
         "(kernel datapath; default auto: the cgroup v2 mount, i.e. every pod; none: keep the "
         "service maps but attach no program)",
     )
+    flows = parser.add_argument_group("flow observability")
+    flows.add_argument(
+        "--flows",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the flow server: datapath flow events into a ring, the Observer API (default on)",
+    )
+    flows.add_argument(
+        "--flows-socket",
+        type=_optional_path,
+        default=DEFAULT_OBSERVER_SOCKET,
+        metavar="PATH",
+        help=f"unix socket of the Observer API (default {DEFAULT_OBSERVER_SOCKET}; none = off)",
+    )
+    flows.add_argument(
+        "--flows-listen",
+        type=_listen,
+        default=None,
+        metavar="HOST:PORT",
+        help="also serve the Observer API on this TCP address (default: none)",
+    )
+    flows.add_argument(
+        "--flows-tls-cert",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="serve --flows-listen with TLS: this certificate (with --flows-tls-key)",
+    )
+    flows.add_argument("--flows-tls-key", type=Path, default=None, metavar="FILE", help="its key")
+    flows.add_argument(
+        "--flow-buffer-size",
+        type=positive_int,
+        default=DEFAULT_CAPACITY,
+        metavar="N",
+        help=f"flows the ring keeps (default {DEFAULT_CAPACITY})",
+    )
+    flows.add_argument(
+        "--flow-aggregation",
+        choices=[a.name.lower() for a in Aggregation],
+        default="medium",
+        help="what the datapath reports: medium (default: drops, new flows, TCP SYN/FIN/RST "
+        "changes, a busy flow once per interval), none (every packet) or off",
+    )
+    flows.add_argument(
+        "--flow-rate-limit",
+        type=non_negative_int,
+        default=_FLOW_DEFAULTS.rate_per_sec,
+        metavar="N",
+        help=f"flow events per second per CPU the datapath may emit (default "
+        f"{_FLOW_DEFAULTS.rate_per_sec}; 0 = unlimited); the rest are counted lost",
+    )
+    flows.add_argument(
+        "--flow-burst",
+        type=positive_int,
+        default=_FLOW_DEFAULTS.burst,
+        metavar="N",
+        help=f"burst of the rate limit (default {_FLOW_DEFAULTS.burst})",
+    )
+    flows.add_argument(
+        "--flow-report-interval",
+        type=positive_int,
+        default=_FLOW_DEFAULTS.report_interval_s,
+        metavar="S",
+        help=f"medium: report a busy flow again at most every S seconds per direction "
+        f"(default {_FLOW_DEFAULTS.report_interval_s})",
+    )
     local.add_argument("-v", "--verbose", action="store_true", help="log debug details")
 
 
@@ -343,8 +447,25 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         routes=args.routes,
         routes_netns=args.routes_netns or None,
         set_sysctls=args.set_sysctls,
+        flows_enabled=args.flows,
+        flows=FlowSettings(
+            capacity=args.flow_buffer_size,
+            aggregation=Aggregation[args.flow_aggregation.upper()],
+            rate_per_sec=args.flow_rate_limit,
+            burst=args.flow_burst,
+            report_interval_s=args.flow_report_interval,
+        ),
+        flows_socket=args.flows_socket,
+        flows_listen=args.flows_listen,
+        flows_tls=_flows_tls(args.flows_tls_cert, args.flows_tls_key),
         lb_cgroup=_lb_cgroup(args.lb_cgroup),
     )
+
+
+def _flows_tls(cert: Path | None, key: Path | None) -> tuple[Path, Path] | None:
+    if (cert is None) != (key is None):
+        raise ConfigError("--flows-tls-cert and --flows-tls-key go together")
+    return None if cert is None or key is None else (cert, key)
 
 
 def _lb_cgroup(text: str) -> Path | None:

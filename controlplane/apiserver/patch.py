@@ -30,6 +30,72 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
+MERGE_KEYS: dict[str, dict[str, str]] = {
+    "Service": {"spec.ports": "port", "metadata.ownerReferences": "uid"},
+}
+"""Lists a strategic merge patch merges by key, per built-in kind (the Go types'
+``patchMergeKey``); every other list is replaced whole, as kube does for atomic lists."""
+
+
+def strategic_merge(target: Any, patch: Any, keys: dict[str, str], path: str = "") -> Any:
+    """A strategic merge patch (what kubectl apply sends for built-in kinds): as a merge
+    patch, but lists in ``keys`` merge by their key (``$patch: delete`` removes an item,
+    ``$setElementOrder/<field>`` orders them), ``$patch: replace`` replaces an object, and
+    ``$retainKeys``/``$deleteFromPrimitiveList`` are honoured."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    if patch.get("$patch") == "replace":
+        return strip_directives(patch)
+    if patch.get("$patch") == "delete":
+        return None
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    retain = patch.get("$retainKeys")
+    if isinstance(retain, list):
+        result = {k: v for k, v in result.items() if k in retain}
+    for key, value in patch.items():
+        if key.startswith("$deleteFromPrimitiveList/"):
+            field = key.split("/", 1)[1]
+            if isinstance(result.get(field), list) and isinstance(value, list):
+                result[field] = [v for v in result[field] if v not in value]
+            continue
+        if key.startswith("$"):
+            continue
+        where = f"{path}.{key}" if path else key
+        if value is None:
+            result.pop(key, None)
+        elif where in keys and isinstance(value, list):
+            order = patch.get(f"$setElementOrder/{key}")
+            result[key] = _merge_list(result.get(key), value, keys[where], order, keys, where)
+        else:
+            merged = strategic_merge(result.get(key), value, keys, where)
+            if merged is None:
+                result.pop(key, None)
+            else:
+                result[key] = merged
+    return result
+
+
+def _merge_list(
+    target: Any, patch: list[Any], key: str, order: Any, keys: dict[str, str], path: str
+) -> list[Any]:
+    items = [copy.deepcopy(i) for i in target] if isinstance(target, list) else []
+    for item in patch:
+        if not isinstance(item, dict) or key not in item:
+            raise PatchError(f"{path}: an item without its merge key {key!r}")
+        at = next((i for i, old in enumerate(items) if old.get(key) == item[key]), None)
+        if item.get("$patch") == "delete":
+            if at is not None:
+                del items[at]
+        elif at is None:
+            items.append(strip_directives(item))
+        else:
+            items[at] = strategic_merge(items[at], item, keys, path)
+    if isinstance(order, list):
+        rank = {(o.get(key) if isinstance(o, dict) else o): i for i, o in enumerate(order)}
+        items.sort(key=lambda i: rank.get(i.get(key), len(rank)))
+    return items
+
+
 def strip_directives(patch: Any) -> Any:
     """A strategic merge patch without its ``$``-keys, to apply as a merge patch."""
     if isinstance(patch, dict):

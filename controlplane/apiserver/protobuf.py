@@ -81,7 +81,8 @@ def _object_meta(data: bytes) -> dict[str, Any]:
     names = {1: "name", 2: "generateName", 3: "namespace", 5: "uid", 6: "resourceVersion"}
     for number, value in _fields(data):
         if number in names:
-            meta[names[number]] = _text(value)
+            if text := _text(value):
+                meta[names[number]] = text
         elif number in (11, 12):
             key, text = _map_entry(value)
             meta.setdefault("labels" if number == 11 else "annotations", {})[key] = text
@@ -103,7 +104,94 @@ def _namespace(data: bytes) -> dict[str, Any]:
     return obj
 
 
-_KINDS = {("v1", "Namespace"): _namespace}
+def _put(obj: dict[str, Any], key: str, value: Any) -> None:
+    """Set a field the way JSON would carry it: gogo protobuf writes zero values, which
+    JSON omits (an empty string, port 0: "not set")."""
+    if value not in ("", 0, None):  # False == 0: a false bool is omitted too
+        obj[key] = value
+
+
+def _int_or_string(data: bytes) -> int | str | None:
+    kind, number, text = 0, 0, ""
+    for n, v in _fields(data):
+        if n == 1 and isinstance(v, int):
+            kind = v
+        elif n == 2 and isinstance(v, int):
+            number = v
+        elif n == 3:
+            text = _text(v)
+    if kind == 1:
+        return text or None
+    return number or None
+
+
+def _service_port(data: bytes) -> dict[str, Any]:
+    port: dict[str, Any] = {}
+    for number, value in _fields(data):
+        if number in (1, 2, 6):
+            _put(port, {1: "name", 2: "protocol", 6: "appProtocol"}[number], _text(value))
+        elif number in (3, 5) and isinstance(value, int):
+            _put(port, "port" if number == 3 else "nodePort", value)
+        elif number == 4 and isinstance(value, bytes):
+            _put(port, "targetPort", _int_or_string(value))
+    return port
+
+
+_SERVICE_STRINGS = {
+    3: "clusterIP",
+    4: "type",
+    7: "sessionAffinity",
+    8: "loadBalancerIP",
+    10: "externalName",
+    11: "externalTrafficPolicy",
+    17: "ipFamilyPolicy",
+    21: "loadBalancerClass",
+    22: "internalTrafficPolicy",
+}
+_SERVICE_LISTS = {
+    5: "externalIPs",
+    9: "loadBalancerSourceRanges",
+    18: "clusterIPs",
+    19: "ipFamilies",
+}
+
+
+def _service_spec(data: bytes) -> dict[str, Any]:
+    spec: dict[str, Any] = {}
+    for number, value in _fields(data):
+        if number == 1 and isinstance(value, bytes):
+            spec.setdefault("ports", []).append(_service_port(value))
+        elif number == 2:
+            key, text = _map_entry(value)
+            spec.setdefault("selector", {})[key] = text
+        elif number in _SERVICE_STRINGS:
+            _put(spec, _SERVICE_STRINGS[number], _text(value))
+        elif number in _SERVICE_LISTS:
+            spec.setdefault(_SERVICE_LISTS[number], []).append(_text(value))
+        elif number == 12 and isinstance(value, int):
+            _put(spec, "healthCheckNodePort", value)
+        elif number == 13 and isinstance(value, int):
+            _put(spec, "publishNotReadyAddresses", bool(value))
+        elif number == 20 and isinstance(value, int):
+            spec["allocateLoadBalancerNodePorts"] = bool(value)
+    return spec
+
+
+def _service(data: bytes) -> dict[str, Any]:
+    """A v1 Service: metadata and the spec fields of core/v1 generated.proto (status is
+    the server's)."""
+    obj: dict[str, Any] = {"apiVersion": "v1", "kind": "Service", "metadata": {}}
+    for number, value in _fields(data):
+        if not isinstance(value, bytes):
+            continue
+        if number == 1:
+            obj["metadata"] = _object_meta(value)
+        elif number == 2:
+            obj["spec"] = _service_spec(value)
+    return obj
+
+
+_KINDS = {("v1", "Namespace"): _namespace, ("v1", "Service"): _service}
 
 
 def decode(raw: bytes) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """What the server serves: one :class:`Resource` per (group, version, plural), and the registry.
 
-Built-in kinds are fixed (Namespace, Event, Lease, CustomResourceDefinition); custom
+Built-in kinds are fixed (Namespace, Event, Lease, CustomResourceDefinition, Service,
+EndpointSlice); custom
 resources come and go with their CRDs. Every served resource has one etcd key prefix
 (``/registry/<group>/<plural>/``, kube's layout; core and coordination kinds keep kube's
 historical ``/registry/<plural>/``), shared by all versions of a CRD. Nothing here talks to
@@ -81,6 +82,7 @@ def _builtin(
     prefix: str,
     short: tuple[str, ...] = (),
     status: bool = False,
+    categories: tuple[str, ...] = (),
 ) -> Resource:
     return Resource(
         group=group,
@@ -91,6 +93,7 @@ def _builtin(
         namespaced=namespaced,
         storage_prefix=f"{REGISTRY_ROOT}{prefix}/",
         short_names=short,
+        categories=categories,
         status_subresource=status,
     )
 
@@ -117,7 +120,26 @@ CRDS = _builtin(
     short=("crd", "crds"),
     status=True,
 )
-BUILTINS = (NAMESPACES, EVENTS, LEASES, CRDS)
+SERVICES = _builtin(
+    "",
+    "v1",
+    "services",
+    "Service",
+    namespaced=True,
+    prefix="services/specs",
+    short=("svc",),
+    status=True,
+    categories=("all",),
+)
+ENDPOINT_SLICES = _builtin(
+    "discovery.k8s.io",
+    "v1",
+    "endpointslices",
+    "EndpointSlice",
+    namespaced=True,
+    prefix="endpointslices",
+)
+BUILTINS = (NAMESPACES, EVENTS, LEASES, CRDS, SERVICES, ENDPOINT_SLICES)
 
 
 def from_crd(crd: dict[str, Any]) -> list[Resource]:

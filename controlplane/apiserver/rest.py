@@ -39,9 +39,17 @@ from controlplane.apiserver.objects import (
     unchanged,
     unknown_field_error,
 )
-from controlplane.apiserver.patch import PatchError, json_patch, merge_patch, strip_directives
-from controlplane.apiserver.resources import BUILTINS, NAMESPACES, Resource
+from controlplane.apiserver.patch import (
+    MERGE_KEYS,
+    PatchError,
+    json_patch,
+    merge_patch,
+    strategic_merge,
+    strip_directives,
+)
+from controlplane.apiserver.resources import BUILTINS, NAMESPACES, SERVICES, Resource
 from controlplane.apiserver.selectors import Selector
+from controlplane.apiserver.services import ClusterIPs, complete_endpoint_slice, complete_service
 from controlplane.apiserver.storage import Obj, ObjectStorage, WriteConflict
 
 MERGE = "application/merge-patch+json"
@@ -99,11 +107,16 @@ class Rest:
     """
 
     def __init__(
-        self, storage: ObjectStorage, on_crd: CrdHook, namespaces: set[str] | None = None
+        self,
+        storage: ObjectStorage,
+        on_crd: CrdHook,
+        namespaces: set[str] | None = None,
+        cluster_ips: ClusterIPs | None = None,
     ) -> None:
         self.storage = storage
         self.on_crd = on_crd
         self.namespaces = namespaces if namespaces is not None else set()
+        self.cluster_ips = cluster_ips or ClusterIPs(storage)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -171,14 +184,22 @@ class Rest:
             new["metadata"]["managedFields"] = _created_fields(resource, obj, new, options)
             name = new["metadata"]["name"]
             key = resource.key(target.namespace, name)
+            if resource is SERVICES:
+                await self.cluster_ips.allocate(new, dry_run=options.dry_run)
             if options.dry_run:
                 return Result(new, 201, warnings)
             try:
                 stored = await self.storage.create(key, new)
             except WriteConflict:
+                if resource is SERVICES:
+                    await self.cluster_ips.release(new)
                 if generated:
                     continue
                 raise already_exists(resource.plural, resource.group, name) from None
+            except BaseException:
+                if resource is SERVICES:
+                    await self.cluster_ips.release(new)
+                raise
             if resource.kind == "CustomResourceDefinition":
                 await self.on_crd(name, stored)
             return Result(as_version(stored, resource), 201, warnings)
@@ -191,6 +212,10 @@ class Rest:
             obj["metadata"]["labels"] = {**labels, "kubernetes.io/metadata.name": name}
             obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
             obj["status"] = (old or {}).get("status") or {"phase": "Active"}
+        elif resource is SERVICES:
+            complete_service(obj, old)
+        elif resource.kind == "EndpointSlice":
+            complete_endpoint_slice(obj, old)
         elif resource.kind == "CustomResourceDefinition":
             crds.default(obj)
             crds.check(obj)
@@ -271,7 +296,7 @@ class Rest:
         if metadata.get("deletionTimestamp") and not metadata.get("finalizers"):
             revision = await self.storage.delete(target.key, expected)
             metadata["resourceVersion"] = str(revision)
-            await self._after_delete(target)
+            await self._after_delete(target, current)
             return Result(as_version(obj, resource), 200, warnings)
         stored = await self.storage.update(target.key, obj, expected)
         if resource.kind == "CustomResourceDefinition":
@@ -282,11 +307,15 @@ class Rest:
         self, target: Target, content_type: str, patch: Any, options: WriteOptions
     ) -> Result:
         resource = target.resource
+        merge_keys = MERGE_KEYS.get(resource.kind)
         if content_type == STRATEGIC:
             if resource.custom:
                 raise unsupported_media(f"{JSON_PATCH}, {MERGE}, {APPLY}")
-            patch, content_type = strip_directives(patch), MERGE
-        if content_type not in (MERGE, JSON_PATCH, APPLY):
+            if not isinstance(patch, dict):
+                raise bad_request("a strategic merge patch must be a JSON object")
+            if merge_keys is None:
+                patch, content_type = strip_directives(patch), MERGE
+        if content_type not in (MERGE, JSON_PATCH, APPLY, STRATEGIC):
             raise unsupported_media(f"{JSON_PATCH}, {MERGE}, {APPLY}, {STRATEGIC}")
         if content_type == APPLY:
             if not options.field_manager:
@@ -328,6 +357,8 @@ class Rest:
                         status_split=resource.status_subresource,
                     )
                     managed = new["metadata"]["managedFields"]
+                elif content_type == STRATEGIC:
+                    new = strategic_merge(current, patch, merge_keys or {})
                 else:
                     new = merge_patch(current, patch)
             except PatchError as exc:
@@ -396,7 +427,7 @@ class Rest:
                 await self.storage.delete(target.key, expected)
             except WriteConflict:
                 continue
-            await self._after_delete(target)
+            await self._after_delete(target, current)
             if resource.kind == "Namespace":
                 gone = mark_deleted(current)
                 gone["status"] = {"phase": "Terminating"}
@@ -408,9 +439,11 @@ class Rest:
             )
         raise conflict(resource.plural, resource.group, target.name)
 
-    async def _after_delete(self, target: Target) -> None:
+    async def _after_delete(self, target: Target, deleted: Obj) -> None:
         if target.resource.kind == "CustomResourceDefinition":
             await self.on_crd(target.name, None)
+        elif target.resource is SERVICES:
+            await self.cluster_ips.release(deleted)
 
     async def _delete_namespace_contents(self, namespace: str) -> None:
         prefixes = {r.storage_prefix for r in BUILTINS if r.namespaced}
@@ -424,8 +457,11 @@ class Rest:
                 prefixes.add(
                     f"/registry/{spec.get('group')}/{(spec.get('names') or {}).get('plural')}/"
                 )
+        services = await self.storage.list(SERVICES.list_prefix(namespace))
         for prefix in prefixes:
             await self.storage.delete_prefix(f"{prefix}{namespace}/")
+        for service in services.items:
+            await self.cluster_ips.release(service)
 
     async def _delete_crd_contents(self, crd: Obj) -> None:
         spec = crd.get("spec") or {}

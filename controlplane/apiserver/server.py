@@ -29,9 +29,13 @@ from controlplane.apiserver.middleware import MAX_BODY_BYTES, User, framed
 from controlplane.apiserver.objects import now
 from controlplane.apiserver.resources import BUILTINS, CRDS, NAMESPACES, Registry
 from controlplane.apiserver.rest import Rest
+from controlplane.apiserver.services import DEFAULT_SERVICE_CIDR, ClusterIPs
 from controlplane.apiserver.storage import Obj, ObjectStorage, WriteConflict
 from controlplane.apiserver.watchcache import Change, WatchCache
 from controlplane.config import EtcdClusterConfig
+from controlplane.crd.client import KubeClient
+from controlplane.crd.kubeconfig import KubeConnection
+from controlplane.crd.services import EndpointSliceController
 from controlplane.kvstore.backend import EtcdBackend
 from controlplane.kvstore.embedded import EmbeddedEtcd
 
@@ -59,6 +63,12 @@ class KubeServerSettings:
     """Seconds between BOOKMARK events on an idle watch that asked for them."""
     watch_cache_capacity: int = 10_000
     """Changes each resource's watch cache keeps for watches that resume."""
+    service_cidr: str = DEFAULT_SERVICE_CIDR
+    """Where Services' cluster IPs are allocated from (kube's --service-cluster-ip-range)."""
+    endpointslice_controller: bool = False
+    """Run the EndpointSlice controller (:class:`controlplane.crd.services.
+    EndpointSliceController`): slices for Services with a selector, from the
+    ``controlplane.io`` Endpoints, as kube-controller-manager makes them from Pods."""
 
 
 class KubeServer:
@@ -82,6 +92,8 @@ class KubeServer:
         self._storage: ObjectStorage | None = None
         self._crd_tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._controller_client: KubeClient | None = None
+        self._controller: asyncio.Task[None] | None = None
 
     @property
     def etcd_endpoints(self) -> list[str]:
@@ -134,7 +146,9 @@ class KubeServer:
         tokens = {self.token: User("admin")}
         if settings.read_only_token:
             tokens[settings.read_only_token] = User("viewer", read_only=True)
-        rest = Rest(storage, self._on_crd, self.namespaces)
+        rest = Rest(
+            storage, self._on_crd, self.namespaces, ClusterIPs(storage, settings.service_cidr)
+        )
         api = Api(self.registry, rest, self.caches, settings.bookmark_interval)
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_route("*", "/{tail:.*}", framed(tokens, api.handle))
@@ -153,6 +167,22 @@ class KubeServer:
         self.url = f"{'https' if settings.tls else 'http'}://{host}:{port}"
         self.kubeconfig = pki.write_kubeconfig(
             self.data_dir / "kubeconfig", self.url, self.token, self.ca_file
+        )
+        if settings.endpointslice_controller:
+            self._start_controller()
+
+    def _start_controller(self) -> None:
+        connection = KubeConnection(
+            server=self.url,
+            token=self.token,
+            ca_file=str(self.ca_file) if self.ca_file else None,
+            source="the local API server",
+        )
+        client = self._controller_client = KubeClient(
+            connection, user_agent="endpointslice-controller"
+        )
+        self._controller = asyncio.create_task(
+            EndpointSliceController(client).run(), name="endpointslice controller"
         )
 
     def _track_namespace(self, change: Change) -> None:
@@ -210,6 +240,13 @@ class KubeServer:
 
     async def stop(self) -> None:
         self._stopping = True
+        controller, self._controller = self._controller, None
+        if controller is not None:
+            controller.cancel()
+            await asyncio.gather(controller, return_exceptions=True)
+        client, self._controller_client = self._controller_client, None
+        if client is not None:
+            await client.close()
         for task in list(self._crd_tasks):
             task.cancel()
         await asyncio.gather(*self._crd_tasks, return_exceptions=True)

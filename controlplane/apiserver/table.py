@@ -35,6 +35,16 @@ AGE = {
 _BUILTIN_COLUMNS: dict[str, list[dict[str, Any]]] = {
     "Namespace": [{"name": "Status", "type": "string", "jsonPath": ".status.phase"}, AGE],
     "Lease": [{"name": "Holder", "type": "string", "jsonPath": ".spec.holderIdentity"}, AGE],
+    "Service": [
+        {"name": "Type", "type": "string", "jsonPath": ".spec.type"},
+        {"name": "Cluster-IP", "type": "string", "jsonPath": ".spec.clusterIP"},
+        {"name": "Selector", "type": "string", "jsonPath": ".spec.selector", "priority": 1},
+        AGE,
+    ],
+    "EndpointSlice": [
+        {"name": "AddressType", "type": "string", "jsonPath": ".addressType"},
+        AGE,
+    ],
     "CustomResourceDefinition": [
         {
             "name": "Created At",

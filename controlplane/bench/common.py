@@ -22,6 +22,9 @@ from controlplane.stats import percentile
 Progress = Callable[[str], None]
 Record = dict[str, Any]
 
+STORE_MODES = ("kvstore", "crd")
+"""The store modes a benchmark can measure side by side."""
+
 RESULTS_DIR = Path("bench/results")
 CLEANUP_PAGE = 1000
 """Keys listed per page when cleaning up."""

@@ -13,6 +13,7 @@ from typing import Any
 
 from controlplane.cli import (
     bench_datapath_cmd,
+    bench_flows_cmd,
     bench_identities_cmd,
     bench_kube_cmd,
     bench_kvstore_cmd,
@@ -28,5 +29,6 @@ def register(subparsers: Any) -> None:
     bench_identities_cmd.register(commands)
     bench_propagation_cmd.register(commands)
     bench_datapath_cmd.register(commands)
+    bench_flows_cmd.register(commands)
     bench_kube_cmd.register(commands)
     bench_lb_cmd.register(commands)

@@ -8,7 +8,14 @@ import argparse
 import sys
 from collections.abc import Awaitable, Callable
 
-from controlplane.bench.common import BenchError, Record, measure, record_path, write_record
+from controlplane.bench.common import (
+    STORE_MODES,
+    BenchError,
+    Record,
+    measure,
+    record_path,
+    write_record,
+)
 from controlplane.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
@@ -26,6 +33,42 @@ def concurrency_list(text: str) -> tuple[int, ...]:
     if not levels:
         raise argparse.ArgumentTypeError("want a comma list like 1,32")
     return tuple(dict.fromkeys(levels))
+
+
+def store_list(text: str) -> tuple[str, ...]:
+    stores = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [s for s in stores if s not in STORE_MODES]
+    if not stores or unknown:
+        raise argparse.ArgumentTypeError(
+            f"want a comma list of {', '.join(STORE_MODES)}, got {text!r}"
+        )
+    return stores
+
+
+def store_one(text: str) -> tuple[str, ...]:
+    if text not in STORE_MODES:
+        raise argparse.ArgumentTypeError(f"want one of {', '.join(STORE_MODES)}, got {text!r}")
+    return (text,)
+
+
+def add_store_choice(parser: argparse.ArgumentParser) -> None:
+    """``--stores kvstore,crd`` (the default: both, side by side) or ``--store MODE``;
+    either sets ``args.stores``."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--stores",
+        type=store_list,
+        default=STORE_MODES,
+        metavar="MODE,MODE",
+        help=f"store modes measured side by side (default {','.join(STORE_MODES)})",
+    )
+    which.add_argument(
+        "--store",
+        dest="stores",
+        type=store_one,
+        metavar="{" + ",".join(STORE_MODES) + "}",
+        help="one mode only",
+    )
 
 
 def add_target_flags(parser: argparse.ArgumentParser) -> None:

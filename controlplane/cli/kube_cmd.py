@@ -40,6 +40,13 @@ def register(subparsers: Any) -> None:
         metavar="SECONDS",
         help="stop after this long (default: run until Ctrl-C)",
     )
+    up.add_argument(
+        "--no-endpointslice-controller",
+        dest="endpointslice_controller",
+        action="store_false",
+        help="do not make EndpointSlices for Services with a selector from the controlplane.io "
+        "Endpoints (the local stand-in for kube-controller-manager's controller)",
+    )
     add_json_flag(up)
     up.set_defaults(run=run_up)
 
@@ -47,7 +54,11 @@ def register(subparsers: Any) -> None:
 async def run_up(args: argparse.Namespace) -> int:
     endpoints = tuple(e for e in (args.etcd_endpoints or "").split(",") if e)
     settings = KubeServerSettings(
-        host=args.host, port=args.port, data_dir=args.data_dir, etcd_endpoints=endpoints
+        host=args.host,
+        port=args.port,
+        data_dir=args.data_dir,
+        etcd_endpoints=endpoints,
+        endpointslice_controller=args.endpointslice_controller,
     )
     server = KubeServer(settings)
     stop = asyncio.Event()

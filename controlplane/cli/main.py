@@ -18,6 +18,7 @@ from controlplane.cli import (
     kube_cmd,
     kvstore_cmd,
     migrate_cmd,
+    observe_cmd,
     policy_cmd,
     scale_cmd,
     service_cmd,
@@ -47,6 +48,7 @@ def build_parser() -> Parser:
     views_cmd.register_node(commands)
     ipam_cmd.register(commands)
     status_cmd.register(commands)
+    observe_cmd.register(commands)
     policy_cmd.register(commands)
     service_cmd.register(commands)
     migrate_cmd.register(commands)

@@ -1,5 +1,10 @@
-"""`cpctl service put FILE|list|delete NS/NAME`: services in the store (kvstore mode; CRD
-mode will read Kubernetes Services, not yet).
+"""`cpctl service put FILE|list|delete NS/NAME`: services in the store.
+
+In kvstore mode they are records under ``cp/state/services/v1/``; in CRD mode they are
+Kubernetes Services with their EndpointSlices (``list`` shows every balanced Service,
+whoever made it: kubectl, the EndpointSlice controller; ``put`` writes a selector-less
+Service with the given cluster IP and an EndpointSlice ``<name>-cpctl`` with the
+backends; ``delete`` removes both). See :mod:`controlplane.crd.services`.
 
 ``put`` reads one service (or a list of them) from a YAML or JSON file (``-`` for stdin)
 in the stored form (``docs/key-layout.md``)::

@@ -69,7 +69,11 @@ def _print(status: dict[str, Any]) -> None:
     print(f"cluster:    {status.get('cluster')}")
     print(f"pod CIDR:   {status.get('cidr') or '-'}")
     print(f"phase:      {status.get('phase')}")
-    print(f"kvstore:    {kv.get('state')}")
+    store = status.get("store") or {}
+    if store.get("mode") == "crd":
+        print(f"store:      {store.get('describe')}: {kv.get('state')}")
+    else:
+        print(f"kvstore:    {kv.get('state')}")
     print(f"endpoints:  {status.get('endpoints')}")
     last = restarts.get("last_reason")
     print(

@@ -20,6 +20,7 @@ from controlplane.crd.ipam import list_all_leases as list_crd_leases
 from controlplane.crd.kubeconfig import load_connection
 from controlplane.crd.nodes import CrdNodeStore
 from controlplane.crd.policies import CrdPolicyStore
+from controlplane.crd.services import CrdServiceStore
 from controlplane.flags import add_kvstore_flags, add_store_flags, store_config
 from controlplane.kvstore.endpoints import KvEndpointStore
 from controlplane.kvstore.identities import KvIdentityStore
@@ -67,8 +68,8 @@ class ClusterStores:
     claims: Callable[[str], Awaitable[list[Versioned[CIDRClaim]]]]
     """Every pod CIDR claim of a pool, sorted by CIDR (kvstore mode: from every shard)."""
     services: ServiceStore | None = None
-    """None where the mode has no service source yet (CRD mode, until it reads Kubernetes
-    Services and EndpointSlices)."""
+    """Services: kvstore records, or Kubernetes Services and their EndpointSlices (CRD
+    mode); None where a mode has none."""
 
     def malformed(self, resource: str) -> int:
         value = self.metrics.registry.get_sample_value(
@@ -119,6 +120,7 @@ async def open_config_stores(
                 nodes=CrdNodeStore(client, metrics),
                 cidrs=cidrs,
                 policies=CrdPolicyStore(client, metrics),
+                services=CrdServiceStore(client, metrics),
                 references=users,
                 leases=crd_leases,
                 claims=crd_claims,

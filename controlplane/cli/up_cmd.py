@@ -124,7 +124,9 @@ async def run_up(args: argparse.Namespace) -> int:
             say("starting the local Kubernetes API server (CRD mode)...")
             kube = KubeServer(
                 KubeServerSettings(
-                    data_dir=workdir / "kube", etcd_endpoints=tuple(etcd.client_urls)
+                    data_dir=workdir / "kube",
+                    etcd_endpoints=tuple(etcd.client_urls),
+                    endpointslice_controller=True,
                 )
             )
             await kube.start()
@@ -132,6 +134,10 @@ async def run_up(args: argparse.Namespace) -> int:
             say(
                 f"  try: KUBECONFIG={kube.kubeconfig} kubectl get "
                 "identities,endpoints.controlplane.io -A"
+            )
+            say(
+                f"  a service: KUBECONFIG={kube.kubeconfig} kubectl -n shop create service "
+                "clusterip web --tcp=80:8080; cpctl service list --kubeconfig ..."
             )
             store_args = ["--store", "crd", "--kubeconfig", str(kube.kubeconfig)]
             config = CrdConfig(kubeconfig=str(kube.kubeconfig), request_timeout=3.0)
@@ -190,6 +196,9 @@ async def start_daemons(
                 f"node-{i}",
                 "--api-socket",
                 str(workdir / f"node-{i}.sock"),
+                # its flow server (userspace maps: an empty ring): cpctl observe --server
+                "--flows-socket",
+                str(workdir / f"node-{i}-observer.sock"),
                 # several agents on one host: each keeps its own userspace maps (kernel
                 # mode would make them share the machine-wide pinned ipcache)
                 "--datapath",

@@ -43,6 +43,7 @@ from controlplane.crd.resources import (
     POD_CIDRS,
 )
 from controlplane.crd.retry import on_conflict
+from controlplane.crd.services import CrdServiceStore
 from controlplane.metrics import StoreMetrics
 from controlplane.model import (
     Endpoint,
@@ -74,6 +75,7 @@ class CrdCopier:
         self.node_store = CrdNodeStore(client, metrics)
         self.cidrs = CrdCIDRStore(client, metrics)
         self.policy_store = CrdPolicyStore(client, metrics)
+        self.service_store = CrdServiceStore(client, metrics)
 
     @property
     def describe(self) -> str:
@@ -100,7 +102,7 @@ class CrdCopier:
         return [v.value for v in await self.policy_store.list()]
 
     async def list_services(self) -> builtins.list[Service] | None:
-        return None  # CRD mode has no service source yet
+        return [v.value for v in await self.service_store.list()]
 
     async def namespaces(self) -> set[str] | None:
         """The namespaces that exist (a namespaced object needs its namespace)."""
@@ -291,4 +293,13 @@ class CrdCopier:
         return f"policy {policy.id} exists with another spec"
 
     async def write_service(self, service: Service) -> str | None:
-        return f"service {service.id}: CRD mode has no service store yet"
+        """A Kubernetes Service and its EndpointSlice (the service store's put), unless
+        the Service exists (then it must say the same)."""
+        found = {v.value.id: v.value for v in await self.service_store.list()}
+        there = found.get(service.id)
+        if there is None:
+            await self.service_store.put(service)
+            return None
+        if there == service:
+            return None
+        return f"service {service.id} exists with another VIP, ports or backends"

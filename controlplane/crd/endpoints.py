@@ -28,6 +28,7 @@ import builtins
 import contextlib
 import ipaddress
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -195,7 +196,7 @@ class CrdEndpointStore:
 
     # -- writes (this node's endpoints) ----------------------------------------------
 
-    async def upsert(self, endpoint: Endpoint) -> None:
+    async def upsert(self, endpoint: Endpoint) -> float:
         """Publish one of this node's endpoints; :class:`EndpointConflict` when another
         node publishes its IP or owns the pod's object, ``ValueError`` for another node's
         endpoint."""
@@ -210,7 +211,7 @@ class CrdEndpointStore:
         family = FAMILIES[endpoint.ip.version]
         entry = {"family": family, "ip": str(endpoint.ip), "prefixLen": endpoint.prefix_len}
 
-        async def step() -> None:
+        async def step() -> float:
             current = await self.client.get_or_none(ENDPOINTS, endpoint.name, endpoint.namespace)
             addressing: dict[str, JSON] = {}
             if current is not None:
@@ -234,15 +235,19 @@ class CrdEndpointStore:
             }
             self._wanted[key] = spec
             if current is not None and self._looks_right(key, current):
-                return  # already so (a re-publish after a restart): no write, no event
-            await self._write(key, spec, current)
+                # already so (a re-publish after a restart): no write, no event; nothing
+                # propagates, so "issued" is now
+                return time.monotonic()
+            issued = await self._write(key, spec, current)
             if dropped is not None and dropped.get("ip") != entry["ip"]:
                 with contextlib.suppress(ModelError):
                     self._where.pop(parse_ip(dropped.get("ip")), None)
+            return issued
 
         async with self._locks(key):
-            await on_conflict(step, f"upsert endpoint {key}")
+            issued = await on_conflict(step, f"upsert endpoint {key}")
         self._where[endpoint.ip] = key
+        return issued
 
     async def remove(self, ip: IPAddress) -> None:
         """Withdraw this node's endpoint at ``ip``; another node's object is left alone."""
@@ -315,9 +320,10 @@ class CrdEndpointStore:
             if self._where.get(ip) == key:
                 del self._where[ip]
 
-    async def _write(self, key: str, spec: JSON, current: JSON | None) -> None:
+    async def _write(self, key: str, spec: JSON, current: JSON | None) -> float:
         """Create the object, or replace ``current`` guarded by its resourceVersion;
-        :class:`Conflict` when either lost a race."""
+        :class:`Conflict` when either lost a race. Returns when the request was issued
+        (``time.monotonic()``)."""
         node = self._writer("write")
         namespace, _, name = key.partition("/")
         labels = _labels_for(node, spec)
@@ -325,11 +331,12 @@ class CrdEndpointStore:
         body: JSON = {"apiVersion": ENDPOINTS.api_version, "kind": ENDPOINTS.kind, "spec": spec}
         if current is None:
             body["metadata"] = meta
+            issued = time.monotonic()
             try:
                 await self.client.create(ENDPOINTS, body)
             except AlreadyExists:
                 raise Conflict(f"endpoint {key} was created meanwhile", status=409) from None
-            return
+            return issued
         old = meta_of(current)
         kept = {
             k: v
@@ -337,7 +344,9 @@ class CrdEndpointStore:
             if k not in (ENDPOINT_NODE, ENDPOINT_IPV4, ENDPOINT_IPV6)
         }
         body["metadata"] = {**old, "labels": {**kept, **labels}}
+        issued = time.monotonic()
         await self.client.replace(ENDPOINTS, body)
+        return issued
 
     # -- repair ----------------------------------------------------------------------
 

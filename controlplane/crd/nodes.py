@@ -1,6 +1,7 @@
 """Node records as ``Node`` objects (cluster-scoped, named as the node).
 
-The agent owns ``spec.addresses`` and ``spec.bootID`` and writes them with a merge patch
+The agent owns ``spec.addresses``, ``spec.bootID`` and ``spec.flowsAddress`` (its Observer
+API for cp-relay, when it serves one over TCP) and writes them with a merge patch
 that names only those fields, so ``spec.podCIDRs`` (the operator's) and the status (the
 node's IP leases, :mod:`controlplane.crd.ipam`) are never touched by a registration.
 Readers get ``Node(name, ips, pod_cidrs, boot_id)`` from spec. The node keeps what it
@@ -47,6 +48,7 @@ def _expand(obj: JSON) -> list[tuple[str, Node]]:
             "ips": [a["ip"] for a in addresses],
             "pod_cidrs": spec.get("podCIDRs") or [],
             "boot_id": spec.get("bootID") or "",
+            "flows_address": spec.get("flowsAddress") or "",
         }
     )
     return [(name, node)]
@@ -91,8 +93,8 @@ class CrdNodeStore:
     # -- writes (this node's record) -------------------------------------------------
 
     async def register(self, node: Node) -> None:
-        """Publish (or update) this node's addresses and boot ID (``node.pod_cidrs`` is
-        the operator's to write and is ignored here)."""
+        """Publish (or update) this node's addresses, boot ID and flows address
+        (``node.pod_cidrs`` is the operator's to write and is ignored here)."""
         name = self._writer("register")
         if node.name != name:
             raise ValueError(f"node {node.name!r} is not this store's node {name!r}")
@@ -100,6 +102,8 @@ class CrdNodeStore:
             "addresses": [{"type": "InternalIP", "ip": str(ip)} for ip in node.ips],
             "bootID": node.boot_id,
         }
+        if node.flows_address:  # (only when served: no churn for the nodes without)
+            self._wanted["flowsAddress"] = node.flows_address
         await self._reconcile(repair=False)
 
     async def deregister(self) -> None:

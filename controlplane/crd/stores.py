@@ -1,4 +1,4 @@
-"""The six CRD stores of one node, built together, and the background work they need.
+"""The seven CRD stores of one node, built together, and the background work they need.
 
 A convenience for the agent's CRD store session (and tests): every store of one node on
 one :class:`KubeClient`, and :meth:`CrdNodeStores.tasks`, the self-repair loops to run
@@ -16,6 +16,7 @@ from controlplane.crd.identities import CrdIdentityStore
 from controlplane.crd.ipam import CrdCIDRStore, CrdIPLeaseStore
 from controlplane.crd.nodes import CrdNodeStore
 from controlplane.crd.policies import CrdPolicyStore
+from controlplane.crd.services import CrdServiceStore
 from controlplane.metrics import StoreMetrics
 from controlplane.model import IdentityRange, NodeName
 
@@ -28,6 +29,7 @@ class CrdNodeStores:
     cidrs: CrdCIDRStore
     leases: CrdIPLeaseStore
     policies: CrdPolicyStore
+    services: CrdServiceStore
 
     def tasks(self) -> dict[str, Callable[[], Awaitable[None]]]:
         """The repair loops by name (identities held, endpoints, node record, IP leases)."""
@@ -54,4 +56,5 @@ def node_stores(
         cidrs=CrdCIDRStore(client, metrics),
         leases=CrdIPLeaseStore(client, metrics, node=node),
         policies=CrdPolicyStore(client, metrics),
+        services=CrdServiceStore(client, metrics),
     )

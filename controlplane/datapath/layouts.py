@@ -43,6 +43,7 @@ __all__ = [
     "ENDPOINTS_MAP_NAME",
     "ENDPOINTS_MAX_ENTRIES",
     "EP_F_INGRESS_ENFORCED",
+    "FLOW_MAP_NAMES",
     "IDENTITY_ANY",
     "IDENTITY_WORLD",
     "METRICS_MAP_NAME",
@@ -73,6 +74,14 @@ ENDPOINTS_MAX_ENTRIES: Final = 4096
 METRICS_MAP_NAME: Final = "cp_metrics"
 METRICS_MAX_ENTRIES: Final = 16
 CT_MAP_NAME: Final = "cp_ct"
+FLOW_MAP_NAMES: Final = (
+    "cp_flow_events",
+    "cp_flow_config",
+    "cp_flow_lost",
+    "cp_flow_state",
+    "cp_flow_rate",
+)
+"""The flow event maps (issue 14; their layouts are in :mod:`.flowevents`)."""
 CT_MAX_ENTRIES: Final = 64 * 1024
 CT_LIFETIME_TCP_S: Final = 21600
 """How long a ``cp_ct`` TCP entry lives after its last packet from the pod."""

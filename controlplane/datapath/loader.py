@@ -33,6 +33,7 @@ from typing import Any, Final
 from controlplane.datapath.layouts import (
     CT_MAP_NAME,
     ENDPOINTS_MAP_NAME,
+    FLOW_MAP_NAMES,
     METRICS_MAP_NAME,
     POLICY_MAP_NAME,
     Config,
@@ -78,6 +79,7 @@ SHARED_MAPS: Final = (
     ENDPOINTS_MAP_NAME,
     METRICS_MAP_NAME,
     CT_MAP_NAME,
+    *FLOW_MAP_NAMES,
 )
 
 _BPFFS_MAGIC: Final = 0xCAFE4A11

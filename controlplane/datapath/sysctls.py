@@ -2,7 +2,8 @@
 
 Required: ``net.ipv4.ip_forward=1``: a pod's packets arrive on its host-side veth and
 leave by another veth or the node's uplink; without forwarding the host drops them and a
-pod-to-pod connection silently times out.
+pod-to-pod connection silently times out. On a node with an IPv6 address,
+``net.ipv6.conf.all.forwarding=1`` too, for the same reason (:func:`wanted`).
 
 ``rp_filter`` needs no change for our routes: every pod address has a host route over its
 own veth (``cp-cni``) and every other node's pod CIDR a route via that node's IP
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Final
 
 __all__ = [
+    "IPV6_REQUIRED",
     "PROC_SYS",
     "REPORTED",
     "REQUIRED",
@@ -31,6 +33,7 @@ __all__ = [
     "apply",
     "read",
     "summary",
+    "wanted",
     "warning",
 ]
 
@@ -47,7 +50,15 @@ class Want:
 REQUIRED: Final = (
     Want("net.ipv4.ip_forward", "1", "pod traffic is forwarded between veths and the uplink"),
 )
+IPV6_REQUIRED: Final = (
+    Want("net.ipv6.conf.all.forwarding", "1", "IPv6 pod traffic is forwarded likewise"),
+)
 REPORTED: Final = ("net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter")
+
+
+def wanted(*, ipv6: bool) -> tuple[Want, ...]:
+    """What a node needs: IPv4 forwarding always; IPv6 forwarding when it has IPv6."""
+    return REQUIRED + IPV6_REQUIRED if ipv6 else REQUIRED
 
 
 @dataclass(frozen=True, slots=True)

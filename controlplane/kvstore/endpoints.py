@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from controlplane import codec
@@ -118,6 +119,8 @@ class KvEndpointStore:
         self._node_fields = NodeFields()
         self._owner: KeyOwner | None = None
         self._backend: EtcdBackend | None = None
+        self._issued: dict[bytes, float] = {}
+        """key -> when its last write was issued (``upsert``'s return; repairs leave one)."""
         if owners is not None and node is not None:
             self._backend = shards.shard_for("endpoints", node)
             self._owner = owners.for_backend(self._backend)
@@ -125,7 +128,7 @@ class KvEndpointStore:
 
     # -- writes (this node's endpoints) ----------------------------------------------
 
-    async def upsert(self, endpoint: Endpoint) -> None:
+    async def upsert(self, endpoint: Endpoint) -> float:
         """Publish one of this node's endpoints; raises :class:`IPConflict` when the IP's
         key holds another node's endpoint, ``ValueError`` for another node's endpoint."""
         owner, node = self._writer("upsert")
@@ -135,12 +138,17 @@ class KvEndpointStore:
                 f"this store publishes node {node!r} only"
             )
         value = self.codec.encode(endpoint.to_dict())
-        await owner.put(self.key(endpoint.ip), value, resource=ENDPOINT_RESOURCE, write=self._put)
+        key = self.key(endpoint.ip)
+        started = time.monotonic()
+        await owner.put(key, value, resource=ENDPOINT_RESOURCE, write=self._put)
+        # _put stamped its transaction under the key's lock, and nothing ran since
+        return self._issued.pop(key, started)
 
     async def remove(self, ip: IPAddress) -> None:
         """Withdraw this node's endpoint at ``ip``; another node's record is left alone."""
         owner, node = self._writer("remove")
         key = self.key(ip)
+        self._issued.pop(key, None)
         if owner.owns(key):
             await owner.delete(key)
             return
@@ -229,10 +237,12 @@ class KvEndpointStore:
                     log.warning("IP %s is held by node %r; node %r gives it up", ip, holder, node)
                     raise IPConflict(ip, holder, node, endpoint=backend.name)
                 guard = mod_revision_is(key, current.mod_revision)
+            self._issued[key] = time.monotonic()
             result = await backend.txn([guard], [Put(key, value, lease)], [Get(key)])
             if result.succeeded:
                 return
             current = _first(result.results[0].kvs)
+        self._issued.pop(key, None)
         raise KvstoreError(f"writing {key!r}: the key kept changing", endpoint=backend.name)
 
 

@@ -271,7 +271,11 @@ def make_plan(source: Snapshot, target: Snapshot, target_side: Copier) -> Plan:
     copies["services"] = missing("services", "service")
 
     if target.namespaces is not None:
-        needed = {e.namespace for e in new_endpoints} | {p.namespace for p in copies["policies"]}
+        needed = (
+            {e.namespace for e in new_endpoints}
+            | {p.namespace for p in copies["policies"]}
+            | {s.namespace for s in copies["services"]}
+        )
         for namespace in sorted(needed - target.namespaces):
             conflicts.append(
                 f"namespace {namespace!r} does not exist in {target.mode}: create it first"

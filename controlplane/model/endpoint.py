@@ -99,7 +99,13 @@ class Endpoint:
     def ip_identity(self) -> IPIdentity:
         """What the ipcache needs of this endpoint."""
         return IPIdentity(
-            self.ip.packed, self.prefix_len, self.identity, self.node, self.host_ip.packed
+            self.ip.packed,
+            self.prefix_len,
+            self.identity,
+            self.node,
+            self.host_ip.packed,
+            self.namespace,
+            self.name,
         )
 
     @property
@@ -156,6 +162,10 @@ class IPIdentity(msgspec.Struct, frozen=True, gc=False):
     identity: NumericIdentity
     node: NodeName
     host_ip: bytes
+    namespace: str = ""
+    """The pod's namespace and name (flow observability shows them; the ipcache does not
+    need them)."""
+    name: str = ""
 
 
 def ip_identity_from_dict(data: object) -> IPIdentity:
@@ -177,7 +187,9 @@ def ip_identity_from_dict(data: object) -> IPIdentity:
         )
     except ValueError as e:
         raise _invalid(k, e) from None
-    return IPIdentity(ip, prefix_len, NumericIdentity(identity), NodeName(node), host_ip)
+    return IPIdentity(
+        ip, prefix_len, NumericIdentity(identity), NodeName(node), host_ip, namespace, name
+    )
 
 
 class EndpointRecord(msgspec.Struct, frozen=True, gc=False):
@@ -269,7 +281,7 @@ def ip_identity_from_record(record: EndpointRecord, shared: NodeFields) -> IPIde
         )
     ):
         raise InvalidRecord("endpoint: a node, name or namespace that is not a DNS-1123 name")
-    return IPIdentity(ip, prefix_len, record.identity, node, host_ip)
+    return IPIdentity(ip, prefix_len, record.identity, node, host_ip, record.namespace, name)
 
 
 def _check_endpoint(

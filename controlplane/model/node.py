@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 _BOOT_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]*")
+_FLOWS_ADDRESS_RE: Final = re.compile(r"(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):\d{1,5}")
 
 _BOOT_ID_MAX: Final = 128
 
@@ -51,6 +52,9 @@ class Node:
     ips: tuple[IPAddress, ...] = ()
     pod_cidrs: tuple[IPNetwork, ...] = ()
     boot_id: str = ""
+    flows_address: str = ""
+    """HOST:PORT of the node's Observer API (its flow server, issue 14) for a relay; empty
+    when it serves none over TCP. Stored only when set."""
 
     def __post_init__(self) -> None:
         _check_dns_subdomain("node name", self.name)
@@ -68,16 +72,25 @@ class Node:
             raise ModelError(f"node boot_id: expected str, got {type(self.boot_id).__name__}")
         if len(self.boot_id) > _BOOT_ID_MAX or not _BOOT_ID_RE.fullmatch(self.boot_id):
             raise ModelError(f"node boot_id: invalid {_short(self.boot_id)}")
+        if not isinstance(self.flows_address, str) or (
+            self.flows_address and not _FLOWS_ADDRESS_RE.fullmatch(self.flows_address)
+        ):
+            raise ModelError(
+                f"node flows_address: want HOST:PORT, got {_short(self.flows_address)}"
+            )
         _set(self, "ips", ips)
         _set(self, "pod_cidrs", cidrs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": str(self.name),
             "ips": [str(ip) for ip in self.ips],
             "pod_cidrs": [str(c) for c in self.pod_cidrs],
             "boot_id": self.boot_id,
         }
+        if self.flows_address:
+            out["flows_address"] = self.flows_address
+        return out
 
     @classmethod
     def from_dict(cls, data: object) -> Self:
@@ -89,4 +102,8 @@ class Node:
             _parse_item(k, "pod_cidrs", parse_cidr, v) for v in _list_field(k, d, "pod_cidrs")
         )
         boot_id = _str_field(k, d, "boot_id")
-        return _build(k, cls, name=NodeName(name), ips=ips, pod_cidrs=cidrs, boot_id=boot_id)
+        flows = _str_field(k, d, "flows_address") if "flows_address" in d else ""
+        return _build(
+            k, cls, name=NodeName(name), ips=ips, pod_cidrs=cidrs, boot_id=boot_id,
+            flows_address=flows,
+        )  # fmt: skip
