@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
@@ -23,6 +23,7 @@ from controlplane.kvstore.backend import EtcdBackend
 from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.kvstore.errors import KvstoreError
 from controlplane.kvstore.etcd_tools import EtcdNotFound, EtcdTool, find_etcd_tool
+from controlplane.store_types import EventKind, StoreEvent
 
 T = TypeVar("T")
 
@@ -216,3 +217,26 @@ async def running(
         await asyncio.gather(task, return_exceptions=True)
     if not task.cancelled() and (error := task.exception()) is not None:
         raise error
+
+
+@contextlib.asynccontextmanager
+async def collecting(stream: AsyncIterator[StoreEvent[T]]) -> AsyncIterator[list[StoreEvent[T]]]:
+    """Collect a store watch's events in the background while the block runs."""
+    events: list[StoreEvent[T]] = []
+
+    async def pump() -> None:
+        async for event in stream:
+            events.append(event)
+
+    task = asyncio.create_task(pump(), name="collect-watch")
+    try:
+        yield events
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def synced(events: list[StoreEvent[Any]]) -> bool:
+    """The watch delivered its SYNCED event."""
+    return any(e.kind is EventKind.SYNCED for e in events)

@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypeVar
 
 import pytest
 import pytest_asyncio
-from helpers import FAST, eventually
+from helpers import FAST, collecting, eventually, synced
 
 from controlplane import codec
 from controlplane.apiserver import KubeServer, KubeServerSettings
@@ -387,27 +387,6 @@ def repairs(metrics: StoreMetrics, resource: str) -> float:
         )
         total += sample or 0.0
     return total
-
-
-@contextlib.asynccontextmanager
-async def collecting(stream: AsyncIterator[StoreEvent[T]]) -> AsyncIterator[list[StoreEvent[T]]]:
-    events: list[StoreEvent[T]] = []
-
-    async def pump() -> None:
-        async for event in stream:
-            events.append(event)
-
-    task = asyncio.create_task(pump(), name="collect-watch")
-    try:
-        yield events
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-def synced(events: list[StoreEvent[Any]]) -> bool:
-    return any(e.kind is EventKind.SYNCED for e in events)
 
 
 def listed(events: list[StoreEvent[T]]) -> dict[str, T | None]:

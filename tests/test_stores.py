@@ -7,11 +7,11 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from ipaddress import ip_address, ip_network
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 import pytest_asyncio
-from helpers import FAST, cpctl_in_process, eventually
+from helpers import FAST, collecting, cpctl_in_process, eventually, synced
 
 from controlplane import codec
 from controlplane.config import EtcdClusterConfig, KvstoreConfig
@@ -93,24 +93,6 @@ def repairs(metrics: StoreMetrics, resource: str, reason: str) -> float:
     return sample(metrics, "cp_store_repairs_total", resource=resource, reason=reason)
 
 
-@contextlib.asynccontextmanager
-async def collecting(stream: AsyncIterator[StoreEvent[T]]) -> AsyncIterator[list[StoreEvent[T]]]:
-    """Collect a store watch's events in the background while the block runs."""
-    events: list[StoreEvent[T]] = []
-
-    async def pump() -> None:
-        async for event in stream:
-            events.append(event)
-
-    task = asyncio.create_task(pump(), name="collect-watch")
-    try:
-        yield events
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 def after_sync(events: list[StoreEvent[T]]) -> list[tuple[EventKind, str, T | None]]:
     synced = [i for i, e in enumerate(events) if e.kind is EventKind.SYNCED]
     assert len(synced) == 1, events
@@ -125,10 +107,6 @@ def listed(events: list[StoreEvent[T]]) -> dict[str, T | None]:
         assert e.kind is EventKind.UPSERT
         out[e.name] = e.value
     raise AssertionError("not synced")
-
-
-def synced(events: list[StoreEvent[Any]]) -> bool:
-    return any(e.kind is EventKind.SYNCED for e in events)
 
 
 # ---------------------------------------------------------------------------------------
