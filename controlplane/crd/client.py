@@ -2,9 +2,10 @@
 
 Why our own, on aiohttp (already a dependency for the local API server), rather than
 ``kubernetes_asyncio``, kopf's internal client or the official client in a thread pool:
-the store needs eight verbs on plain JSON objects (get, list with pages, watch with
-bookmarks, create, update, status update, merge patch, delete with preconditions), and it
-decodes tens of thousands of objects on an agent's cold sync. Generated model classes cost
+the store needs seven verbs on plain JSON objects (get, list with pages, watch with
+bookmarks, create, update, merge patch (also of a status subresource), delete with
+preconditions), and it decodes tens of thousands of objects on an agent's cold sync.
+Generated model classes cost
 several times the decode itself; a thread pool would put blocking calls and threads into
 every agent; kopf's client is not public API. Here a response is one ``msgspec`` decode
 into dicts, every call is a coroutine on the daemon's loop, and each failure is one
@@ -267,15 +268,6 @@ class KubeClient:
             "PUT",
             resource.path(meta.get("namespace"), meta["name"]),
             f"update {resource.plural}/{meta['name']}",
-            body=body,
-        )
-
-    async def replace_status(self, resource: ApiResource, body: JSON) -> JSON:
-        meta = body["metadata"]
-        return await self._call(
-            "PUT",
-            resource.path(meta.get("namespace"), meta["name"]) + "/status",
-            f"update {resource.plural}/{meta['name']}/status",
             body=body,
         )
 
