@@ -4,8 +4,11 @@ Everything else is declared in pyproject.toml. ``build_py`` compiles ``bpf/*.c``
 (``-target bpf``) into ``controlplane/datapath/bpf/`` of the build tree and copies the C
 sources and Makefile beside the object, so an installed (non-editable) package carries
 its datapath and the means to rebuild it (``make -C <site-packages>/controlplane/datapath/bpf``).
-An editable install builds nothing here: the loader builds ``bpf/`` in the source tree
-when the object is missing or stale.
+It also builds the node's CNI launcher (``make -C cni OUT=...``: a static C binary, see
+``cni/cp-cni-shim.c``) into ``controlplane/cni/bin/cp-cni``, which ``cp-cni install`` copies
+into the host's CNI bin directory. An editable install builds nothing here: the loader
+builds ``bpf/`` and ``cp-cni install`` builds ``cni/`` in the source tree when missing or
+stale.
 
 ``CLANG`` names the compiler, ``ARCH_INCLUDE`` the directory holding ``asm/types.h``
 (default ``/usr/include/<machine>-linux-gnu``).
@@ -24,6 +27,8 @@ from setuptools.command.build_py import build_py
 
 SRC = Path(__file__).resolve().parent / "bpf"
 PACKAGE_DIR = ("controlplane", "datapath", "bpf")
+SHIM_SRC = Path(__file__).resolve().parent / "cni"
+SHIM_PACKAGE_PATH = ("controlplane", "cni", "bin", "cp-cni")
 CFLAGS = ("-O2", "-g", "-Wall", "-Werror", "-target", "bpf")
 
 
@@ -33,6 +38,18 @@ class BuildPyWithBpf(build_py):
         if getattr(self, "editable_mode", False):
             return
         self.build_bpf(Path(self.build_lib).joinpath(*PACKAGE_DIR))
+        self.build_shim(Path(self.build_lib).joinpath(*SHIM_PACKAGE_PATH))
+
+    def build_shim(self, out: Path) -> None:
+        missing = [t for t in ("make", os.environ.get("CC", "cc")) if shutil.which(t) is None]
+        if missing:
+            raise SystemExit(
+                f"building the CNI launcher needs {' and '.join(missing)} (and libc6-dev)"
+            )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cmd = ["make", "-C", str(SHIM_SRC), f"OUT={out}"]
+        self.announce(" ".join(cmd), level=2)
+        subprocess.run(cmd, check=True)
 
     def build_bpf(self, out: Path) -> None:
         clang = os.environ.get("CLANG", "clang")

@@ -14,13 +14,14 @@ go through ``asyncio.to_thread``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
@@ -60,9 +61,11 @@ async def cni(
     *,
     node: str | None = None,
     env: Mapping[str, str] | None = None,
+    plugin: Sequence[str] = (sys.executable, "-m", "controlplane.cni.main"),
 ) -> Ran:
-    """Run the plugin like a runtime (inside ``node``'s network namespace if given)."""
-    argv = [sys.executable, "-m", "controlplane.cni.main"]
+    """Run the plugin like a runtime (inside ``node``'s network namespace if given);
+    ``plugin`` is the command (default: the Python plugin)."""
+    argv = list(plugin)
     if node is not None:
         argv = ["nsenter", f"--net=/run/netns/{node}", *argv]
     full_env = {
@@ -166,6 +169,13 @@ class Env:
 
 @pytest.fixture
 def namespaces() -> Iterator[tuple[str, dict[str, str], Path]]:
+    with cni_namespaces() as made:
+        yield made
+
+
+@contextlib.contextmanager
+def cni_namespaces() -> Iterator[tuple[str, dict[str, str], Path]]:
+    """A node namespace (forwarding on), two pod namespaces, a bpffs pin directory."""
     tok = secrets.token_hex(3)
     node = f"cpcni-{tok}-node"
     pods = {p: f"cpcni-{tok}-{p}" for p in ("web", "db")}
@@ -196,10 +206,27 @@ def namespaces() -> Iterator[tuple[str, dict[str, str], Path]]:
 async def env(
     etcd1: EmbeddedEtcd, tmp_path: Path, namespaces: tuple[str, dict[str, str], Path]
 ) -> AsyncIterator[Env]:
+    async with cni_agent(etcd1, tmp_path, namespaces) as made:
+        yield made
+
+
+@contextlib.asynccontextmanager
+async def cni_agent(
+    etcd1: EmbeddedEtcd,
+    tmp_path: Path,
+    namespaces: tuple[str, dict[str, str], Path],
+    **overrides: Any,
+) -> AsyncIterator[Env]:
+    """A ready kernel-mode agent for node-a (settings ``overrides``) and the netconf."""
     node, pods, pin_dir = namespaces
     await give_cidrs(etcd1, "node-a")
     settings = agent_settings(
-        tmp_path, "node-a", "127.0.0.11", datapath=DatapathMode.KERNEL, bpf_pin_dir=pin_dir
+        tmp_path,
+        "node-a",
+        "127.0.0.11",
+        datapath=DatapathMode.KERNEL,
+        bpf_pin_dir=pin_dir,
+        **overrides,
     )
     agent = Agent(settings, kv_config(etcd1))
     conf = {

@@ -32,6 +32,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from controlplane.agent.api import LocalAPI
+from controlplane.agent.cni_runner import CNIRunner
 from controlplane.agent.datapath import (
     DatapathChoice,
     SockLbState,
@@ -212,7 +213,14 @@ class Agent:
         """Set once the local API and the telemetry endpoint listen."""
         self.stopping = asyncio.Event()
         self.telemetry: TelemetryServer | None = None
-        self.api = LocalAPI(self, settings.api_socket, count=self._count_request)
+        self.cni = CNIRunner(
+            netns=settings.cni_netns,
+            timeout=settings.cni_timeout,
+            concurrency=settings.cni_concurrency,
+            count=self._count_cni,
+        )
+        """Runs the CNI plugin for the node's ``cp-cni`` launcher (``POST /v1/cni``)."""
+        self.api = LocalAPI(self, settings.api_socket, count=self._count_request, cni=self.cni)
         self._session: Session | None = None
         self._generation = 0
         self._ready = asyncio.Event()
@@ -499,6 +507,9 @@ class Agent:
 
     def _count_request(self, route: str, code: int) -> None:
         self.metrics.api_requests.labels(route, str(code)).inc()
+
+    def _count_cni(self, command: str, result: str) -> None:
+        self.metrics.cni_requests.labels(command, result).inc()
 
     async def _gauges(self) -> None:
         while True:

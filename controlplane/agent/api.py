@@ -12,6 +12,10 @@ Routes:
 - ``GET /v1/ipcache``: the ipcache map's entries.
 - ``GET /v1/policy/<namespace>/<name>``: an endpoint's policy (enforced flag, allowed set,
   what its policy map holds).
+- ``POST /v1/cni`` ``{"env": {"CNI_COMMAND": ..., ...}, "stdin": "<netconf>"}``: run the
+  CNI plugin with that (the node's ``cp-cni`` launcher calls it; see
+  :mod:`controlplane.agent.cni_runner`). 200 with the plugin's stdout as the body and its
+  exit status in the ``Cni-Exit-Code`` header.
 
 A bad request gets 400 with ``{"error": "..."}``; the kvstore being unavailable (restart
 in progress, not registered yet) gets 503. Nothing a client sends can stop the server.
@@ -28,6 +32,8 @@ import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
+
+from controlplane.agent.cni_runner import CNI_ENV, CNIRun
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +83,15 @@ class EndpointService(Protocol):
         ...
 
 
+class CNIHandler(Protocol):
+    """Runs the CNI plugin (:class:`controlplane.agent.cni_runner.CNIRunner`)."""
+
+    @property
+    def timeout(self) -> float: ...
+
+    async def run(self, env: Mapping[str, str], stdin: str) -> CNIRun: ...
+
+
 class Counter(Protocol):
     def __call__(self, route: str, code: int) -> None: ...
 
@@ -91,10 +106,12 @@ class LocalAPI:
         *,
         request_timeout: float = 30.0,
         count: Counter | None = None,
+        cni: CNIHandler | None = None,
     ) -> None:
         self.service = service
         self.path = path
         self.request_timeout = request_timeout
+        self.cni = cni
         self._count = count
         self._server: asyncio.Server | None = None
 
@@ -123,7 +140,10 @@ class LocalAPI:
                 async with asyncio.timeout(10):
                     method, target, body = await _read_request(reader)
                 route = f"{method} {_route_name(target)}"
-                async with asyncio.timeout(self.request_timeout):
+                timeout = self.request_timeout
+                if route == "POST /v1/cni" and self.cni is not None:
+                    timeout = max(timeout, self.cni.timeout + 5)  # it answers in time itself
+                async with asyncio.timeout(timeout):
                     status, payload = await self._dispatch(method, target, body)
             except APIError as exc:
                 status, payload = exc.status, {"error": str(exc)}
@@ -134,11 +154,15 @@ class LocalAPI:
                 status, payload = 500, {"error": f"internal error: {exc}"}
             if self._count is not None:
                 self._count(route, status)
-            body_out = json.dumps(payload, default=str).encode() + b"\n"
+            extra = ""
+            if isinstance(payload, CNIRun):
+                body_out, extra = payload.stdout, f"Cni-Exit-Code: {payload.exit_code}\r\n"
+            else:
+                body_out = json.dumps(payload, default=str).encode() + b"\n"
             writer.write(
                 f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(body_out)}\r\n"
-                "Connection: close\r\n\r\n".encode()
+                f"{extra}Connection: close\r\n\r\n".encode()
                 + body_out
             )
             await writer.drain()
@@ -156,6 +180,12 @@ class LocalAPI:
         if resource == "status" and not rest:
             _want(method, "GET")
             return 200, self.service.status()
+        if resource == "cni" and not rest:
+            _want(method, "POST")
+            if self.cni is None:
+                raise APIError(404, "this agent runs no CNI plugin")
+            env, stdin = _cni_request(body)
+            return 200, await self.cni.run(env, stdin)
         if resource == "ipcache" and not rest:
             _want(method, "GET")
             return 200, self.service.ipcache_entries()
@@ -198,6 +228,18 @@ def _route_name(target: str) -> str:
     if len(parts) > 2 and parts[1] == "endpoints":
         return "/v1/endpoints/{namespace}/{name}"
     return "/" + "/".join(parts[:2])
+
+
+def _cni_request(body: bytes) -> tuple[dict[str, str], str]:
+    request = _json_object(body)
+    env, stdin = request.get("env"), request.get("stdin")
+    if not isinstance(env, dict) or not all(
+        k in CNI_ENV and isinstance(v, str) for k, v in env.items()
+    ):
+        raise APIError(400, f"env: want an object of strings, keys among {', '.join(CNI_ENV)}")
+    if not isinstance(stdin, str):
+        raise APIError(400, "stdin: want a string (the network configuration)")
+    return env, stdin
 
 
 def _json_object(body: bytes) -> Mapping[str, Any]:

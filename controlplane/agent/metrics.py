@@ -42,6 +42,9 @@ class AgentMetrics:
     """Consecutive failed status checks, per shard."""
     api_requests: Counter
     """Local API requests, by route and status code."""
+    cni_requests: Counter
+    """CNI plugin runs for the node's launcher (``POST /v1/cni``), by command and result
+    (ok, error, timeout, failed)."""
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> AgentMetrics:
@@ -99,6 +102,12 @@ class AgentMetrics:
                 "cp_agent_api_requests_total",
                 "Local API requests",
                 ["route", "code"],
+                registry=registry,
+            ),
+            cni_requests=Counter(
+                "cp_agent_cni_requests_total",
+                "CNI plugin runs for the node's cp-cni launcher",
+                ["command", "result"],
                 registry=registry,
             ),
         )

@@ -109,6 +109,15 @@ class AgentSettings:
     routes_netns: str | None = None
     """Program those routes inside this network namespace (a name under /run/netns or a
     path) instead of the agent's own: for hosts whose node network lives in a netns."""
+    cni_netns: str | None = None
+    """Run the CNI plugin (``POST /v1/cni``, for the node's ``cp-cni`` launcher) inside
+    this network namespace instead of the agent's own: the node's network, as for
+    ``routes_netns``."""
+    cni_timeout: float = 60.0
+    """Bound of one CNI plugin run (waiting for a slot included); then it is killed and
+    the launcher gets CNI error 11 (try again later)."""
+    cni_concurrency: int = 4
+    """CNI plugin runs at a time (more wait for a slot)."""
     set_sysctls: bool = False
     """At start, set the sysctls the datapath needs (``net.ipv4.ip_forward=1``) when they
     differ; off: only check and warn. The DaemonSet turns it on."""
@@ -325,6 +334,13 @@ def add_agent_flags(parser: argparse.ArgumentParser) -> None:
         "instead of the agent's own",
     )
     datapath.add_argument(
+        "--cni-netns",
+        default=None,
+        metavar="NAME",
+        help="run the CNI plugin (POST /v1/cni, called by the node's cp-cni) inside this "
+        "network namespace (/run/netns/NAME or a path) instead of the agent's own",
+    )
+    datapath.add_argument(
         "--set-sysctls",
         action=argparse.BooleanOptionalAction,
         default=False,
@@ -446,6 +462,7 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         bpf_pin_dir=args.bpf_pin_dir,
         routes=args.routes,
         routes_netns=args.routes_netns or None,
+        cni_netns=args.cni_netns or None,
         set_sysctls=args.set_sysctls,
         flows_enabled=args.flows,
         flows=FlowSettings(

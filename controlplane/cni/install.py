@@ -8,9 +8,10 @@ re-run changes nothing. ``uninstall`` removes the two files, and only when they 
 (the conflist's plugin has type ``cp-cni``; the executable is the one we would install or
 a launcher of ``controlplane.cni``); anything else in those directories is left alone.
 
-The executable installed by default is the ``cp-cni`` launcher beside the running
-interpreter: a Python script, so the host must be able to run that interpreter at the
-same path (see docs/install.md); ``--source`` installs another file instead.
+The executable installed by default is the node's launcher (:mod:`controlplane.cni.shim`):
+a static binary that needs nothing on the host and hands each call to the agent, which
+runs the plugin (``POST /v1/cni``). ``--source`` installs another file instead (e.g. the
+Python ``cp-cni`` script, for a host that has this package at the same path).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from controlplane.cni.shim import ShimUnavailable, find_shim
 from controlplane.flags import Parser
 
 __all__ = [
@@ -74,13 +75,11 @@ def conflist(
 
 
 def default_source() -> Path:
-    beside = Path(sys.executable).parent / BINARY_NAME
-    if beside.is_file():
-        return beside
-    found = shutil.which(BINARY_NAME)
-    if found is None:
-        raise InstallError(f"no {BINARY_NAME} executable beside {sys.executable} or on PATH")
-    return Path(found)
+    """The launcher binary (packaged, or built in a source tree)."""
+    try:
+        return find_shim()
+    except ShimUnavailable as e:
+        raise InstallError(f"{e} (or name the executable to install with --source)") from None
 
 
 def _write_if_changed(path: Path, content: bytes, mode: int) -> bool:
@@ -197,7 +196,9 @@ def _parser(command: str) -> Parser:
     )
     p.add_argument("--bin-dir", type=Path, default=Path("/opt/cni/bin"))
     p.add_argument("--conf-dir", type=Path, default=Path("/etc/cni/net.d"))
-    p.add_argument("--source", type=Path, help="the executable to install (default: cp-cni)")
+    p.add_argument(
+        "--source", type=Path, help="the executable to install (default: the launcher binary)"
+    )
     if command == "install":
         p.add_argument("--uninstall", action="store_true", help="remove instead")
         p.add_argument("--agent-socket", help="agentSocket (default /var/run/cp/agent.sock)")
