@@ -38,7 +38,7 @@ class BuildPyWithBpf(build_py):
         if getattr(self, "editable_mode", False):
             return
         self.build_bpf(Path(self.build_lib).joinpath(*PACKAGE_DIR))
-        self.build_shim(Path(self.build_lib).joinpath(*SHIM_PACKAGE_PATH))
+        self.build_shim(Path(self.build_lib).resolve().joinpath(*SHIM_PACKAGE_PATH))
 
     def build_shim(self, out: Path) -> None:
         missing = [t for t in ("make", os.environ.get("CC", "cc")) if shutil.which(t) is None]

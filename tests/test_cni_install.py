@@ -5,6 +5,8 @@ removes exactly what was installed."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -14,6 +16,8 @@ import pytest
 
 from controlplane.cni.install import BIN_MODE, CONF_MODE, CONFLIST_NAME
 from controlplane.cni.main import parse_netconf
+from controlplane.cni.shim import SHIM_SRC_DIR, ShimUnavailable, build_shim, find_shim
+from tests.helpers import requires, tools_unmet
 
 CMD = [sys.executable, "-m", "controlplane.cni.main"]
 
@@ -130,3 +134,47 @@ def test_the_daemonset_installs_and_uninstalls_the_plugin() -> None:
     assert "--set-sysctls" in agent["args"]
     stop = " ".join(agent["lifecycle"]["preStop"]["exec"]["command"])
     assert f"cp-cni uninstall --bin-dir={mounts['cni-bin']} --conf-dir={mounts['cni-conf']}" in stop
+    # the launcher's calls run in the agent: the default source (the launcher binary), the
+    # agent socket the launcher reaches on the host, the pods' namespaces as the host has them
+    assert not any(a.startswith("--source") for a in init["args"])
+    agent_mounts = {m["name"]: m for m in agent["volumeMounts"]}
+    assert args["--agent-socket"].startswith(agent_mounts["run"]["mountPath"] + "/")
+    assert paths["run"] == agent_mounts["run"]["mountPath"]
+    assert paths["netns"] == agent_mounts["netns"]["mountPath"] == "/var/run/netns"
+    assert agent_mounts["netns"]["mountPropagation"] == "HostToContainer"
+    assert spec["hostNetwork"] is True and spec["hostPID"] is True
+
+
+@requires(tools_unmet("cc", "make"))
+def test_install_puts_the_launcher_binary_on_the_node(tmp_path: Path) -> None:
+    """Without --source: the launcher (built in this source tree), which runs with an
+    empty environment; uninstall removes it."""
+    bin_dir, conf_dir = tmp_path / "opt/cni/bin", tmp_path / "etc/cni/net.d"
+    dirs = ["--bin-dir", str(bin_dir), "--conf-dir", str(conf_dir)]
+    done = _cni("install", *dirs)
+    assert done.returncode == 0, done.stderr
+    binary = bin_dir / "cp-cni"
+    assert binary.read_bytes() == find_shim().read_bytes() and _mode(binary) == BIN_MODE
+    version = subprocess.run(
+        [binary], input="", capture_output=True, text=True, env={"CNI_COMMAND": "VERSION"}
+    )
+    assert version.returncode == 0, version
+    assert json.loads(version.stdout)["supportedVersions"] == ["0.4.0", "1.0.0"]
+    assert _cni("uninstall", *dirs).returncode == 0
+    assert list(bin_dir.iterdir()) == [] and list(conf_dir.iterdir()) == []
+
+
+@requires(tools_unmet("cc", "make"))
+def test_the_source_tree_launcher_is_rebuilt_when_stale(tmp_path: Path) -> None:
+    src = tmp_path / "cni"
+    shutil.copytree(SHIM_SRC_DIR, src, ignore=shutil.ignore_patterns("cp-cni"))
+    built = build_shim(src)
+    assert built == src / "cp-cni" and built.stat().st_mode & 0o111
+    first = built.stat().st_mtime_ns
+    assert build_shim(src).stat().st_mtime_ns == first  # up to date: not rebuilt
+    source = src / "cp-cni-shim.c"
+    os.utime(source, ns=(first + 10**9, first + 10**9))
+    assert build_shim(src).stat().st_mtime_ns > first
+    source.write_text(source.read_text() + "\nint broken(void) { return }\n")
+    with pytest.raises(ShimUnavailable, match="make -C"):
+        build_shim(src)

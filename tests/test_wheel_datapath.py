@@ -2,7 +2,9 @@
 ``controlplane/datapath/bpf/cp_datapath.o`` (and its C sources), and a fresh virtual
 environment with only that wheel installed (its dependencies reached through a path entry
 to the project's environment, never the source tree) finds and loads the object: one
-program instance against maps pinned in a per-test directory, unpinned afterwards."""
+program instance against maps pinned in a per-test directory, unpinned afterwards.
+So does the node's CNI launcher (``controlplane/cni/bin/cp-cni``, a static binary), which
+that environment's ``cp-cni install`` puts into a temporary CNI bin directory."""
 
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ from controlplane.datapath import loader
 from tests.helpers import kernel_tests_unmet, requires
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("controlplane", "bpf", "pyproject.toml", "setup.py", "MANIFEST.in", "README.md")
+SOURCES = ("controlplane", "bpf", "cni", "pyproject.toml", "setup.py", "MANIFEST.in", "README.md")
 PACKAGED = "controlplane/datapath/bpf/"
+SHIM = "controlplane/cni/bin/cp-cni"
 
 CHECK = textwrap.dedent(
     """
@@ -60,7 +63,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in SOURCES:
         path = ROOT / name
         if path.is_dir():
-            ignore = shutil.ignore_patterns("__pycache__", "*.o", "*.egg-info")
+            ignore = shutil.ignore_patterns("__pycache__", "*.o", "*.egg-info", "cp-cni")
             shutil.copytree(path, src / name, ignore=ignore)
         else:
             shutil.copy2(path, src / name)
@@ -81,6 +84,14 @@ def test_the_wheel_carries_the_object_and_its_sources(wheel: Path) -> None:
         obj = z.read(PACKAGED + "cp_datapath.o")
     assert {PACKAGED + n for n in ("cp_datapath.c", "cp_maps.h", "Makefile")} <= names
     assert obj[:4] == b"\x7fELF" and obj[18:20] == (247).to_bytes(2, "little")  # EM_BPF
+
+
+def test_the_wheel_carries_the_cni_launcher(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as z:
+        info = z.getinfo(SHIM)
+        shim = z.read(SHIM)
+    assert shim[:4] == b"\x7fELF" and b"/v1/cni" in shim
+    assert (info.external_attr >> 16) & 0o111, oct(info.external_attr >> 16)  # executable
 
 
 def test_a_fresh_venv_loads_the_packaged_object(wheel: Path, tmp_path: Path) -> None:
@@ -118,6 +129,19 @@ def test_a_fresh_venv_loads_the_packaged_object(wheel: Path, tmp_path: Path) -> 
     assert out["object"] == str(Path(site) / PACKAGED / "cp_datapath.o"), out
     assert all(fd >= 0 for fd in out["fds"]) and set(loader.SHARED_MAPS) <= set(out["pins"])
     assert not pin.exists()
+
+    # cp-cni install (the init container's command) installs the packaged launcher
+    root = tmp_path / "host"
+    dirs = [f"--bin-dir={root}/opt/cni/bin", f"--conf-dir={root}/etc/cni/net.d"]
+    done = subprocess.run(
+        [str(venv / "bin" / "cp-cni"), "install", *dirs],
+        capture_output=True, text=True, check=False, timeout=60, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    installed = root / "opt/cni/bin/cp-cni"
+    assert installed.read_bytes() == (Path(site) / SHIM).read_bytes()
+    shown = subprocess.run([installed, "--help"], capture_output=True, text=True, env={})
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: cp-cni"), shown
 
 
 def test_an_override_must_exist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
