@@ -26,6 +26,10 @@ container id when absent).
 
 Any failure prints a CNI error ``{"cniVersion", "code", "msg", "details"}`` on stdout
 and exits 1; diagnostics (libbpf's log) go to stderr.
+
+On a node the runtime does not run this module: it runs the static launcher
+(``cni/cp-cni-shim.c``), which hands the call to the agent (``POST /v1/cni``), which runs
+this module with the same environment and stdin (:mod:`controlplane.agent.cni_runner`).
 """
 
 from __future__ import annotations
