@@ -142,6 +142,21 @@ def test_a_fresh_venv_loads_the_packaged_object(wheel: Path, tmp_path: Path) -> 
     assert installed.read_bytes() == (Path(site) / SHIM).read_bytes()
     shown = subprocess.run([installed, "--help"], capture_output=True, text=True, env={})
     assert shown.returncode == 0 and shown.stdout.startswith("usage: cp-cni"), shown
+    # an environment without its launcher can still uninstall the node's (by its marker);
+    # it cannot install one: one line saying so
+    (Path(site) / SHIM).unlink()
+    again = subprocess.run(
+        [str(venv / "bin" / "cp-cni"), "install", *dirs],
+        capture_output=True, text=True, check=False, timeout=60, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert again.returncode == 1 and "no CNI launcher" in again.stderr, again
+    assert len(again.stderr.strip().splitlines()) == 1
+    removed = subprocess.run(
+        [str(venv / "bin" / "cp-cni"), "uninstall", *dirs],
+        capture_output=True, text=True, check=False, timeout=60, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert removed.returncode == 0, removed.stderr
+    assert not installed.exists() and not (root / "etc/cni/net.d/05-cp.conflist").exists()
 
 
 def test_an_override_must_exist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

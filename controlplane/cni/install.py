@@ -17,6 +17,7 @@ Python ``cp-cni`` script, for a host that has this package at the same path).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from controlplane.cni.shim import ShimUnavailable, find_shim
+from controlplane.cni.shim import PACKAGED_SHIM, ShimUnavailable, find_shim
 from controlplane.flags import Parser
 
 __all__ = [
@@ -214,8 +215,15 @@ def main(argv: Sequence[str]) -> int:
     command, rest = argv[0], list(argv[1:])
     args = _parser(command).parse_args(rest)
     uninstall = command == "uninstall" or args.uninstall
+    source = PACKAGED_SHIM
     try:
-        source = args.source if args.source is not None else default_source()
+        if args.source is not None:
+            source = args.source
+        elif uninstall:  # needs no launcher: ours is recognised by its marker too
+            with contextlib.suppress(InstallError):
+                source = default_source()
+        else:
+            source = default_source()
         config = (
             conflist()
             if uninstall
