@@ -134,15 +134,9 @@ def test_the_daemonset_installs_and_uninstalls_the_plugin() -> None:
     assert "--set-sysctls" in agent["args"]
     stop = " ".join(agent["lifecycle"]["preStop"]["exec"]["command"])
     assert f"cp-cni uninstall --bin-dir={mounts['cni-bin']} --conf-dir={mounts['cni-conf']}" in stop
-    # the launcher's calls run in the agent: the default source (the launcher binary), the
-    # agent socket the launcher reaches on the host, the pods' namespaces as the host has them
+    # the default source: the launcher binary (test_manifests checks what the agent needs
+    # to run the plugin for it)
     assert not any(a.startswith("--source") for a in init["args"])
-    agent_mounts = {m["name"]: m for m in agent["volumeMounts"]}
-    assert args["--agent-socket"].startswith(agent_mounts["run"]["mountPath"] + "/")
-    assert paths["run"] == agent_mounts["run"]["mountPath"]
-    assert paths["netns"] == agent_mounts["netns"]["mountPath"] == "/var/run/netns"
-    assert agent_mounts["netns"]["mountPropagation"] == "HostToContainer"
-    assert spec["hostNetwork"] is True and spec["hostPID"] is True
 
 
 @requires(tools_unmet("cc", "make"))

@@ -608,3 +608,22 @@ def test_the_documented_overlay_of_ones_own_sets_the_image(mode: str, tmp_path: 
     rendered = documents(done.stdout, "my-cluster")
     images = {c["image"] for w in workloads(rendered) for c in containers(w)}
     assert images == {f"{image['newName']}:{image['newTag']}"}
+
+
+@needs_kubectl
+@pytest.mark.parametrize("directory", ["agent", "deploy/crd", "deploy/kvstore"])
+def test_the_agent_can_run_the_cni_plugin_for_the_node(directory: str) -> None:
+    """The node's cp-cni hands each call to the agent, which runs the plugin: every
+    rendering gives the agent the host's socket directory (the conflist's agentSocket),
+    the pods' network namespaces as the runtime adds them, and the host's PIDs."""
+    agent = find(render(directory), "DaemonSet", "cp-agent")
+    spec = pod_spec(agent)
+    host_paths = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
+    assert spec["hostNetwork"] is True and spec["hostPID"] is True
+    (init,) = spec["initContainers"]
+    socket = dict(a.split("=", 1) for a in init["args"])["--agent-socket"]
+    mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
+    assert socket.startswith(host_paths["run"] + "/")
+    assert mounts["run"]["mountPath"] == host_paths["run"]
+    assert mounts["netns"]["mountPath"] == host_paths["netns"] == "/var/run/netns"
+    assert mounts["netns"]["mountPropagation"] == "HostToContainer"
