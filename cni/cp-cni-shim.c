@@ -7,8 +7,8 @@
  *   {"env": {"CNI_COMMAND": ..., ...}, "stdin": "<the configuration>"}
  * The agent runs the plugin (controlplane.cni.main) with exactly that and answers with its
  * stdout as the body and its exit status in the Cni-Exit-Code header; both are relayed.
- * Answered here without the agent: VERSION, --help, a configuration that is not a JSON
- * object (error 6), an unknown CNI_COMMAND (4). No agent (or an unusable answer): a CNI
+ * Answered here without the agent: VERSION, --help, a configuration that is not UTF-8
+ * (error 5) or not a JSON object (6), an unknown CNI_COMMAND (4). No agent (or an unusable answer): a CNI
  * error on stdout (11 "try again later" when it cannot be reached) and exit status 1.
  *
  * Build: cc -O2 -Wall -Wextra -Werror -static -o cp-cni cp-cni-shim.c (cni/Makefile).
@@ -212,14 +212,19 @@ static int string(struct json *j, char *out, size_t cap, int *fit)
 				unsigned v, lo;
 				if (hex4(j, &v))
 					return -1;
-				if (v >= 0xd800 && v < 0xdc00) { /* a surrogate pair */
-					if (j->n - j->i < 2 || j->s[j->i] != '\\' || j->s[j->i + 1] != 'u')
-						return -1;
+				size_t at_low = j->i;
+				if (v >= 0xd800 && v < 0xdc00 && j->n - j->i >= 6 &&
+				    j->s[j->i] == '\\' && j->s[j->i + 1] == 'u') { /* a pair? */
 					j->i += 2;
-					if (hex4(j, &lo) || lo < 0xdc00 || lo > 0xdfff)
+					if (hex4(j, &lo))
 						return -1;
-					v = 0x10000 + ((v - 0xd800) << 10) + (lo - 0xdc00);
+					if (lo >= 0xdc00 && lo <= 0xdfff)
+						v = 0x10000 + ((v - 0xd800) << 10) + (lo - 0xdc00);
+					else
+						j->i = at_low;
 				}
+				if (v >= 0xd800 && v <= 0xdfff) /* a lone surrogate (JSON allows) */
+					v = 0xfffd;
 				if (v < 0x80) {
 					enc[0] = (char)v;
 				} else if (v < 0x800) {
@@ -382,6 +387,28 @@ static int parse_netconf(const char *s, size_t n, struct field *fields, size_t n
 	if (rc)
 		return -1;
 	return object ? 0 : 1;
+}
+
+/* the offset of the first byte that is not strict UTF-8 (as Python decodes), or n */
+static size_t utf8_invalid(const unsigned char *s, size_t n)
+{
+	size_t i = 0;
+	while (i < n) {
+		unsigned c = s[i];
+		size_t len = c < 0x80 ? 1 : c >= 0xc2 && c <= 0xdf ? 2 : c >= 0xe0 && c <= 0xef ? 3
+			   : c >= 0xf0 && c <= 0xf4 ? 4 : 0;
+		if (len == 0 || n - i < len)
+			return i;
+		for (size_t k = 1; k < len; k++)
+			if ((s[i + k] & 0xc0) != 0x80)
+				return i;
+		unsigned c1 = len > 1 ? s[i + 1] : 0x80;
+		if ((c == 0xe0 && c1 < 0xa0) || (c == 0xed && c1 > 0x9f) || /* overlong, surrogate */
+		    (c == 0xf0 && c1 < 0x90) || (c == 0xf4 && c1 > 0x8f))   /* overlong, > U+10FFFF */
+			return i;
+		i += len;
+	}
+	return n;
 }
 
 /* ---- the exchange with the agent --------------------------------------------------- */
@@ -547,6 +574,9 @@ int main(int argc, char **argv)
 						 MAX_STDIN);
 		}
 	}
+	size_t bad = utf8_invalid((const unsigned char *)in_buf, n);
+	if (bad != n)
+		return cni_error(E_IO, "cannot read stdin", "not UTF-8 at byte %zu", bad);
 	struct field fields[] = {{"cniVersion", "", 0, 0}, {"agentSocket", "", 0, 0}};
 	size_t where = 0, blank = 0;
 	while (blank < n && strchr(" \t\r\n", in_buf[blank]) && in_buf[blank])

@@ -57,7 +57,7 @@ class Ran:
 
 async def cni(
     command: str,
-    conf: Mapping[str, Any] | str | None,
+    conf: Mapping[str, Any] | str | bytes | None,
     *,
     node: str | None = None,
     env: Mapping[str, str] | None = None,
@@ -75,7 +75,8 @@ async def cni(
         "CNI_PATH": "/opt/cni/bin",
         **(env or {}),
     }
-    stdin = conf if isinstance(conf, str) else "" if conf is None else json.dumps(conf)
+    text = conf if isinstance(conf, str | bytes) else "" if conf is None else json.dumps(conf)
+    stdin = text if isinstance(text, bytes) else text.encode()
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.PIPE,
@@ -84,7 +85,7 @@ async def cni(
         env=full_env,
         cwd=str(REPO),
     )
-    out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), 60)
+    out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
     assert proc.returncode is not None
     text = out.decode()
     try:

@@ -57,6 +57,8 @@ def shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 async def via_shim(shim: Path, command: str, conf: Any, **env: str) -> Ran:
+    """Run the launcher as the runtime would, with ``ENV`` and ``env`` (no agent needed
+    for what it answers itself)."""
     return await cni(command, conf, env={**ENV, **env}, plugin=[str(shim)])
 
 
@@ -107,6 +109,14 @@ async def test_answered_without_the_agent_as_the_python_plugin_answers(
         return
     err, want = assert_cni_error(ran), assert_cni_error(ref)
     assert (err["code"], err["cniVersion"]) == (want["code"], want["cniVersion"]), (err, want)
+
+
+@pytest.mark.parametrize("command", ["ADD", "VERSION"])
+async def test_stdin_that_is_not_utf8_is_an_io_error(shim: Path, command: str) -> None:
+    """JSON text is UTF-8 (RFC 8259): anything else is refused before the agent is asked
+    (the Python plugin's own reading depends on the locale: strict, or surrogateescape)."""
+    err = assert_cni_error(await via_shim(shim, command, b'{"name": "\xc3\x28"}'), 5)
+    assert err["details"] == "not UTF-8 at byte 10", err
 
 
 async def test_no_agent_is_try_again_later(shim: Path, tmp_path: Path) -> None:
