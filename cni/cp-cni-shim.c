@@ -8,8 +8,9 @@
  * The agent runs the plugin (controlplane.cni.main) with exactly that and answers with its
  * stdout as the body and its exit status in the Cni-Exit-Code header; both are relayed.
  * Answered here without the agent: VERSION, --help, a configuration that is not UTF-8
- * (error 5) or not a JSON object (6), an unknown CNI_COMMAND (4). No agent (or an unusable answer): a CNI
- * error on stdout (11 "try again later" when it cannot be reached) and exit status 1.
+ * (error 5) or not a JSON object (6), an unknown CNI_COMMAND (4). No agent (or an
+ * unusable answer): a CNI error on stdout (11 "try again later" when it cannot be
+ * reached) and exit status 1.
  *
  * Build: cc -O2 -Wall -Wextra -Werror -static -o cp-cni cp-cni-shim.c (cni/Makefile).
  */
