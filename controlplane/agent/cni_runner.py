@@ -85,7 +85,7 @@ class CNIRunner:
                 async with self._slots:
                     code, out, err = await self._exec(env, stdin)
         except TimeoutError:
-            log.warning("%s: the plugin did not finish in %ss; killed", what, self.timeout)
+            log.warning("%s: not done in %ss (a slot wait included); stopped", what, self.timeout)
             return self._failed(label, "timeout", stdin, f"{what} ran over {self.timeout}s")
         except OSError as e:
             log.error("%s: cannot start the plugin: %s", what, e)
