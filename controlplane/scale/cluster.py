@@ -10,6 +10,7 @@ import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -18,6 +19,7 @@ from controlplane.kvstore.backend import EtcdBackend
 from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.kvstore.keys import KeyLayout
 from controlplane.processes import Daemon, stop_all
+from controlplane.scale.proxy import FaultProxy
 from controlplane.scale.scenario import Scenario
 
 SHARDED_KINDS = ("identities", "endpoints", "ipam")
@@ -34,6 +36,8 @@ class Cluster:
     """etcd and operator logs (kept with the run's results)."""
     etcds: dict[str, EmbeddedEtcd] = field(default_factory=dict)
     operators: list[Daemon] = field(default_factory=list)
+    proxies: list[dict[str, list[FaultProxy]]] = field(default_factory=list)
+    """Per proxy group: per etcd cluster, one proxy per member (the agents' endpoints)."""
 
     @property
     def config(self) -> KvstoreConfig:
@@ -43,13 +47,29 @@ class Cluster:
         shards = {k: tuple(self.etcds) for k in SHARDED_KINDS} if len(self.etcds) > 1 else {}
         return KvstoreConfig(clusters, shards, client=CLIENT)
 
-    def kvstore_spec(self) -> dict[str, Any]:
-        """The config as the workers take it (JSON)."""
+    def kvstore_spec(self, group: int | None = None) -> dict[str, Any]:
+        """The config as the workers take it (JSON); with a proxy group, its proxies'
+        addresses in place of the members'."""
         config = self.config
-        return {
-            "clusters": [[c.name, list(c.endpoints)] for c in config.clusters],
-            "shards": {k: list(v) for k, v in config.shards.items()},
-        }
+        clusters: list[list[Any]] = [[c.name, list(c.endpoints)] for c in config.clusters]
+        if group is not None:
+            clusters = [[c.name, [p.url for p in self.proxies[group][c.name]]] for c in config.clusters]
+        return {"clusters": clusters, "shards": {k: list(v) for k, v in config.shards.items()}}
+
+    async def start_proxies(self) -> None:
+        for _ in range(self.scenario.cluster.proxy_groups):
+            group: dict[str, list[FaultProxy]] = {}
+            for name, etcd in self.etcds.items():
+                group[name] = []
+                for url in etcd.client_urls:
+                    parts = urlsplit(url)
+                    proxy = FaultProxy(parts.hostname or "127.0.0.1", parts.port or 2379)
+                    await proxy.start()
+                    group[name].append(proxy)
+            self.proxies.append(group)
+
+    def group_proxies(self, groups: range) -> list[FaultProxy]:
+        return [p for g in groups for ps in self.proxies[g].values() for p in ps]
 
     async def start_etcd(self) -> None:
         spec = self.scenario.cluster
@@ -127,6 +147,10 @@ class Cluster:
 
     async def close(self) -> None:
         await stop_all(self.operators)
+        for group in self.proxies:
+            for proxies in group.values():
+                for proxy in proxies:
+                    await proxy.close()
         for etcd in self.etcds.values():
             for i in range(len(etcd.members)):
                 with contextlib.suppress(Exception):

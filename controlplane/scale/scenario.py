@@ -28,7 +28,11 @@ FAULT_KINDS = (
     "worker-kill",
     "malformed-values",
     "shard-paused",
+    "agent-partition",
+    "etcd-latency",
+    "compact-defrag",
 )
+PARTITION_MODES = ("blackhole", "reset")
 SCENARIO_DIR = Path("scale-tests/scenarios")
 
 
@@ -55,6 +59,10 @@ class ClusterSpec:
     retry_period: float = 0.5
     pool_cidr: str = "10.0.0.0/8"
     """The operators' cluster pool; every endpoint IP lies in it."""
+    proxy_groups: int = 0
+    """Agents reach etcd through fault-injecting TCP proxies (controlplane/scale/proxy.py),
+    one per member per group, agent i in group i % proxy_groups; 0: straight to etcd.
+    Operators and the harness always talk to etcd directly."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,9 @@ class AgentSpec:
 class ChurnSpec:
     rate: float = 4.0
     """Endpoint operations per second across all agents (creates and deletes alternate)."""
+    identity_burst: int = 0
+    """After populating, each worker creates (then deletes) this many endpoints with label
+    sets never seen before, all at once: the report's identity allocations per second."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +111,13 @@ class FaultSpec:
     """etcd-member-kill: which member; worker-kill: which worker."""
     cluster: str = ""
     """shard-paused: which etcd cluster (by name: main, b, c...)."""
+    fraction: float = 1.0
+    """agent-partition, etcd-latency: the share of the proxy groups (so of the agents)
+    affected, at least one group."""
+    mode: str = "blackhole"
+    """agent-partition: "blackhole" (connections hang) or "reset" (connections reset)."""
+    latency_ms: int = 0
+    """etcd-latency: added to each direction, per chunk."""
     converge_timeout: float = 60.0
 
 
@@ -190,6 +208,8 @@ def _check(s: Scenario, source: str) -> None:
         raise ScenarioError(f"{source}: cluster needs at least one etcd cluster and member")
     if s.cluster.operators < 1:
         raise ScenarioError(f"{source}: cluster.operators must be at least 1")
+    if s.cluster.proxy_groups > s.agents.count:
+        raise ScenarioError(f"{source}: cluster.proxy_groups must not exceed agents.count")
     if s.agents.count < 1 or not 1 <= s.agents.workers <= s.agents.count:
         raise ScenarioError(f"{source}: agents.workers must be between 1 and agents.count")
     names = s.cluster_names
@@ -208,6 +228,14 @@ def _check(s: Scenario, source: str) -> None:
                 raise ScenarioError(f"{where}: needs cluster.etcd_clusters >= 2")
             if fault.cluster not in names:
                 raise ScenarioError(f"{where}: cluster {fault.cluster!r} not in {names}")
+        if fault.kind in ("agent-partition", "etcd-latency") and s.cluster.proxy_groups < 1:
+            raise ScenarioError(f"{where}: needs cluster.proxy_groups >= 1")
+        if not 0 < fault.fraction <= 1:
+            raise ScenarioError(f"{where}: fraction must be in (0, 1]")
+        if fault.mode not in PARTITION_MODES:
+            raise ScenarioError(f"{where}: mode {fault.mode!r} not in {PARTITION_MODES}")
+        if fault.kind == "etcd-latency" and fault.latency_ms <= 0:
+            raise ScenarioError(f"{where}: needs latency_ms > 0")
         if fault.kind == "operator-leader-kill" and s.cluster.operators < 2:
             raise ScenarioError(f"{where}: needs cluster.operators >= 2")
         for shard in fault.expect_recoveries:
