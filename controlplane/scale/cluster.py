@@ -53,7 +53,9 @@ class Cluster:
         config = self.config
         clusters: list[list[Any]] = [[c.name, list(c.endpoints)] for c in config.clusters]
         if group is not None:
-            clusters = [[c.name, [p.url for p in self.proxies[group][c.name]]] for c in config.clusters]
+            clusters = [
+                [c.name, [p.url for p in self.proxies[group][c.name]]] for c in config.clusters
+            ]
         return {"clusters": clusters, "shards": {k: list(v) for k, v in config.shards.items()}}
 
     async def start_proxies(self) -> None:
