@@ -66,7 +66,7 @@ def test_smoke_scenario_passes_under_three_minutes(tmp_path: Path) -> None:
 
 def test_every_shipped_scenario_loads() -> None:
     names = sorted(p.stem for p in SCENARIOS.glob("*.toml"))
-    assert {"smoke", "sharded", "standard", "large"} <= set(names)
+    assert {"smoke", "sharded", "standard", "large", "crd-smoke"} <= set(names)
     for name in names:
         scenario = load_scenario(str(SCENARIOS / f"{name}.toml"))
         assert scenario.faults, name
@@ -91,6 +91,11 @@ def test_every_shipped_scenario_loads() -> None:
             'name = "x"\n[cluster]\nproxy_groups = 1\n[[faults]]\nkind = "etcd-latency"\n',
             "needs latency_ms > 0",
         ),
+        (
+            'name = "x"\n[cluster]\nstore = "crd"\n[[faults]]\nkind = "quorum-loss"\n',
+            "not a fault of a CRD-mode scenario",
+        ),
+        ('name = "x"\n[[faults]]\nkind = "apiserver-restart"\n', "kvstore-mode scenario"),
     ],
 )
 def test_bad_scenario_files_get_one_line_and_exit_2(
@@ -234,3 +239,27 @@ expect_restarts = 0
     samples = record["timeline"]["samples"]
     assert samples and all(s[2] > 0 for s in samples) and any(s[3] > 0 for s in samples)
     assert any(s[1].get("Range", 0) > 0 for s in samples)
+
+
+@pytest.mark.timeout(200)
+def test_crd_smoke_scenario_passes(tmp_path: Path) -> None:
+    """CRD mode: 6 agents and 2 operators on the local API server. Restarting the API server
+    restarts no agent and empties no map; an operator leader kill fails over with every
+    CIDR still unique; malformed objects are counted and skipped by every agent."""
+    proc = cpctl("scale", "run", "crd-smoke", "--json", "--out", str(tmp_path / "report"))
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr}"
+    record = json.loads(proc.stdout)
+    assert record["summary"]["passed"] and record["store"] == "crd"
+    assert record["phases"]["baseline_convergence"]["endpoints"] == 12
+    faults = {f["kind"]: f for f in record["faults"]}
+    for fault in record["faults"]:
+        assert fault["restarts"]["distribution"] == {"0": 6}, fault["kind"]
+        assert fault["convergence"]["converged"] == 6, fault["convergence"]
+        assert all(v["pass"] for v in fault["invariants"].values()), fault["invariants"]
+    restart = faults["apiserver-restart"]["notes"]
+    assert restart["maps_shrunk"] == [] and restart["ipcache_lowest_share"] >= 0.5
+    failover = faults["operator-leader-kill"]["notes"]
+    assert failover["new_leader"] not in (None, failover["killed"])
+    assert faults["operator-leader-kill"]["store"]["cidrs"] >= 6  # one per node at least
+    malformed = faults["malformed-objects"]["notes"]
+    assert malformed["objects"] and malformed["agents_that_counted"] == 6

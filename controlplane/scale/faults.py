@@ -20,7 +20,7 @@ from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.shards import ShardMap
 from controlplane.model import Labels
-from controlplane.scale import etcd_metrics
+from controlplane.scale import crd_store, etcd_metrics
 from controlplane.scale.cluster import CLIENT, Cluster
 from controlplane.scale.fleet import Fleet, FleetError, wait_for
 from controlplane.scale.proxy import Mode
@@ -342,6 +342,67 @@ async def compact_defrag(ctx: Context, fault: FaultSpec, t0: float) -> Notes:
     }
 
 
+async def apiserver_restart(ctx: Context, fault: FaultSpec, t0: float) -> Notes:
+    """CRD mode: SIGKILL the API server, start it again after ``duration``. The agents
+    must not restart and must keep their maps (sampled: no ipcache below half its size
+    before), then converge."""
+    server = ctx.cluster.apiserver
+    if server is None:
+        raise FleetError("no API server (not a CRD-mode scenario)")
+    before = {n: int(v.state.get("ipcache", 0)) for n, v in ctx.fleet.agents.items()}
+    lowest = dict(before)
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        while not done.is_set():
+            for n, v in ctx.fleet.agents.items():
+                if v.state:
+                    lowest[n] = min(lowest[n], int(v.state.get("ipcache", lowest[n])))
+            await asyncio.sleep(0.1)
+
+    sampler = asyncio.create_task(sample())
+    await server.kill()
+    try:
+        await _keep(ctx, fault, t0, False)
+    finally:
+        back = await ctx.cluster.start_apiserver()
+        done.set()
+        await sampler
+    shrunk = sorted(f"{n}: {lowest[n]} of {before[n]}" for n in before if lowest[n] < before[n] / 2)
+    return {
+        "serving_again_after_s": round(back, 2),
+        "ipcache_lowest_share": round(
+            min((lowest[n] / before[n] for n in before if before[n]), default=1.0), 3
+        ),
+        "maps_shrunk": shrunk,
+    }
+
+
+async def malformed_objects(ctx: Context, fault: FaultSpec, t0: float) -> Notes:
+    """CRD mode: objects the schema admits but no reader can use (an endpoint without a
+    valid IP, an identity named by no number, a node with a garbage address, a PodCIDR
+    that is no network), deleted after ``duration``."""
+    kubeconfig = ctx.cluster.kubeconfig
+    before = {n: float(v.state.get("malformed", 0)) for n, v in ctx.fleet.agents.items()}
+    written = await crd_store.write_malformed(kubeconfig)
+
+    def counted() -> int:
+        return ctx.fleet.count(lambda v: float(v.state.get("malformed", 0)) > before[v.node])
+
+    try:
+        await _keep(ctx, fault, t0, False)
+        with contextlib.suppress(FleetError):  # the report says how many did
+            await wait_for(
+                lambda: (counted(), len(before)),
+                "agents that counted a malformed object",
+                30,
+                ctx.progress,
+            )
+    finally:
+        await crd_store.delete_malformed(kubeconfig)
+    return {"objects": written, "agents_that_counted": counted(), "agents": len(before)}
+
+
 INJECTORS: dict[str, Callable[[Context, FaultSpec, float], Awaitable[Notes]]] = {
     "etcd-member-kill": etcd_member_kill,
     "etcd-leader-kill": etcd_leader_kill,
@@ -354,4 +415,6 @@ INJECTORS: dict[str, Callable[[Context, FaultSpec, float], Awaitable[Notes]]] = 
     "agent-partition": agent_partition,
     "etcd-latency": etcd_latency,
     "compact-defrag": compact_defrag,
+    "apiserver-restart": apiserver_restart,
+    "malformed-objects": malformed_objects,
 }

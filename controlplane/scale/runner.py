@@ -25,7 +25,7 @@ from controlplane.scale import etcd_metrics
 from controlplane.scale.cluster import CLIENT, Cluster
 from controlplane.scale.faults import AFFECTED, INJECTORS, Context
 from controlplane.scale.fleet import Fleet, FleetError, wait_for
-from controlplane.scale.invariants import StoreView, read_store
+from controlplane.scale.invariants import StoreView
 from controlplane.scale.progress import Progress
 from controlplane.scale.scenario import FaultSpec, Scenario
 from controlplane.stats import percentile
@@ -55,7 +55,7 @@ def worker_specs(scenario: Scenario, cluster: Cluster, socket_dir: Path) -> list
     return [
         {
             "nodes": nodes[w :: a.workers],
-            "kvstore": cluster.kvstore_spec(),
+            "kvstore": cluster.agent_store_spec(),
             **proxied,
             "agent": timings,
             "socket_dir": str(socket_dir),
@@ -90,6 +90,7 @@ class Run:
             "etcd_members": scenario.cluster.etcd_members,
             "heartbeat_interval": scenario.cluster.heartbeat_interval,
             "proxy_groups": scenario.cluster.proxy_groups,
+            "store": scenario.cluster.store,
             "faults": [],
             "phases": {},
         }
@@ -180,6 +181,9 @@ class Run:
         t = time.monotonic()
         await self.cluster.start_etcd()
         await self.cluster.start_proxies()
+        if self.cluster.crd:
+            p("starting the API server")
+            self.record["phases"]["apiserver_s"] = round(await self.cluster.start_apiserver(), 2)
         self._sampler = asyncio.create_task(self._sample(), name="samples")
         first = self.cluster.config.clusters[0]
         async with EtcdBackend(first, CLIENT, own_connection=True) as backend:
@@ -270,7 +274,7 @@ class Run:
         fleet, p = self.fleet, self.progress
         assert fleet is not None
         await fleet.set_digests(True)
-        view = await read_store(self.cluster.config)
+        view = await self.cluster.read_store()
         read_at = time.monotonic()
         deadline = read_at + timeout
         while True:
@@ -281,7 +285,7 @@ class Run:
             if len(matched) == len(fleet.agents) or now > deadline:
                 break
             if now - read_at > 2.0:  # the truth may still move (an owner re-publishing)
-                view = await read_store(self.cluster.config)
+                view = await self.cluster.read_store()
                 read_at = time.monotonic()
             await asyncio.sleep(0.1)
         await fleet.set_digests(False)
@@ -345,7 +349,7 @@ class Run:
             await asyncio.sleep(0.1)
         t_end = time.monotonic()
         etcd_after = await etcd_metrics.sample(self._etcd_urls())
-        view = await read_store(self.cluster.config)
+        view = await self.cluster.read_store()
         result = self._judge(fault, notes, view, t0, t_heal, t_end, convergence, affected)
         result["memory"] = self._memory(len(view.endpoints))
         result["etcd_requests_per_s"] = etcd_metrics.rates(etcd_before, etcd_after, t_end - t0)
@@ -439,8 +443,12 @@ class Run:
             )
         if "agents_that_counted" in notes:
             missing = notes["agents"] - notes["agents_that_counted"]
-            goals["every agent counted and skipped the malformed values"] = _verdict(
+            goals["every agent counted and skipped the malformed values/objects"] = _verdict(
                 [f"{missing} agents did not count one"] if missing else []
+            )
+        if "maps_shrunk" in notes:
+            goals["maps kept while the API server was down (sampled)"] = _verdict(
+                notes["maps_shrunk"]
             )
         if notes.get("severed_connections"):
             # every watch resumed from its last revision: those behind the compaction had

@@ -31,8 +31,14 @@ FAULT_KINDS = (
     "agent-partition",
     "etcd-latency",
     "compact-defrag",
+    "apiserver-restart",
+    "malformed-objects",
 )
 PARTITION_MODES = ("blackhole", "reset")
+STORES = ("kvstore", "crd")
+CRD_FAULTS = ("apiserver-restart", "malformed-objects")
+"""The faults of CRD-mode scenarios only; operator-leader-kill and worker-kill are of both
+modes, every other one of the kvstore's."""
 SCENARIO_DIR = Path("scale-tests/scenarios")
 
 
@@ -42,6 +48,9 @@ class ScenarioError(Exception):
 
 @dataclass(frozen=True)
 class ClusterSpec:
+    store: str = "kvstore"
+    """"kvstore": agents and operators on etcd; "crd": on the local Kubernetes API server
+    (a `cpctl kube up` process on the first etcd cluster)."""
     etcd_clusters: int = 1
     """Number of etcd clusters; with 2+, identities, endpoints and IPAM are sharded."""
     etcd_members: int = 3
@@ -212,9 +221,20 @@ def _check(s: Scenario, source: str) -> None:
         raise ScenarioError(f"{source}: cluster.proxy_groups must not exceed agents.count")
     if s.agents.count < 1 or not 1 <= s.agents.workers <= s.agents.count:
         raise ScenarioError(f"{source}: agents.workers must be between 1 and agents.count")
+    if s.cluster.store not in STORES:
+        raise ScenarioError(f"{source}: cluster.store {s.cluster.store!r} not in {STORES}")
+    crd = s.cluster.store == "crd"
+    if crd and (s.cluster.etcd_clusters != 1 or s.cluster.proxy_groups):
+        raise ScenarioError(f"{source}: CRD mode has one etcd cluster and no proxy groups")
     names = s.cluster_names
     for i, fault in enumerate(s.faults):
         where = f"{source}: faults[{i}] ({fault.kind})"
+        if crd != (fault.kind in CRD_FAULTS) and fault.kind not in (
+            "operator-leader-kill",
+            "worker-kill",
+        ):
+            mode = "CRD" if crd else "kvstore"
+            raise ScenarioError(f"{where}: not a fault of a {mode}-mode scenario")
         if fault.kind in ("quorum-loss", "etcd-leader-kill", "etcd-member-kill") and (
             s.cluster.etcd_members < 3
         ):

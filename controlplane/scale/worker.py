@@ -44,7 +44,7 @@ from typing import Any
 
 from controlplane.agent.agent import Agent
 from controlplane.agent.settings import AgentSettings
-from controlplane.config import ClientSettings, EtcdClusterConfig, KvstoreConfig
+from controlplane.config import ClientSettings, CrdConfig, EtcdClusterConfig, KvstoreConfig
 from controlplane.datapath.ipcache import encode_key
 from controlplane.model import IPNetwork, NodeName, parse_ip
 
@@ -97,7 +97,10 @@ def pool_entries(items: Iterable[tuple[bytes, bytes]], pool: IPNetwork) -> list[
     ]
 
 
-def kvstore_from_spec(spec: dict[str, Any]) -> KvstoreConfig:
+def kvstore_from_spec(spec: dict[str, Any]) -> KvstoreConfig | CrdConfig:
+    """The agents' store: ``{"crd": KUBECONFIG}`` or the kvstore's clusters and shards."""
+    if "crd" in spec:
+        return CrdConfig(kubeconfig=spec["crd"])
     clusters = tuple(EtcdClusterConfig(name, tuple(urls)) for name, urls in spec["clusters"])
     shards = {kind: tuple(names) for kind, names in spec.get("shards", {}).items()}
     client = ClientSettings(request_timeout=5.0, keepalive_time=5.0, keepalive_timeout=2.0)
@@ -148,6 +151,7 @@ class Worker:
         self.pool = ipaddress.ip_network(spec["pool_cidr"])
         self.labels: list[str] = [f"k8s:app=app{i}" for i in range(spec["label_sets"])]
         config = kvstore_from_spec(spec["kvstore"])
+        self.crd = isinstance(config, CrdConfig)
         # with proxy groups, each agent reaches etcd through its group's proxies
         groups = [kvstore_from_spec(g) for g in spec.get("kvstore_groups", [])]
         group_of: dict[str, int] = spec.get("groups", {})
@@ -233,7 +237,10 @@ class Worker:
                     "ready": agent.ready,
                     "healthy": bool(shards) and all(s.healthy for s in shards),
                     "restarts": t.restarts,
-                    "armed": bool(shards) and all(s.arm.heartbeat for s in shards),
+                    # CRD mode has no heartbeat to arm on: healthy is as armed as it gets
+                    "armed": bool(shards)
+                    and all(s.arm.heartbeat or (self.crd and s.healthy) for s in shards),
+                    "ipcache": len(agent.ipcache),
                     "recoveries": {s.name: s.arm.recoveries for s in shards},
                     "digest": t.digest,
                     "digest_since": t.digest_since,
