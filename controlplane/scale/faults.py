@@ -178,6 +178,26 @@ def _malformed_keys() -> list[tuple[str, bytes]]:
     ]
 
 
+async def _keep_until_counted(
+    ctx: Context, fault: FaultSpec, t0: float, before: dict[str, float], what: str
+) -> int:
+    """Keep a malformed-input fault for its duration, then until every agent's malformed
+    counter moved past ``before`` (bounded); how many agents counted one."""
+
+    def counted() -> int:
+        return ctx.fleet.count(lambda v: float(v.state.get("malformed", 0)) > before[v.node])
+
+    await _keep(ctx, fault, t0, False)
+    with contextlib.suppress(FleetError):  # the report says how many did
+        await wait_for(
+            lambda: (counted(), len(before)),
+            f"agents that counted a malformed {what}",
+            30,
+            ctx.progress,
+        )
+    return counted()
+
+
 async def malformed_values(ctx: Context, fault: FaultSpec, t0: float) -> Notes:
     bad = [b"\xc1not msgpack", codec.encode("endpoint", {"ip": 7}), b"\x93\x01\x02\x03"]
     before = {n: float(v.state.get("malformed", 0)) for n, v in ctx.fleet.agents.items()}
@@ -189,22 +209,12 @@ async def malformed_values(ctx: Context, fault: FaultSpec, t0: float) -> Notes:
                 await backend.put(key, bad[i % len(bad)])
                 written.append((backend, key))
 
-        def counted() -> int:
-            return ctx.fleet.count(lambda v: float(v.state.get("malformed", 0)) > before[v.node])
-
         try:
-            await _keep(ctx, fault, t0, False)
-            with contextlib.suppress(FleetError):  # the report says how many did
-                await wait_for(
-                    lambda: (counted(), len(before)),
-                    "agents that counted a malformed value",
-                    30,
-                    ctx.progress,
-                )
+            counted = await _keep_until_counted(ctx, fault, t0, before, "value")
         finally:
             for backend, key in written:
                 await backend.delete(key)
-    return {"keys": len(written), "agents_that_counted": counted(), "agents": len(before)}
+    return {"keys": len(written), "agents_that_counted": counted, "agents": len(before)}
 
 
 async def _healthy_shard_creates(ctx: Context, paused: str, stop: asyncio.Event) -> dict[str, int]:
@@ -386,21 +396,11 @@ async def malformed_objects(ctx: Context, fault: FaultSpec, t0: float) -> Notes:
     before = {n: float(v.state.get("malformed", 0)) for n, v in ctx.fleet.agents.items()}
     written = await crd_store.write_malformed(kubeconfig)
 
-    def counted() -> int:
-        return ctx.fleet.count(lambda v: float(v.state.get("malformed", 0)) > before[v.node])
-
     try:
-        await _keep(ctx, fault, t0, False)
-        with contextlib.suppress(FleetError):  # the report says how many did
-            await wait_for(
-                lambda: (counted(), len(before)),
-                "agents that counted a malformed object",
-                30,
-                ctx.progress,
-            )
+        counted = await _keep_until_counted(ctx, fault, t0, before, "object")
     finally:
         await crd_store.delete_malformed(kubeconfig)
-    return {"objects": written, "agents_that_counted": counted(), "agents": len(before)}
+    return {"objects": written, "agents_that_counted": counted, "agents": len(before)}
 
 
 INJECTORS: dict[str, Callable[[Context, FaultSpec, float], Awaitable[Notes]]] = {

@@ -202,30 +202,47 @@ def _over_time(
     methods = sorted({m for x in samples for m in x[1]})
     totals = {m: sum(x[1].get(m, 0.0) for x in samples) for m in methods}
     top = sorted(methods, key=lambda m: -totals[m])[:6]
-    fig, ax = plt.subplots(figsize=(10, 4))
-    _spans(ax, faults)
-    for method in top:
-        ax.plot(ts, [x[1].get(method, 0.0) for x in samples], label=method, linewidth=1)
-    ax.plot(ts, [sum(x[1].values()) for x in samples], label="all", c="k", linewidth=1.5)
-    ax.legend(fontsize=7)
-    ax.set_xlabel("time since start (s); red: fault, green: hold")
-    ax.set_ylabel("etcd requests/s (all members)")
-    ax.set_title(f"{record['scenario']}: etcd request rate")
-    fig.tight_layout()
-    fig.savefig(out_dir / "etcd_requests.png", dpi=100)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(10, 4))
-    _spans(ax, faults)
-    ax.plot(ts, [x[3] / 2**20 for x in samples], label="worker processes' RSS")
-    ax.plot(ts, [x[2] / 2**20 for x in samples], label="etcd DB size (largest member)")
-    ax.legend(fontsize=7)
-    ax.set_xlabel("time since start (s); red: fault, green: hold")
-    ax.set_ylabel("MiB")
-    ax.set_title(f"{record['scenario']}: memory")
-    fig.tight_layout()
-    fig.savefig(out_dir / "memory.png", dpi=100)
-    plt.close(fig)
+    lines = [(m, [x[1].get(m, 0.0) for x in samples], 1.0) for m in top]
+    lines.append(("all", [sum(x[1].values()) for x in samples], 1.5))
+    _timeseries(
+        plt,
+        ts,
+        lines,
+        faults,
+        "etcd requests/s (all members)",
+        f"{record['scenario']}: etcd request rate",
+        out_dir / "etcd_requests.png",
+    )
+    memory = [
+        ("worker processes' RSS", [x[3] / 2**20 for x in samples], 1.0),
+        ("etcd DB size (largest member)", [x[2] / 2**20 for x in samples], 1.0),
+    ]
+    _timeseries(
+        plt, ts, memory, faults, "MiB", f"{record['scenario']}: memory", out_dir / "memory.png"
+    )
     return ["etcd_requests.png", "memory.png"]
+
+
+def _timeseries(
+    plt: Any,
+    ts: list[float],
+    lines: list[tuple[str, list[float], float]],
+    faults: list[Any],
+    ylabel: str,
+    title: str,
+    path: Path,
+) -> None:
+    fig, ax = plt.subplots(figsize=(10, 4))
+    _spans(ax, faults)
+    for label, ys, width in lines:
+        ax.plot(ts, ys, label=label, linewidth=width)
+    ax.legend(fontsize=7)
+    ax.set_xlabel("time since start (s); red: fault, green: hold")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def write_report(record: Record, out_dir: Path) -> None:
