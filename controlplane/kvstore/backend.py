@@ -394,6 +394,15 @@ class EtcdBackend:
         response = await self.call(self._maintenance.Status, rpc.StatusRequest())
         return member_status(self.name, response)
 
+    async def defragment(self) -> None:
+        """Defragment the member this connection talks to (give it a single endpoint to
+        choose which); the member blocks reads and writes while it runs."""
+        await self.call(
+            self._maintenance.Defragment,
+            rpc.DefragmentRequest(),
+            timeout=max(60.0, self.settings.request_timeout),
+        )
+
     async def members(self) -> list[tuple[int, str, tuple[str, ...]]]:
         """(id, name, client URLs) of each member."""
         response = await self.read(self._cluster.MemberList, rpc.MemberListRequest())

@@ -3,6 +3,8 @@
 ``grpc_server_started_total`` counts unary requests and opened streams by method;
 ``grpc_server_msg_received_total`` counts the messages on streams (lease keepalives, watch
 creations). A member that does not answer (killed, paused) is left out of that sample.
+``etcd_mvcc_db_total_size_in_bytes`` (and ``..._in_use_...``) is each member's DB file
+size (and the part of it in use; a defragmentation gives the rest back).
 """
 
 from __future__ import annotations
@@ -19,20 +21,40 @@ _LINE = re.compile(
     r'^grpc_server_(started|msg_received)_total\{[^}]*grpc_method="(\w+)"[^}]*\} (\S+)$',
     re.MULTILINE,
 )
+_DB = re.compile(r"^etcd_mvcc_db_total_size_(in_bytes|in_use_in_bytes) (\S+)$", re.MULTILINE)
 STREAMS = ("Watch", "LeaseKeepAlive")
+DB_SIZE = "db_bytes"
+DB_IN_USE = "db_in_use_bytes"
 
 
-async def _scrape(url: str) -> Counter[str]:
+async def _metrics(url: str) -> str:
     parts = urlsplit(url)
-    counts: Counter[str] = Counter()
     try:
         status, text = await http_get(
             parts.hostname or "127.0.0.1", parts.port or 2379, "/metrics", 2.0
         )
     except (OSError, TimeoutError, ValueError, IndexError):
-        return counts
-    if status != 200 or not isinstance(text, str):
-        return counts
+        return ""
+    return text if status == 200 and isinstance(text, str) else ""
+
+
+async def db_sizes(urls: Iterable[str]) -> dict[str, dict[str, int]]:
+    """Per member that answered: its DB size and the part in use (bytes)."""
+    urls = list(urls)
+    out = {}
+    for url, text in zip(urls, await asyncio.gather(*(_metrics(u) for u in urls)), strict=True):
+        sizes = {
+            (DB_SIZE if kind == "in_bytes" else DB_IN_USE): int(float(v))
+            for kind, v in _DB.findall(text)
+        }
+        if sizes:
+            out[url] = sizes
+    return out
+
+
+async def _scrape(url: str) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    text = await _metrics(url)
     for kind, method, value in _LINE.findall(text):
         if kind == "started" and method not in STREAMS:
             counts[method] += int(float(value))

@@ -14,17 +14,22 @@ from typing import Any
 
 from controlplane import codec
 from controlplane.agent.api import request
+from controlplane.config import EtcdClusterConfig
 from controlplane.kvstore.backend import EtcdBackend
 from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.shards import ShardMap
 from controlplane.model import Labels
-from controlplane.scale.cluster import Cluster
+from controlplane.scale import crd_store, etcd_metrics
+from controlplane.scale.cluster import CLIENT, Cluster
 from controlplane.scale.fleet import Fleet, FleetError, wait_for
+from controlplane.scale.proxy import Mode
 from controlplane.scale.scenario import FaultSpec
 
 LAYOUT = KeyLayout()
 Notes = dict[str, Any]
+AFFECTED = "_affected_agents"
+"""A note (not reported) naming the agents a fault targeted: the others must not restart."""
 
 
 @dataclass
@@ -46,14 +51,23 @@ async def _leader(etcd: EmbeddedEtcd, timeout: float = 20.0) -> int:
         await asyncio.sleep(0.1)
 
 
-async def _keep(ctx: Context, fault: FaultSpec, t0: float, until_restarted: bool) -> None:
+async def _keep(
+    ctx: Context,
+    fault: FaultSpec,
+    t0: float,
+    until_restarted: bool,
+    nodes: set[str] | None = None,
+) -> None:
     """Keep the fault for its duration; with ``until_restarted``, also until every agent
-    restarted since ``t0`` (bounded: duration + 30 s), so the fault is long enough to count."""
+    (of ``nodes``, if given) restarted since ``t0`` (bounded: duration + 30 s), so the fault
+    is long enough to count."""
     deadline = t0 + fault.duration + (30.0 if until_restarted else 0.0)
-    total = len(ctx.fleet.agents)
+    total = len(ctx.fleet.agents) if nodes is None else len(nodes)
     while True:
         now = time.monotonic()
-        done = ctx.fleet.count(lambda v: any(r.at >= t0 for r in v.restarts))
+        done = ctx.fleet.count(
+            lambda v: (nodes is None or v.node in nodes) and any(r.at >= t0 for r in v.restarts)
+        )
         ctx.progress(f"fault held {now - t0:4.1f}s, agents restarted {done}/{total}")
         if now >= t0 + fault.duration and (not until_restarted or done >= total):
             return
@@ -164,6 +178,26 @@ def _malformed_keys() -> list[tuple[str, bytes]]:
     ]
 
 
+async def _keep_until_counted(
+    ctx: Context, fault: FaultSpec, t0: float, before: dict[str, float], what: str
+) -> int:
+    """Keep a malformed-input fault for its duration, then until every agent's malformed
+    counter moved past ``before`` (bounded); how many agents counted one."""
+
+    def counted() -> int:
+        return ctx.fleet.count(lambda v: float(v.state.get("malformed", 0)) > before[v.node])
+
+    await _keep(ctx, fault, t0, False)
+    with contextlib.suppress(FleetError):  # the report says how many did
+        await wait_for(
+            lambda: (counted(), len(before)),
+            f"agents that counted a malformed {what}",
+            30,
+            ctx.progress,
+        )
+    return counted()
+
+
 async def malformed_values(ctx: Context, fault: FaultSpec, t0: float) -> Notes:
     bad = [b"\xc1not msgpack", codec.encode("endpoint", {"ip": 7}), b"\x93\x01\x02\x03"]
     before = {n: float(v.state.get("malformed", 0)) for n, v in ctx.fleet.agents.items()}
@@ -175,22 +209,12 @@ async def malformed_values(ctx: Context, fault: FaultSpec, t0: float) -> Notes:
                 await backend.put(key, bad[i % len(bad)])
                 written.append((backend, key))
 
-        def counted() -> int:
-            return ctx.fleet.count(lambda v: float(v.state.get("malformed", 0)) > before[v.node])
-
         try:
-            await _keep(ctx, fault, t0, False)
-            with contextlib.suppress(FleetError):  # the report says how many did
-                await wait_for(
-                    lambda: (counted(), len(before)),
-                    "agents that counted a malformed value",
-                    30,
-                    ctx.progress,
-                )
+            counted = await _keep_until_counted(ctx, fault, t0, before, "value")
         finally:
             for backend, key in written:
                 await backend.delete(key)
-    return {"keys": len(written), "agents_that_counted": counted(), "agents": len(before)}
+    return {"keys": len(written), "agents_that_counted": counted, "agents": len(before)}
 
 
 async def _healthy_shard_creates(ctx: Context, paused: str, stop: asyncio.Event) -> dict[str, int]:
@@ -247,6 +271,138 @@ async def shard_paused(ctx: Context, fault: FaultSpec, t0: float) -> Notes:
     return {"paused_cluster": fault.cluster, "healthy_shard_creates": results}
 
 
+def _groups(ctx: Context, fault: FaultSpec) -> range:
+    """The proxy groups a fault affects: ``fraction`` of them, at least one."""
+    total = len(ctx.cluster.proxies)
+    return range(max(1, round(fault.fraction * total)))
+
+
+async def agent_partition(ctx: Context, fault: FaultSpec, t0: float) -> Notes:
+    """Cut a fraction of the agents (their proxy groups) from every etcd member: their
+    connections hang (blackhole) or are reset; etcd, the operators and the other agents
+    carry on. Each cut agent's quorum reads fail, so it restarts once (the restart
+    disarms it until a ready session reads a quorum again); the others must not."""
+    groups = _groups(ctx, fault)
+    proxies = ctx.cluster.group_proxies(groups)
+    cut = {n for n, v in ctx.fleet.agents.items() if v.group in groups}
+    mode = Mode(fault.mode)
+    reset_before = sum(p.stats.reset for p in proxies)
+    for proxy in proxies:
+        await proxy.set_mode(mode)
+    try:
+        await _keep(ctx, fault, t0, fault.expect_restarts != 0, cut)
+    finally:
+        for proxy in proxies:
+            await proxy.set_mode(Mode.PASS)
+    return {
+        "mode": fault.mode,
+        "groups_cut": len(groups),
+        "groups": len(ctx.cluster.proxies),
+        "agents_cut": len(cut),
+        "connections_reset": sum(p.stats.reset for p in proxies) - reset_before,
+        AFFECTED: sorted(cut),
+    }
+
+
+async def etcd_latency(ctx: Context, fault: FaultSpec, t0: float) -> Notes:
+    """``latency_ms`` added to each direction between a fraction of the agents and etcd."""
+    groups = _groups(ctx, fault)
+    proxies = ctx.cluster.group_proxies(groups)
+    delay = fault.latency_ms / 1000
+    for proxy in proxies:
+        proxy.set_latency(delay, delay)
+    try:
+        await _keep(ctx, fault, t0, False)
+    finally:
+        for proxy in proxies:
+            proxy.set_latency(0.0, 0.0)
+    affected = ctx.fleet.count(lambda v: v.group in groups)
+    return {"latency_ms_each_way": fault.latency_ms, "agents": affected}
+
+
+async def compact_defrag(ctx: Context, fault: FaultSpec, t0: float) -> Notes:
+    """Compact every etcd cluster to its current revision and defragment each member while
+    the churn runs; then (with proxies) reset every agent connection once, so that every
+    watch resumes from its last revision and those the compaction passed must re-list."""
+    urls = [u for etcd in ctx.cluster.etcds.values() for u in etcd.client_urls]
+    before = await etcd_metrics.db_sizes(urls)
+    compactions_before = ctx.fleet.compactions()
+    revisions = {}
+    for cluster in ctx.cluster.config.clusters:
+        async with EtcdBackend(cluster, CLIENT, own_connection=True) as backend:
+            revisions[cluster.name] = revision = await backend.current_revision()
+            await backend.compact(revision, physical=True)
+        for url in cluster.endpoints:
+            member = EtcdClusterConfig(cluster.name, (url,))
+            async with EtcdBackend(member, CLIENT, own_connection=True) as backend:
+                await backend.defragment()
+    after = await etcd_metrics.db_sizes(urls)
+    proxies = ctx.cluster.group_proxies(range(len(ctx.cluster.proxies)))
+    reset_before = sum(p.stats.reset for p in proxies)
+    for proxy in proxies:
+        await proxy.sever()
+    await _keep(ctx, fault, t0, False)
+    relisted = ctx.fleet.compactions() - compactions_before
+    return {
+        "compacted_to": revisions,
+        "db_bytes_before": sum(s[etcd_metrics.DB_SIZE] for s in before.values()),
+        "db_bytes_after": sum(s[etcd_metrics.DB_SIZE] for s in after.values()),
+        "severed_connections": sum(p.stats.reset for p in proxies) - reset_before,
+        "watches_relisted": relisted,
+    }
+
+
+async def apiserver_restart(ctx: Context, fault: FaultSpec, t0: float) -> Notes:
+    """CRD mode: SIGKILL the API server, start it again after ``duration``. The agents
+    must not restart and must keep their maps (sampled: no ipcache below half its size
+    before), then converge."""
+    server = ctx.cluster.apiserver
+    if server is None:
+        raise FleetError("no API server (not a CRD-mode scenario)")
+    before = {n: int(v.state.get("ipcache", 0)) for n, v in ctx.fleet.agents.items()}
+    lowest = dict(before)
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        while not done.is_set():
+            for n, v in ctx.fleet.agents.items():
+                if v.state:
+                    lowest[n] = min(lowest[n], int(v.state.get("ipcache", lowest[n])))
+            await asyncio.sleep(0.1)
+
+    sampler = asyncio.create_task(sample())
+    await server.kill()
+    try:
+        await _keep(ctx, fault, t0, False)
+    finally:
+        back = await ctx.cluster.start_apiserver()
+        done.set()
+        await sampler
+    shrunk = sorted(f"{n}: {lowest[n]} of {before[n]}" for n in before if lowest[n] < before[n] / 2)
+    return {
+        "serving_again_after_s": round(back, 2),
+        "ipcache_lowest_share": round(
+            min((lowest[n] / before[n] for n in before if before[n]), default=1.0), 3
+        ),
+        "maps_shrunk": shrunk,
+    }
+
+
+async def malformed_objects(ctx: Context, fault: FaultSpec, t0: float) -> Notes:
+    """CRD mode: objects the schema admits but no reader can use (an endpoint without a
+    valid IP, an identity named by no number, a node with a garbage address, a PodCIDR
+    that is no network), deleted after ``duration``."""
+    kubeconfig = ctx.cluster.kubeconfig
+    before = {n: float(v.state.get("malformed", 0)) for n, v in ctx.fleet.agents.items()}
+    written = await crd_store.write_malformed(kubeconfig)
+
+    try:
+        counted = await _keep_until_counted(ctx, fault, t0, before, "object")
+    finally:
+        await crd_store.delete_malformed(kubeconfig)
+    return {"objects": written, "agents_that_counted": counted, "agents": len(before)}
+
+
 INJECTORS: dict[str, Callable[[Context, FaultSpec, float], Awaitable[Notes]]] = {
     "etcd-member-kill": etcd_member_kill,
     "etcd-leader-kill": etcd_leader_kill,
@@ -256,4 +412,9 @@ INJECTORS: dict[str, Callable[[Context, FaultSpec, float], Awaitable[Notes]]] = 
     "worker-kill": worker_kill,
     "malformed-values": malformed_values,
     "shard-paused": shard_paused,
+    "agent-partition": agent_partition,
+    "etcd-latency": etcd_latency,
+    "compact-defrag": compact_defrag,
+    "apiserver-restart": apiserver_restart,
+    "malformed-objects": malformed_objects,
 }

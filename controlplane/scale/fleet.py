@@ -43,6 +43,8 @@ class AgentView:
     restarts: list[Restart] = field(default_factory=list)
     """Every restart seen, over every incarnation of its worker."""
     incarnation: int = 0
+    group: int = -1
+    """Its proxy group (-1: it reaches etcd directly)."""
 
     @property
     def ready(self) -> bool:
@@ -62,6 +64,12 @@ class WorkerProcess:
     reader: asyncio.Task[None] | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     acks: dict[int, asyncio.Event] = field(default_factory=dict)
+    results: dict[int, Any] = field(default_factory=dict)
+    """Command id -> the result its ack carried."""
+    rss: int = 0
+    """The process's resident set size (bytes), from its last report."""
+    compactions: int = 0
+    """Watches of this incarnation that re-listed after a compaction."""
     churn: dict[str, Any] = field(default_factory=dict)
     """This incarnation's churn counters (from its last report)."""
     churn_before: dict[str, Any] = field(default_factory=dict)
@@ -76,7 +84,9 @@ class Fleet:
             WorkerProcess(i, spec, log_dir / f"worker-{i}.log") for i, spec in enumerate(specs)
         ]
         self.agents: dict[str, AgentView] = {
-            node: AgentView(node, i) for i, spec in enumerate(specs) for node, _ in spec["nodes"]
+            node: AgentView(node, i, group=spec.get("groups", {}).get(node, -1))
+            for i, spec in enumerate(specs)
+            for node, _ in spec["nodes"]
         }
         self._command_id = 0
         self.on_state: Callable[[], None] = lambda: None
@@ -120,6 +130,8 @@ class Fleet:
             kind = record["type"]
             if kind == "state":
                 worker.churn = record["churn"]
+                worker.rss = int(record.get("rss", 0))
+                worker.compactions = int(record.get("compactions", 0))
                 for state in record["agents"]:
                     view = self.agents[state["node"]]
                     if view.incarnation != incarnation:
@@ -137,6 +149,8 @@ class Fleet:
                 worker.ready.set()
             elif kind == "ack":
                 event = worker.acks.get(record["id"])
+                if "result" in record:
+                    worker.results[record["id"]] = record["result"]
                 if event is not None:
                     event.set()
         worker.exited = await process.wait()
@@ -195,8 +209,13 @@ class Fleet:
         """Turn the ipcache digests on (returns after a report with them) or off."""
         await self._command({"op": "digest", "on": on}, timeout)
 
-    async def _command(self, command: dict[str, Any], timeout: float) -> None:
+    async def identity_burst(self, per_worker: int, timeout: float = 300.0) -> list[Any]:
+        """Each worker allocates ``per_worker`` fresh identities at once; their results."""
+        return await self._command({"op": "identity-burst", "count": per_worker}, timeout)
+
+    async def _command(self, command: dict[str, Any], timeout: float) -> list[Any]:
         self._command_id += 1
+        command_id = self._command_id
         waits = []
         for worker in self.workers:
             process = worker.process
@@ -208,6 +227,7 @@ class Fleet:
             await process.stdin.drain()
             waits.append(event.wait())
         await asyncio.wait_for(asyncio.gather(*waits), timeout)
+        return [w.results.pop(command_id) for w in self.workers if command_id in w.results]
 
     # -- questions ----------------------------------------------------------------------
 
@@ -219,6 +239,12 @@ class Fleet:
         for worker in self.workers:
             total = _add(_add(total, worker.churn_before), worker.churn)
         return total
+
+    def rss_total(self) -> int:
+        return sum(w.rss for w in self.workers if w.process and w.process.returncode is None)
+
+    def compactions(self) -> int:
+        return sum(w.compactions for w in self.workers)
 
     def restarts_between(self, node: str, start: float, end: float) -> list[Restart]:
         return [r for r in self.agents[node].restarts if start <= r.at <= end]

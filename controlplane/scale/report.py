@@ -1,6 +1,7 @@
 """The report of one run: ``result.json`` (every figure), ``summary.md`` (pass/fail per
 invariant and goal, per fault) and, when matplotlib is installed (the ``scale`` extra),
-``convergence.png`` and ``restarts.png``."""
+``convergence.png``, ``restarts.png``, ``etcd_requests.png`` (etcd's request rate by method
+over time) and ``memory.png`` (the workers' RSS and etcd's DB size over time)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,18 @@ def _mark(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _memory(m: Record) -> str:
+    return (
+        f"{_mib(m['rss_per_agent_bytes'])} RSS per agent (workers {_mib(m['workers_rss_bytes'])}), "
+        f"+{m['growth_per_agent_per_endpoint_bytes']} B per agent per endpoint held "
+        f"({m['endpoints']} endpoints)"
+    )
+
+
 def markdown(record: Record) -> str:
     s = record.get("summary", {})
     lines = [
@@ -40,6 +53,24 @@ def markdown(record: Record) -> str:
         f"- daemon logs with a traceback: operators {record.get('operator_tracebacks') or 'none'}, "
         f"workers {record.get('worker_tracebacks') or 'none'}",
     ]
+    phases = record["phases"]
+    burst = phases.get("identity_allocations")
+    if burst:
+        lines.append(
+            f"- identity allocations: {burst['per_s']}/s ({burst['ok']} fresh label sets at "
+            f"once over every worker in {burst['seconds']} s, {burst['failed']} failed)"
+        )
+    memory = phases.get("memory")
+    if memory:
+        lines.append(f"- agent memory after populating: {_memory(memory)}")
+    samples = record.get("timeline", {}).get("samples", [])
+    if samples:
+        peak = max(samples, key=lambda x: sum(x[1].values()))
+        lines.append(
+            f"- etcd: DB size (largest member) {_mib(samples[-1][2])} at the end, "
+            f"peak {_mib(max(x[2] for x in samples))}; peak request rate "
+            f"{round(sum(peak[1].values()))}/s at {peak[0]} s"
+        )
     unprovoked = record.get("unprovoked_restarts", {})
     lines.append(
         f"- restarts outside every fault window: {unprovoked.get('count', 0)}"
@@ -85,6 +116,8 @@ def markdown(record: Record) -> str:
         if f.get("etcd_requests_per_s"):
             top = sorted(f["etcd_requests_per_s"].items(), key=lambda kv: -kv[1])[:6]
             lines.append("   - etcd requests/s: " + ", ".join(f"{k} {v}" for k, v in top))
+        if f.get("memory"):
+            lines.append(f"   - memory: {_memory(f['memory'])}")
         if f["churn"].get("errors"):
             errors = {k: n for k, n in f["churn"]["errors"].items() if n}
             lines.append(f"   - churn errors: {json.dumps(errors)}")
@@ -121,10 +154,7 @@ def plots(record: Record, out_dir: Path) -> list[str] | str:
         written.append("convergence.png")
     timeline = record.get("timeline", {})
     fig, ax = plt.subplots(figsize=(10, 4))
-    for kind, start, heal, end in timeline.get("faults", []):
-        ax.axvspan(start, heal, color="tab:red", alpha=0.15)
-        ax.axvspan(heal, end, color="tab:green", alpha=0.08)
-        ax.text(start, 0, kind, rotation=90, fontsize=7, va="bottom")
+    _spans(ax, timeline.get("faults", []))
     points = timeline.get("restarts", [])
     reasons = sorted({p[2] for p in points})
     for reason in reasons:
@@ -151,7 +181,68 @@ def plots(record: Record, out_dir: Path) -> list[str] | str:
     fig.savefig(out_dir / "restarts.png", dpi=100)
     plt.close(fig)
     written.append("restarts.png")
+    samples = timeline.get("samples", [])
+    if samples:
+        written += _over_time(plt, record, samples, timeline.get("faults", []), out_dir)
     return written
+
+
+def _spans(ax: Any, faults: list[Any]) -> None:
+    for kind, start, heal, end in faults:
+        ax.axvspan(start, heal, color="tab:red", alpha=0.15)
+        ax.axvspan(heal, end, color="tab:green", alpha=0.08)
+        ax.text(start, 0, kind, rotation=90, fontsize=7, va="bottom")
+
+
+def _over_time(
+    plt: Any, record: Record, samples: list[Any], faults: list[Any], out_dir: Path
+) -> list[str]:
+    """etcd's request rate by method, and memory (workers' RSS, etcd's DB), over time."""
+    ts = [x[0] for x in samples]
+    methods = sorted({m for x in samples for m in x[1]})
+    totals = {m: sum(x[1].get(m, 0.0) for x in samples) for m in methods}
+    top = sorted(methods, key=lambda m: -totals[m])[:6]
+    lines = [(m, [x[1].get(m, 0.0) for x in samples], 1.0) for m in top]
+    lines.append(("all", [sum(x[1].values()) for x in samples], 1.5))
+    _timeseries(
+        plt,
+        ts,
+        lines,
+        faults,
+        "etcd requests/s (all members)",
+        f"{record['scenario']}: etcd request rate",
+        out_dir / "etcd_requests.png",
+    )
+    memory = [
+        ("worker processes' RSS", [x[3] / 2**20 for x in samples], 1.0),
+        ("etcd DB size (largest member)", [x[2] / 2**20 for x in samples], 1.0),
+    ]
+    _timeseries(
+        plt, ts, memory, faults, "MiB", f"{record['scenario']}: memory", out_dir / "memory.png"
+    )
+    return ["etcd_requests.png", "memory.png"]
+
+
+def _timeseries(
+    plt: Any,
+    ts: list[float],
+    lines: list[tuple[str, list[float], float]],
+    faults: list[Any],
+    ylabel: str,
+    title: str,
+    path: Path,
+) -> None:
+    fig, ax = plt.subplots(figsize=(10, 4))
+    _spans(ax, faults)
+    for label, ys, width in lines:
+        ax.plot(ts, ys, label=label, linewidth=width)
+    ax.legend(fontsize=7)
+    ax.set_xlabel("time since start (s); red: fault, green: hold")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def write_report(record: Record, out_dir: Path) -> None:

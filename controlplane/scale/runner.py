@@ -23,9 +23,9 @@ from typing import Any
 from controlplane.kvstore.backend import EtcdBackend
 from controlplane.scale import etcd_metrics
 from controlplane.scale.cluster import CLIENT, Cluster
-from controlplane.scale.faults import INJECTORS, Context
+from controlplane.scale.faults import AFFECTED, INJECTORS, Context
 from controlplane.scale.fleet import Fleet, FleetError, wait_for
-from controlplane.scale.invariants import StoreView, read_store
+from controlplane.scale.invariants import StoreView
 from controlplane.scale.progress import Progress
 from controlplane.scale.scenario import FaultSpec, Scenario
 from controlplane.stats import percentile
@@ -45,10 +45,18 @@ def worker_specs(scenario: Scenario, cluster: Cluster, socket_dir: Path) -> list
         "restart_spread": a.restart_spread,
         "lease_ttl": a.lease_ttl,
     }
+    groups = c.proxy_groups
+    proxied: dict[str, Any] = {}
+    if groups:
+        proxied = {
+            "groups": {node: i % groups for i, (node, _) in enumerate(nodes)},
+            "kvstore_groups": [cluster.kvstore_spec(g) for g in range(groups)],
+        }
     return [
         {
             "nodes": nodes[w :: a.workers],
-            "kvstore": cluster.kvstore_spec(),
+            "kvstore": cluster.agent_store_spec(),
+            **proxied,
             "agent": timings,
             "socket_dir": str(socket_dir),
             "pool_cidr": c.pool_cidr,
@@ -81,9 +89,15 @@ class Run:
             "etcd_clusters": scenario.cluster.etcd_clusters,
             "etcd_members": scenario.cluster.etcd_members,
             "heartbeat_interval": scenario.cluster.heartbeat_interval,
+            "proxy_groups": scenario.cluster.proxy_groups,
+            "store": scenario.cluster.store,
             "faults": [],
             "phases": {},
         }
+        self.samples: list[list[Any]] = []
+        """[t, etcd requests/s by method, etcd DB bytes (largest member), workers' RSS]."""
+        self._sampler: asyncio.Task[None] | None = None
+        self._rss_ready = 0
 
     def rel(self, t: float) -> float:
         return round(t - self.start, 3)
@@ -101,6 +115,10 @@ class Run:
             self.record["error"] = str(exc) or type(exc).__name__
             self.progress.end(f"error: {self.record['error']}")
         finally:
+            sampler = self._sampler
+            if sampler is not None:
+                sampler.cancel()
+                await asyncio.gather(sampler, return_exceptions=True)
             if self.fleet is not None:
                 await self.fleet.stop_all()
             self.record["operator_tracebacks"] = self.cluster.operator_tracebacks()
@@ -122,6 +140,39 @@ class Run:
                     found.append(worker.log_file.name)
         return found
 
+    # -- samples over time ------------------------------------------------------------------
+
+    async def _sample(self, interval: float = 2.0) -> None:
+        """Every ``interval``: etcd's request rates by method, its DB size, the workers'
+        RSS (the report's plots over time)."""
+        urls = self._etcd_urls()
+        before, t_before = await etcd_metrics.sample(urls), time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            counts, sizes = await asyncio.gather(
+                etcd_metrics.sample(urls), etcd_metrics.db_sizes(urls)
+            )
+            now = time.monotonic()
+            rates = etcd_metrics.rates(before, counts, now - t_before)
+            before, t_before = counts, now
+            db = max((v[etcd_metrics.DB_SIZE] for v in sizes.values()), default=0)
+            rss = self.fleet.rss_total() if self.fleet is not None else 0
+            self.samples.append([self.rel(now), rates, db, rss])
+
+    def _memory(self, endpoints: int) -> Record:
+        """The workers' RSS, per agent, and its growth since the agents were ready (empty
+        store) per agent per endpoint they hold (each agent holds every endpoint)."""
+        assert self.fleet is not None
+        rss = self.fleet.rss_total()
+        agents = max(1, len(self.fleet.agents))
+        grown = rss - self._rss_ready
+        return {
+            "workers_rss_bytes": rss,
+            "rss_per_agent_bytes": rss // agents,
+            "endpoints": endpoints,
+            "growth_per_agent_per_endpoint_bytes": grown // agents // max(1, endpoints),
+        }
+
     # -- boot -----------------------------------------------------------------------------
 
     async def _boot(self) -> None:
@@ -129,6 +180,11 @@ class Run:
         p.begin("etcd")
         t = time.monotonic()
         await self.cluster.start_etcd()
+        await self.cluster.start_proxies()
+        if self.cluster.crd:
+            p("starting the API server")
+            self.record["phases"]["apiserver_s"] = round(await self.cluster.start_apiserver(), 2)
+        self._sampler = asyncio.create_task(self._sample(), name="samples")
         first = self.cluster.config.clusters[0]
         async with EtcdBackend(first, CLIENT, own_connection=True) as backend:
             self.record["etcd_version"] = (await backend.status()).version
@@ -165,6 +221,7 @@ class Run:
             fleet,
         )
         self.record["phases"]["agents_ready_s"] = round(took, 2)
+        self._rss_ready = fleet.rss_total()
         wanted = s.agents.count * s.agents.endpoints_per_agent
         await wait_for(
             lambda: (sum(w.ready.is_set() for w in fleet.workers), len(fleet.workers)),
@@ -181,11 +238,24 @@ class Run:
             etcd_before, await etcd_metrics.sample(self._etcd_urls()), time.monotonic() - t
         )
         p.end(f"ready in {self.record['phases']['agents_ready_s']}s, populated")
+        if s.churn.identity_burst:
+            p.begin(f"identity burst: {s.churn.identity_burst} fresh label sets per worker")
+            results = await fleet.identity_burst(s.churn.identity_burst)
+            ok = sum(r["ok"] for r in results)
+            took = max((r["seconds"] for r in results), default=0.0)
+            self.record["phases"]["identity_allocations"] = {
+                "ok": ok,
+                "failed": sum(r["failed"] for r in results),
+                "seconds": took,
+                "per_s": round(ok / took, 1) if took > 0 else None,
+            }
+            p.end(f"{ok} allocated in {took}s")
         # before any fault: every agent caught up with the populated store (a baseline)
         p.begin("baseline convergence after populating")
         populated = time.monotonic()
         baseline, _ = await self._converge(populated, s.agents.ready_timeout)
         self.record["phases"]["baseline_convergence"] = baseline
+        self.record["phases"]["memory"] = self._memory(baseline["endpoints"])
         if baseline["not_converged"]:
             raise FleetError(f"{len(baseline['not_converged'])} agents never caught up")
         p.end(f"p50 {baseline['p50_s']}s, p99 {baseline['p99_s']}s, max {baseline['max_s']}s")
@@ -204,7 +274,7 @@ class Run:
         fleet, p = self.fleet, self.progress
         assert fleet is not None
         await fleet.set_digests(True)
-        view = await read_store(self.cluster.config)
+        view = await self.cluster.read_store()
         read_at = time.monotonic()
         deadline = read_at + timeout
         while True:
@@ -215,7 +285,7 @@ class Run:
             if len(matched) == len(fleet.agents) or now > deadline:
                 break
             if now - read_at > 2.0:  # the truth may still move (an owner re-publishing)
-                view = await read_store(self.cluster.config)
+                view = await self.cluster.read_store()
                 read_at = time.monotonic()
             await asyncio.sleep(0.1)
         await fleet.set_digests(False)
@@ -252,6 +322,7 @@ class Run:
         etcd_before = await etcd_metrics.sample(self._etcd_urls())
         t0 = time.monotonic()
         notes = await INJECTORS[fault.kind](self.context, fault, t0)
+        affected: list[str] | None = notes.pop(AFFECTED, None)
         t_heal = time.monotonic()
         p("healed; stopping churn")
         await fleet.set_churn(0)
@@ -278,8 +349,9 @@ class Run:
             await asyncio.sleep(0.1)
         t_end = time.monotonic()
         etcd_after = await etcd_metrics.sample(self._etcd_urls())
-        view = await read_store(self.cluster.config)
-        result = self._judge(fault, notes, view, t0, t_heal, t_end, convergence)
+        view = await self.cluster.read_store()
+        result = self._judge(fault, notes, view, t0, t_heal, t_end, convergence, affected)
+        result["memory"] = self._memory(len(view.endpoints))
         result["etcd_requests_per_s"] = etcd_metrics.rates(etcd_before, etcd_after, t_end - t0)
         result["recoveries"] = self._recoveries(fault, recoveries_before, incarnations, result)
         result["churn"] = {k: churn_after[k] - churn_before[k] for k in ("ops", "ok", "failed")}
@@ -306,6 +378,7 @@ class Run:
         t_heal: float,
         t_end: float,
         convergence: Record,
+        affected: list[str] | None = None,
     ) -> Record:
         fleet = self.fleet
         assert fleet is not None
@@ -343,7 +416,20 @@ class Run:
             "every ipcache converged": _verdict(convergence["not_converged"]),
         }
         goals: Record = {}
-        if fault.expect_restarts is not None:
+        if fault.expect_restarts is not None and affected is not None:
+            # the fault hit some agents: they owe expect_restarts, the others none
+            hit = set(affected)
+            wrong = [
+                n
+                for n, e in per_agent.items()
+                if len(e) != (fault.expect_restarts if n in hit else 0)
+            ]
+            others = len(per_agent) - len(hit)
+            name = f"{fault.expect_restarts} restart(s) per agent cut" + (
+                f", 0 for the other {others}" if others else ""
+            )
+            goals[name] = _verdict([f"{n}: {len(per_agent[n])}" for n in wrong])
+        elif fault.expect_restarts is not None:
             wrong = [n for n, e in per_agent.items() if len(e) != fault.expect_restarts]
             goals[f"{fault.expect_restarts} restart(s) per agent"] = _verdict(
                 [f"{n}: {len(per_agent[n])}" for n in wrong]
@@ -357,8 +443,18 @@ class Run:
             )
         if "agents_that_counted" in notes:
             missing = notes["agents"] - notes["agents_that_counted"]
-            goals["every agent counted and skipped the malformed values"] = _verdict(
+            goals["every agent counted and skipped the malformed values/objects"] = _verdict(
                 [f"{missing} agents did not count one"] if missing else []
+            )
+        if "maps_shrunk" in notes:
+            goals["maps kept while the API server was down (sampled)"] = _verdict(
+                notes["maps_shrunk"]
+            )
+        if notes.get("severed_connections"):
+            # every watch resumed from its last revision: those behind the compaction had
+            # to re-list (the ipcache convergence above says the re-list lost nothing)
+            goals["watches behind the compaction re-listed"] = _verdict(
+                [] if notes["watches_relisted"] > 0 else ["no watch re-listed"]
             )
         if "healthy_shard_creates" in notes:
             made = notes["healthy_shard_creates"]
@@ -425,7 +521,7 @@ class Run:
 
     def _timeline(self) -> Record:
         if self.fleet is None:
-            return {"restarts": [], "faults": []}
+            return {"restarts": [], "faults": [], "samples": self.samples}
         order = {node: i for i, node in enumerate(sorted(self.fleet.agents))}
         return {
             "restarts": [
@@ -442,6 +538,7 @@ class Run:
                 [f["kind"], f["t_start_s"], f["t_heal_s"], f["t_end_s"]]
                 for f in self.record["faults"]
             ],
+            "samples": self.samples,
         }
 
 

@@ -28,7 +28,17 @@ FAULT_KINDS = (
     "worker-kill",
     "malformed-values",
     "shard-paused",
+    "agent-partition",
+    "etcd-latency",
+    "compact-defrag",
+    "apiserver-restart",
+    "malformed-objects",
 )
+PARTITION_MODES = ("blackhole", "reset")
+STORES = ("kvstore", "crd")
+CRD_FAULTS = ("apiserver-restart", "malformed-objects")
+"""The faults of CRD-mode scenarios only; operator-leader-kill and worker-kill are of both
+modes, every other one of the kvstore's."""
 SCENARIO_DIR = Path("scale-tests/scenarios")
 
 
@@ -38,6 +48,9 @@ class ScenarioError(Exception):
 
 @dataclass(frozen=True)
 class ClusterSpec:
+    store: str = "kvstore"
+    """"kvstore": agents and operators on etcd; "crd": on the local Kubernetes API server
+    (a `cpctl kube up` process on the first etcd cluster)."""
     etcd_clusters: int = 1
     """Number of etcd clusters; with 2+, identities, endpoints and IPAM are sharded."""
     etcd_members: int = 3
@@ -55,6 +68,10 @@ class ClusterSpec:
     retry_period: float = 0.5
     pool_cidr: str = "10.0.0.0/8"
     """The operators' cluster pool; every endpoint IP lies in it."""
+    proxy_groups: int = 0
+    """Agents reach etcd through fault-injecting TCP proxies (controlplane/scale/proxy.py),
+    one per member per group, agent i in group i % proxy_groups; 0: straight to etcd.
+    Operators and the harness always talk to etcd directly."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +96,9 @@ class AgentSpec:
 class ChurnSpec:
     rate: float = 4.0
     """Endpoint operations per second across all agents (creates and deletes alternate)."""
+    identity_burst: int = 0
+    """After populating, each worker creates (then deletes) this many endpoints with label
+    sets never seen before, all at once: the report's identity allocations per second."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +120,13 @@ class FaultSpec:
     """etcd-member-kill: which member; worker-kill: which worker."""
     cluster: str = ""
     """shard-paused: which etcd cluster (by name: main, b, c...)."""
+    fraction: float = 1.0
+    """agent-partition, etcd-latency: the share of the proxy groups (so of the agents)
+    affected, at least one group."""
+    mode: str = "blackhole"
+    """agent-partition: "blackhole" (connections hang) or "reset" (connections reset)."""
+    latency_ms: int = 0
+    """etcd-latency: added to each direction, per chunk."""
     converge_timeout: float = 60.0
 
 
@@ -190,11 +217,24 @@ def _check(s: Scenario, source: str) -> None:
         raise ScenarioError(f"{source}: cluster needs at least one etcd cluster and member")
     if s.cluster.operators < 1:
         raise ScenarioError(f"{source}: cluster.operators must be at least 1")
+    if s.cluster.proxy_groups > s.agents.count:
+        raise ScenarioError(f"{source}: cluster.proxy_groups must not exceed agents.count")
     if s.agents.count < 1 or not 1 <= s.agents.workers <= s.agents.count:
         raise ScenarioError(f"{source}: agents.workers must be between 1 and agents.count")
+    if s.cluster.store not in STORES:
+        raise ScenarioError(f"{source}: cluster.store {s.cluster.store!r} not in {STORES}")
+    crd = s.cluster.store == "crd"
+    if crd and (s.cluster.etcd_clusters != 1 or s.cluster.proxy_groups):
+        raise ScenarioError(f"{source}: CRD mode has one etcd cluster and no proxy groups")
     names = s.cluster_names
     for i, fault in enumerate(s.faults):
         where = f"{source}: faults[{i}] ({fault.kind})"
+        if crd != (fault.kind in CRD_FAULTS) and fault.kind not in (
+            "operator-leader-kill",
+            "worker-kill",
+        ):
+            mode = "CRD" if crd else "kvstore"
+            raise ScenarioError(f"{where}: not a fault of a {mode}-mode scenario")
         if fault.kind in ("quorum-loss", "etcd-leader-kill", "etcd-member-kill") and (
             s.cluster.etcd_members < 3
         ):
@@ -208,6 +248,14 @@ def _check(s: Scenario, source: str) -> None:
                 raise ScenarioError(f"{where}: needs cluster.etcd_clusters >= 2")
             if fault.cluster not in names:
                 raise ScenarioError(f"{where}: cluster {fault.cluster!r} not in {names}")
+        if fault.kind in ("agent-partition", "etcd-latency") and s.cluster.proxy_groups < 1:
+            raise ScenarioError(f"{where}: needs cluster.proxy_groups >= 1")
+        if not 0 < fault.fraction <= 1:
+            raise ScenarioError(f"{where}: fraction must be in (0, 1]")
+        if fault.mode not in PARTITION_MODES:
+            raise ScenarioError(f"{where}: mode {fault.mode!r} not in {PARTITION_MODES}")
+        if fault.kind == "etcd-latency" and fault.latency_ms <= 0:
+            raise ScenarioError(f"{where}: needs latency_ms > 0")
         if fault.kind == "operator-leader-kill" and s.cluster.operators < 2:
             raise ScenarioError(f"{where}: needs cluster.operators >= 2")
         for shard in fault.expect_recoveries:

@@ -9,14 +9,17 @@ Commands arrive on stdin, one JSON object a line: ``{"op": "churn", "rate": R, "
 (endpoint operations per second in this worker; 0 stops churn and acknowledges once the
 operations in flight are done), ``{"op": "digest", "on": B, "id": N}`` (compute the
 ipcache digests, which cost CPU, only while on; acknowledged after a report with them),
-``{"op": "stop"}``.
+``{"op": "identity-burst", "count": N, "id": N}`` (create N endpoints with label sets never
+seen before, all at once, over the agents, then delete them; acknowledged with the time it
+took), ``{"op": "stop"}``.
 
 Reports go to stdout, one JSON object a line: ``{"type": "state", ...}`` every
 ``report_interval`` with each agent's readiness, health, restarts (each with its
 monotonic time and reason), per-shard recoveries, owned endpoints and a digest of the
 endpoint part of its ipcache (with the monotonic time its map last changed), plus
-churn counters; ``{"type": "ready"}`` once every agent is ready and populated;
-``{"type": "ack", "id": N}`` for a finished churn command. Times are
+churn counters, the process's RSS and how many watches re-listed because etcd had compacted
+their revision; ``{"type": "ready"}`` once every agent is ready and populated;
+``{"type": "ack", "id": N, "result": ...}`` for a finished command. Times are
 ``time.monotonic()``, which is host-wide on Linux, so the harness compares them directly.
 """
 
@@ -28,6 +31,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import os
 import random
 import struct
 import sys
@@ -40,11 +44,12 @@ from typing import Any
 
 from controlplane.agent.agent import Agent
 from controlplane.agent.settings import AgentSettings
-from controlplane.config import ClientSettings, EtcdClusterConfig, KvstoreConfig
+from controlplane.config import ClientSettings, CrdConfig, EtcdClusterConfig, KvstoreConfig
 from controlplane.datapath.ipcache import encode_key
 from controlplane.model import IPNetwork, NodeName, parse_ip
 
 log = logging.getLogger("cp.scale.worker")
+PAGE = os.sysconf("SC_PAGE_SIZE")
 DIGEST_INTERVAL = 0.1
 SETTLE = 0.3
 """Seconds a map must be unchanged before its digest is computed."""
@@ -92,11 +97,33 @@ def pool_entries(items: Iterable[tuple[bytes, bytes]], pool: IPNetwork) -> list[
     ]
 
 
-def kvstore_from_spec(spec: dict[str, Any]) -> KvstoreConfig:
+def kvstore_from_spec(spec: dict[str, Any]) -> KvstoreConfig | CrdConfig:
+    """The agents' store: ``{"crd": KUBECONFIG}`` or the kvstore's clusters and shards."""
+    if "crd" in spec:
+        return CrdConfig(kubeconfig=spec["crd"])
     clusters = tuple(EtcdClusterConfig(name, tuple(urls)) for name, urls in spec["clusters"])
     shards = {kind: tuple(names) for kind, names in spec.get("shards", {}).items()}
     client = ClientSettings(request_timeout=5.0, keepalive_time=5.0, keepalive_timeout=2.0)
     return KvstoreConfig(clusters, shards, client=client)
+
+
+def rss_bytes() -> int:
+    """This process's resident set size."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * PAGE
+
+
+class CompactionCounter(logging.Handler):
+    """Counts the list-watchers' "revision compacted; re-listing" warnings (the watch code
+    logs one per watch that had to re-list)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "compacted" in str(record.msg):
+            self.count += 1
 
 
 @dataclass
@@ -124,6 +151,10 @@ class Worker:
         self.pool = ipaddress.ip_network(spec["pool_cidr"])
         self.labels: list[str] = [f"k8s:app=app{i}" for i in range(spec["label_sets"])]
         config = kvstore_from_spec(spec["kvstore"])
+        self.crd = isinstance(config, CrdConfig)
+        # with proxy groups, each agent reaches etcd through its group's proxies
+        groups = [kvstore_from_spec(g) for g in spec.get("kvstore_groups", [])]
+        group_of: dict[str, int] = spec.get("groups", {})
         timings = spec["agent"]
         sockets = Path(spec["socket_dir"])
         self.tracked: list[Tracked] = []
@@ -135,7 +166,8 @@ class Worker:
                 telemetry_port=None,
                 **timings,
             )
-            self.tracked.append(Tracked(Agent(settings, config)))
+            own = groups[group_of[node]] if node in group_of else config
+            self.tracked.append(Tracked(Agent(settings, own)))
         self.rate = 0.0
         self._reports = 0
         self.digesting = False
@@ -143,6 +175,8 @@ class Worker:
         self.in_flight: set[asyncio.Task[None]] = set()
         self.churn: dict[str, Any] = {"ops": 0, "ok": 0, "failed": 0, "errors": {}}
         self.out = sys.stdout
+        self.compactions = CompactionCounter()
+        logging.getLogger("controlplane.kvstore.watch").addHandler(self.compactions)
 
     def emit(self, record: dict[str, Any]) -> None:
         self.out.write(json.dumps(record, separators=(",", ":")) + "\n")
@@ -203,7 +237,10 @@ class Worker:
                     "ready": agent.ready,
                     "healthy": bool(shards) and all(s.healthy for s in shards),
                     "restarts": t.restarts,
-                    "armed": bool(shards) and all(s.arm.heartbeat for s in shards),
+                    # CRD mode has no heartbeat to arm on: healthy is as armed as it gets
+                    "armed": bool(shards)
+                    and all(s.arm.heartbeat or (self.crd and s.healthy) for s in shards),
+                    "ipcache": len(agent.ipcache),
                     "recoveries": {s.name: s.arm.recoveries for s in shards},
                     "digest": t.digest,
                     "digest_since": t.digest_since,
@@ -214,7 +251,14 @@ class Worker:
                 }
             )
         self._reports += 1
-        return {"type": "state", "t": time.monotonic(), "agents": agents, "churn": self.churn}
+        return {
+            "type": "state",
+            "t": time.monotonic(),
+            "agents": agents,
+            "churn": self.churn,
+            "rss": rss_bytes(),
+            "compactions": self.compactions.count,
+        }
 
     async def _report(self) -> None:
         interval = self.spec["report_interval"]
@@ -265,6 +309,33 @@ class Worker:
         # round-robin over the agents: one agent's creates queue behind each other
         await asyncio.gather(*(one(t, k) for k in range(per_agent) for t in self.tracked))
 
+    async def _identity_burst(self, count: int) -> dict[str, Any]:
+        """``count`` creates with fresh label sets (one identity allocation each) at once,
+        round-robin over the agents; then their deletes. The creates' wall time."""
+        created: list[tuple[Tracked, str]] = []
+        tag = f"{os.getpid()}-{time.monotonic_ns()}"
+
+        async def one(k: int) -> None:
+            t = self.tracked[k % len(self.tracked)]
+            name = f"{t.agent.settings.node}-i{k}"
+            label = f"k8s:app=burst-{tag}-{k}"
+            try:
+                await t.agent.create_endpoint("scale", name, [label])
+            except Exception as exc:
+                self._failed(exc)
+                return
+            created.append((t, name))
+
+        start = time.monotonic()
+        await asyncio.gather(*(one(k) for k in range(count)))
+        took = time.monotonic() - start
+        for t, name in created:
+            try:
+                await t.agent.delete_endpoint("scale", name)
+            except Exception as exc:
+                self._failed(exc)
+        return {"ok": len(created), "failed": count - len(created), "seconds": round(took, 3)}
+
     async def _churn_one(self) -> None:
         t = random.choice(self.tracked)
         if t.churned and random.random() < 0.5:
@@ -314,6 +385,9 @@ class Worker:
                 if self.rate <= 0 and self.in_flight:
                     await asyncio.gather(*self.in_flight, return_exceptions=True)
                 self.emit({"type": "ack", "id": command.get("id", 0)})
+            if command["op"] == "identity-burst":
+                result = await self._identity_burst(int(command["count"]))
+                self.emit({"type": "ack", "id": command.get("id", 0), "result": result})
 
     # -- lifecycle --------------------------------------------------------------------
 
