@@ -62,6 +62,9 @@ def test_smoke_scenario_passes_under_three_minutes(tmp_path: Path) -> None:
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert "| 2 | quorum-loss |" in summary and "FAIL" not in summary
     assert "fault 3/4 operators-paused" in proc.stderr
+    # the plots (matplotlib comes with the dev extra): real PNG files
+    for name in ("convergence.png", "restarts.png", "etcd_requests.png", "memory.png"):
+        assert (tmp_path / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
 def test_every_shipped_scenario_loads() -> None:
