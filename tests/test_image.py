@@ -60,7 +60,7 @@ def image() -> str:
 
 def podman_run(image: str, *argv: str, options: tuple[str, ...] = ()) -> str:
     done = subprocess.run(
-        ["podman", "run", "--rm", *run_options(), *options, image, *argv],
+        ["podman", "run", "--rm", "--network=none", *run_options(), *options, image, *argv],
         capture_output=True, text=True, check=False, timeout=180,
     )  # fmt: skip
     assert done.returncode == 0, (argv, done.stdout[-2000:], done.stderr[-2000:])
