@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from controlplane.datapath import loader
-from tests.helpers import kernel_maps_unmet, requires, tools_unmet
+from tests.helpers import kernel_maps_unmet, no_privilege, requires, tools_unmet
 from tests.test_wheel_datapath import CHECK, PACKAGED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +34,7 @@ SITE = "/opt/controlplane/lib/python3.11/site-packages"
 # Building: the Debian base (mmdebstrap), then two stages with apt and pip (about two minutes
 # on a fresh machine, seconds when the image is up to date).
 pytestmark = [
+    requires(None if os.geteuid() == 0 else no_privilege("not root (podman here builds as root)")),
     requires(tools_unmet("podman", "mmdebstrap")),
     pytest.mark.image,
     pytest.mark.timeout(1200),
