@@ -5,11 +5,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+
+def dying_with_parent(argv: Sequence[str]) -> list[str]:
+    """``argv`` run so that the kernel sends it SIGTERM when the process (strictly: the
+    thread) that started it dies, even of SIGKILL, so a killed ``cpctl`` leaves no orphan.
+    util-linux's ``setpriv`` sets PR_SET_PDEATHSIG and execs ``argv`` (same PID); without it
+    ``argv`` is returned as it is. Start such children from a thread that lives as long as
+    they should (the event loop's)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return list(argv)
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv]
 
 
 @dataclass
@@ -21,15 +34,16 @@ class Daemon:
     args: Sequence[str]
     log_file: Path
     process: asyncio.subprocess.Process | None = field(default=None, repr=False)
+    die_with_parent: bool = True
 
     async def start(self) -> None:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", self.module, *self.args]
+        if self.die_with_parent:
+            argv = dying_with_parent(argv)
         with self.log_file.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                self.module,
-                *self.args,
+                *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

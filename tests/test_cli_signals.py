@@ -81,10 +81,41 @@ def _routes() -> str:
     return ip("route", "show", "table", "all")
 
 
-async def test_up_leaves_the_host_alone_and_stops_everything(tmp_path: Path) -> None:
-    """`make run` (cpctl up) as root: no route added to the host while it runs (two agents
-    that know each other's pod CIDRs), and SIGTERM stops every daemon and etcd."""
-    before = _routes()
+def _host() -> dict[str, object]:
+    """What a local cluster must leave as it found it: routes, links, the bpffs."""
+    bpffs = Path("/sys/fs/bpf")
+    pins = sorted(str(p.relative_to(bpffs)) for p in bpffs.rglob("*")) if bpffs.is_dir() else []
+    links = sorted(line.split(":")[1].strip() for line in ip("-o", "link", "show").splitlines())
+    return {"routes": _routes(), "links": links, "pins": pins}
+
+
+async def _kill_and_check(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL, which cpctl cannot handle: its children still go (the kernel's parent-death
+    signal, set on every child it starts) and stop as on SIGTERM."""
+    children = _descendants(proc.pid)
+    assert children, "the command started no child process"
+    proc.kill()
+    await proc.wait()
+    await eventually(
+        lambda: not any(_alive(pid) for pid in children),
+        timeout=60,
+        message="children of cpctl gone after SIGKILL",
+    )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+async def test_etcd_up_killed_leaves_no_member(sig: signal.Signals, tmp_path: Path) -> None:
+    proc = await _cpctl("etcd", "up", "--members", "3", "--json", "--data-dir", str(tmp_path))
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 60)
+    assert len(json.loads(line)["endpoints"]) == 3
+    if sig == signal.SIGKILL:
+        await _kill_and_check(proc)
+    else:
+        await _stop_and_check(proc, sig)
+
+
+async def _up_with_two_agents(tmp_path: Path) -> asyncio.subprocess.Process:
     proc = await _cpctl(
         "up", "--agents", "2", "--json", "--refresh", "0.5", "--workdir", str(tmp_path)
     )
@@ -98,6 +129,21 @@ async def test_up_leaves_the_host_alone_and_stops_everything(tmp_path: Path) -> 
             if len(agents) == 2 and all(a["ready"] for a in agents):
                 break
     assert len(_descendants(proc.pid)) >= 1 + 2 + 2, "etcd, two operators, two agents"
-    assert _routes() == before
-    await _stop_and_check(proc, signal.SIGTERM)
-    assert _routes() == before
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+async def test_up_leaves_the_host_alone_and_stops_everything(
+    sig: signal.Signals, tmp_path: Path
+) -> None:
+    """`make run` (cpctl up) as root: no route, link or pin added to the host while it runs
+    (two agents that know each other's pod CIDRs), and SIGTERM, or even SIGKILL mid-run,
+    stops every daemon and etcd, leaving the host as it was."""
+    before = _host()
+    proc = await _up_with_two_agents(tmp_path)
+    assert _host() == before
+    if sig == signal.SIGKILL:
+        await _kill_and_check(proc)
+    else:
+        await _stop_and_check(proc, sig)
+    assert _host() == before

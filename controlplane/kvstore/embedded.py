@@ -19,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 
 from controlplane.kvstore.etcd_tools import EtcdNotFound, find_etcd_tool
+from controlplane.processes import dying_with_parent
 
 __all__ = [
     "EmbeddedEtcd",
@@ -138,6 +139,7 @@ class EmbeddedEtcd:
         heartbeat_interval_ms: int = 50,
         election_timeout_ms: int = 500,
         etcd_bin: Path | None = None,
+        die_with_parent: bool = True,
     ) -> None:
         if members < 1:
             raise ValueError("members must be >= 1")
@@ -150,6 +152,7 @@ class EmbeddedEtcd:
         self._heartbeat_ms = heartbeat_interval_ms
         self._election_ms = election_timeout_ms
         self._etcd_bin = etcd_bin
+        self._die_with_parent = die_with_parent
         self._scheme = "https" if tls else "http"
         self._token = f"{name}-{uuid.uuid4().hex[:12]}"
         self._base_dir: Path | None = None
@@ -371,10 +374,12 @@ class EmbeddedEtcd:
         return args + self._extra_args
 
     async def _spawn(self, binary: Path, m: _Member, state: str) -> None:
+        argv = [str(binary), *self._args(m, state)]
+        if self._die_with_parent:
+            argv = dying_with_parent(argv)
         with m.log_file.open("wb" if state == "new" else "ab") as log:
             m.proc = await asyncio.create_subprocess_exec(
-                str(binary),
-                *self._args(m, state),
+                *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
