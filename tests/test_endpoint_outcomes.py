@@ -20,6 +20,7 @@ from controlplane.config import ClientSettings, EtcdClusterConfig, KvstoreConfig
 from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.kvstore.endpoints import KvEndpointStore
 from controlplane.kvstore.errors import KvstoreError
+from controlplane.kvstore.ipam import list_all_leases
 from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.owner import KeyOwner, Owners
 from controlplane.kvstore.shards import ShardMap
@@ -50,6 +51,13 @@ async def records_of(cfg: KvstoreConfig, node: str) -> set[str]:
         return {str(v.value.ip) for v in await store.list() if v.value.node == node}
 
 
+async def leases_of(cfg: KvstoreConfig, node: str) -> set[str]:
+    """The IPs leased to ``node``, read from the store directly."""
+    async with ShardMap(cfg, own_connection=True) as shards:
+        leases = await list_all_leases(shards, LAYOUT, StoreMetrics.create())
+        return {str(v.value.ip) for v in leases if v.value.node == node}
+
+
 def owned_ips(agent: Agent) -> set[str]:
     return {str(e.ip) for e in agent.owned.items.values() if e.ip is not None}
 
@@ -75,6 +83,11 @@ async def test_create_and_delete_failing_in_flight_converge(
     a = Agent(settings, cfg)
     async with running(a):
         await asyncio.wait_for(a.wait_ready(), 20)
+        (records_owner,) = [o for o in owners_of(a) if o.backend.name == "b"]
+        await eventually(
+            lambda: records_owner.self_watched() == [],
+            message="the agent's endpoint watch feeds the repair of its records",
+        )
         kept = await create(a, "default", "kept", ["k8s:app=web"])
         await create(a, "default", "gone", ["k8s:app=db"])
         target.pause_member(0)
@@ -93,9 +106,10 @@ async def test_create_and_delete_failing_in_flight_converge(
         owners = owners_of(a)
 
         async def converged() -> bool:
-            return not any(o.unresolved() for o in owners) and await records_of(
-                cfg, "node-a"
-            ) == owned_ips(a)
+            if any(o.unresolved() for o in owners):
+                return False
+            mine = owned_ips(a)
+            return await records_of(cfg, "node-a") == mine == await leases_of(cfg, "node-a")
 
         await eventually(converged, timeout=30, message="store follows the agent")
 

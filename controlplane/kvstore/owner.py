@@ -59,6 +59,8 @@ class _Repaired:
     """The watch of the prefix that hands its batches over (:meth:`KeyOwner.feeding`)."""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when a feed starts or ends."""
+    watching: bool = False
+    """The owner's own watch of the prefix runs (no feed)."""
 
 
 class KeyOwner:
@@ -111,6 +113,10 @@ class KeyOwner:
 
     def owned(self, prefix: bytes = b"") -> dict[bytes, bytes]:
         return {k: o.value for k, o in self._owned.items() if k.startswith(prefix)}
+
+    def self_watched(self) -> list[bytes]:
+        """The repaired prefixes the owner watches itself now (no one feeds them)."""
+        return [p for p, r in self._repairs.items() if r.watching]
 
     def unresolved(self) -> frozenset[bytes]:
         """Abandoned keys not yet deleted (etcd has not answered since)."""
@@ -287,7 +293,8 @@ class KeyOwner:
             key, reason = await self._pending.get()
             self._queued.discard(key)
             if key in self._owned:
-                await self._restore(key, reason)
+                if reason != "withdraw":  # (owned again since: its put wrote it)
+                    await self._restore(key, reason)
             elif key in self._abandoned:
                 await self._withdraw(key)
 
@@ -303,9 +310,11 @@ class KeyOwner:
             repaired.present.clear()
             own = asyncio.create_task(self._own_watch(repaired))
             fed = asyncio.create_task(repaired.changed.wait())
+            repaired.watching = True
             try:
                 await asyncio.wait({own, fed}, return_when=asyncio.FIRST_COMPLETED)
             finally:
+                repaired.watching = False
                 for task in (own, fed):
                     task.cancel()
                 await asyncio.gather(own, fed, return_exceptions=True)
