@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from ipaddress import ip_address, ip_network
 from typing import TypeVar
 
@@ -279,6 +279,16 @@ async def test_lease_loss_brings_keys_back(etcd1: EmbeddedEtcd) -> None:
             run.cancel()
 
 
+def holding(backend: EtcdBackend, key: bytes, value: bytes) -> Callable[[], Awaitable[bool]]:
+    """A check: ``key`` holds ``value``."""
+
+    async def check() -> bool:
+        kv = await backend.get(key)
+        return kv is not None and kv.value == value
+
+    return check
+
+
 async def test_self_repair(etcd1: EmbeddedEtcd) -> None:
     metrics = StoreMetrics.create()
     async with ShardMap(one_cluster(etcd1)) as shards:
@@ -291,10 +301,7 @@ async def test_self_repair(etcd1: EmbeddedEtcd) -> None:
         await endpoints.upsert(ep)
         await nodes.register(node("node-a"))
         value = (await backend.get(key) or pytest.fail("missing")).value
-
-        async def is_back() -> bool:
-            kv = await backend.get(key)
-            return kv is not None and kv.value == value
+        is_back = holding(backend, key, value)
 
         async with asyncio.TaskGroup() as group:
             run = group.create_task(owners.run())
@@ -342,10 +349,7 @@ async def test_the_endpoint_watch_feeds_the_repair(etcd1: EmbeddedEtcd) -> None:
         key = endpoints.key(ep.ip)
         await endpoints.upsert(ep)
         value = (await backend.get(key) or pytest.fail("missing")).value
-
-        async def is_back() -> bool:
-            kv = await backend.get(key)
-            return kv is not None and kv.value == value
+        is_back = holding(backend, key, value)
 
         async with asyncio.TaskGroup() as group:
             run = group.create_task(owners.run())
