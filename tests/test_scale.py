@@ -133,11 +133,6 @@ def test_sharded_scenario_isolates_the_paused_cluster(tmp_path: Path) -> None:
     made = fault["notes"]["healthy_shard_creates"]
     assert made["ok"] >= 5 and made["failed"] == 0, made
     failed = [k for k, v in {**fault["invariants"], **fault["goals"]}.items() if not v["pass"]]
-    if failed == ["every owned endpoint in the store"]:
-        # A known defect (docs/scale.md, "Found by the harness"), seen in 1 of ~8 runs: after
-        # the paused shard comes back, one agent's owned endpoints and the store's records
-        # of its node differ. Every other invariant and goal still fails this test.
-        pytest.xfail(f"known defect: owned endpoints differ from the store on {failed}")
     assert failed == [] and proc.returncode == 0, failed
     assert fault["convergence"]["converged"] == 20
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from ipaddress import ip_address, ip_network
 from typing import TypeVar
 
@@ -279,6 +279,16 @@ async def test_lease_loss_brings_keys_back(etcd1: EmbeddedEtcd) -> None:
             run.cancel()
 
 
+def holding(backend: EtcdBackend, key: bytes, value: bytes) -> Callable[[], Awaitable[bool]]:
+    """A check: ``key`` holds ``value``."""
+
+    async def check() -> bool:
+        kv = await backend.get(key)
+        return kv is not None and kv.value == value
+
+    return check
+
+
 async def test_self_repair(etcd1: EmbeddedEtcd) -> None:
     metrics = StoreMetrics.create()
     async with ShardMap(one_cluster(etcd1)) as shards:
@@ -291,10 +301,7 @@ async def test_self_repair(etcd1: EmbeddedEtcd) -> None:
         await endpoints.upsert(ep)
         await nodes.register(node("node-a"))
         value = (await backend.get(key) or pytest.fail("missing")).value
-
-        async def is_back() -> bool:
-            kv = await backend.get(key)
-            return kv is not None and kv.value == value
+        is_back = holding(backend, key, value)
 
         async with asyncio.TaskGroup() as group:
             run = group.create_task(owners.run())
@@ -320,6 +327,52 @@ async def test_self_repair(etcd1: EmbeddedEtcd) -> None:
             await eventually(lambda: nodes.get(NodeName("node-a")), message="node re-created")
             run.cancel()
         assert [v.value for v in await endpoints.list()] == [ep]
+
+
+async def _flat(stream: AsyncIterator[list[StoreEvent[T]]]) -> AsyncIterator[StoreEvent[T]]:
+    async for batch in stream:
+        for event in batch:
+            yield event
+
+
+async def test_the_endpoint_watch_feeds_the_repair(etcd1: EmbeddedEtcd) -> None:
+    """The node's endpoint watch (the agent's ipcache source) feeds the repair of its own
+    endpoint keys: one watch of the prefix, each event handled once; while no such watch
+    runs, the owner watches the prefix itself."""
+    metrics = StoreMetrics.create()
+    async with ShardMap(one_cluster(etcd1)) as shards:
+        owners = owners_for(metrics)
+        endpoints = KvEndpointStore(shards, LAYOUT, metrics, owners, node=NodeName("node-a"))
+        backend = shards.backends["a"]
+        owner = owners.for_backend(backend)
+        ep = endpoint("10.0.1.5", "node-a")
+        key = endpoints.key(ep.ip)
+        await endpoints.upsert(ep)
+        value = (await backend.get(key) or pytest.fail("missing")).value
+        is_back = holding(backend, key, value)
+
+        async with asyncio.TaskGroup() as group:
+            run = group.create_task(owners.run())
+            await eventually(lambda: owner.self_watched() == [EP_PREFIX], message="own watch")
+            async with collecting(_flat(endpoints.watch_ip_identities())) as events:
+                await eventually(lambda: synced(events), message="the feed listed")
+                await eventually(lambda: owner.self_watched() == [], message="the feed took over")
+                observed = owner.events_observed
+                foreign = endpoint("10.0.1.6", "node-b")
+                await backend.put(
+                    endpoints.key(foreign.ip), codec.encode("endpoint", foreign.to_dict())
+                )
+                await backend.delete(key)
+                await eventually(lambda: repairs(metrics, "endpoint", "deleted") == 1)
+                await eventually(is_back, message="deleted endpoint re-created from the feed")
+                # the foreign put, our delete, our re-creation: each seen once
+                await eventually(lambda: owner.events_observed - observed >= 3)
+                assert owner.events_observed - observed == 3
+            await eventually(lambda: owner.self_watched() == [EP_PREFIX], message="own again")
+            await backend.delete(key)
+            await eventually(lambda: repairs(metrics, "endpoint", "deleted") == 2)
+            await eventually(is_back, message="deleted endpoint re-created by the own watch")
+            run.cancel()
 
 
 # ---------------------------------------------------------------------------------------

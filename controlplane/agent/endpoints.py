@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,6 +98,10 @@ class OwnedEndpoints:
     """Held by every change of the set and of what the store holds for it."""
     rebuilt: bool = False
     """Rebuilt from the node's records in the store (once per process)."""
+    leaving: dict[EndpointID, LocalEndpoint] = field(default_factory=dict)
+    """Deleted endpoints whose withdrawal from the store failed in flight: no longer owned
+    (what the store holds of them goes: the kvstore owner deletes it once etcd answers, a
+    restore removes what no owned endpoint holds); a retried delete finishes them."""
 
     async def create(
         self,
@@ -135,6 +139,13 @@ class OwnedEndpoints:
                 return existing.to_json(self.node, self.cidr), False
             local = LocalEndpoint(namespace, name, wanted)
             try:
+                leaving = self.leaving.pop(eid, None)
+                if leaving is not None:  # deleted, not withdrawn yet: finish that first
+                    try:
+                        await session.withdraw(leaving)
+                    except StoreError:
+                        self.leaving[eid] = leaving
+                        raise
                 issued = await session.publish(local)
             except CIDRExhausted as exc:
                 raise APIError(503, str(exc)) from None
@@ -149,8 +160,11 @@ class OwnedEndpoints:
     async def delete(
         self, namespace: str, name: str, publisher: Callable[[], EndpointPublisher]
     ) -> bool:
+        """Withdraw the endpoint. When the store fails in flight the endpoint is no longer
+        owned either way (the store follows, see ``leaving``), and the 503 makes the
+        runtime retry, which finishes the withdrawal."""
         eid = EndpointID(f"{namespace}/{name}")
-        known = self.items.get(eid)
+        known = self.items.get(eid) or self.leaving.get(eid)
         if known is None:
             return False
         reason = publisher().unavailable(known.labels)
@@ -158,15 +172,18 @@ class OwnedEndpoints:
             raise APIError(503, f"store unavailable: {reason}")
         async with self.lock:
             session = publisher()
-            local = self.items.get(eid)
-            if local is None:
-                return False
+            local = self.items.pop(eid, None)
+            if local is not None:
+                self.changed()
+            else:
+                local = self.leaving.pop(eid, None)
+                if local is None:
+                    return False
             try:
                 await session.withdraw(local)
             except StoreError as exc:
+                self.leaving[eid] = local
                 raise APIError(503, f"store: {exc}") from None
-            del self.items[eid]
-            self.changed()
             return True
 
     def to_json(self) -> list[dict[str, Any]]:
@@ -228,13 +245,27 @@ class EndpointPublisher:
             issued = await self.stores.endpoints.upsert(endpoint)
         except Exception:
             if local.ip is None:
-                with contextlib.suppress(StoreError):
-                    await self.identities.release(local.labels)
-                    await self.ips.release(ip)
+                # A new endpoint's caller is told it failed: nothing of it may stay, not
+                # even a record whose write timed out but lands later (the kvstore owner
+                # deletes such a record once etcd answers).
+                await self._unwind(ip, local.labels)
             raise
         local.ip = ip
         local.identity = identity
         return issued
+
+    async def _unwind(self, ip: IPAddress, labels: Labels) -> None:
+        """Undo a new endpoint's publish that failed: its record, identity reference and
+        IP lease, each independently and best effort (a failed step is the store's to
+        finish: the kvstore owner deletes what it gave up once etcd answers)."""
+
+        async def step(call: Awaitable[object]) -> None:
+            with contextlib.suppress(StoreError):
+                await call
+
+        # the record first: a record must not outlive the lease of its IP
+        await step(self.stores.endpoints.remove(ip))
+        await asyncio.gather(step(self.identities.release(labels)), step(self.ips.release(ip)))
 
     async def withdraw(self, local: LocalEndpoint) -> None:
         if local.ip is not None:
@@ -296,4 +327,5 @@ class EndpointPublisher:
                 held = owned.items.get(record.endpoint_id)
                 if held is None or held.ip != record.ip:
                     await self.stores.endpoints.remove(record.ip)
+            owned.leaving.clear()  # their records and IP leases went just above
             owned.changed()

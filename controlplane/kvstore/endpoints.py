@@ -5,7 +5,10 @@ node's endpoints share a shard and a lease pool); readers merge every shard. Val
 ``endpoint`` envelopes of :meth:`Endpoint.to_dict`.
 
 Keys are owned through the node's :class:`KeyOwner`: leased, re-created after a lease
-loss, and repaired when someone deletes or overwrites them. The IP key is global, so every
+loss, and repaired when someone deletes or overwrites them; a write or delete that failed
+with an unknown outcome is withdrawn by the owner once etcd answers. The agent's endpoint
+watch (:meth:`KvEndpointStore.watch_ip_identities`) feeds that repair: one watch of the
+prefix per agent. The IP key is global, so every
 write is a transaction that succeeds only while the key is absent or already ours (on one
 of our leases, or a record of our node). Another node's record is never overwritten: the
 write raises :class:`IPConflict` and the key is disowned, whether the write came from
@@ -36,6 +39,7 @@ from controlplane.kvstore.types import (
     Get,
     KeyValue,
     Put,
+    WatchEvent,
     absent,
     mod_revision_is,
 )
@@ -177,10 +181,27 @@ class KvEndpointStore:
     def watch(self) -> AsyncIterator[StoreEvent[Endpoint]]:
         return self.codec.watch(self.shards, "endpoints", self.prefix, self._build)
 
-    def watch_ip_identities(self) -> AsyncIterator[builtins.list[StoreEvent[IPIdentity]]]:
-        return self.codec.watch_batches(
-            self.shards, "endpoints", self.prefix, self.build_ip_identity
-        )
+    async def watch_ip_identities(self) -> AsyncIterator[builtins.list[StoreEvent[IPIdentity]]]:
+        """Every node's endpoints as ipcache pairs. With an owner, this watch also feeds the
+        repair of this node's endpoint keys (one watch of the prefix, not two)."""
+        owner = self._owner
+        if owner is None:
+            async for batch in self.codec.watch_batches(
+                self.shards, "endpoints", self.prefix, self.build_ip_identity
+            ):
+                yield batch
+            return
+        mine = owner.backend.name
+        with owner.feeding(self.prefix) as observe:
+
+            def tap(shard: str, events: builtins.list[WatchEvent]) -> None:
+                if shard == mine:
+                    observe(events)
+
+            async for batch in self.codec.watch_batches(
+                self.shards, "endpoints", self.prefix, self.build_ip_identity, tap=tap
+            ):
+                yield batch
 
     # -- internals -------------------------------------------------------------------
 

@@ -17,7 +17,6 @@ that reappeared with another endpoint's value is never overwritten (:class:`Leas
 from __future__ import annotations
 
 import builtins
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -37,7 +36,6 @@ from controlplane.kvstore.types import (
     Put,
     absent,
     mod_revision_is,
-    value_is,
 )
 from controlplane.metrics import StoreMetrics
 from controlplane.model import (
@@ -229,14 +227,9 @@ class KvIPLeaseStore:
         except LeaseTaken:
             self.owner.disown(key)
             return False
-        except KvstoreError:
-            # The write may or may not have landed: take back what is ours, then report.
-            self.owner.disown(key)
-            with contextlib.suppress(KvstoreError):
-                await self.backend.txn([value_is(key, value)], [Delete(key)])
-            raise
         except BaseException:
-            self.owner.disown(key)  # cancelled: a landed write lives only as long as its lease
+            # The write may or may not have landed: the owner deletes it once etcd answers.
+            self.owner.abandon(key)
             raise
         return True
 

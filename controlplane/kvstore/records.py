@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from controlplane import codec
 from controlplane.kvstore.shards import ShardMap
-from controlplane.kvstore.types import EventType, KeyValue
+from controlplane.kvstore.types import EventType, KeyValue, WatchEvent
 from controlplane.metrics import StoreMetrics
 from controlplane.model import ModelError
 from controlplane.store_types import EventKind, StoreEvent, Versioned
@@ -83,10 +83,17 @@ class RecordCodec:
                 yield event
 
     async def watch_batches(
-        self, shards: ShardMap, kind: str, prefix: bytes, build: Decoder[T]
+        self,
+        shards: ShardMap,
+        kind: str,
+        prefix: bytes,
+        build: Decoder[T],
+        *,
+        tap: Callable[[str, list[WatchEvent]], None] | None = None,
     ) -> AsyncIterator[list[StoreEvent[T]]]:
         """List-then-watch ``prefix`` on every shard of ``kind`` as store events, in the
-        batches the shards deliver (a list page, a watch response); never empty."""
+        batches the shards deliver (a list page, a watch response); never empty.
+        ``tap`` sees every shard's raw batch (shard name, events) before it is decoded."""
         last: dict[bytes, T] = {}
         cut = len(prefix)
         # Locals: this loop runs once per key of every list (100k keys on a cold sync).
@@ -94,6 +101,8 @@ class RecordCodec:
         upsert, delete = EventKind.UPSERT, EventKind.DELETE
         decode = self.decode_named
         async for shard, events in shards.watch_batches(kind, prefix):
+            if tap is not None:
+                tap(shard, events)
             out: list[StoreEvent[T]] = []
             append = out.append
             for event in events:
