@@ -21,7 +21,7 @@ from controlplane.kvstore.embedded import EmbeddedEtcd
 from tests.test_agent import agent_settings, api, armed, give_cidrs, kv_config, running
 from tests.test_operator import OperatorProcess, operators
 
-BEAT = 1.0
+BEAT = 2.0
 """The operator's heartbeat interval (the agents' staleness threshold is twice this)."""
 OPERATOR_FLAGS = [f"--heartbeat-interval={BEAT}"]  # lease, renew and retry: the defaults
 NODES = {"node-a": "127.0.0.11", "node-b": "127.0.0.12"}
