@@ -287,4 +287,7 @@ async def request(
         except ValueError:
             return status, data.decode(errors="replace")
 
-    return await asyncio.wait_for(call(), timeout)
+    # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation that
+    # arrives as the call completes, so a loop of requests could not be cancelled.
+    async with asyncio.timeout(timeout):
+        return await call()
