@@ -44,4 +44,3 @@ async def test_a_loop_of_requests_ends_on_its_first_cancel(tmp_path: Path) -> No
                 break
     assert answered > 0
     assert ignored == [], f"cancel {ignored[0]} ignored: the loop ran on"
-
