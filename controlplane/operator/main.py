@@ -20,7 +20,7 @@ from controlplane.flags import (
     Parser,
     add_kvstore_flags,
     add_store_flags,
-    agent_store_config,
+    double_write_store_config,
     non_negative_float,
     positive_float,
     positive_int,
@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
-        store = agent_store_config(args)
+        store = double_write_store_config(args)
         backend: Backend
         if isinstance(store, DoubleWriteConfig):
             crd, kvstore = store.read, store.other
