@@ -10,6 +10,7 @@ unused in both."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -272,3 +273,40 @@ async def _in_kv(backend: EtcdBackend, ident: int) -> bool:
 
 def _kv(etcd: EmbeddedEtcd) -> KvstoreConfig:
     return KvstoreConfig(clusters=(EtcdClusterConfig("default", tuple(etcd.client_urls)),))
+
+
+async def test_the_node_gc_collects_in_both_stores_what_neither_lists(
+    kube: KubeServer, etcd1: EmbeddedEtcd, tmp_path: Path
+) -> None:
+    op = DoubleWriteProcess(tmp_path, "dw-a", "kvstore", kube, etcd1, "--node-gc-grace=1")
+    nodes = ["node-gone", "node-half", "node-live"]
+    async with (
+        backend_for(etcd1.client_urls) as backend,
+        kube_client(kube) as client,
+        stopping(op),
+    ):
+        op.start()
+        await eventually(op.is_leader, timeout=60, message="dw-a leads")
+        for node in nodes:
+            await client.create(NODES, node_object(node))
+            await register(backend, node)
+        for node in nodes:
+            await eventually(
+                functools.partial(same_cidr_in_both, client, backend, node),
+                timeout=60,
+                message=f"{node} has its CIDR in both stores",
+            )
+        # gone from both stores; node-half only from the read store (the kvstore)
+        await client.delete(NODES, "node-gone")
+        for node in ("node-gone", "node-half"):
+            await backend.delete(LAYOUT.node("default", node))
+
+        async def collected() -> bool:
+            crd, kv = await crd_claims(client), await kv_claims(backend)
+            return "node-gone" not in crd and "node-gone" not in kv
+
+        await eventually(collected, timeout=60, message="node-gone's claims freed in both")
+        crd, kv = await crd_claims(client), await kv_claims(backend)
+        for node in ("node-half", "node-live"):
+            assert node in crd and node in kv, node  # listed in a store: present
+    assert "Traceback" not in op.log()
