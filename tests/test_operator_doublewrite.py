@@ -9,16 +9,14 @@ unused in both."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from helpers import backend_for, eventually
 from test_crd_operator import CrdOperatorProcess
-from test_operator import LAYOUT, OperatorProcess, recording, register
+from test_operator import LAYOUT, OperatorProcess, operators, recording, register
 from test_operator import claims as kv_claims
 
 from controlplane.apiserver import KubeServer
@@ -61,15 +59,6 @@ class DoubleWriteProcess(OperatorProcess):
             *LONG,
             *extra,
         )
-
-
-@contextlib.asynccontextmanager
-async def stopping(*procs: OperatorProcess) -> AsyncIterator[None]:
-    try:
-        yield
-    finally:
-        for proc in procs:
-            await proc.stop()
 
 
 async def crd_claims(client: KubeClient) -> dict[str, list[str]]:
@@ -116,7 +105,7 @@ async def test_a_joining_node_gets_one_cidr_in_both_stores_and_the_heartbeat_is_
         backend_for(etcd1.client_urls) as backend,
         kube_client(kube) as client,
         recording(backend) as beats,
-        stopping(op),
+        operators(op),
     ):
         # the lowest CIDR of the pool is held in the other store by a node the read store
         # does not know: refused (counted), the joining node gets the next one
@@ -168,7 +157,7 @@ async def test_one_leader_across_the_modes(
     async with (
         backend_for(etcd1.client_urls) as backend,
         kube_client(kube) as client,
-        stopping(crd_a, dw, crd_c, kv_d),
+        operators(crd_a, dw, crd_c, kv_d),
     ):
         crd_a.start()
         await eventually(crd_a.is_leader, timeout=60, message="crd-a leads")
@@ -206,7 +195,7 @@ async def test_a_killed_double_write_leader_fails_over_to_another_replica(
         backend_for(etcd1.client_urls) as backend,
         kube_client(kube) as client,
         recording(backend) as beats,
-        stopping(a, b),
+        operators(a, b),
     ):
         a.start()
         await eventually(a.is_leader, timeout=60, message="dw-a leads")
@@ -236,7 +225,7 @@ async def test_identity_gc_deletes_in_both_stores_only_what_both_do_not_use(
     async with (
         backend_for(etcd1.client_urls) as backend,
         kube_client(kube) as client,
-        stopping(op),
+        operators(op),
     ):
         op.start()
         await eventually(op.is_leader, timeout=60, message="dw-a leads (CRDs installed)")
@@ -283,7 +272,7 @@ async def test_the_node_gc_collects_in_both_stores_what_neither_lists(
     async with (
         backend_for(etcd1.client_urls) as backend,
         kube_client(kube) as client,
-        stopping(op),
+        operators(op),
     ):
         op.start()
         await eventually(op.is_leader, timeout=60, message="dw-a leads")

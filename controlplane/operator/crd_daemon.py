@@ -33,6 +33,7 @@ the kvstore leader's allocations) to that term.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -54,7 +55,7 @@ from controlplane.operator.doublewrite_cidrs import DoubleWriteCIDRs
 from controlplane.operator.metrics import OperatorMetrics
 from controlplane.operator.migration_drift import drift_monitor
 from controlplane.operator.settings import OperatorSettings
-from controlplane.operator.term import Job, OtherStore, ReadSide, run_term
+from controlplane.operator.term import Job, OtherStore, ReadSide, Task, run_term, serve_until
 from controlplane.store import CIDRStore
 from controlplane.store_types import DoubleWriteConflict, EventKind
 from controlplane.telemetry import Check, TelemetryServer
@@ -124,30 +125,23 @@ class CrdOperator:
         async with KubeClient(
             self.connection, request_timeout=self.request_timeout, user_agent="cp-operator"
         ) as client:
-            server = TelemetryServer(
-                self.metrics.registry,
-                self.health,
-                host=settings.metrics_host,
-                port=settings.metrics_port,
+            tasks: dict[str, Task] = {"operator": functools.partial(self._main, client)}
+            monitor = drift_monitor(settings, self.metrics.registry, self.connection)
+            if monitor is not None:
+                tasks["migration-drift"] = monitor.run
+            await serve_until(
+                stop,
+                tasks,
+                metrics=self.metrics,
+                health=self.health,
+                address=(settings.metrics_host, settings.metrics_port),
+                on_listening=lambda server: self._listening(server, on_listening),
+                farewell="releasing the Lease",
             )
-            await server.start()
-            self.telemetry = server
-            on_listening(server.port)
-            try:
-                async with asyncio.TaskGroup() as group:
-                    main = group.create_task(self._main(client), name="operator")
-                    drift: asyncio.Task[None] | None = None
-                    monitor = drift_monitor(settings, self.metrics.registry, self.connection)
-                    if monitor is not None:
-                        drift = group.create_task(monitor.run(), name="migration-drift")
-                    await stop.wait()
-                    log.info("shutting down: releasing the Lease")
-                    main.cancel()
-                    if drift is not None:
-                        drift.cancel()
-            finally:
-                await server.close()
-        log.info("stopped")
+
+    def _listening(self, server: TelemetryServer, on_listening: Callable[[int], None]) -> None:
+        self.telemetry = server
+        on_listening(server.port)
 
     async def _main(self, client: KubeClient) -> None:
         await self.install(client)

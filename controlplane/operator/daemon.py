@@ -50,7 +50,7 @@ from controlplane.operator.doublewrite_cidrs import DoubleWriteCIDRs
 from controlplane.operator.metrics import OperatorMetrics
 from controlplane.operator.migration_drift import drift_monitor
 from controlplane.operator.settings import OperatorSettings
-from controlplane.operator.term import Job, OtherStore, ReadSide, run_term
+from controlplane.operator.term import Job, OtherStore, ReadSide, Task, run_term, serve_until
 from controlplane.store import CIDRStore
 from controlplane.store_types import DoubleWriteConflict, EventKind
 from controlplane.telemetry import Check, TelemetryServer
@@ -105,35 +105,27 @@ class Operator:
         settings = self.settings
         async with ShardMap(self.kvstore) as shards:
             election = self.election_for(shards)
-            server = TelemetryServer(
-                self.metrics.registry,
-                self.health,
-                host=settings.metrics_host,
-                port=settings.metrics_port,
+            tasks: dict[str, Task] = {
+                "election": functools.partial(election.run, lambda term: self.lead(shards, term)),
+                "etcd-probe": functools.partial(self.probe, shards),
+                **self.heartbeat_monitors(shards),
+            }
+            drift = drift_monitor(settings, self.metrics.registry, self.kvstore)
+            if drift is not None:
+                tasks["migration-drift"] = drift.run
+            await serve_until(
+                stop,
+                tasks,
+                metrics=self.metrics,
+                health=self.health,
+                address=(settings.metrics_host, settings.metrics_port),
+                on_listening=lambda server: self._listening(server, on_listening),
+                farewell="resigning leadership",
             )
-            await server.start()
-            self.telemetry = server
-            on_listening(server.port)
-            try:
-                async with asyncio.TaskGroup() as group:
-                    tasks = [
-                        group.create_task(
-                            election.run(lambda term: self.lead(shards, term)), name="election"
-                        ),
-                        group.create_task(self.probe(shards), name="etcd-probe"),
-                    ]
-                    drift = drift_monitor(settings, self.metrics.registry, self.kvstore)
-                    if drift is not None:
-                        tasks.append(group.create_task(drift.run(), name="migration-drift"))
-                    for name, monitor in self.heartbeat_monitors(shards).items():
-                        tasks.append(group.create_task(monitor(), name=name))
-                    await stop.wait()
-                    log.info("shutting down: resigning leadership")
-                    for task in tasks:
-                        task.cancel()
-            finally:
-                await server.close()
-        log.info("stopped")
+
+    def _listening(self, server: TelemetryServer, on_listening: Callable[[int], None]) -> None:
+        self.telemetry = server
+        on_listening(server.port)
 
     def election_for(self, shards: ShardMap) -> Election:
         settings = self.settings
@@ -148,11 +140,9 @@ class Operator:
         )
         return self.election
 
-    def heartbeat_monitors(
-        self, shards: ShardMap
-    ) -> dict[str, Callable[[], Coroutine[Any, Any, None]]]:
+    def heartbeat_monitors(self, shards: ShardMap) -> dict[str, Task]:
         """A watch of the heartbeat on every shard (counting malformed values)."""
-        jobs: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {}
+        jobs: dict[str, Task] = {}
         for backend in shards.all():
             monitor = HeartbeatMonitor(
                 backend,

@@ -37,6 +37,7 @@ hand, no ``--migration-peer-*`` flag is needed (nor taken).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -53,6 +54,7 @@ from controlplane.operator.daemon import Operator
 from controlplane.operator.metrics import OperatorMetrics
 from controlplane.operator.migration_drift import DriftMonitor
 from controlplane.operator.settings import OperatorSettings
+from controlplane.operator.term import Task, serve_until
 from controlplane.telemetry import Check, TelemetryServer
 
 __all__ = ["DoubleWriteOperator"]
@@ -112,31 +114,25 @@ class DoubleWriteOperator:
                 user_agent="cp-operator",
             ) as client,
         ):
-            server = TelemetryServer(
-                self.metrics.registry,
-                self.health,
-                host=settings.metrics_host,
-                port=settings.metrics_port,
+            tasks: dict[str, Task] = {
+                "elections": functools.partial(self._elect, shards, client),
+                "etcd-probe": functools.partial(self.kv.probe, shards),
+                "migration-drift": self.drift.run,
+                **self.kv.heartbeat_monitors(shards),
+            }
+            await serve_until(
+                stop,
+                tasks,
+                metrics=self.metrics,
+                health=self.health,
+                address=(settings.metrics_host, settings.metrics_port),
+                on_listening=lambda server: self._listening(server, on_listening),
+                farewell="resigning leadership (kvstore, then the Lease)",
             )
-            await server.start()
-            self.telemetry = server
-            on_listening(server.port)
-            try:
-                async with asyncio.TaskGroup() as group:
-                    tasks = [
-                        group.create_task(self._elect(shards, client), name="elections"),
-                        group.create_task(self.kv.probe(shards), name="etcd-probe"),
-                        group.create_task(self.drift.run(), name="migration-drift"),
-                    ]
-                    for name, monitor in self.kv.heartbeat_monitors(shards).items():
-                        tasks.append(group.create_task(monitor(), name=name))
-                    await stop.wait()
-                    log.info("shutting down: resigning leadership (kvstore, then the Lease)")
-                    for task in tasks:
-                        task.cancel()
-            finally:
-                await server.close()
-        log.info("stopped")
+
+    def _listening(self, server: TelemetryServer, on_listening: Callable[[int], None]) -> None:
+        self.telemetry = server
+        on_listening(server.port)
 
     async def _elect(self, shards: ShardMap, client: KubeClient) -> None:
         """The Lease first, then (while it is held) the kvstore's election, then the work."""

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from controlplane.model import IPNetwork, NodeName
 from controlplane.operator.doublewrite_cidrs import DoubleWriteCIDRs
 from controlplane.operator.metrics import OperatorMetrics
 from controlplane.store import CIDRStore
 from controlplane.store_types import StoreError
+from controlplane.telemetry import Check, TelemetryServer
 
 log = logging.getLogger("cp-operator")
 
@@ -32,6 +33,37 @@ class Term(Protocol):
     def epoch(self) -> int: ...
 
     def lose(self, reason: str) -> None: ...
+
+
+Task = Callable[[], Coroutine[Any, Any, None]]
+
+
+async def serve_until(
+    stop: asyncio.Event,
+    tasks: Mapping[str, Task],
+    *,
+    metrics: OperatorMetrics,
+    health: Callable[[], Mapping[str, Check]],
+    address: tuple[str, int],
+    on_listening: Callable[[TelemetryServer], None],
+    farewell: str,
+) -> None:
+    """A replica's life, the same in every mode: serve /metrics, /healthz and /readyz,
+    run ``tasks`` (the election, probes, watches) until ``stop``, then cancel them
+    (resigning) and close the server."""
+    server = TelemetryServer(metrics.registry, health, host=address[0], port=address[1])
+    await server.start()
+    on_listening(server)
+    try:
+        async with asyncio.TaskGroup() as group:
+            running = [group.create_task(task(), name=name) for name, task in tasks.items()]
+            await stop.wait()
+            log.info("shutting down: %s", farewell)
+            for task in running:
+                task.cancel()
+    finally:
+        await server.close()
+    log.info("stopped")
 
 
 @dataclass(frozen=True, slots=True)
