@@ -129,6 +129,8 @@ class LocalAPI:
                 status, payload = exc.status, {"error": str(exc)}
             except TimeoutError:
                 status, payload = 503, {"error": "timed out; the kvstore may be unavailable"}
+            except (ConnectionError, asyncio.IncompleteReadError):
+                raise  # the client went away (closed before sending a request): no error
             except Exception as exc:  # never let a request take the agent down
                 log.exception("local API %s failed", route)
                 status, payload = 500, {"error": f"internal error: {exc}"}
