@@ -20,7 +20,7 @@ from controlplane.config import (
 EXIT_USAGE = 2
 STORES = ("crd", "kvstore")
 DOUBLE_WRITE_STORES = ("doublewrite-readcrd", "doublewrite-readkvstore")
-"""The agent's migration modes: both stores written, the named one read."""
+"""The migration modes (agent and operator): both stores written, the named one read."""
 ENV_STORE = "CP_STORE"
 
 
@@ -117,7 +117,9 @@ def _crd_config(args: argparse.Namespace) -> CrdConfig:
     )
 
 
-def agent_store_config(args: argparse.Namespace) -> KvstoreConfig | CrdConfig | DoubleWriteConfig:
+def double_write_store_config(
+    args: argparse.Namespace,
+) -> KvstoreConfig | CrdConfig | DoubleWriteConfig:
     """:func:`store_config`, or for a double-write mode both stores (the kvstore flags
     are then required; raises ConfigError)."""
     mode = store_mode(args, double_write=True)

@@ -57,3 +57,34 @@ class StoreMetrics:
                 "cp_identity_gc_duration_seconds", "Duration of one GC round", registry=registry
             ),
         )
+
+
+class DoubleWriteMetrics:
+    """The double-write modes' counters (the agent's and the operator's): writes refused
+    because the other store contradicts the read store, writes to the read store undone
+    because the other's failed, and writes to the other store repaired later."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.conflicts = Counter(
+            "cp_doublewrite_conflicts_total",
+            "Double writes refused because the other store contradicts the read store",
+            ["resource"],
+            registry=registry,
+        )
+        self.undone = Counter(
+            "cp_doublewrite_undone_total",
+            "Writes to the read store undone because the other store's write failed",
+            ["resource"],
+            registry=registry,
+        )
+        self.pending = Gauge(
+            "cp_doublewrite_pending",
+            "Writes to the other store waiting for their repair",
+            registry=registry,
+        )
+        self.repairs = Counter(
+            "cp_doublewrite_repairs_total",
+            "Writes to the other store repaired after they had failed",
+            ["resource"],
+            registry=registry,
+        )

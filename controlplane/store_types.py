@@ -71,3 +71,8 @@ class CIDRClaim:
     pool: str
     cidr: IPNetwork
     node: NodeName
+
+
+class DoubleWriteConflict(StoreError):
+    """Double-write mode: the other store holds a record that contradicts the read
+    store's; it is not overwritten (the write is refused, counted and logged)."""

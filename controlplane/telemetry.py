@@ -112,11 +112,14 @@ def _request_line(request: bytes) -> tuple[str, str]:
 
 async def http_get(host: str, port: int, path: str, timeout: float = 5.0) -> tuple[int, Any]:
     """A tiny client for our own endpoint (cpctl, tests): (status, decoded body)."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(host, port)
     try:
         writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         await writer.drain()
-        raw = await asyncio.wait_for(reader.read(), timeout)
+        async with asyncio.timeout(timeout):
+            raw = await reader.read()
     finally:
         writer.close()
     head, _, body = raw.partition(b"\r\n\r\n")

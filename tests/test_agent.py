@@ -231,6 +231,24 @@ async def test_bad_requests_get_400_and_the_agent_keeps_serving(
         assert (await api(sock, "GET", "/v1/status"))[0] == 200
 
 
+async def test_a_client_closing_before_its_request_is_no_error(
+    etcd1: EmbeddedEtcd, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client cancelled between connecting and writing (a test's churn loop) closes an
+    empty connection: the agent logs no error and keeps serving."""
+    await give_cidrs(etcd1, "node-a")
+    a = Agent(agent_settings(tmp_path, "node-a", "127.0.0.11"), kv_config(etcd1))
+    async with running(a):
+        await asyncio.wait_for(a.wait_ready(), 20)
+        sock = a.settings.api_socket
+        for _ in range(3):
+            _, writer = await asyncio.open_unix_connection(str(sock))
+            writer.close()
+            await writer.wait_closed()
+        assert (await api(sock, "GET", "/v1/status"))[0] == 200  # served after them
+    assert not [r for r in caplog.records if r.name == "controlplane.agent.api"]
+
+
 async def test_inprocess_restart_keeps_endpoints_and_peers_never_lose_them(
     etcd1: EmbeddedEtcd, tmp_path: Path
 ) -> None:

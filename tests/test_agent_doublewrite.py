@@ -25,7 +25,7 @@ from controlplane.config import (
     KvstoreConfig,
 )
 from controlplane.crd.resources import NODES
-from controlplane.flags import agent_store_config, store_config
+from controlplane.flags import double_write_store_config, store_config
 from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.kvstore.ipam import KvCIDRStore
 from controlplane.kvstore.keys import KeyLayout
@@ -186,7 +186,7 @@ def test_the_double_write_modes_are_agent_flags_that_need_both_stores(
     for var in ("CP_STORE", "CP_KVSTORE_ENDPOINTS", "CP_KVSTORE_CONFIG"):
         monkeypatch.delenv(var, raising=False)
     parse = build_parser().parse_args
-    config = agent_store_config(
+    config = double_write_store_config(
         parse(["--store=doublewrite-readkvstore", "--kvstore-endpoints=http://127.0.0.1:2379",
                "--kubeconfig=/k"])
     )  # fmt: skip
@@ -194,7 +194,7 @@ def test_the_double_write_modes_are_agent_flags_that_need_both_stores(
     assert isinstance(config.read, KvstoreConfig) and isinstance(config.other, CrdConfig)
     assert config.mode == "doublewrite-readkvstore"
     with pytest.raises(ConfigError, match="needs the kvstore"):
-        agent_store_config(parse(["--store=doublewrite-readcrd"]))
+        double_write_store_config(parse(["--store=doublewrite-readcrd"]))
     monkeypatch.setenv("CP_STORE", "doublewrite-readcrd")  # not a mode of cpctl or the operator
     with pytest.raises(ConfigError, match="expected one of crd, kvstore"):
         store_config(parse(["--kvstore-endpoints=http://127.0.0.1:2379"]))

@@ -210,7 +210,12 @@ def test_bad_flags_and_config_exit_2(tmp_path: Path) -> None:
         ["--kvstore-endpoints=http://127.0.0.1:2379", "--renew-deadline=20"],
         ["--kvstore-endpoints=http://127.0.0.1:2379", "--cluster-pool-cidr=10.0.0.0/33"],
         ["--kvstore-endpoints=http://127.0.0.1:2379", "--metrics-address=nowhere"],
-    ]
+        ["--store=doublewrite-readcrd"],  # no kvstore
+        ["--store=doublewrite-readkvstore", "--kvstore-endpoints=http://127.0.0.1:2379",
+         f"--kubeconfig={tmp_path / 'missing-kubeconfig'}"],
+        ["--store=doublewrite-readcrd", "--kvstore-endpoints=http://127.0.0.1:2379",
+         "--migration-peer-kubeconfig=/dev/null"],  # both stores are at hand
+    ]  # fmt: skip
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("clusters: [{name: a, endpoints: [http://x:1]}]\nbogus: 1\n")
     cases.append([f"--kvstore-config={bad_yaml}"])

@@ -149,6 +149,8 @@ class LocalAPI:
                 status, payload = exc.status, {"error": str(exc)}
             except TimeoutError:
                 status, payload = 503, {"error": "timed out; the kvstore may be unavailable"}
+            except (ConnectionError, asyncio.IncompleteReadError):
+                raise  # the client went away (closed before sending a request): no error
             except Exception as exc:  # never let a request take the agent down
                 log.exception("local API %s failed", route)
                 status, payload = 500, {"error": f"internal error: {exc}"}
@@ -329,4 +331,7 @@ async def request(
         except ValueError:
             return status, data.decode(errors="replace")
 
-    return await asyncio.wait_for(call(), timeout)
+    # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation that
+    # arrives as the call completes, so a loop of requests could not be cancelled.
+    async with asyncio.timeout(timeout):
+        return await call()

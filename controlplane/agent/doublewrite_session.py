@@ -49,8 +49,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from functools import partial
 from typing import Any, Protocol, cast
 
-from prometheus_client import Counter, Gauge
-
 from controlplane.agent.health import ShardHealth
 from controlplane.agent.metrics import AgentMetrics
 from controlplane.agent.store_session import (
@@ -59,6 +57,7 @@ from controlplane.agent.store_session import (
     Stores,
     StoreSession,
 )
+from controlplane.metrics import DoubleWriteMetrics
 from controlplane.model import (
     Endpoint,
     Identity,
@@ -78,7 +77,7 @@ from controlplane.store import (
     PolicyStore,
     ServiceStore,
 )
-from controlplane.store_types import StoreError, StoreEvent, Versioned
+from controlplane.store_types import DoubleWriteConflict, StoreError, StoreEvent, Versioned
 
 __all__ = ["DoubleWriteConflict", "DoubleWriteConnector", "DoubleWriteSession"]
 
@@ -87,48 +86,16 @@ log = logging.getLogger(__name__)
 REPAIR_INTERVAL = 1.0
 
 
-class DoubleWriteConflict(StoreError):
-    """The other store holds a record that contradicts the read store's; not overwritten."""
-
-
 class IdentityCopier(Protocol):
     """What a session offers to create an identity under a given number (``copier``)."""
 
     async def write_identity(self, identity: Identity, users: Sequence[NodeName]) -> str | None: ...
 
 
-class _Metrics:
-    def __init__(self, metrics: AgentMetrics) -> None:
-        registry = metrics.registry
-        self.conflicts = Counter(
-            "cp_doublewrite_conflicts_total",
-            "Double writes refused because the other store contradicts the read store",
-            ["resource"],
-            registry=registry,
-        )
-        self.undone = Counter(
-            "cp_doublewrite_undone_total",
-            "Writes to the read store undone because the other store's write failed",
-            ["resource"],
-            registry=registry,
-        )
-        self.pending = Gauge(
-            "cp_doublewrite_pending",
-            "Writes to the other store waiting for their repair",
-            registry=registry,
-        )
-        self.repairs = Counter(
-            "cp_doublewrite_repairs_total",
-            "Writes to the other store repaired after they had failed",
-            ["resource"],
-            registry=registry,
-        )
-
-
 class _Repairs:
     """Writes to the other store that failed: retried until they land (latest per key)."""
 
-    def __init__(self, node: str, metrics: _Metrics) -> None:
+    def __init__(self, node: str, metrics: DoubleWriteMetrics) -> None:
         self.node = node
         self.metrics = metrics
         self._jobs: dict[tuple[str, str], Callable[[], Awaitable[object]]] = {}
@@ -188,7 +155,7 @@ class DoubleWriteConnector:
         self.read = read
         self.other = other
         self.node = node
-        self.metrics = _Metrics(metrics)
+        self.metrics = DoubleWriteMetrics(metrics.registry)
 
     @property
     def describe(self) -> str:
@@ -346,7 +313,7 @@ class _Identities:
         other: IdentityStore,
         copier: IdentityCopier,
         node: NodeName,
-        metrics: _Metrics,
+        metrics: DoubleWriteMetrics,
     ) -> None:
         self.read = read
         self.other = other
@@ -399,7 +366,11 @@ class _Identities:
 
 class _Endpoints:
     def __init__(
-        self, read: EndpointStore, other: EndpointStore, repairs: _Repairs, metrics: _Metrics
+        self,
+        read: EndpointStore,
+        other: EndpointStore,
+        repairs: _Repairs,
+        metrics: DoubleWriteMetrics,
     ) -> None:
         self.read = read
         self.other = other
@@ -475,7 +446,7 @@ class _Leases:
         read: IPLeaseStore,
         other: IPLeaseStore,
         repairs: _Repairs,
-        metrics: _Metrics,
+        metrics: DoubleWriteMetrics,
         fresh: set[IPAddress],
     ) -> None:
         self.read = read

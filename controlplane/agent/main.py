@@ -26,7 +26,7 @@ from controlplane.agent.settings import (
 )
 from controlplane.agent.stores import StoreConfig, check_store
 from controlplane.config import ConfigError
-from controlplane.flags import agent_store_config
+from controlplane.flags import double_write_store_config
 from controlplane.runtime import tune_gc
 
 
@@ -68,7 +68,7 @@ async def serve(settings: AgentSettings, store: StoreConfig) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        store = agent_store_config(args)
+        store = double_write_store_config(args)
         check_store(store)
         settings = settings_from_args(args)
     except ConfigError as exc:

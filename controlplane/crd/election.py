@@ -418,17 +418,24 @@ class LeaseElection:
                 return
 
     async def _release(self) -> None:
-        """Give the Lease up (empty holder, duration 1 s) if our last write holds it."""
+        """Give the Lease up (empty holder, duration 1 s) if our last write holds it. A
+        renewal cancelled in flight may have landed unseen (409): read it again, once."""
         obj, record = self._object, self.observed
         if obj is None or record is None or record.holder != self.identity:
             return
         now = micro_time()
         released = LeaseRecord("", 1, now, now, record.transitions)
-        body = dict(obj)
-        body["spec"] = {**_spec(obj), **released.spec()}
         try:
             async with asyncio.timeout(self.client.request_timeout):
-                written = await self.client.replace(LEASES, body)
+                try:
+                    written = await self.client.replace(LEASES, _with_spec(obj, released))
+                except Conflict:
+                    fresh = await self.client.get_or_none(
+                        LEASES, self.settings.name, self.settings.namespace
+                    )
+                    if fresh is None or LeaseRecord.from_object(fresh).holder != self.identity:
+                        return
+                    written = await self.client.replace(LEASES, _with_spec(fresh, released))
         except (CrdError, TimeoutError) as exc:
             log.info("election: could not release the Lease: %s", exc or "timed out")
             return
@@ -437,3 +444,9 @@ class LeaseElection:
         self.observed_at = self.clock()
         self._renewed_at = -float("inf")
         log.info("election: %s released the Lease", self.identity)
+
+
+def _with_spec(obj: JSON, record: LeaseRecord) -> JSON:
+    body = dict(obj)
+    body["spec"] = {**_spec(obj), **record.spec()}
+    return body

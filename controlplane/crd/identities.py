@@ -494,10 +494,14 @@ class CrdIdentityCollector:
         *,
         deletes_per_second: float = 100.0,
         fence: Fence | None = None,
+        in_use_elsewhere: Callable[[], Awaitable[set[int]]] | None = None,
     ) -> None:
         self.client = client
         self.metrics = metrics
         self.fence = fence
+        self.in_use_elsewhere = in_use_elsewhere
+        """Double-write mode: the identities the other store's users hold; never collected
+        (an identity goes only when unused in both stores)."""
         self.codec = ObjectCodec(RESOURCE, metrics, _expand)
         self._interval = 1.0 / deletes_per_second if deletes_per_second > 0 else 0.0
         self._last_delete = 0.0
@@ -509,7 +513,9 @@ class CrdIdentityCollector:
         # Identities first: a reference that appears after the endpoint list belongs to an
         # acquire that, for a marked identity, changed its resourceVersion.
         identities = (await self.client.list(IDENTITIES)).items
-        referenced = await self._referenced()
+        referenced = await self.in_use()
+        if self.in_use_elsewhere is not None:
+            referenced |= await self.in_use_elsewhere()
         marked: dict[str, tuple[str, str]] = {}
         deleted = skipped = 0
         for obj in identities:
@@ -547,7 +553,8 @@ class CrdIdentityCollector:
         self.metrics.gc_duration.observe(duration)
         return GCStats(len(marked), deleted, skipped, duration)
 
-    async def _referenced(self) -> set[int]:
+    async def in_use(self) -> set[int]:
+        """The identities some Endpoint uses."""
         out: set[int] = set()
         async for page in self.client.list_pages(ENDPOINTS):
             for obj in page.items:

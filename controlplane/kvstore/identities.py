@@ -16,7 +16,7 @@ import builtins
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -369,11 +369,15 @@ class KvIdentityCollector:
         *,
         deletes_per_second: float = 100.0,
         fence: Callable[[], Sequence[Compare]] = lambda: (),
+        in_use_elsewhere: Callable[[], Awaitable[set[int]]] | None = None,
     ) -> None:
         self.shards = shards
         self.layout = layout
         self.metrics = metrics
         self.fence = fence
+        self.in_use_elsewhere = in_use_elsewhere
+        """Double-write mode: the identities the other store's users hold; never collected
+        (an identity goes only when unused in both stores)."""
         self.codec = RecordCodec("identity", "identity", metrics)
         self._limiter = RateLimiter(deletes_per_second, max(1, int(deletes_per_second)))
         self._candidates: dict[tuple[str, bytes], _Candidate] = {}
@@ -382,8 +386,9 @@ class KvIdentityCollector:
         started = time.monotonic()
         deleted = skipped = 0
         candidates: dict[tuple[str, bytes], _Candidate] = {}
+        keep = await self.in_use_elsewhere() if self.in_use_elsewhere is not None else set()
         for backend in self.shards.shards(KIND):
-            for candidate in await self._unused(backend):
+            for candidate in await self._unused(backend, keep):
                 marker = (backend.name, candidate.key)
                 previous = self._candidates.get(marker)
                 if previous is None or previous.mod_revision != candidate.mod_revision:
@@ -402,8 +407,28 @@ class KvIdentityCollector:
         self.metrics.gc_duration.observe(duration)
         return GCStats(len(candidates), deleted, skipped, duration)
 
-    async def _unused(self, backend: EtcdBackend) -> list[_Candidate]:
-        """Index keys and orphan master keys that no node references, as read now."""
+    async def in_use(self) -> set[int]:
+        """The identities some node references (a value key), on every cluster."""
+        layout = self.layout
+        out: set[int] = set()
+        for backend in self.shards.shards(KIND):
+            revision = await backend.current_revision()
+            index = await backend.list_prefix(layout.identity_labels_prefix, revision=revision)
+            values = await backend.list_prefix(layout.identity_value_prefix, revision=revision)
+            prefix = layout.identity_value_prefix
+            referenced = {kv.key[len(prefix) :].rsplit(b"/", 1)[0] for kv in values.kvs}
+            for kv in index.kvs:
+                if kv.key[len(layout.identity_labels_prefix) :] not in referenced:
+                    continue
+                try:
+                    out.add(_id_of(codec.decode("identity-index", kv.value)))
+                except (codec.DecodeError, ModelError):
+                    continue  # the collector counts it
+        return out
+
+    async def _unused(self, backend: EtcdBackend, keep: set[int]) -> list[_Candidate]:
+        """Index keys and orphan master keys that no node references, as read now (an
+        identity in ``keep`` never is one)."""
         layout = self.layout
         revision = await backend.current_revision()
         index = await backend.list_prefix(layout.identity_labels_prefix, revision=revision)
@@ -421,12 +446,14 @@ class KvIdentityCollector:
                 ident = _id_of(codec.decode("identity-index", kv.value))
                 master_key = layout.identity_id(ident)
                 named.add(str(ident).encode())
+                if ident in keep:
+                    continue
             except (codec.DecodeError, ModelError) as exc:
                 self.codec.skip(kv.key, exc)  # a corrupt index still gets collected
             if component not in referenced:
                 out.append(_Candidate(kv.key, kv.mod_revision, master_key))
         for master_id, kv in masters_by_id.items():
-            if master_id not in named:  # a master key whose index is gone
+            if master_id not in named and not _kept(master_id, keep):  # its index is gone
                 out.append(_Candidate(kv.key, kv.mod_revision, None))
         return out
 
@@ -442,3 +469,7 @@ class KvIdentityCollector:
         if not result.succeeded:
             log.info("identity GC: %r changed since it was marked; skipped", candidate.key)
         return result.succeeded
+
+
+def _kept(master_id: bytes, keep: set[int]) -> bool:
+    return master_id.isdigit() and int(master_id) in keep

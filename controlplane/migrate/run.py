@@ -67,9 +67,11 @@ async def copy_missing(
     plan, _, _ = await plan_copy(source, target, pools)
     if plan.copies.get("cidrs") or plan.copies.get("nodes"):
         leader = await target.operator_leading()
-        if leader is not None:
+        if leader is not None and leader != await source.operator_leading():
             # its CIDR allocator knows the claims of when its term began: a copied node
-            # it sees before (or without) the copied claim would get a second CIDR
+            # it sees before (or without) the copied claim would get a second CIDR. (A
+            # double-write operator leads both modes' elections under one id; it checks
+            # every claim against the other store, so a copy beside it is safe.)
             plan.conflicts.append(
                 f"a {target.mode}-mode operator leads ({leader}): stop it before copying "
                 f"nodes and CIDR claims into {target.mode}, start it after"

@@ -22,11 +22,18 @@ refuses when anything changed (a create of a uniquely named object, or an update
 delete with resourceVersion, and uid for deletes, preconditions). A task whose write is
 refused locally ends the term; any other failure is logged and the task restarts after
 ``retry_period``: bad objects or an API server outage never crash the daemon.
+
+In a double-write mode (``operator/doublewrite.py``) the same leader runs with the kvstore
+as an :class:`~controlplane.operator.term.OtherStore` (doublewrite-readcrd), or is the
+other store of the kvstore daemon's leader (:meth:`CrdOperator.other_store`,
+doublewrite-readkvstore): then it adds its identity GC and ``Node.spec.podCIDRs`` (from
+the kvstore leader's allocations) to that term.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -42,12 +49,15 @@ from controlplane.crd.kubeconfig import KubeConnection
 from controlplane.crd.nodes import CrdNodeStore
 from controlplane.crd.resources import ENDPOINTS, NODES
 from controlplane.ipam.cidr import ClusterPoolAllocator, PoolExhausted
+from controlplane.metrics import DoubleWriteMetrics
 from controlplane.model import IPNetwork, ModelError, Node, NodeName, parse_node_name
+from controlplane.operator.doublewrite_cidrs import DoubleWriteCIDRs
 from controlplane.operator.metrics import OperatorMetrics
 from controlplane.operator.migration_drift import drift_monitor
 from controlplane.operator.settings import OperatorSettings
-from controlplane.operator.term import Job, run_term
-from controlplane.store_types import EventKind
+from controlplane.operator.term import Job, OtherStore, ReadSide, Task, run_term, serve_until
+from controlplane.store import CIDRStore
+from controlplane.store_types import DoubleWriteConflict, EventKind
 from controlplane.telemetry import Check, TelemetryServer
 
 log = logging.getLogger("cp-operator")
@@ -70,6 +80,11 @@ class _TermState:
     """The node watch delivered its initial list."""
     absent_since: dict[NodeName, float] = field(default_factory=dict)
     """Node -> local monotonic time it was first seen absent while holding state."""
+    allocated: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set after each allocation (double-write: the other store's view of it)."""
+
+    def cidr_of(self, node: NodeName) -> IPNetwork | None:
+        return self.allocator.cidr_of(node) if self.allocator is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,13 +105,14 @@ class CrdOperator:
         *,
         request_timeout: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        metrics: OperatorMetrics | None = None,
     ) -> None:
         settings.validate()
         self.settings = settings
         self.connection = connection
         self.request_timeout = request_timeout
         self.clock = clock
-        self.metrics = OperatorMetrics.create()
+        self.metrics = metrics or OperatorMetrics.create()
         self.election: LeaseElection | None = None
         self.telemetry: TelemetryServer | None = None
         self.crds_installed = False
@@ -109,33 +125,30 @@ class CrdOperator:
         async with KubeClient(
             self.connection, request_timeout=self.request_timeout, user_agent="cp-operator"
         ) as client:
-            server = TelemetryServer(
-                self.metrics.registry,
-                self.health,
-                host=settings.metrics_host,
-                port=settings.metrics_port,
+            tasks: dict[str, Task] = {"operator": functools.partial(self._main, client)}
+            monitor = drift_monitor(settings, self.metrics.registry, self.connection)
+            if monitor is not None:
+                tasks["migration-drift"] = monitor.run
+            await serve_until(
+                stop,
+                tasks,
+                metrics=self.metrics,
+                health=self.health,
+                address=(settings.metrics_host, settings.metrics_port),
+                on_listening=lambda server: self._listening(server, on_listening),
+                farewell="releasing the Lease",
             )
-            await server.start()
-            self.telemetry = server
-            on_listening(server.port)
-            try:
-                async with asyncio.TaskGroup() as group:
-                    main = group.create_task(self._main(client), name="operator")
-                    drift: asyncio.Task[None] | None = None
-                    monitor = drift_monitor(settings, self.metrics.registry, self.connection)
-                    if monitor is not None:
-                        drift = group.create_task(monitor.run(), name="migration-drift")
-                    await stop.wait()
-                    log.info("shutting down: releasing the Lease")
-                    main.cancel()
-                    if drift is not None:
-                        drift.cancel()
-            finally:
-                await server.close()
-        log.info("stopped")
+
+    def _listening(self, server: TelemetryServer, on_listening: Callable[[int], None]) -> None:
+        self.telemetry = server
+        on_listening(server.port)
 
     async def _main(self, client: KubeClient) -> None:
-        await self._install(client)
+        await self.install(client)
+        election = self.election_for(client)
+        await election.run(lambda term: self.lead(client, term))
+
+    def election_for(self, client: KubeClient) -> LeaseElection:
         settings = self.settings
         election = LeaseElection(
             client,
@@ -151,9 +164,9 @@ class CrdOperator:
             on_renewal=lambda result: self.metrics.lease_renewals.labels(result).inc(),
         )
         self.election = election
-        await election.run(lambda term: self._lead(client, term))
+        return election
 
-    async def _install(self, client: KubeClient) -> None:
+    async def install(self, client: KubeClient) -> None:
         """Install or upgrade the CRDs, retrying (with backoff) until it succeeds."""
         delay = self.settings.retry_period
         while True:
@@ -209,28 +222,42 @@ class CrdOperator:
 
         return check
 
-    async def _lead(self, client: KubeClient, term: LeaseTerm) -> None:
+    async def lead(
+        self, client: KubeClient, term: LeaseTerm, other: OtherStore | None = None
+    ) -> None:
+        """One term; in doublewrite-readcrd with the kvstore as ``other``."""
         state = _TermState()
+        elsewhere = other.identities_in_use if other is not None else None
         jobs: dict[str, Job] = {
-            "cidr-allocation": lambda: self._allocate(client, term, state),
-            "identity-gc": lambda: self._identity_gc(client, term),
-            "node-gc": lambda: self._node_gc(client, term, state),
+            "cidr-allocation": lambda: self._allocate(client, term, state, other),
+            "identity-gc": lambda: self._identity_gc(client, term, elsewhere),
+            "node-gc": lambda: self._node_gc(client, term, state, other),
             "cidr-claim-repair": lambda: self._repair_claims(client, term, state),
         }
+        if other is not None:
+            read = ReadSide(state.cidr_of, self._identities_in_use(client), state.allocated)
+            jobs.update({f"other:{name}": job for name, job in other.jobs(read).items()})
         await run_term(
             term,
             jobs,
             metrics=self.metrics,
             retry_period=self.settings.retry_period,
             fenced=NotLeader,
+            other=other,
         )
 
     # -- CIDR allocation -------------------------------------------------------------
 
-    async def _allocate(self, client: KubeClient, term: LeaseTerm, state: _TermState) -> None:
-        store = CrdCIDRStore(client, self.metrics.store, fence=self._fence(term, "pod-cidr"))
+    async def _allocate(
+        self, client: KubeClient, term: LeaseTerm, state: _TermState, other: OtherStore | None
+    ) -> None:
+        store: CIDRStore = self._cidr_store(client, term)
+        if other is not None:
+            store = other.double_write(store)
         allocator = ClusterPoolAllocator(store, self.settings.pool)
         await allocator.restore()
+        if isinstance(store, DoubleWriteCIDRs):
+            await store.reconcile(self.settings.pool.name)
         state.allocator = allocator
         state.restored.set()
         state.present.clear()
@@ -263,11 +290,45 @@ class CrdOperator:
                     self.metrics.cidr_allocations.labels("exhausted").inc()
                     log.error("no CIDR for node %s: %s", name, exc)
                     continue
+                except DoubleWriteConflict:
+                    self.metrics.cidr_allocations.labels("conflict").inc()
+                    continue  # logged and counted by the store; the node waits
+                state.allocated.set()
                 self.metrics.cidr_allocations.labels("ok").inc()
                 self.metrics.cidrs_in_use.set(allocator.in_use)
                 log.info("allocated CIDR %s to node %s (term %d)", cidr, name, term.epoch)
             if node.pod_cidrs != (cidr,):
                 await self._write_pod_cidrs(client, node, event.version, cidr, fence)
+
+    def _cidr_store(self, client: KubeClient, term: LeaseTerm) -> CrdCIDRStore:
+        return CrdCIDRStore(client, self.metrics.store, fence=self._fence(term, "pod-cidr"))
+
+    async def _pod_cidrs(self, client: KubeClient, term: LeaseTerm, read: ReadSide) -> None:
+        """doublewrite-readkvstore: set each Node's ``spec.podCIDRs`` to the CIDR the
+        kvstore leader allocated it (as :meth:`_allocate` does in CRD mode), after each
+        allocation and each change of a Node."""
+        nodes: dict[NodeName, tuple[Node, int]] = {}
+        fence = self._fence(term, "node")
+
+        async def write() -> None:
+            while True:
+                await read.allocated.wait()
+                read.allocated.clear()
+                for name, (node, version) in list(nodes.items()):
+                    cidr = read.cidr_of(name)
+                    if cidr is not None and node.pod_cidrs != (cidr,):
+                        await self._write_pod_cidrs(client, node, version, cidr, fence)
+
+        async with asyncio.TaskGroup() as group:
+            group.create_task(write(), name="pod-cidrs:write")
+            async for event in CrdNodeStore(client, self.metrics.store).watch():
+                if event.kind is EventKind.SYNCED:
+                    continue
+                if event.kind is EventKind.DELETE or event.value is None:
+                    nodes.pop(NodeName(event.name), None)
+                    continue
+                nodes[NodeName(event.name)] = (event.value, event.version)
+                read.allocated.set()
 
     async def _write_pod_cidrs(
         self,
@@ -337,12 +398,22 @@ class CrdOperator:
 
     # -- identity GC -----------------------------------------------------------------
 
-    async def _identity_gc(self, client: KubeClient, term: LeaseTerm) -> None:
+    def _identities_in_use(self, client: KubeClient) -> Callable[[], Awaitable[set[int]]]:
+        return CrdIdentityCollector(client, self.metrics.store).in_use
+
+    async def _identity_gc(
+        self,
+        client: KubeClient,
+        term: LeaseTerm,
+        elsewhere: Callable[[], Awaitable[set[int]]] | None = None,
+    ) -> None:
+        """``elsewhere``: double-write mode, the identities the other store uses (kept)."""
         collector = CrdIdentityCollector(
             client,
             self.metrics.store,
             deletes_per_second=self.settings.identity_gc_rate,
             fence=self._fence(term, "identity"),
+            in_use_elsewhere=elsewhere,
         )
         while True:
             stats = await collector.collect()
@@ -357,13 +428,15 @@ class CrdOperator:
 
     # -- GC of gone nodes ------------------------------------------------------------
 
-    async def _node_gc(self, client: KubeClient, term: LeaseTerm, state: _TermState) -> None:
+    async def _node_gc(
+        self, client: KubeClient, term: LeaseTerm, state: _TermState, other: OtherStore | None
+    ) -> None:
         while True:
             await asyncio.sleep(self.settings.gc_interval)
             if not state.synced or state.allocator is None:
                 continue
             started = self.clock()
-            await self._node_gc_sweep(client, term, state, state.allocator)
+            await self._node_gc_sweep(client, term, state, state.allocator, other)
             self.metrics.node_gc_duration.observe(self.clock() - started)
 
     async def _node_gc_sweep(
@@ -372,14 +445,21 @@ class CrdOperator:
         term: LeaseTerm,
         state: _TermState,
         allocator: ClusterPoolAllocator,
+        other: OtherStore | None = None,
     ) -> None:
+        """``other``: double-write mode; a node listed there is present, and a gone
+        node's state there is collected too."""
         endpoints = await self._endpoints_by_node(client)
         holders = set(allocator.allocations()) | set(endpoints)
+        present = set(state.present)
+        if other is not None:
+            holders |= await other.holders()
+            present |= await other.nodes()
         now = self.clock()
         for node in list(state.absent_since):
-            if node in state.present or node not in holders:
+            if node in present or node not in holders:
                 del state.absent_since[node]
-        for node in holders - state.present:
+        for node in holders - present:
             if node not in state.absent_since:
                 log.info("node %s is gone but holds state; collecting after the grace", node)
                 state.absent_since[node] = now
@@ -400,6 +480,8 @@ class CrdOperator:
             for ref in endpoints.get(node, ()):
                 if await self._delete_endpoint(client, ref, fence):
                     deleted.labels("endpoint").inc()
+            if other is not None:
+                await other.collect(node)
             state.absent_since.pop(node, None)
             log.info("collected the state of gone node %s", node)
 
@@ -445,3 +527,57 @@ class CrdOperator:
             self.metrics.write_conflicts.labels("endpoint").inc()
             log.info("endpoint %s/%s changed since it was listed; kept", ref.namespace, ref.name)
             return False
+
+    def other_store(
+        self, client: KubeClient, term: LeaseTerm, metrics: DoubleWriteMetrics
+    ) -> OtherStore:
+        """The CRD store as the other store of doublewrite-readkvstore, fenced by ``term``."""
+        return _CrdOther(self, client, term, metrics)
+
+
+@dataclass(frozen=True, slots=True)
+class _CrdOther:
+    """The CRD store under a kvstore leader (doublewrite-readkvstore): its PodCIDR claims
+    and ``Node.spec.podCIDRs``, its identity GC and the objects of gone nodes, every write
+    fenced by the Lease's term."""
+
+    op: CrdOperator
+    client: KubeClient
+    term: LeaseTerm
+    metrics: DoubleWriteMetrics
+    fenced: type[Exception] = NotLeader
+
+    def double_write(self, read: CIDRStore) -> DoubleWriteCIDRs:
+        return DoubleWriteCIDRs(read, self.op._cidr_store(self.client, self.term), self.metrics)
+
+    def jobs(self, read: ReadSide) -> Mapping[str, Job]:
+        op, client, term = self.op, self.client, self.term
+        return {
+            "identity-gc": lambda: op._identity_gc(client, term, read.identities_in_use),
+            "pod-cidrs": lambda: op._pod_cidrs(client, term, read),
+        }
+
+    async def identities_in_use(self) -> set[int]:
+        return await self.op._identities_in_use(self.client)()
+
+    async def nodes(self) -> set[NodeName]:
+        return {v.value.name for v in await CrdNodeStore(self.client, self.op.metrics.store).list()}
+
+    async def holders(self) -> set[NodeName]:
+        op = self.op
+        claims = await op._cidr_store(self.client, self.term).list(op.settings.pool.name)
+        return {c.value.node for c in claims} | set(await op._endpoints_by_node(self.client))
+
+    async def collect(self, node: NodeName) -> None:
+        op, client = self.op, self.client
+        if await client.get_or_none(NODES, node) is not None:
+            return  # it is back
+        deleted = op.metrics.node_gc_deleted
+        store = op._cidr_store(client, self.term)
+        for claim in await store.list(op.settings.pool.name):
+            if claim.value.node == node and await store.free(claim):
+                deleted.labels("cidr-claim").inc()
+        fence = op._fence(self.term, "endpoint")
+        for ref in (await op._endpoints_by_node(client)).get(node, ()):
+            if await op._delete_endpoint(client, ref, fence):
+                deleted.labels("endpoint").inc()

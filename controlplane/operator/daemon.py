@@ -14,6 +14,11 @@ Every write carries the term's fence, so a deposed leader's write is refused by 
 the election cancels the term before its lease could expire. A task that finds itself
 fenced ends the term; any other failure is logged and the task restarts after
 ``retry_period``: bad data or an etcd outage never crashes the daemon.
+
+In a double-write mode (``operator/doublewrite.py``) the same leader runs with the CRD
+store as an :class:`~controlplane.operator.term.OtherStore` (doublewrite-readkvstore), or
+is the other store of the CRD daemon's leader (:meth:`Operator.other_store`,
+doublewrite-readcrd): then it adds the heartbeat and its identity GC to that term.
 """
 
 from __future__ import annotations
@@ -39,12 +44,15 @@ from controlplane.kvstore.keys import KeyLayout
 from controlplane.kvstore.nodes import KvNodeStore
 from controlplane.kvstore.shards import ShardMap
 from controlplane.kvstore.types import Delete, Get, absent, mod_revision_is
-from controlplane.model import Endpoint, ModelError, NodeName, parse_node_name
+from controlplane.metrics import DoubleWriteMetrics
+from controlplane.model import Endpoint, IPNetwork, ModelError, NodeName, parse_node_name
+from controlplane.operator.doublewrite_cidrs import DoubleWriteCIDRs
 from controlplane.operator.metrics import OperatorMetrics
 from controlplane.operator.migration_drift import drift_monitor
 from controlplane.operator.settings import OperatorSettings
-from controlplane.operator.term import Job, run_term
-from controlplane.store_types import EventKind
+from controlplane.operator.term import Job, OtherStore, ReadSide, Task, run_term, serve_until
+from controlplane.store import CIDRStore
+from controlplane.store_types import DoubleWriteConflict, EventKind
 from controlplane.telemetry import Check, TelemetryServer
 
 log = logging.getLogger("cp-operator")
@@ -61,6 +69,11 @@ class _TermState:
     """The node watch delivered its initial list."""
     absent_since: dict[NodeName, float] = field(default_factory=dict)
     """Node -> local monotonic time it was first seen absent while holding state."""
+    allocated: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set after each allocation (double-write: the other store's view of it)."""
+
+    def cidr_of(self, node: NodeName) -> IPNetwork | None:
+        return self.allocator.cidr_of(node) if self.allocator is not None else None
 
 
 class Operator:
@@ -72,12 +85,13 @@ class Operator:
         kvstore: KvstoreConfig,
         *,
         clock: Callable[[], float] = time.monotonic,
+        metrics: OperatorMetrics | None = None,
     ) -> None:
         settings.validate()
         self.settings = settings
         self.kvstore = kvstore
         self.layout = KeyLayout(kvstore.prefix)
-        self.metrics = OperatorMetrics.create()
+        self.metrics = metrics or OperatorMetrics.create()
         self.clock = clock
         self.election: Election | None = None
         self.telemetry: TelemetryServer | None = None
@@ -90,56 +104,55 @@ class Operator:
     async def run(self, stop: asyncio.Event, on_listening: Callable[[int], None]) -> None:
         settings = self.settings
         async with ShardMap(self.kvstore) as shards:
-            election = Election(
-                shards,
+            election = self.election_for(shards)
+            tasks: dict[str, Task] = {
+                "election": functools.partial(election.run, lambda term: self.lead(shards, term)),
+                "etcd-probe": functools.partial(self.probe, shards),
+                **self.heartbeat_monitors(shards),
+            }
+            drift = drift_monitor(settings, self.metrics.registry, self.kvstore)
+            if drift is not None:
+                tasks["migration-drift"] = drift.run
+            await serve_until(
+                stop,
+                tasks,
+                metrics=self.metrics,
+                health=self.health,
+                address=(settings.metrics_host, settings.metrics_port),
+                on_listening=lambda server: self._listening(server, on_listening),
+                farewell="resigning leadership",
+            )
+
+    def _listening(self, server: TelemetryServer, on_listening: Callable[[int], None]) -> None:
+        self.telemetry = server
+        on_listening(server.port)
+
+    def election_for(self, shards: ShardMap) -> Election:
+        settings = self.settings
+        self.election = Election(
+            shards,
+            self.layout,
+            settings.id,
+            ElectionSettings(
+                settings.lease_duration, settings.renew_deadline, settings.retry_period
+            ),
+            clock=self.clock,
+        )
+        return self.election
+
+    def heartbeat_monitors(self, shards: ShardMap) -> dict[str, Task]:
+        """A watch of the heartbeat on every shard (counting malformed values)."""
+        jobs: dict[str, Task] = {}
+        for backend in shards.all():
+            monitor = HeartbeatMonitor(
+                backend,
                 self.layout,
-                settings.id,
-                ElectionSettings(
-                    settings.lease_duration, settings.renew_deadline, settings.retry_period
-                ),
-                clock=self.clock,
+                interval=self.settings.heartbeat_interval,
+                metrics_malformed=self.metrics.store.malformed.labels("heartbeat").inc,
             )
-            self.election = election
-            server = TelemetryServer(
-                self.metrics.registry,
-                self.health,
-                host=settings.metrics_host,
-                port=settings.metrics_port,
-            )
-            await server.start()
-            self.telemetry = server
-            on_listening(server.port)
-            try:
-                async with asyncio.TaskGroup() as group:
-                    tasks = [
-                        group.create_task(
-                            election.run(lambda term: self._lead(shards, term)), name="election"
-                        ),
-                        group.create_task(self._probe(shards), name="etcd-probe"),
-                    ]
-                    drift = drift_monitor(settings, self.metrics.registry, self.kvstore)
-                    if drift is not None:
-                        tasks.append(group.create_task(drift.run(), name="migration-drift"))
-                    for backend in shards.all():
-                        monitor = HeartbeatMonitor(
-                            backend,
-                            self.layout,
-                            interval=settings.heartbeat_interval,
-                            metrics_malformed=self.metrics.store.malformed.labels("heartbeat").inc,
-                        )
-                        tasks.append(
-                            group.create_task(
-                                self._forever(f"heartbeat-watch:{backend.name}", monitor.run),
-                                name=f"heartbeat-watch:{backend.name}",
-                            )
-                        )
-                    await stop.wait()
-                    log.info("shutting down: resigning leadership")
-                    for task in tasks:
-                        task.cancel()
-            finally:
-                await server.close()
-        log.info("stopped")
+            name = f"heartbeat-watch:{backend.name}"
+            jobs[name] = functools.partial(self._forever, name, monitor.run)
+        return jobs
 
     def health(self) -> Mapping[str, Check]:
         failing = {name: err for name, err in self._etcd.items() if err}
@@ -160,7 +173,7 @@ class Operator:
             elected = Check(False, "no leader known")
         return {"etcd": etcd, "election": elected}
 
-    async def _probe(self, shards: ShardMap) -> None:
+    async def probe(self, shards: ShardMap) -> None:
         period = max(1.0, self.settings.retry_period)
         while True:
             for backend in shards.all():
@@ -186,20 +199,26 @@ class Operator:
 
     # -- one term --------------------------------------------------------------------
 
-    async def _lead(self, shards: ShardMap, term: Term) -> None:
+    async def lead(self, shards: ShardMap, term: Term, other: OtherStore | None = None) -> None:
+        """One term; in doublewrite-readkvstore with the CRD store as ``other``."""
         state = _TermState()
+        elsewhere = other.identities_in_use if other is not None else None
         jobs: dict[str, Job] = {
             "heartbeat": lambda: self._heartbeats(shards, term),
-            "cidr-allocation": lambda: self._allocate(shards, term, state),
-            "identity-gc": lambda: self._identity_gc(shards, term),
-            "node-gc": lambda: self._node_gc(shards, term, state),
+            "cidr-allocation": lambda: self._allocate(shards, term, state, other),
+            "identity-gc": lambda: self._identity_gc(shards, term, elsewhere),
+            "node-gc": lambda: self._node_gc(shards, term, state, other),
         }
+        if other is not None:
+            read = ReadSide(state.cidr_of, self._identities_in_use(shards), state.allocated)
+            jobs.update({f"other:{name}": job for name, job in other.jobs(read).items()})
         await run_term(
             term,
             jobs,
             metrics=self.metrics,
             retry_period=self.settings.retry_period,
             fenced=Fenced,
+            other=other,
         )
 
     # -- (a) heartbeat ---------------------------------------------------------------
@@ -256,9 +275,16 @@ class Operator:
         holder.append(store)
         return store
 
-    async def _allocate(self, shards: ShardMap, term: Term, state: _TermState) -> None:
-        allocator = ClusterPoolAllocator(self._cidr_store(shards, term), self.settings.pool)
+    async def _allocate(
+        self, shards: ShardMap, term: Term, state: _TermState, other: OtherStore | None
+    ) -> None:
+        store: CIDRStore = self._cidr_store(shards, term)
+        if other is not None:
+            store = other.double_write(store)
+        allocator = ClusterPoolAllocator(store, self.settings.pool)
         await allocator.restore()
+        if isinstance(store, DoubleWriteCIDRs):
+            await store.reconcile(self.settings.pool.name)
         state.allocator = allocator
         state.present.clear()
         state.synced = False
@@ -286,26 +312,46 @@ class Operator:
                 self.metrics.cidr_allocations.labels("exhausted").inc()
                 log.error("no CIDR for node %s: %s", name, exc)
                 continue
+            except DoubleWriteConflict:
+                self.metrics.cidr_allocations.labels("conflict").inc()
+                continue  # logged and counted by the store; the node waits
+            state.allocated.set()
             self.metrics.cidr_allocations.labels("ok").inc()
             self.metrics.cidrs_in_use.set(allocator.in_use)
             log.info("allocated CIDR %s to node %s (epoch %d)", cidr, name, term.epoch)
 
     # -- (c) identity GC -------------------------------------------------------------
 
-    async def _identity_gc(self, shards: ShardMap, term: Term) -> None:
+    def _identities_in_use(self, shards: ShardMap) -> Callable[[], Awaitable[set[int]]]:
+        return KvIdentityCollector(shards, self.layout, self.metrics.store).in_use
+
+    async def _identity_gc(
+        self,
+        shards: ShardMap,
+        term: Term,
+        elsewhere: Callable[[], Awaitable[set[int]]] | None = None,
+    ) -> None:
+        """``elsewhere``: double-write mode, the identities the other store uses (kept)."""
         await _per_cluster(
             "identity-gc",
             shards.shards("identities"),
-            lambda b: self._identity_gc_on(shards, b, term),
+            lambda b: self._identity_gc_on(shards, b, term, elsewhere),
         )
 
-    async def _identity_gc_on(self, shards: ShardMap, backend: EtcdBackend, term: Term) -> None:
+    async def _identity_gc_on(
+        self,
+        shards: ShardMap,
+        backend: EtcdBackend,
+        term: Term,
+        elsewhere: Callable[[], Awaitable[set[int]]] | None,
+    ) -> None:
         collector = KvIdentityCollector(
             _one_cluster_view(shards, backend),
             self.layout,
             self.metrics.store,
             deletes_per_second=self.settings.identity_gc_rate,
             fence=functools.partial(term.fence, backend),
+            in_use_elsewhere=elsewhere,
         )
         while True:
             try:
@@ -329,13 +375,15 @@ class Operator:
 
     # -- (d) GC of gone nodes --------------------------------------------------------
 
-    async def _node_gc(self, shards: ShardMap, term: Term, state: _TermState) -> None:
+    async def _node_gc(
+        self, shards: ShardMap, term: Term, state: _TermState, other: OtherStore | None
+    ) -> None:
         while True:
             await asyncio.sleep(self.settings.gc_interval)
             if not state.synced or state.allocator is None:
                 continue
             started = self.clock()
-            await self._node_gc_sweep(shards, term, state, state.allocator)
+            await self._node_gc_sweep(shards, term, state, state.allocator, other)
             self.metrics.node_gc_duration.observe(self.clock() - started)
 
     async def _node_gc_sweep(
@@ -344,15 +392,22 @@ class Operator:
         term: Term,
         state: _TermState,
         allocator: ClusterPoolAllocator,
+        other: OtherStore | None = None,
     ) -> None:
+        """``other``: double-write mode; a node listed there is present, and a gone
+        node's state there is collected too."""
         leases = await self._lease_holders(shards)
         endpoints = await self._endpoint_holders(shards)
         holders = set(allocator.allocations()) | set(leases) | set(endpoints)
+        present = set(state.present)
+        if other is not None:
+            holders |= await other.holders()
+            present |= await other.nodes()
         now = self.clock()
         for node in list(state.absent_since):
-            if node in state.present or node not in holders:
+            if node in present or node not in holders:
                 del state.absent_since[node]
-        for node in holders - state.present:
+        for node in holders - present:
             if node not in state.absent_since:
                 log.info("node %s is gone but holds state; collecting after the grace", node)
                 state.absent_since[node] = now
@@ -374,6 +429,8 @@ class Operator:
                 deleted.labels("endpoint").inc(
                     await self._delete_endpoint(backend, term, node, key, revision)
                 )
+            if other is not None:
+                await other.collect(node)
             state.absent_since.pop(node, None)
             log.info("collected the state of gone node %s", node)
 
@@ -447,6 +504,68 @@ class Operator:
         if back or not current or current[0].mod_revision != revision:
             return 0  # the node came back, or the endpoint changed: leave it
         raise Fenced(f"deleting endpoint {key!r} refused: fence compares failed")
+
+    def other_store(self, shards: ShardMap, term: Term, metrics: DoubleWriteMetrics) -> OtherStore:
+        """The kvstore as the other store of doublewrite-readcrd, fenced by ``term``."""
+        return _KvOther(self, shards, term, metrics)
+
+
+@dataclass(frozen=True, slots=True)
+class _KvOther:
+    """The kvstore under a CRD-store leader (doublewrite-readcrd): its claims, heartbeat,
+    identity GC and the state of gone nodes, every write fenced by the kvstore's term."""
+
+    op: Operator
+    shards: ShardMap
+    term: Term
+    metrics: DoubleWriteMetrics
+    fenced: type[Exception] = Fenced
+
+    def double_write(self, read: CIDRStore) -> DoubleWriteCIDRs:
+        return DoubleWriteCIDRs(read, self.op._cidr_store(self.shards, self.term), self.metrics)
+
+    def jobs(self, read: ReadSide) -> Mapping[str, Job]:
+        op, shards, term = self.op, self.shards, self.term
+        return {
+            "heartbeat": lambda: op._heartbeats(shards, term),
+            "identity-gc": lambda: op._identity_gc(shards, term, read.identities_in_use),
+        }
+
+    async def identities_in_use(self) -> set[int]:
+        return await self.op._identities_in_use(self.shards)()
+
+    def _nodes(self) -> KvNodeStore:
+        op = self.op
+        return KvNodeStore(
+            self.shards, op.layout, op.metrics.store, None, node=None,
+            cluster=op.settings.cluster_name,
+        )  # fmt: skip
+
+    async def nodes(self) -> set[NodeName]:
+        return {v.value.name for v in await self._nodes().list()}
+
+    async def holders(self) -> set[NodeName]:
+        op = self.op
+        claims = await op._cidr_store(self.shards, self.term).list(op.settings.pool.name)
+        leases = await op._lease_holders(self.shards)
+        endpoints = await op._endpoint_holders(self.shards)
+        return {c.value.node for c in claims} | set(leases) | set(endpoints)
+
+    async def collect(self, node: NodeName) -> None:
+        op, term = self.op, self.term
+        if await self._nodes().get(node) is not None:
+            return  # it is back (the guarded deletes below check it again)
+        deleted = op.metrics.node_gc_deleted
+        store = op._cidr_store(self.shards, term)
+        for claim in await store.list(op.settings.pool.name):
+            if claim.value.node == node and await store.free(claim):
+                deleted.labels("cidr-claim").inc()
+        for backend in (await op._lease_holders(self.shards)).get(node, ()):
+            deleted.labels("ip-lease").inc(await op._delete_leases(backend, term, node))
+        for backend, key, revision in (await op._endpoint_holders(self.shards)).get(node, ()):
+            deleted.labels("endpoint").inc(
+                await op._delete_endpoint(backend, term, node, key, revision)
+            )
 
 
 def _one_cluster_view(shards: ShardMap, backend: EtcdBackend) -> ShardMap:

@@ -13,21 +13,22 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from controlplane.config import ConfigError, CrdConfig, KvstoreConfig
+from controlplane.config import ConfigError, CrdConfig, DoubleWriteConfig, KvstoreConfig
 from controlplane.crd.kubeconfig import KubeConnection, load_connection
 from controlplane.flags import (
     EXIT_USAGE,
     Parser,
     add_kvstore_flags,
     add_store_flags,
+    double_write_store_config,
     non_negative_float,
     positive_float,
     positive_int,
-    store_config,
     store_mode,
 )
 from controlplane.operator.crd_daemon import CrdOperator
 from controlplane.operator.daemon import Operator
+from controlplane.operator.doublewrite import DoubleWriteOperator
 from controlplane.operator.migration_drift import add_migration_peer_flags, migration_peer
 from controlplane.operator.settings import (
     LOG_LEVELS,
@@ -46,7 +47,7 @@ EXIT_FAILURE = 1
 def build_parser() -> Parser:
     d = OperatorSettings(id="-")
     parser = Parser(prog=PROG, description="The control plane's operator daemon.")
-    add_store_flags(parser)
+    add_store_flags(parser, double_write=True)
     add_kvstore_flags(parser)
     kube = parser.add_argument_group("CRD mode: the election Lease")
     kube.add_argument(
@@ -145,7 +146,7 @@ def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
     """The settings named by the flags (ConfigError with one line when invalid)."""
     host, port = parse_address(args.metrics_address)
     settings = OperatorSettings(
-        store=store_mode(args),
+        store=store_mode(args, double_write=True),
         lease_namespace=args.lease_namespace,
         lease_name=args.lease_name,
         id=args.id if args.id is not None else default_id(),
@@ -168,18 +169,23 @@ def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
     return settings
 
 
-async def serve(
-    settings: OperatorSettings,
-    backend: KvstoreConfig | KubeConnection,
-    request_timeout: float = 5.0,
-) -> int:
+Backend = KvstoreConfig | KubeConnection | tuple[KvstoreConfig, KubeConnection, CrdConfig]
+"""The kvstore, the Kubernetes API, or (double-write) both."""
+
+
+async def serve(settings: OperatorSettings, backend: Backend, request_timeout: float = 5.0) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    operator: Operator | CrdOperator
+    operator: Operator | CrdOperator | DoubleWriteOperator
     if isinstance(backend, KubeConnection):
         operator = CrdOperator(settings, backend, request_timeout=request_timeout)
+    elif isinstance(backend, tuple):
+        kvstore, connection, crd = backend
+        operator = DoubleWriteOperator(
+            settings, kvstore, connection, crd, request_timeout=request_timeout
+        )
     else:
         operator = Operator(settings, backend)
 
@@ -199,9 +205,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
-        store = store_config(args)
-        backend: KvstoreConfig | KubeConnection
-        if isinstance(store, CrdConfig):
+        store = double_write_store_config(args)
+        backend: Backend
+        if isinstance(store, DoubleWriteConfig):
+            crd, kvstore = store.read, store.other
+            if isinstance(crd, KvstoreConfig):
+                crd, kvstore = kvstore, crd
+            assert isinstance(crd, CrdConfig) and isinstance(kvstore, KvstoreConfig)
+            backend = (kvstore, load_connection(crd.kubeconfig, crd.context), crd)
+        elif isinstance(store, CrdConfig):
             backend = load_connection(store.kubeconfig, store.context)
         else:
             backend = store

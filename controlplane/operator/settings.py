@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass, field
 
 from controlplane.config import ConfigError, CrdConfig, KvstoreConfig
-from controlplane.flags import STORES
+from controlplane.flags import DOUBLE_WRITE_STORES, STORES
 from controlplane.model import CIDRPool, ModelError, parse_cidr
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -23,7 +23,9 @@ class OperatorSettings:
     """Everything cp-operator needs besides the kvstore connection."""
 
     store: str = "crd"
-    """Where the state lives: ``kvstore`` (etcd) or ``crd`` (the Kubernetes API)."""
+    """Where the state lives: ``kvstore`` (etcd) or ``crd`` (the Kubernetes API); or a
+    migration step, ``doublewrite-readcrd`` / ``doublewrite-readkvstore`` (both written,
+    one leader across the modes: ``operator/doublewrite.py``)."""
     id: str = field(default_factory=default_id)
     """This replica's identity: the election candidate id and the heartbeat ``writer``."""
     heartbeat_interval: float = 15.0
@@ -64,8 +66,13 @@ class OperatorSettings:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` (one line) for settings that cannot work."""
-        if self.store not in STORES:
-            raise ConfigError(f"store must be one of {', '.join(STORES)}, got {self.store!r}")
+        stores = STORES + DOUBLE_WRITE_STORES
+        if self.store not in stores:
+            raise ConfigError(f"store must be one of {', '.join(stores)}, got {self.store!r}")
+        if self.store in DOUBLE_WRITE_STORES and self.migration_peer is not None:
+            raise ConfigError(
+                f"--store {self.store} reads both stores itself: no --migration-peer-* flag"
+            )
         if not self.lease_namespace or not self.lease_name:
             raise ConfigError("lease-namespace and lease-name must not be empty")
         if not self.id or any(c.isspace() for c in self.id):
