@@ -12,7 +12,8 @@ Checked: the endpoints that live through the whole move never change IP or ident
 every agent's ipcache holds every one of them at every sample taken while it runs (from
 the moment its new process first synced: the agents run with userspace maps, which a
 process restart loses; pinned kernel maps would carry them across); drift reaches zero
-before each operator switch; `cpctl migrate` copies with exit 0 at every step.
+before each operator switch, and then the store invariants hold in both stores (read
+directly); `cpctl migrate` copies with exit 0 at every step.
 """
 
 from __future__ import annotations
@@ -32,11 +33,14 @@ from helpers import eventually
 from test_agent_crd import ApiServer
 
 from controlplane.agent.api import request
+from controlplane.config import EtcdClusterConfig, KvstoreConfig
 from controlplane.crd.client import KubeClient
 from controlplane.crd.install import install_crds
 from controlplane.crd.resources import ENDPOINTS, IDENTITIES, NETWORK_POLICIES, NODES, POD_CIDRS
 from controlplane.kvstore.embedded import EmbeddedEtcd
 from controlplane.processes import Daemon, stop_all
+from controlplane.scale.crd_store import read_crd_store
+from controlplane.scale.invariants import read_store
 from controlplane.telemetry import http_get
 
 CPCTL = str(Path(sys.executable).with_name("cpctl"))
@@ -337,6 +341,7 @@ async def test_a_cluster_moves_to_kvstore_and_back_under_churn(
                 await eventually(cluster.no_drift, timeout=30, interval=1.0, message="no drift")
             except AssertionError:
                 raise AssertionError(f"drift stays: {cluster.last_status}") from None
+            await invariants_hold(cluster)
 
         async with sampler.running():
             await eventually(
@@ -396,6 +401,20 @@ async def test_a_cluster_moves_to_kvstore_and_back_under_churn(
     finally:
         await cluster.stop()
         await api.stop()
+
+
+async def invariants_hold(cluster: Cluster) -> None:
+    """The scale harness's store invariants, read from each store directly: one ID per
+    label set and one label set per ID, no IP held twice or outside its node's CIDR, no
+    CIDR claimed twice or overlapping."""
+    kv = KvstoreConfig((EtcdClusterConfig("default", tuple(cluster.kv_urls.split(","))),))
+    for name, view in (
+        ("kvstore", await read_store(kv)),
+        ("crd", await read_crd_store(Path(cluster.kubeconfig))),
+    ):
+        broken = {kind: found[:5] for kind, found in view.violations.items() if found}
+        assert not broken, f"{name}: {broken}"
+        assert view.endpoints, f"{name}: no endpoint read"
 
 
 async def same_endpoints(cluster: Cluster, stable: dict[str, tuple[str, int]]) -> None:
