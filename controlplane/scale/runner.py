@@ -281,7 +281,8 @@ class Run:
         read_at = time.monotonic()
         while True:
             fleet.check_alive()
-            matched = [v for v in fleet.agents.values() if v.state.get("digest") == view.truth]
+            truth = view.truth
+            matched = [v for v in fleet.agents.values() if v.state.get("digest") == truth]
             p(f"converged {len(matched)}/{len(fleet.agents)} to {len(view.endpoints)} endpoints")
             now = time.monotonic()
             if len(matched) == len(fleet.agents) or now > deadline:
