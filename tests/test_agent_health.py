@@ -85,6 +85,29 @@ def test_connection_failures_rearm_only_once_a_ready_session_reads() -> None:
     assert health.record(obs(quorum=Failure.UNREACHABLE), ready=True) is Failure.UNREACHABLE
 
 
+def test_a_heartbeat_restart_disarms_the_connection_trigger_until_ready_again() -> None:
+    arm = RestartArm()
+    health = ShardHealth("default", max_errors=2, arm=arm)
+    assert health.record(obs(read=100, beat=90), ready=True) is None
+    assert health.record(obs(read=110, beat=105), ready=True) is None
+    assert arm.connection and arm.heartbeat
+    # the operators stop: the heartbeat goes stale, one restart
+    health.record(obs(read=120, beat=105, stale=True), ready=True)
+    assert health.record(obs(read=121, beat=105, stale=True), ready=True) is (
+        Failure.HEARTBEAT_STALE
+    )
+    arm.restarted()
+    health = ShardHealth("default", max_errors=2, arm=arm).carry(health)
+    # every agent re-lists at once and etcd answers late: the same outage, no restart
+    for _ in range(3):
+        assert health.record(obs(quorum=Failure.NO_QUORUM), ready=False) is None
+    assert not arm.connection
+    # ready, a quorum read: a later outage restarts again
+    assert health.record(obs(read=130, beat=125), ready=True) is None and arm.connection
+    health.record(obs(quorum=Failure.NO_QUORUM), ready=True)
+    assert health.record(obs(quorum=Failure.NO_QUORUM), ready=True) is Failure.NO_QUORUM
+
+
 def _monitor(clock: Clock) -> HeartbeatMonitor:
     # The watch (run()) is not started: these tests feed note() as it and the reads do.
     backend = cast(EtcdBackend, SimpleNamespace(name="default"))

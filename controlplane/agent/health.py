@@ -6,12 +6,13 @@ checks within one session; after ``max_errors`` the shard is unhealthy. Whether 
 unhealthy state *restarts* the agent's control-plane side is decided by
 :class:`RestartArm`, which outlives sessions, so that one outage costs one restart:
 
-* a connection or quorum failure restarts only while the arm is set; the restart disarms
-  it and a successful quorum read *once the new session is ready* (listed, restored)
-  re-arms it. While etcd stays down the fresh session just reports "unhealthy" and waits;
-  and while hundreds of agents re-list after an outage, an etcd too busy to answer a
-  quorum read in time is the same outage, not a new one (no restart storm). A process
-  starts disarmed: restarting a session that never got ready mends nothing;
+* a connection or quorum failure restarts only while the arm is set; any restart (for
+  whatever reason) disarms it and a successful quorum read *once the new session is
+  ready* (listed, restored) re-arms it. While etcd stays down the fresh session just
+  reports "unhealthy" and waits; and while hundreds of agents re-list after an outage,
+  an etcd too busy to answer a quorum read in time is the same outage, not a new one
+  (no restart storm). A process starts disarmed: restarting a session that never got
+  ready mends nothing;
 * a stale heartbeat restarts only if a heartbeat *written after* the last restart (an etcd
   revision above the first quorum read of a ready session after it) was seen, whatever that
   restart's reason: a dead operator is not a reason to restart again and again, and
@@ -75,7 +76,15 @@ class RestartArm:
         outage the operator re-elects, so its heartbeat is late for a while: that is the
         same outage, which has had its restart. (A beat written before the outage but
         seen late, as a lagging watch delivers it, proves nothing: hence revisions, not
-        arrival.)"""
+        arrival.)
+
+        The same goes for the connection trigger: a restart for a stale heartbeat makes
+        the new session re-list like any other, and when every agent does so at once an
+        etcd too busy to answer a quorum read in time is the outage that already had its
+        restart (standard scale run: 200 agents, 10,000 endpoints, operators paused: each
+        agent restarted for the heartbeat, then again for "no quorum" while re-listing).
+        A ready session's quorum read re-arms it."""
+        self.connection = False
         self.heartbeat = False
         self.floor = None
 

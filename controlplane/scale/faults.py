@@ -158,7 +158,9 @@ async def worker_kill(ctx: Context, fault: FaultSpec, t0: float) -> Notes:
     ready = await wait_for(
         lambda: (int(worker.ready.is_set()), 1),
         f"worker {worker.index} back ({agents} agents)",
-        120,
+        # its agents boot and list the whole store again: at 10,000 endpoints on a loaded
+        # machine that took longer than 120 s (standard)
+        max(120.0, ctx.cluster.scenario.agents.ready_timeout),
         ctx.progress,
     )
     return {"worker": worker.index, "agents": agents, "back_after_s": round(ready, 2)}

@@ -14,6 +14,7 @@ judged: the daemons must skip them, and so does this reader.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import itertools
@@ -39,8 +40,12 @@ class StoreView:
     counts: dict[str, int] = field(default_factory=dict)
     malformed: int = 0
 
-    @property
+    @functools.cached_property
     def truth(self) -> str:
+        """The digest every ipcache must reach; computed once (10k endpoints cost ~0.2 s,
+        and the convergence loop compares it with every agent's ten times a second: as a
+        plain property that blocked the harness, and the proxies in it, for ~30 s a
+        loop, so every agent's quorum reads timed out and all restarted)."""
         return endpoint_digest(entry_bytes(p, i) for p, (_, i) in self.endpoints.items())
 
     def owned_digest(self, node: str) -> str:

@@ -12,6 +12,7 @@ so far and the error in it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import statistics
 import tempfile
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.kvstore.backend import EtcdBackend
+from controlplane.kvstore.errors import KvstoreError
 from controlplane.scale import etcd_metrics
 from controlplane.scale.cluster import CLIENT, Cluster
 from controlplane.scale.faults import AFFECTED, INJECTORS, Context
@@ -109,7 +111,7 @@ class Run:
             for i, fault in enumerate(self.scenario.faults):
                 self.record["faults"].append(await self._fault(i, fault))
             self.progress.begin("shutdown")
-        except (FleetError, TimeoutError, asyncio.CancelledError) as exc:
+        except (FleetError, KvstoreError, TimeoutError, asyncio.CancelledError) as exc:
             # CancelledError: Ctrl-C (asyncio.run cancels us); the run stops here and the
             # report of what was measured so far is still written
             self.record["error"] = str(exc) or type(exc).__name__
@@ -274,18 +276,24 @@ class Run:
         fleet, p = self.fleet, self.progress
         assert fleet is not None
         await fleet.set_digests(True)
-        view = await self.cluster.read_store()
+        deadline = time.monotonic() + timeout
+        view, took = await self._read_store(deadline)
         read_at = time.monotonic()
-        deadline = read_at + timeout
         while True:
             fleet.check_alive()
-            matched = [v for v in fleet.agents.values() if v.state.get("digest") == view.truth]
+            truth = view.truth
+            matched = [v for v in fleet.agents.values() if v.state.get("digest") == truth]
             p(f"converged {len(matched)}/{len(fleet.agents)} to {len(view.endpoints)} endpoints")
             now = time.monotonic()
             if len(matched) == len(fleet.agents) or now > deadline:
                 break
-            if now - read_at > 2.0:  # the truth may still move (an owner re-publishing)
-                view = await self.cluster.read_store()
+            # the truth may still move (an owner re-publishing); a read of 10k endpoints
+            # takes this process (and the proxies in it) seconds under load: not too often
+            if now - read_at > max(2.0, 5 * took):
+                with contextlib.suppress(KvstoreError):  # etcd busy: keep the last view
+                    started = time.monotonic()
+                    view = await self.cluster.read_store()
+                    took = time.monotonic() - started
                 read_at = time.monotonic()
             await asyncio.sleep(0.1)
         await fleet.set_digests(False)
@@ -302,6 +310,19 @@ class Run:
             "not_converged": sorted(set(fleet.agents) - set(times)),
         }
         return result, view
+
+    async def _read_store(self, deadline: float) -> tuple[StoreView, float]:
+        """The store's view and how long the read took; a read that etcd (loaded by
+        re-listing agents) times out is tried again until ``deadline``."""
+        while True:
+            started = time.monotonic()
+            try:
+                return await self.cluster.read_store(), time.monotonic() - started
+            except KvstoreError as exc:
+                if time.monotonic() > deadline:
+                    raise FleetError(f"reading the store: {exc}") from exc
+                self.progress(f"reading the store failed ({exc}); again")
+                await asyncio.sleep(1.0)
 
     async def _fault(self, index: int, fault: FaultSpec) -> Record:
         fleet, p, s = self.fleet, self.progress, self.scenario
@@ -349,7 +370,7 @@ class Run:
             await asyncio.sleep(0.1)
         t_end = time.monotonic()
         etcd_after = await etcd_metrics.sample(self._etcd_urls())
-        view = await self.cluster.read_store()
+        view, _ = await self._read_store(t_end + fault.converge_timeout)
         result = self._judge(fault, notes, view, t0, t_heal, t_end, convergence, affected)
         result["memory"] = self._memory(len(view.endpoints))
         result["etcd_requests_per_s"] = etcd_metrics.rates(etcd_before, etcd_after, t_end - t0)
