@@ -330,7 +330,8 @@ async def test_full_ring_buffer_losses_are_counted(topology: Topology) -> None:
             while reader.drain(take):
                 pass
             assert reader.pending_bytes() == 0
-            assert drained <= fe.FLOW_EVENTS_BYTES // per_record
+            # at most a full ring, plus what the pods' noise adds while it is drained
+            assert drained <= fe.FLOW_EVENTS_BYTES // per_record + 50, drained
             # every to_endpoint packet made one event try; pod-side noise (IPv6 MLD...)
             # may add a few from_endpoint ones, and a packet in flight while the counters
             # are read may be counted on one side only

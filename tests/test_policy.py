@@ -399,9 +399,15 @@ async def test_kernel_policy_maps_pinned_and_read_by_cpctl(
         args = build_parser().parse_args(
             ["bpf", "ipcache", "list", "--pin-dir", str(bpf_pin_dir), "--json"]
         )
-        assert await args.run(args) == 0
-        prefixes = {row["prefix"] for row in json.loads(capsys.readouterr().out)}
-        assert f"{web['ip']}/32" in prefixes
+
+        async def ipcache_shows_web() -> bool:
+            # the ipcache follows the endpoint watch, the policy map the identities and
+            # policies: one may lead the other
+            assert await args.run(args) == 0
+            rows = json.loads(capsys.readouterr().out)
+            return f"{web['ip']}/32" in {row["prefix"] for row in rows}
+
+        await eventually(ipcache_shows_web, timeout=10, message="web in the ipcache")
     # the pins outlive the agent, with their entries
     with KernelMap.open_pinned(bpf_pin_dir / POLICY_MAP_NAME) as kmap:
         assert len(kmap) == 1
