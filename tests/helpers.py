@@ -220,9 +220,9 @@ async def running(
 
 
 @contextlib.asynccontextmanager
-async def collecting(stream: AsyncIterator[StoreEvent[T]]) -> AsyncIterator[list[StoreEvent[T]]]:
-    """Collect a store watch's events in the background while the block runs."""
-    events: list[StoreEvent[T]] = []
+async def collecting(stream: AsyncIterator[T]) -> AsyncIterator[list[T]]:
+    """Collect a watch's events in the background while the block runs."""
+    events: list[T] = []
 
     async def pump() -> None:
         async for event in stream:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from helpers import eventually
+from helpers import collecting, eventually
 
 from controlplane.apiserver import KubeServer, KubeServerSettings
 from controlplane.config import ConfigError
@@ -48,21 +48,11 @@ async def client(server: KubeServer) -> AsyncIterator[KubeClient]:
         yield kube
 
 
-@contextlib.asynccontextmanager
-async def watching(watcher: KubeListWatcher) -> AsyncIterator[list[KubeEvent]]:
-    events: list[KubeEvent] = []
-
-    async def pump() -> None:
-        async for batch in watcher.batches():
-            events.extend(batch)
-
-    task = asyncio.create_task(pump(), name="kube-watch")
-    try:
-        yield events
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+async def flat(watcher: KubeListWatcher) -> AsyncIterator[KubeEvent]:
+    """The watcher's events one by one (it yields them in batches)."""
+    async for batch in watcher.batches():
+        for event in batch:
+            yield event
 
 
 def listed_once(events: list[KubeEvent]) -> bool:
@@ -147,7 +137,7 @@ async def test_bookmarks_advance_the_resource_version(client: KubeClient) -> Non
     # reach it only as bookmarks, which move its resourceVersion on, so a resume after a
     # long quiet spell starts from a recent version (no 410, no re-list).
     watcher = KubeListWatcher(client, NODES, label_selector="role=none")
-    async with watching(watcher) as events:
+    async with collecting(flat(watcher)) as events:
         await eventually(lambda: listed_once(events))
         start = int(watcher.resource_version)
         for i in range(3):
@@ -188,7 +178,7 @@ async def test_watch_resumes_after_the_server_restarts(etcd1: EmbeddedEtcd, tmp_
             await setup.create(NODES, node_obj("before"))
     async with KubeClient(connection, request_timeout=2.0) as client:
         watcher = KubeListWatcher(client, NODES, max_backoff=0.2)
-        async with api_server(data, etcd1, port) as second, watching(watcher) as events:
+        async with api_server(data, etcd1, port) as second, collecting(flat(watcher)) as events:
             await eventually(lambda: listed_once(events))
             await client.create(NODES, node_obj("during"))
             await eventually(lambda: any(e.key == "during" for e in events))
@@ -215,7 +205,7 @@ async def test_relist_after_410_sweeps_what_vanished(etcd1: EmbeddedEtcd, tmp_pa
                 await setup.create(NODES, node_obj(name))
     async with KubeClient(connection, request_timeout=2.0) as client:
         watcher = KubeListWatcher(client, NODES, max_backoff=0.2)
-        async with api_server(data, etcd1, port) as second, watching(watcher) as events:
+        async with api_server(data, etcd1, port) as second, collecting(flat(watcher)) as events:
             await eventually(lambda: listed_once(events))
             await second.stop()
             await eventually(lambda: watcher.stats.resumes > 0, message="the watch broke")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 
 import pytest
-from helpers import backend_for, eventually, retrying
+from helpers import backend_for, collecting, eventually, retrying
 
 from controlplane.kvstore.backend import EtcdBackend
 from controlplane.kvstore.embedded import EmbeddedEtcd
@@ -15,24 +14,6 @@ from controlplane.kvstore.errors import KvstoreError
 from controlplane.kvstore.session import LeaseManager
 from controlplane.kvstore.types import EventType, Put, WatchEvent, absent
 from controlplane.kvstore.watch import ListWatcher
-
-
-@contextlib.asynccontextmanager
-async def collecting(watcher: ListWatcher) -> AsyncIterator[list[WatchEvent]]:
-    """Run ``watcher`` in a task that appends every event to the yielded list."""
-    events: list[WatchEvent] = []
-
-    async def pump() -> None:
-        async for event in watcher.events():
-            events.append(event)
-
-    task = asyncio.create_task(pump(), name="test-watch")
-    try:
-        yield events
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def list_done(events: list[WatchEvent]) -> int:
@@ -45,7 +26,7 @@ async def test_list_then_watch_in_order(etcd1: EmbeddedEtcd) -> None:
             await backend.put(b"w/%d" % i, b"old")
         await backend.put(b"other", b"not watched")
         watcher = ListWatcher(backend, b"w/", page_size=2)
-        async with collecting(watcher) as events:
+        async with collecting(watcher.events()) as events:
             await eventually(lambda: list_done(events) == 1, message="list done")
             listed = [e.key for e in events if e.type is EventType.PUT]
             assert listed == [b"w/%d" % i for i in range(5)]
@@ -94,7 +75,7 @@ async def test_watch_resumes_after_member_is_killed(etcd3: EmbeddedEtcd) -> None
         backend_for(etcd3.client_urls) as writer,
     ):
         watcher = ListWatcher(watch_backend, b"seq/")
-        async with collecting(watcher) as events:
+        async with collecting(watcher.events()) as events:
             await eventually(lambda: list_done(events) == 1, message="list done")
             victim = await member_talked_to(etcd3, watch_backend)
             keys = [b"seq/%04d" % i for i in range(300)]
@@ -117,7 +98,7 @@ async def test_compaction_relists_with_exact_sweep(etcd3: EmbeddedEtcd) -> None:
         for i in range(20):
             await writer.put(b"c/%02d" % i, b"v1")
         watcher = ListWatcher(watch_backend, b"c/")
-        async with collecting(watcher) as events:
+        async with collecting(watcher.events()) as events:
             await eventually(lambda: list_done(events) == 1, message="first list")
             await etcd3.kill_member(0)  # the watcher can no longer follow
 
@@ -153,7 +134,7 @@ async def test_compaction_relists_with_exact_sweep(etcd3: EmbeddedEtcd) -> None:
 async def test_relist_on_empty_prefix(etcd1: EmbeddedEtcd, page_size: int) -> None:
     async with backend_for(etcd1.client_urls) as backend:
         watcher = ListWatcher(backend, b"empty/", page_size=page_size)
-        async with collecting(watcher) as events:
+        async with collecting(watcher.events()) as events:
             await eventually(lambda: list_done(events) == 1, message="list done")
             assert events[0].revision >= 1
             await backend.put(b"empty/x", b"1")
